@@ -1,0 +1,46 @@
+"""Exceptions raised by lwjax.
+
+Every message names the culprit (layer, parameter path, device, argument) and the numbers,
+and says what to change. User input is never checked with ``assert``.
+"""
+
+from __future__ import annotations
+
+
+class LwjaxError(Exception):
+    """Base class of every error lwjax raises on purpose."""
+
+
+class ConfigError(LwjaxError, ValueError):
+    """A configuration value is invalid (also a ``ValueError``)."""
+
+
+class InputError(LwjaxError, ValueError):
+    """Call arguments differ from what the model or plan was built for (shape, dtype, batch)."""
+
+
+class DeviceError(LwjaxError, ValueError):
+    """The device list is empty, has duplicates, or is too short for the plan."""
+
+
+class CapacityError(LwjaxError, ValueError):
+    """A cache capacity is not a positive number of bytes."""
+
+
+class LayerSegmentationError(LwjaxError):
+    """No layers, or ambiguous layer boundaries, were found in the traced model."""
+
+
+class TraceError(LwjaxError):
+    """The model could not be traced with the given arguments."""
+
+
+class InfeasiblePlanError(LwjaxError):
+    """No partition of the layers satisfies the capacity and device constraints."""
+
+
+class UnknownPresetError(LwjaxError, KeyError):
+    """A preset name (hardware, compression, model) is not known."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; show it as written.
+        return str(self.args[0]) if self.args else ""

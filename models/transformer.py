@@ -1,0 +1,218 @@
+"""Dense and MoE decoder-only transformers (Flax NNX) with a KV cache.
+
+Every block runs under ``jax.named_scope(f"layers_{i}")``, the embedding under ``"embed"`` and
+the final norm + LM head under ``"head"``: lwjax's passes find layer boundaries from these
+name stacks.
+
+Example:
+    >>> from flax import nnx
+    >>> from lwjax import models
+    >>> cfg = models.configs.tiny_dense()
+    >>> model = models.build(cfg, rngs=nnx.Rngs(0))
+    >>> tokens = jnp.zeros((cfg.batch_size, cfg.seq_len), jnp.int32)
+    >>> model(tokens).shape
+    (4, 16, 256)
+"""
+
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lwjax.models.configs import DenseConfig, MoEConfig
+from lwjax.models.layers import Attention, GatedMLP, RMSNorm, _init
+from lwjax.models.moe import MoEMLP, MoEStats
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Per-layer key/value caches and the number of positions already written.
+
+    Attributes:
+        keys: one [B, L, N, H] array per layer.
+        values: one [B, L, N, H] array per layer.
+        length: int32 scalar, positions 0..length-1 are filled.
+    """
+
+    keys: tuple[jax.Array, ...]
+    values: tuple[jax.Array, ...]
+    length: jax.Array
+
+    @property
+    def max_len(self) -> int:
+        return self.keys[0].shape[1]
+
+
+class Block(nnx.Module):
+    """Pre-norm block: x + attn(norm(x)); then x + mlp(norm(x)). MLP dense or MoE."""
+
+    def __init__(self, cfg: DenseConfig, *, rngs: nnx.Rngs):
+        self.attn_norm = RMSNorm(cfg.hidden_size, eps=cfg.norm_eps, dtype=cfg.dtype)
+        self.attn = Attention(cfg, rngs=rngs)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, eps=cfg.norm_eps, dtype=cfg.dtype)
+        self.mlp = MoEMLP(cfg, rngs=rngs) if isinstance(cfg, MoEConfig) else GatedMLP(cfg, rngs=rngs)
+
+    def __call__(self, x_BTD, positions_T, kv=None, cache_index=None):
+        """Returns (x, updated kv or None, MoEStats or None)."""
+        a, kv = self.attn(self.attn_norm(x_BTD), positions_T, kv, cache_index)
+        x_BTD = x_BTD + a
+        m = self.mlp(self.mlp_norm(x_BTD))
+        stats = None
+        if isinstance(m, tuple):
+            m, stats = m
+        return x_BTD + m, kv, stats
+
+
+class Transformer(nnx.Module):
+    """Token embedding -> num_layers blocks -> final RMSNorm -> LM head.
+
+    Call with int32 tokens [B, T] for logits [B, T, V]. ``init_cache`` / ``prefill`` /
+    ``decode_step`` run the same weights against a KV cache; ``generate`` decodes greedily.
+    """
+
+    def __init__(self, cfg: DenseConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.embed = nnx.Param(
+            nnx.initializers.normal(1.0)(rngs.params(), (cfg.vocab_size, cfg.hidden_size),
+                                         cfg.dtype))
+        self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+        self.final_norm = RMSNorm(cfg.hidden_size, eps=cfg.norm_eps, dtype=cfg.dtype)
+        if not cfg.tie_embeddings:
+            self.lm_head = nnx.Param(
+                _init(cfg.hidden_size)(rngs.params(), (cfg.hidden_size, cfg.vocab_size),
+                                       cfg.dtype))
+
+    # -- pieces, each under its own scope ------------------------------------------------
+    def _embed(self, tokens_BT):
+        with jax.named_scope("embed"):
+            return jnp.take(self.embed[...], tokens_BT, axis=0)
+
+    def _head(self, x_BTD):
+        with jax.named_scope("head"):
+            x_BTD = self.final_norm(x_BTD)
+            w = self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
+            return x_BTD @ w
+
+    def _check_tokens(self, tokens_BT):
+        from lwjax.errors import InputError
+
+        if tokens_BT.ndim != 2 or not jnp.issubdtype(tokens_BT.dtype, jnp.integer):
+            raise InputError(
+                f"{type(self).__name__} takes integer tokens of shape [batch, seq]; got "
+                f"{tokens_BT.dtype} {tuple(tokens_BT.shape)}. Pass e.g. "
+                "jnp.zeros((batch, seq), jnp.int32)."
+            )
+
+    def _run(self, tokens_BT, positions_T, cache: KVCache | None):
+        self._check_tokens(tokens_BT)
+        x = self._embed(tokens_BT)
+        keys, values, stats = [], [], []
+        for i, block in enumerate(self.layers):
+            with jax.named_scope(f"layers_{i}"):
+                kv = None if cache is None else (cache.keys[i], cache.values[i])
+                x, kv, s = block(x, positions_T, kv, None if cache is None else cache.length)
+            if kv is not None:
+                keys.append(kv[0])
+                values.append(kv[1])
+            if s is not None:
+                stats.append(s)
+        logits = self._head(x)
+        new_cache = None
+        if cache is not None:
+            new_cache = KVCache(tuple(keys), tuple(values),
+                                cache.length + jnp.int32(tokens_BT.shape[1]))
+        return logits, new_cache, stats
+
+    # -- public --------------------------------------------------------------------------
+    def __call__(self, tokens_BT: jax.Array) -> jax.Array:
+        logits, _, _ = self._run(tokens_BT, jnp.arange(tokens_BT.shape[1]), None)
+        return logits
+
+    def init_cache(self, batch_size: int, max_len: int) -> KVCache:
+        """An empty cache holding up to ``max_len`` positions per sequence."""
+        shape = (batch_size, max_len, self.cfg.num_heads, self.cfg.head_dim)
+        zeros = tuple(jnp.zeros(shape, self.cfg.dtype) for _ in range(self.cfg.num_layers))
+        return KVCache(zeros, zeros, jnp.int32(0))
+
+    def forward_with_cache(self, tokens_BT: jax.Array, cache: KVCache):
+        """Runs T new tokens at positions cache.length.. against the cache.
+
+        Returns (logits [B, T, V], updated cache). The caller keeps length + T <= max_len.
+        """
+        positions_T = cache.length + jnp.arange(tokens_BT.shape[1])
+        logits, cache, _ = self._run(tokens_BT, positions_T, cache)
+        return logits, cache
+
+    def prefill(self, tokens_BT: jax.Array, max_len: int):
+        """Fills a fresh cache with a prompt. Returns (logits [B, T, V], cache)."""
+        from lwjax.errors import InputError
+
+        if tokens_BT.shape[1] > max_len:
+            raise InputError(
+                f"prompt length {tokens_BT.shape[1]} exceeds the cache's max_len {max_len}; "
+                "raise max_len."
+            )
+        return self.forward_with_cache(tokens_BT, self.init_cache(tokens_BT.shape[0], max_len))
+
+    def decode_step(self, token_B1: jax.Array, cache: KVCache):
+        """One new token per sequence -> (logits [B, 1, V], updated cache)."""
+        return self.forward_with_cache(token_B1, cache)
+
+
+class DenseTransformer(Transformer):
+    """Transformer with dense gated-MLP blocks (config: DenseConfig)."""
+
+
+class MoETransformer(Transformer):
+    """Transformer whose block MLPs are mixtures of experts (config: MoEConfig)."""
+
+    def with_stats(self, tokens_BT: jax.Array) -> tuple[jax.Array, MoEStats]:
+        """Logits and routing statistics summed over blocks.
+
+        ``stats.load_balancing_loss`` (Switch-style, mean over blocks) times
+        ``cfg.aux_loss_weight`` is the auxiliary loss to add when training; ``stats.dropped``
+        counts (token, choice) pairs that exceeded expert capacity.
+        """
+        logits, _, stats = self._run(tokens_BT, jnp.arange(tokens_BT.shape[1]), None)
+        total = MoEStats(
+            load_balancing_loss=jnp.mean(jnp.stack([s.load_balancing_loss for s in stats])),
+            dropped=jnp.sum(jnp.stack([s.dropped for s in stats])),
+        )
+        return logits, total
+
+
+def generate(model: Transformer, prompt_BT: jax.Array, max_new_tokens: int) -> jax.Array:
+    """Greedy decoding: prefill the prompt, then one decode step per new token (jitted).
+
+    Returns the new tokens [B, max_new_tokens].
+
+    Example:
+        >>> out = generate(model, tokens, 3)
+        >>> out.shape
+        (4, 3)
+    """
+    from lwjax.errors import InputError
+
+    if max_new_tokens < 1:
+        raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
+    graphdef, state = nnx.split(model)
+    max_len = prompt_BT.shape[1] + max_new_tokens
+
+    @jax.jit
+    def run(state, prompt_BT):
+        m = nnx.merge(graphdef, state)
+        logits, cache = m.prefill(prompt_BT, max_len)
+        first = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
+
+        def step(carry, _):
+            token_B, cache = carry
+            logits, cache = m.decode_step(token_B[:, None], cache)
+            nxt = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
+            return (nxt, cache), token_B
+
+        (last, _), toks = jax.lax.scan(step, (first, cache), None, length=max_new_tokens - 1)
+        return jnp.concatenate([toks.T, last[:, None]], axis=1)
+
+    return run(state, prompt_BT)
