@@ -103,7 +103,8 @@ class DenseConfig:
                 f"got {self.attention_impl!r}."
             )
         if not self.rope_theta > 0:
-            raise ConfigError(f"{type(self).__name__}.rope_theta must be > 0, got {self.rope_theta}.")
+            raise ConfigError(
+                f"{type(self).__name__}.rope_theta must be > 0, got {self.rope_theta}.")
         if not self.norm_eps > 0:
             raise ConfigError(f"{type(self).__name__}.norm_eps must be > 0, got {self.norm_eps}.")
 
@@ -204,7 +205,7 @@ def seed_moe() -> MoEConfig:
 
 
 def seed004_dense() -> DenseConfig:
-    """Seed document 004's stated dimensions: 16 heads x 512 = 8192 hidden, MLP 32768, batch 1024."""
+    """Seed document 004's dimensions: 16 heads x 512 = 8192 hidden, MLP 32768, batch 1024."""
     return DenseConfig(**_SEED004)
 
 

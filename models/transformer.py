@@ -52,7 +52,8 @@ class Block(nnx.Module):
         self.attn_norm = RMSNorm(cfg.hidden_size, eps=cfg.norm_eps, dtype=cfg.dtype)
         self.attn = Attention(cfg, rngs=rngs)
         self.mlp_norm = RMSNorm(cfg.hidden_size, eps=cfg.norm_eps, dtype=cfg.dtype)
-        self.mlp = MoEMLP(cfg, rngs=rngs) if isinstance(cfg, MoEConfig) else GatedMLP(cfg, rngs=rngs)
+        is_moe = isinstance(cfg, MoEConfig)
+        self.mlp = MoEMLP(cfg, rngs=rngs) if is_moe else GatedMLP(cfg, rngs=rngs)
 
     def __call__(self, x_BTD, positions_T, kv=None, cache_index=None):
         """Returns (x, updated kv or None, MoEStats or None)."""

@@ -44,7 +44,8 @@ def test_seed_dense_block_count_is_the_issue_figure():
 def test_param_counts_match_closed_form(name):
     cfg = getattr(configs, name)()
     model = models.abstract(cfg)
-    d, n, h, f, v = cfg.hidden_size, cfg.num_heads, cfg.head_dim, cfg.mlp_hidden_size, cfg.vocab_size
+    d, n, h = cfg.hidden_size, cfg.num_heads, cfg.head_dim
+    f, v = cfg.mlp_hidden_size, cfg.vocab_size
     if cfg.is_moe:
         mlp = d * cfg.num_experts + cfg.num_experts * 3 * d * f
     else:

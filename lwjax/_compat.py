@@ -1,0 +1,47 @@
+"""The one door to JAX internals. Written for jax 0.10.2 / flax 0.12.8.
+
+Everything lwjax needs beyond the public API is imported here, so a JAX upgrade that moves
+something breaks in one place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+from jax._src import source_info_util  # jax 0.10: name stacks of traced equations
+from jax.extend.core import ClosedJaxpr, Jaxpr, JaxprEqn, Literal, Var, jaxprs_in_params
+
+__all__ = [
+    "ClosedJaxpr",
+    "Jaxpr",
+    "JaxprEqn",
+    "Literal",
+    "Var",
+    "bind_eqn",
+    "jaxprs_in_params",
+    "name_stack_of",
+]
+
+
+def name_stack_of(eqn: JaxprEqn) -> str:
+    """The equation's name stack as 'a/b/c' (empty string at top level)."""
+    return str(eqn.source_info.name_stack)
+
+
+def bind_eqn(eqn: JaxprEqn, invals: list, prefix: str = ""):
+    """Binds ``eqn``'s primitive on ``invals`` under the equation's own name stack (prefixed),
+    exactly as ``jax.core.eval_jaxpr`` does. Returns a list of outputs."""
+    bind_params = eqn.primitive.get_bind_params(eqn.params)
+    stack = source_info_util.current_name_stack()
+    if prefix:
+        stack = stack.extend(prefix)
+    stack = stack + eqn.source_info.name_stack
+    with source_info_util.user_context(eqn.source_info.traceback, name_stack=stack), \
+            _ctx(eqn):
+        out = eqn.primitive.bind(*invals, **bind_params)
+    return list(out) if eqn.primitive.multiple_results else [out]
+
+
+def _ctx(eqn):
+    manager = getattr(getattr(eqn, "ctx", None), "manager", None)
+    return manager if manager is not None else contextlib.nullcontext()

@@ -1,0 +1,101 @@
+"""ModelReport: what ``lwjax.analyze`` returns -- per-layer footprints, printable and JSON-able."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Literal
+
+from lwjax.passes.footprint import Footprint
+
+MIB = 2**20
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerReport:
+    """One segment's footprint.
+
+    Attributes:
+        name: 'prologue', a layer name ('layers_3', 'h_0'), or 'epilogue'.
+        kind: 'prologue', 'layer' or 'epilogue'.
+        footprint: its Footprint.
+        signature: structural signature (equal for identical layers).
+        num_params: parameter leaves it reads.
+    """
+
+    name: str
+    kind: Literal["prologue", "layer", "epilogue"]
+    footprint: Footprint
+    signature: str
+    num_params: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelReport:
+    """Per-layer footprints of a traced model.
+
+    Attributes:
+        layers: the layers, in order.
+        prologue: embedding and anything before the first layer.
+        epilogue: final norm, head and anything after the last layer.
+        mode: 'prefill' or 'decode'.
+        microbatch_size: batch the footprints are for.
+        compression: the policy's name.
+        attention: 'as_traced' or 'fused' (the assumption used for attention scores).
+        cache_len: KV-cache positions (decode).
+    """
+
+    layers: tuple[LayerReport, ...]
+    prologue: LayerReport
+    epilogue: LayerReport
+    mode: str
+    microbatch_size: int
+    compression: str
+    attention: str
+    cache_len: int | None = None
+
+    def summary(self, capacity_bytes: int | None = None) -> str:
+        """A table of weights / activations / buffers / KV / total (MiB) per segment, with the
+        fill % of ``capacity_bytes`` if given.
+
+        Example:
+            >>> print(report.summary(capacity_bytes=50 * 2**20))
+        """
+        head = (f"{'segment':<18}{'weights':>12}{'activations':>14}{'buffers':>11}{'kv':>11}"
+                f"{'total MiB':>12}")
+        if capacity_bytes:
+            head += f"{'fill %':>10}"
+        lines = [
+            f"mode={self.mode} microbatch={self.microbatch_size} compression={self.compression} "
+            f"attention={self.attention}" + (f" cache_len={self.cache_len}" if self.cache_len
+                                             else ""),
+            head,
+        ]
+        for r in (self.prologue, *self.layers, self.epilogue):
+            f = r.footprint
+            line = (f"{r.name:<18}{f.weights_bytes / MIB:>12.2f}{f.activation_bytes / MIB:>14.2f}"
+                    f"{f.buffer_bytes / MIB:>11.2f}{f.kv_cache_bytes / MIB:>11.2f}"
+                    f"{f.total_bytes / MIB:>12.2f}")
+            if capacity_bytes:
+                line += f"{100 * f.total_bytes / capacity_bytes:>10.1f}"
+            lines.append(line)
+        unknown = sorted({p for r in (self.prologue, *self.layers, self.epilogue)
+                          for p in r.footprint.unknown_primitives})
+        if unknown:
+            lines.append("charged by the default buffer rule (no rule registered): "
+                         + ", ".join(unknown))
+        return "\n".join(lines)
+
+    def to_json(self) -> str:
+        """The report as JSON (bytes, names, settings)."""
+
+        def row(r: LayerReport) -> dict:
+            return {"name": r.name, "kind": r.kind, "signature": r.signature,
+                    "num_params": r.num_params, **r.footprint.to_dict()}
+
+        return json.dumps({
+            "mode": self.mode, "microbatch_size": self.microbatch_size,
+            "compression": self.compression, "attention": self.attention,
+            "cache_len": self.cache_len, "prologue": row(self.prologue),
+            "layers": [row(r) for r in self.layers], "epilogue": row(self.epilogue),
+        }, indent=1)

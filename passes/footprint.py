@@ -1,0 +1,440 @@
+"""Pass 3: per-segment on-chip footprint = weights + activations + buffers (+ KV cache).
+
+- **weights**: the parameters the segment reads, stored under a Compression policy.
+- **activations**: peak live bytes by last-use liveness over the segment's equations, inputs
+  included. XLA fuses elementwise chains, so a value produced by an elementwise/shape
+  equation whose every reader is also elementwise (or a reduction) is never materialised: it
+  is computed inside its reader, and the values it reads stay live until that reader runs.
+  Sub-jaxprs are recursed into (pjit, remat, custom_jvp/vjp, cond: the largest branch;
+  scan/while: the body's transient peak once -- iterations run one after another -- with its
+  carries and stacked outputs live as the equation's outputs).
+- **buffers**: workspace beyond inputs and outputs, from a per-primitive rule registry with an
+  explicit default. A primitive without a rule is charged its output bytes (one extra copy)
+  and listed in ``Footprint.unknown_primitives``: never silently zero.
+- **kv_cache**: decode only, the KV-cache arrays the segment reads (updated in place, as with
+  buffer donation).
+
+Attention: with ``implementation="xla"`` (or on CPU) the scores [B, N, T, S] are
+materialised by a dot_general between two activations; a fused kernel (cuDNN / Pallas custom
+call) keeps them on chip. ``Footprint.attention`` says which the estimate used. Planning for a
+GPU from a CPU trace (where cuDNN cannot be traced) may assume ``attention="fused"``: the
+values from the score dot up to the probabilities-times-values dot then occupy no memory and
+the kernel's log-sum-exp rows (f32, one per query and head) are charged as its workspace.
+
+Example:
+    >>> fp = footprint(segment(trace(model, tokens)))
+    >>> fp.layers[0].total_bytes > fp.layers[0].weights_bytes
+    True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Literal
+
+import numpy as np
+
+from lwjax._compat import ClosedJaxpr, Jaxpr, JaxprEqn, Var, jaxprs_in_params
+from lwjax.passes import compression as compression_lib
+from lwjax.passes.compression import Compression
+from lwjax.passes.segment import LayerGraph, Segment
+
+Attention = Literal["materialized", "fused", "none"]
+AttentionAssumption = Literal["as_traced", "fused"]
+
+# Elementwise and layout primitives XLA fuses into their readers.
+FUSIBLE = frozenset("""
+abs add and atan2 broadcast_in_dim cbrt ceil clamp convert_element_type copy copy_p cos cosh
+div eq erf erf_inv erfc exp exp2 expand_dims expm1 floor ge gt imag integer_pow iota
+is_finite le log log1p logistic lt max min mul ne neg nextafter not or pow real
+reduce_precision rem round rsqrt select_n sign sin sinh sqrt square squeeze stop_gradient
+sub tan tanh transpose xor reshape shift_left shift_right_arithmetic shift_right_logical
+population_count
+""".split())
+REDUCTIONS = frozenset("""
+reduce_sum reduce_max reduce_min reduce_prod reduce_and reduce_or argmax argmin
+""".split())
+# Primitives whose workspace beyond their outputs is zero, by rule (not by default).
+NO_WORKSPACE = FUSIBLE | REDUCTIONS | frozenset("""
+dot_general concatenate pad slice dynamic_slice dynamic_update_slice gather scatter scatter-
+add scatter_add scatter-mul scatter_mul scatter-min scatter-max select_and_scatter_add
+cumsum cumprod cummax cummin cumlogsumexp rev split iota random_bits random_seed random_wrap
+random_unwrap threefry2x32 conv_general_dilated reduce_window_sum reduce_window_max clz
+bitcast_convert_type pjit jit closed_call core_call custom_jvp_call custom_vjp_call
+custom_vjp_call_jaxpr checkpoint remat scan while cond optimization_barrier
+sharding_constraint
+""".split())
+FUSED_ATTENTION = ("dot_product_attention", "cudnn", "flash", "pallas_call", "mosaic",
+                   "custom_call")
+
+
+def _nbytes(v) -> int:
+    aval = v.aval
+    shape = getattr(aval, "shape", ())
+    dtype = getattr(aval, "dtype", None)
+    if dtype is None:  # tokens and other abstract effects occupy no memory
+        return 0
+    return int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+
+
+# ---- buffer rule registry ---------------------------------------------------------------------
+
+BufferRule = Callable[[JaxprEqn], int]
+BUFFER_RULES: dict[str, BufferRule] = {}
+
+
+def register_buffer_rule(name: str, rule: BufferRule) -> None:
+    """Registers the workspace bytes of a primitive (beyond its inputs and outputs).
+
+    Example:
+        >>> register_buffer_rule("my_kernel", lambda eqn: 1 << 20)
+    """
+    BUFFER_RULES[name] = rule
+
+
+def _operand_bytes(eqn: JaxprEqn) -> int:
+    return sum(_nbytes(v) for v in eqn.invars if isinstance(v, Var))
+
+
+def _dot_layout_copies(eqn: JaxprEqn) -> int:
+    """XLA feeds a dot operands laid out [batch..., free/contracting...]: an operand whose batch
+    dimensions are not its leading ones is first copied in transposed form."""
+    (_, _), (lb, rb) = eqn.params["dimension_numbers"]
+    total = 0
+    for v, batch in zip(eqn.invars, (lb, rb), strict=True):
+        if batch and tuple(batch) != tuple(range(len(batch))) and isinstance(v, Var):
+            total += _nbytes(v)
+    return total
+
+
+# Sorting needs a scratch copy of what it sorts; top_k on XLA:CPU/GPU is sort-based.
+register_buffer_rule("sort", _operand_bytes)
+register_buffer_rule("top_k", _operand_bytes)
+for _name in NO_WORKSPACE:
+    register_buffer_rule(_name, lambda eqn: 0)
+register_buffer_rule("dot_general", _dot_layout_copies)
+
+
+def _buffer_bytes(eqn: JaxprEqn, unknown: set[str]) -> int:
+    name = eqn.primitive.name
+    subs = list(jaxprs_in_params(eqn.params))
+    inner = max((_buffers_of(sub, unknown) for sub in subs), default=0)
+    rule = BUFFER_RULES.get(name)
+    if rule is None:
+        unknown.add(name)
+        return inner + sum(_nbytes(v) for v in eqn.outvars)
+    return inner + rule(eqn)
+
+
+def _buffers_of(jaxpr: Jaxpr, unknown: set[str]) -> int:
+    # Workspaces are transient: the largest single one bounds what is live at once.
+    return max((_buffer_bytes(e, unknown) for e in jaxpr.eqns), default=0)
+
+
+# ---- liveness ---------------------------------------------------------------------------------
+
+def _fusible(eqn: JaxprEqn) -> bool:
+    """Elementwise/layout work XLA fuses, including small jitted helpers (``jnp.where``) that
+    XLA inlines: a call whose body is all fusible."""
+    if eqn.primitive.name in FUSIBLE:
+        return True
+    if eqn.primitive.name in ("pjit", "jit", "closed_call"):
+        return all(_fusible(e) or e.primitive.name in REDUCTIONS
+                   for sub in jaxprs_in_params(eqn.params) for e in sub.eqns)
+    return False
+
+
+def _materialized(eqns, keep: set) -> set:
+    """Values that XLA writes to memory: everything but fused elementwise intermediates."""
+    readers: dict = defaultdict(list)
+    for e in eqns:
+        for v in e.invars:
+            if isinstance(v, Var):
+                readers[v].append(_fusible(e) or e.primitive.name in REDUCTIONS)
+    out = set()
+    for e in eqns:
+        for v in e.outvars:
+            fused = (_fusible(e) and v not in keep and readers.get(v) and all(readers[v]))
+            if not fused:
+                out.add(v)
+    return out
+
+
+def peak_live_bytes(eqns, inputs, outputs, live_through=(), aliased=(),
+                    workspace: Callable[[JaxprEqn], int] | None = None) -> int:
+    """Peak bytes of materialised values over ``eqns``.
+
+    Args:
+        eqns: equations in program order.
+        inputs: values live on entry (freed after their last use).
+        outputs: values that must survive to the end.
+        live_through: inputs that must also survive to the end (read again later).
+        aliased: values written in place into an existing buffer (cost no new bytes).
+        workspace: bytes of scratch an equation needs while it runs (default none).
+
+    Example:
+        >>> peak_live_bytes(closed.jaxpr.eqns, closed.jaxpr.invars, closed.jaxpr.outvars)
+    """
+    eqns = list(eqns)
+    aliased = set(aliased)
+
+    def size(v) -> int:
+        return 0 if v in aliased else _nbytes(v)
+
+    keep = set(outputs) | set(live_through)
+    mat = _materialized(eqns, keep) | set(inputs)
+    end = len(eqns)
+    # Effective last use: a fused value's reads happen where the fused value is read.
+    last: dict = {}
+    for i in range(end - 1, -1, -1):
+        e = eqns[i]
+        use_at = i
+        fused_outs = [v for v in e.outvars if v not in mat]
+        if fused_outs:
+            use_at = max(last.get(v, i) for v in fused_outs)
+        for v in e.invars:
+            if isinstance(v, Var):
+                last[v] = max(last.get(v, -1), use_at)
+    for v in keep:
+        last[v] = end
+    frees: dict[int, list] = defaultdict(list)
+    live = 0
+    for v in dict.fromkeys(inputs):
+        if isinstance(v, Var):
+            live += size(v)
+            frees[last.get(v, -1)].append(v)
+    peak = live
+    for v in frees.pop(-1, []):
+        live -= size(v)
+    for i, e in enumerate(eqns):
+        outs = [v for v in e.outvars if v in mat]
+        out_bytes = sum(size(v) for v in outs)
+        transient = max((_inner_extra(sub) for sub in jaxprs_in_params(e.params)), default=0)
+        if workspace is not None:
+            transient += workspace(e)
+        peak = max(peak, live + out_bytes + transient)
+        live += out_bytes
+        for v in outs:
+            frees[last.get(v, i)].append(v)
+        for v in frees.pop(i, []):
+            live -= size(v)
+    return peak
+
+
+def _inner_extra(jaxpr: Jaxpr | ClosedJaxpr) -> int:
+    """A sub-jaxpr's peak beyond its own inputs and outputs (already counted outside)."""
+    j = jaxpr.jaxpr if isinstance(jaxpr, ClosedJaxpr) else jaxpr
+    peak = peak_live_bytes(j.eqns, j.invars, j.outvars)
+    edge = sum(_nbytes(v) for v in j.invars) + sum(_nbytes(v) for v in j.outvars if
+                                                     isinstance(v, Var))
+    return max(0, peak - edge)
+
+
+def _attention_kind(eqns, param_vars: set) -> Attention:
+    names = {e.primitive.name for e in eqns}
+    sub_names = {s.primitive.name for e in eqns for sub in jaxprs_in_params(e.params)
+                 for s in sub.eqns}
+    if any(any(k in n for k in FUSED_ATTENTION) for n in names | sub_names):
+        return "fused"
+    for e in eqns:
+        if e.primitive.name == "dot_general" and len(e.outvars[0].aval.shape) >= 4 and not any(
+                v in param_vars for v in e.invars):
+            return "materialized"
+    return "none"
+
+
+# ---- the pass ---------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Footprint:
+    """Bytes a segment needs on chip, per device, per microbatch.
+
+    Attributes:
+        weights_bytes: its parameters as stored (after compression).
+        activation_bytes: peak live activation bytes (inputs and outputs included).
+        buffer_bytes: workspace beyond inputs and outputs.
+        kv_cache_bytes: KV cache it reads (decode).
+        attention: how attention scores were counted.
+        unknown_primitives: primitives charged by the default buffer rule.
+    """
+
+    weights_bytes: int
+    activation_bytes: int
+    buffer_bytes: int
+    kv_cache_bytes: int = 0
+    attention: Attention = "none"
+    unknown_primitives: tuple[str, ...] = ()
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weights_bytes + self.activation_bytes + self.buffer_bytes + self.kv_cache_bytes
+
+    def __add__(self, other: Footprint) -> Footprint:
+        """Footprint of two segments run one after the other on one device: weights and KV
+        caches add up, activations and buffers are transient (the larger one)."""
+        return Footprint(
+            weights_bytes=self.weights_bytes + other.weights_bytes,
+            activation_bytes=max(self.activation_bytes, other.activation_bytes),
+            buffer_bytes=max(self.buffer_bytes, other.buffer_bytes),
+            kv_cache_bytes=self.kv_cache_bytes + other.kv_cache_bytes,
+            attention=self.attention if self.attention != "none" else other.attention,
+            unknown_primitives=tuple(sorted(set(self.unknown_primitives)
+                                            | set(other.unknown_primitives))),
+        )
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "total_bytes": self.total_bytes}
+
+
+@dataclasses.dataclass(frozen=True)
+class GraphFootprint:
+    """Footprints of every segment of a LayerGraph under one policy."""
+
+    prologue: Footprint
+    layers: tuple[Footprint, ...]
+    epilogue: Footprint
+    compression: Compression
+
+
+def output_channels(graph: LayerGraph) -> dict[int, int]:
+    """Param index -> output channels (elements not contracted by the matmul reading it)."""
+    param_vars = graph.param_vars
+    index = {v: i for i, v in enumerate(param_vars)}
+    alias = {}  # values that are a parameter reshaped / transposed / converted
+    channels: dict[int, int] = {}
+    for e in graph.jaxpr.jaxpr.eqns:
+        ins = [alias.get(v, v) if isinstance(v, Var) else v for v in e.invars]
+        if e.primitive.name in ("transpose", "reshape", "convert_element_type", "copy") and \
+                isinstance(ins[0], Var) and ins[0] in index:
+            alias[e.outvars[0]] = ins[0]
+        if e.primitive.name == "dot_general":
+            (lc, rc), _ = e.params["dimension_numbers"]
+            for operand, contract in ((0, lc), (1, rc)):
+                src = ins[operand]
+                if isinstance(src, Var) and src in index:
+                    shape = e.invars[operand].aval.shape
+                    contracted = int(np.prod([shape[d] for d in contract], dtype=np.int64))
+                    n = int(np.prod(shape, dtype=np.int64))
+                    channels[index[src]] = n // max(contracted, 1)
+    return channels
+
+
+def _score_region(eqns, param_vars: set) -> tuple[set, dict[int, int]]:
+    """Values between an attention score dot and the next dot (fused away by flash attention),
+    and the log-sum-exp workspace charged at each score dot (by equation id)."""
+    region: set = set()
+    lse: dict[int, int] = {}
+    for e in eqns:
+        is_dot = e.primitive.name == "dot_general"
+        reads_region = any(isinstance(v, Var) and v in region for v in e.invars)
+        if is_dot and len(e.outvars[0].aval.shape) >= 4 and not reads_region and not any(
+                v in param_vars for v in e.invars):
+            region.update(e.outvars)
+            shape = e.outvars[0].aval.shape
+            lse[id(e)] = int(np.prod(shape[:-1], dtype=np.int64)) * 4  # one f32 per row
+        elif reads_region and not is_dot:
+            region.update(e.outvars)
+    return region, lse
+
+
+def segment_footprint(graph: LayerGraph, seg: Segment, policy: Compression,
+                      channels: dict[int, int],
+                      attention: AttentionAssumption = "as_traced") -> Footprint:
+    """The footprint of one segment (see the module docstring)."""
+    weights = sum(policy.weight_bytes(graph.params[i].path,
+                                      int(np.prod(graph.params[i].shape, dtype=np.int64)),
+                                      graph.params[i].dtype.itemsize, channels.get(i))
+                  for i in seg.params)
+    cache = set(seg.cache_inputs)
+    later = _read_later(graph, seg)
+    # The KV cache is counted on its own; its in-place updates are not new activations.
+    acts_inputs = [v for v in seg.inputs if v not in cache]
+    eqns = list(seg.eqns)
+    aliased = _cache_updates(eqns, cache)
+    kind = _attention_kind(eqns, set(graph.param_vars))
+    lse: dict[int, int] = {}
+    region: set = set()
+    if attention == "fused" and kind == "materialized":
+        region, lse = _score_region(eqns, set(graph.param_vars))
+        aliased |= region
+        kind = "fused"
+    live = dict(inputs=acts_inputs, outputs=seg.outputs,
+                live_through=[v for v in acts_inputs if v in later], aliased=aliased)
+    activation = peak_live_bytes(eqns, **live)
+    # Buffers: how far workspaces raise the peak, each charged while its equation runs --
+    # except layout copies feeding a dot, which XLA schedules as soon as their operand exists.
+    unknown: set[str] = set()
+    charge = _workspace_schedule(eqns, unknown, skip=region)
+    for k, v in lse.items():
+        charge[k] += v
+    with_workspace = peak_live_bytes(eqns, **live, workspace=lambda e: charge[id(e)])
+    buffers = with_workspace - activation
+    return Footprint(
+        weights_bytes=weights,
+        activation_bytes=activation,
+        buffer_bytes=buffers,
+        kv_cache_bytes=sum(_nbytes(v) for v in cache),
+        attention=kind,
+        unknown_primitives=tuple(sorted(unknown)),
+    )
+
+
+def _workspace_schedule(eqns, unknown: set[str], skip=frozenset()) -> dict[int, int]:
+    """Workspace bytes charged at each equation (by id); no layout copies of ``skip``."""
+    charge = {id(e): 0 for e in eqns}
+    defined = {v: i for i, e in enumerate(eqns) for v in e.outvars}
+    for i, e in enumerate(eqns):
+        if e.primitive.name != "dot_general":
+            charge[id(e)] += _buffer_bytes(e, unknown)
+            continue
+        (_, _), (lb, rb) = e.params["dimension_numbers"]
+        for v, batch in zip(e.invars, (lb, rb), strict=True):
+            if batch and tuple(batch) != tuple(range(len(batch))) and isinstance(v, Var) \
+                    and v not in skip:
+                for j in range(defined.get(v, -1) + 1, i + 1):
+                    charge[id(eqns[j])] += _nbytes(v)
+    return charge
+
+
+def _cache_updates(eqns, cache: set) -> set:
+    """Values that are a KV-cache input updated in place (dynamic_update_slice of it)."""
+    return {e.outvars[0] for e in eqns
+            if e.primitive.name == "dynamic_update_slice" and e.invars[0] in cache}
+
+
+def _read_later(graph: LayerGraph, seg: Segment) -> set:
+    segs = graph.segments
+    after = segs[[s.name for s in segs].index(seg.name) + 1:]
+    return {v for s in after for v in s.inputs} | set(graph.jaxpr.jaxpr.outvars)
+
+
+def footprint(graph: LayerGraph, compression: str | Compression | None = None,
+              attention: AttentionAssumption = "as_traced") -> GraphFootprint:
+    """Footprints of the prologue, every layer and the epilogue.
+
+    Example:
+        >>> fp = footprint(graph, compression="int8")
+        >>> fp.compression.name
+        'int8'
+    """
+    policy = compression_lib.get(compression)
+    channels = output_channels(graph)
+    memo: dict[tuple, Footprint] = {}
+    layers = []
+    for layer in graph.layers:
+        # Identical layers differ only in which weights they read; their sizes are equal
+        # when their parameter shapes are, so compute once per (signature, param shapes).
+        later = _read_later(graph, layer)
+        key = (layer.signature, tuple(graph.params[i].shape for i in layer.params),
+               tuple(v in later for v in layer.inputs))
+        if key not in memo:
+            memo[key] = segment_footprint(graph, layer, policy, channels, attention)
+        layers.append(memo[key])
+    return GraphFootprint(
+        prologue=segment_footprint(graph, graph.prologue, policy, channels, attention),
+        layers=tuple(layers),
+        epilogue=segment_footprint(graph, graph.epilogue, policy, channels, attention),
+        compression=policy,
+    )

@@ -1,0 +1,325 @@
+"""Pass 1: model + example arguments -> ClosedJaxpr, traced abstractly.
+
+Parameters and arguments become ``jax.ShapeDtypeStruct`` before tracing, so an abstract model
+(``models.abstract``) and abstract inputs trace the same as real ones and nothing is
+allocated. Supported models:
+
+- Flax NNX modules: ``trace(model, *args, **kwargs)`` traces ``model(*args, **kwargs)``.
+  Modes ``"prefill"`` (the forward pass) and ``"decode"`` (one ``decode_step`` against a KV
+  cache of ``cache_len`` positions, for models with ``init_cache`` / ``decode_step``).
+- Flax linen modules: ``trace(module, variables, *args, **kwargs)`` traces
+  ``module.apply(variables, *args, **kwargs)``.
+
+Array keyword arguments are traced inputs; anything else (flags, ints) is static. Arguments
+whose leading dimension equals the first argument's are "batch-shaped": ``microbatch_size``
+retraces with that dimension shrunk, and the pipeline splits them into microbatches.
+
+If an NNX model's equations carry no numbered scopes, the children of its largest ``nnx.List``
+(or list of modules) are wrapped in ``jax.named_scope(f"{attr}_{i}")`` while tracing, so
+layers can be found without the model marking them.
+
+Example:
+    >>> t = trace(models.abstract(cfg), jax.ShapeDtypeStruct((2, 16), jnp.int32))
+    >>> t.batch_size
+    2
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import re
+from collections.abc import Callable
+from typing import Any, Literal
+
+import flax.linen as nn
+import jax
+import numpy as np
+from flax import nnx
+
+from lwjax._compat import ClosedJaxpr, name_stack_of
+from lwjax.errors import InputError, LwjaxError, TraceError
+
+Mode = Literal["prefill", "decode"]
+_NUMBERED = re.compile(r"(^|/)[^/]*?[_.]?\d+(/|$)")
+
+
+def path_str(path) -> str:
+    """'layers/0/attn/q' from a jax key path (drops NNX's trailing '.value')."""
+    parts = []
+    for k in path:
+        name = getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))
+        parts.append(str(name))
+    if parts and parts[-1] == "value":
+        parts.pop()
+    return "/".join(parts)
+
+
+@dataclasses.dataclass(frozen=True)
+class TracedModel:
+    """A traced model: ``fn(params, *args) -> outputs`` and its ClosedJaxpr.
+
+    Attributes:
+        closed_jaxpr: invars are the flat parameter leaves, then the flat argument leaves.
+        fn: ``fn(*param_leaves, *arg_leaves) -> outputs``: the traced function, on the
+            jaxpr's calling convention (static keyword arguments bound).
+        params: parameter leaves (arrays or ShapeDtypeStructs), flat, in invar order.
+        param_paths: one path string per parameter leaf.
+        param_treedef: rebuilds the parameter pytree from ``params``.
+        args: the abstract argument leaves (ShapeDtypeStruct), flat, in invar order.
+        arg_paths: one path string per argument leaf ('0', '1/mask', 'cache/keys/3', ...).
+        arg_treedef: rebuilds ``(args, array_kwargs)`` from the leaves.
+        batch_shaped: per argument leaf, whether its leading axis is the batch.
+        cache_args: per argument leaf, whether it is a KV-cache leaf (decode mode).
+        out_treedef: the structure of the outputs.
+        mode: "prefill" or "decode".
+        batch_size: batch of the traced arguments.
+        kind: "nnx" or "linen".
+        scoped_by_lwjax: layer scopes were added from the module tree while tracing.
+    """
+
+    closed_jaxpr: ClosedJaxpr
+    fn: Callable
+    params: tuple
+    param_paths: tuple[str, ...]
+    param_treedef: Any
+    args: tuple
+    arg_paths: tuple[str, ...]
+    arg_treedef: Any
+    batch_shaped: tuple[bool, ...]
+    cache_args: tuple[bool, ...]
+    out_treedef: Any
+    mode: Mode
+    batch_size: int
+    kind: Literal["nnx", "linen"]
+    scoped_by_lwjax: bool = False
+
+    @property
+    def num_params(self) -> int:
+        return len(self.params)
+
+
+def _abstract(x):
+    if isinstance(x, jax.ShapeDtypeStruct):
+        return x
+    if hasattr(x, "shape") and hasattr(x, "dtype"):
+        return jax.ShapeDtypeStruct(tuple(x.shape), x.dtype)
+    return x
+
+
+def _is_array(x) -> bool:
+    return isinstance(x, jax.Array | np.ndarray | jax.ShapeDtypeStruct)
+
+
+def _split_kwargs(kwargs: dict) -> tuple[dict, dict]:
+    arrays = {k: v for k, v in kwargs.items() if jax.tree.leaves(v) and all(
+        _is_array(x) for x in jax.tree.leaves(v))}
+    static = {k: v for k, v in kwargs.items() if k not in arrays}
+    return arrays, static
+
+
+def _numbered_scopes(closed: ClosedJaxpr) -> bool:
+    return any(_NUMBERED.search(name_stack_of(e)) for e in closed.jaxpr.eqns)
+
+
+# ---- NNX: layer scopes from the module tree ---------------------------------------------------
+
+def _layer_list(module: nnx.Module) -> tuple[str, list] | None:
+    """The attribute path and children of the largest list of submodules (the layer stack)."""
+    best: tuple[str, list] | None = None
+    for path, node in nnx.iter_graph(module):
+        if isinstance(node, nnx.List | list | tuple):
+            children = [c for c in node if isinstance(c, nnx.Module)]
+            if children and (best is None or len(children) > len(best[1])):
+                name = str(path[-1]) if path else "layers"
+                best = (name, children)
+    return best
+
+
+@contextlib.contextmanager
+def _scoped_children(module: nnx.Module):
+    """While active, calls to the layer list's children run under named scopes."""
+    found = _layer_list(module)
+    if found is None:
+        yield
+        return
+    name, children = found
+    index = {id(c): i for i, c in enumerate(children)}
+    originals = {}
+    for cls in {type(c) for c in children}:
+        orig = cls.__call__
+        originals[cls] = orig
+
+        def wrapped(self, *a, __orig=orig, **k):
+            i = index.get(id(self))
+            if i is None:
+                return __orig(self, *a, **k)
+            with jax.named_scope(f"{name}_{i}"):
+                return __orig(self, *a, **k)
+
+        cls.__call__ = wrapped
+    try:
+        yield
+    finally:
+        for cls, orig in originals.items():
+            cls.__call__ = orig
+
+
+# ---- the pass ---------------------------------------------------------------------------------
+
+def trace(
+    model,
+    *args,
+    mode: Mode = "prefill",
+    cache_len: int | None = None,
+    microbatch_size: int | None = None,
+    **kwargs,
+) -> TracedModel:
+    """Traces a Flax model abstractly.
+
+    Args:
+        model: an NNX module, or a linen module followed by its variables in ``args``.
+        *args: example call arguments (arrays or ShapeDtypeStructs); for decode, the new
+            tokens [B, 1].
+        mode: "prefill" or "decode".
+        cache_len: decode only: KV-cache positions (defaults to the model config's seq_len).
+        microbatch_size: trace with batch-shaped arguments shrunk to this batch.
+        **kwargs: further call arguments (arrays are traced, the rest static).
+
+    Returns:
+        TracedModel.
+
+    Example:
+        >>> t = trace(model, tokens)
+        >>> len(t.closed_jaxpr.jaxpr.eqns) > 0
+        True
+    """
+    if mode not in ("prefill", "decode"):
+        raise TraceError(f"mode must be 'prefill' or 'decode', got {mode!r}.")
+    if isinstance(model, nn.Module):
+        if not args:
+            raise TraceError("A linen module needs its variables: trace(module, variables, *args).")
+        variables, args = args[0], args[1:]
+        if mode == "decode":
+            raise TraceError(
+                "decode mode needs a model with init_cache/decode_step (lwjax's NNX models); "
+                f"{type(model).__name__} is a linen module. Trace it in 'prefill' mode."
+            )
+        return _trace(lambda p, *a, **k: model.apply(p, *a, **k), variables, args, kwargs,
+                      mode, microbatch_size, "linen", None)
+    if isinstance(model, nnx.Module):
+        graphdef, state = nnx.split(model)
+        if mode == "decode":
+            return _trace_decode(model, graphdef, state, args, kwargs, cache_len, microbatch_size)
+
+        def fn(p, *a, **k):
+            return nnx.merge(graphdef, p)(*a, **k)
+
+        traced = _trace(fn, state, args, kwargs, mode, microbatch_size, "nnx", None)
+        if _numbered_scopes(traced.closed_jaxpr) or _layer_list(model) is None:
+            return traced
+
+        def scoped(p, *a, **k):
+            m = nnx.merge(graphdef, p)
+            with _scoped_children(m):
+                return m(*a, **k)
+
+        return _trace(scoped, state, args, kwargs, mode, microbatch_size, "nnx", None,
+                      scoped_by_lwjax=True)
+    raise TraceError(
+        f"lwjax traces Flax NNX or linen modules; got {type(model).__name__}. Wrap a plain "
+        "function in an nnx.Module, or pass a linen module and its variables."
+    )
+
+
+def _trace_decode(model, graphdef, state, args, kwargs, cache_len, microbatch_size):
+    if not (hasattr(model, "init_cache") and hasattr(model, "decode_step")):
+        raise TraceError(
+            f"decode mode needs init_cache(batch, max_len) and decode_step(tokens, cache); "
+            f"{type(model).__name__} has neither. Trace it in 'prefill' mode."
+        )
+    if len(args) != 1:
+        raise TraceError(f"decode mode takes one argument, the new tokens [B, 1]; got {len(args)}.")
+    tokens = _abstract(args[0])
+    if len(tokens.shape) != 2:
+        raise InputError(f"decode tokens must be [batch, new_tokens]; got shape {tokens.shape}.")
+    batch = microbatch_size or tokens.shape[0]
+    if cache_len is None:
+        cache_len = getattr(getattr(model, "cfg", None), "seq_len", None)
+        if cache_len is None:
+            raise TraceError("decode mode needs cache_len= (KV-cache positions).")
+    if cache_len < tokens.shape[1]:
+        raise InputError(f"cache_len {cache_len} is shorter than the {tokens.shape[1]} new tokens.")
+    cache = jax.eval_shape(lambda: model.init_cache(batch, cache_len))
+
+    def fn(p, toks, cache):
+        return nnx.merge(graphdef, p).decode_step(toks, cache)
+
+    return _trace(fn, state, (tokens, cache), kwargs, "decode", microbatch_size, "nnx", 1)
+
+
+def _trace(fn, params, args, kwargs, mode, microbatch_size, kind, cache_pos,
+           scoped_by_lwjax=False) -> TracedModel:
+    array_kwargs, static_kwargs = _split_kwargs(kwargs)
+    param_leaves, param_treedef = jax.tree.flatten(params)
+    param_with_path = jax.tree_util.tree_flatten_with_path(params)[0]
+    param_paths = tuple(path_str(p) for p, _ in param_with_path)
+    param_abstract = [_abstract(x) for x in param_leaves]
+    for path, x in zip(param_paths, param_abstract, strict=True):
+        if not isinstance(x, jax.ShapeDtypeStruct):
+            raise TraceError(f"parameter {path!r} is a {type(x).__name__}, not an array.")
+
+    arg_tree = (tuple(args), array_kwargs)
+    arg_with_path, arg_treedef = jax.tree_util.tree_flatten_with_path(arg_tree)
+    arg_paths = tuple(path_str(p) for p, _ in arg_with_path)
+    arg_leaves = [_abstract(x) for _, x in arg_with_path]
+    for path, x in zip(arg_paths, arg_leaves, strict=True):
+        if not isinstance(x, jax.ShapeDtypeStruct):
+            raise InputError(
+                f"argument {path!r} is a {type(x).__name__}; array arguments must be arrays or "
+                "jax.ShapeDtypeStruct, other values must be passed as keyword arguments."
+            )
+    if not arg_leaves or not arg_leaves[0].shape:
+        raise InputError("the first argument must be a batched array (e.g. tokens [B, T]).")
+    batch = arg_leaves[0].shape[0]
+    cache_args = tuple(cache_pos is not None and p.split("/")[:2] == ["0", str(cache_pos)]
+                       for p in arg_paths)
+    batch_shaped = tuple(bool(x.shape) and x.shape[0] == batch and not c
+                         for x, c in zip(arg_leaves, cache_args, strict=True))
+    if microbatch_size is not None:
+        if microbatch_size < 1 or batch % microbatch_size:
+            raise InputError(
+                f"microbatch_size {microbatch_size} must be positive and divide the batch {batch}."
+            )
+        arg_leaves = [jax.ShapeDtypeStruct((microbatch_size, *x.shape[1:]), x.dtype) if b else x
+                      for x, b in zip(arg_leaves, batch_shaped, strict=True)]
+        batch = microbatch_size
+
+    def flat(*leaves):
+        p = jax.tree.unflatten(param_treedef, leaves[:len(param_leaves)])
+        a, k = jax.tree.unflatten(arg_treedef, leaves[len(param_leaves):])
+        return fn(p, *a, **k, **static_kwargs)
+
+    try:
+        closed, out_shape = jax.make_jaxpr(flat, return_shape=True)(*param_abstract, *arg_leaves)
+    except LwjaxError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise TraceError(f"tracing {kind} model failed with the given arguments: {e}") from e
+    return TracedModel(
+        closed_jaxpr=closed,
+        fn=flat,
+        params=tuple(param_leaves),
+        param_paths=param_paths,
+        param_treedef=param_treedef,
+        args=tuple(arg_leaves),
+        arg_paths=arg_paths,
+        arg_treedef=arg_treedef,
+        batch_shaped=batch_shaped,
+        cache_args=cache_args,
+        out_treedef=jax.tree.structure(out_shape),
+        mode=mode,
+        batch_size=batch,
+        kind=kind,
+        scoped_by_lwjax=scoped_by_lwjax,
+    )
