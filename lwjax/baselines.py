@@ -1,0 +1,498 @@
+"""The baselines lwjax is measured against: tensor x pipeline parallelism and one device.
+
+``tp_pp`` is the TP x PP deployment a competent JAX user writes with JAX's built-in meshes
+for lwjax's own transformers (the seed documents' TP=8 x PP=2): a
+``Mesh(devices.reshape(pp, tp), ("pp", "tp"))``, Megatron-style ``NamedSharding`` on "tp" and
+a GPipe schedule over "pp" in a ``jax.shard_map`` that is manual over "pp" only, as MaxText
+does. ``single_device`` is the same model jitted on one device.
+
+Layout of ``tp_pp``:
+
+- Attention: q/k/v [D, N, H] are column-parallel (heads N split over "tp"), out [N, H, D]
+  row-parallel (N split), so each attention costs one all-reduce over "tp". Dense MLP:
+  gate/up [D, F] column-parallel, down [F, D] row-parallel (F split): one more all-reduce.
+  RMSNorm scales are replicated; activations between sublayers are replicated over "tp"
+  (Megatron without sequence parallelism).
+- MoE: **expert-parallel** -- the expert axis E of gate/up [E, D, F] and down [E, F, D] is
+  split over "tp" (E / tp whole experts per device); the router [D, E] is replicated. Since
+  Megatron TP keeps activations replicated over "tp", every device already holds every
+  token: it routes the whole microbatch itself (the model's own ``route``, so top-k,
+  renormalisation, choice-major capacity and drops are the model's, bit for bit in
+  semantics), gathers the slots of its own experts only and runs them on their C rows; GSPMD
+  combines the slots with an all-gather over "tp" before the model's scatter-add. No
+  all-to-all is needed. The alternative, each expert's F split over "tp", makes every
+  device gather all E x C slots and all-reduce an [E, C, D] partial sum (E*C = k*T*1.25
+  rows, about 2.5x the tokens), so expert-parallel moves less data and does less redundant
+  gather work; its constraint is that tp divides the number of experts (8 experts, tp=8:
+  one expert per device).
+- Embedding [V, D]: vocab-parallel over "tp" (Megatron's VocabParallelEmbedding: a masked
+  local gather and an all-reduce); LM head [D, V] column-parallel over V, so logits come out
+  vocab-sharded and are never gathered. With tied embeddings both use the one table.
+- Pipeline: blocks are stacked stage-major into [pp, num_layers / pp, ...] leaves sharded
+  ``P("pp", None, *tp_spec)``, so a device holds only its stage's layers and only its
+  "tp" slice of them. Inside ``jax.shard_map(..., axis_names={"pp"})`` each device sees its
+  stage's [1, L/pp, ...] slab with the "tp" axis still automatic: the block code (the
+  model's own ``Block`` via ``nnx.merge``) runs under GSPMD, which partitions it from the
+  weights' Megatron shardings and inserts the all-reduces. A ``lax.scan`` runs the stage's
+  layers; an outer ``lax.scan`` runs the M + pp - 1 GPipe ticks (fill, steady state, drain);
+  ``lax.ppermute`` over "pp" hands activations to the next stage.
+- Embedding and head run *outside* the shard_map, in the automatically partitioned part of
+  the same jitted program, as in MaxText: a GSPMD user has no reason to idle pp - 1 stages
+  while one computes them. The embedding (a gather) is computed on every stage; the final
+  norm and LM head run with the batch split over "pp" (logits ``P("pp", None, "tp")`` when
+  pp divides the batch), so the head's FLOPs -- half a block at seed size -- use all
+  pp x tp devices instead of lengthening the last stage. The cost: embedding and head
+  weights are replicated over "pp" (2 x V x D / tp per device), and the last stage's
+  outputs move once to the batch layout (one all-to-all over "pp").
+
+Known costs a reader should weigh: GPipe's bubble ((pp - 1) / (M + pp - 1) of the ticks
+compute on zeros); the pipeline input (the embedded batch) is replicated over "pp".
+
+Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from lwjax import baselines, models
+    >>> cfg = models.configs.tiny_dense()
+    >>> model = models.build(cfg, rngs=nnx.Rngs(0))
+    >>> tokens = jnp.zeros((cfg.batch_size, cfg.seq_len), jnp.int32)
+    >>> b = baselines.tp_pp(model, tokens, devices=jax.devices()[:8], tp=4, pp=2)
+    >>> b(tokens).shape
+    (4, 16, 256)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax import lax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+from jax.tree_util import DictKey
+
+from lwjax.errors import ConfigError, DeviceError, InputError
+from lwjax.models.configs import DenseConfig, MoEConfig
+
+PP = "pp"
+TP = "tp"
+
+# Megatron layout of one block's parameters on "tp", by parameter path in the Block's state.
+_ATTENTION_SPECS = {
+    "attn_norm/scale": P(),
+    "attn/q": P(None, TP, None),  # [D, N, H]: column-parallel over heads
+    "attn/k": P(None, TP, None),
+    "attn/v": P(None, TP, None),
+    "attn/out": P(TP, None, None),  # [N, H, D]: row-parallel over heads
+    "mlp_norm/scale": P(),
+}
+_DENSE_MLP_SPECS = {
+    "mlp/gate": P(None, TP),  # [D, F]: column-parallel
+    "mlp/up": P(None, TP),
+    "mlp/down": P(TP, None),  # [F, D]: row-parallel
+}
+_MOE_MLP_SPECS = {
+    "mlp/router": P(),  # [D, E]: every device routes every token
+    "mlp/gate": P(TP, None, None),  # [E, D, F]: expert-parallel
+    "mlp/up": P(TP, None, None),
+    "mlp/down": P(TP, None, None),  # [E, F, D]
+}
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Baseline:
+    """A deployed model: ``baseline(tokens) -> logits``, weights placed once at construction.
+
+    Attributes:
+        name: ``"tp_pp"`` or ``"single_device"``.
+        mesh: the ("pp", "tp") device mesh (1 x 1 for ``single_device``).
+        params: the placed weights: ``{"embed", "blocks", "final_norm", "lm_head"}`` for
+            ``tp_pp`` (``blocks`` stacked [pp, layers_per_stage, ...]), the model's
+            ``nnx.State`` for ``single_device``. ``jax.ShapeDtypeStruct`` leaves (with their
+            shardings) when built from ``models.abstract``: such a baseline lowers and
+            compiles but cannot run.
+        tokens: shape and dtype of the example tokens; calls must match them.
+        num_microbatches: GPipe microbatches M (1 for ``single_device``).
+        layout: a few lines saying where every weight lives.
+    """
+
+    name: str
+    mesh: Mesh
+    params: Any
+    tokens: jax.ShapeDtypeStruct
+    num_microbatches: int
+    layout: str
+    _forward: Callable = dataclasses.field(repr=False)
+    _tokens_sharding: NamedSharding = dataclasses.field(repr=False)
+
+    def __call__(self, tokens_BT: jax.Array) -> jax.Array:
+        """Logits [B, T, V] for tokens of the example's shape and dtype."""
+        self._check_tokens(tokens_BT)
+        if _is_abstract(self.params):
+            raise ConfigError(
+                f"This {self.name} baseline was built from an abstract model (no weights); it "
+                "can .lower() and .compile() but not run. Build it from models.build(cfg, "
+                "rngs=...) to run it."
+            )
+        return self._forward(self.params, jax.device_put(tokens_BT, self._tokens_sharding))
+
+    def lower(self, tokens_BT: jax.Array | jax.ShapeDtypeStruct) -> jax.stages.Lowered:
+        """The jitted program lowered for these tokens (arrays or ShapeDtypeStructs)."""
+        self._check_tokens(tokens_BT)
+        tokens_BT = jax.ShapeDtypeStruct(
+            tokens_BT.shape, tokens_BT.dtype, sharding=self._tokens_sharding
+        )
+        return self._forward.lower(self.params, tokens_BT)
+
+    def compile(self, tokens_BT: jax.Array | jax.ShapeDtypeStruct) -> jax.stages.Compiled:
+        """``lower(tokens).compile()``: e.g. ``.memory_analysis()`` or ``.as_text()``."""
+        return self.lower(tokens_BT).compile()
+
+    def _check_tokens(self, tokens_BT: Any) -> None:
+        shape, dtype = getattr(tokens_BT, "shape", None), getattr(tokens_BT, "dtype", None)
+        if shape is None or tuple(shape) != self.tokens.shape or dtype != self.tokens.dtype:
+            got = f"{dtype} {tuple(shape)}" if shape is not None else type(tokens_BT).__name__
+            raise InputError(
+                f"This {self.name} baseline was built for tokens {self.tokens.dtype} "
+                f"{self.tokens.shape}, got {got}. Pass tokens of that shape and dtype, or build "
+                "another baseline with the new tokens as its example."
+            )
+
+    def __repr__(self) -> str:
+        return (
+            f"Baseline({self.name}: mesh pp={self.mesh.shape[PP]} x tp={self.mesh.shape[TP]}, "
+            f"tokens {self.tokens.dtype}{list(self.tokens.shape)}, "
+            f"microbatches={self.num_microbatches}\n  " + self.layout.replace("\n", "\n  ") + ")"
+        )
+
+
+def tp_pp(
+    model: nnx.Module,
+    tokens: jax.Array | jax.ShapeDtypeStruct,
+    *,
+    devices: Sequence[jax.Device] | None = None,
+    tp: int = 8,
+    pp: int = 2,
+    microbatches: int | None = None,
+) -> Baseline:
+    """Deploys an lwjax transformer with Megatron TP over "tp" and GPipe PP over "pp".
+
+    See the module docstring for the layout. The result equals ``model(tokens)`` up to
+    float rounding (the row-parallel all-reduces sum in another order).
+
+    Args:
+        model: an ``lwjax.models`` DenseTransformer or MoETransformer (built or abstract).
+        tokens: example int tokens [B, T]; calls must have this shape and dtype.
+        devices: pp * tp distinct devices, stage-major (devices[s * tp + j] is stage s, tp
+            rank j); None takes the first pp * tp of ``jax.devices()``.
+        tp: tensor-parallel degree; divides the heads, the MLP width F (dense), the experts
+            (MoE) and the vocabulary.
+        pp: pipeline stages; divides the number of layers.
+        microbatches: GPipe microbatches M; divides the batch. None means pp.
+
+    Returns:
+        A ``Baseline`` whose weights already sit on the mesh.
+
+    Raises:
+        ConfigError: bad tp / pp / microbatches, or a model these degrees do not divide.
+        DeviceError: wrong number of devices, or duplicates.
+        InputError: tokens that are not [B, T] integers, or a batch M does not divide.
+
+    Example:
+        >>> cfg = models.configs.tiny_dense()  # 4 heads: tp=4 divides them
+        >>> model = models.build(cfg, rngs=nnx.Rngs(0))
+        >>> tokens = jnp.zeros((cfg.batch_size, cfg.seq_len), jnp.int32)
+        >>> b = tp_pp(model, tokens, devices=jax.devices()[:8], tp=4, pp=2, microbatches=4)
+        >>> b(tokens).shape
+        (4, 16, 256)
+    """
+    cfg = _model_config(model)
+    tp, pp = _positive("tp", tp), _positive("pp", pp)
+    num_microbatches = pp if microbatches is None else _positive("microbatches", microbatches)
+    _check_divisible(cfg, tp, pp)
+    batch, seq_len = _token_shape(tokens)
+    if batch % num_microbatches:
+        raise InputError(
+            f"Batch {batch} is not divisible by microbatches={num_microbatches}; pass a "
+            f"microbatch count that divides {batch} (e.g. {_divisor_near(batch, pp)})."
+        )
+    mesh = Mesh(np.array(_device_list(devices, tp * pp)).reshape(pp, tp), (PP, TP))
+
+    params = _place_params(model, mesh)
+    block_graphdef, _ = nnx.split(model.layers[0])
+    norm_graphdef, _ = nnx.split(model.final_norm)
+    last = pp - 1
+    pipeline = jax.shard_map(
+        _gpipe(block_graphdef, pp, num_microbatches),
+        mesh=mesh,
+        in_specs=(P(PP), P()),  # only "pp" is manual: the "tp" shardings ride along
+        out_specs=P(PP),
+        axis_names={PP},
+    )
+    head_batch_axis = PP if batch % pp == 0 else None
+
+    def forward(params, tokens_BT):
+        b, t, d = *tokens_BT.shape, cfg.hidden_size
+        x_BTD = jnp.take(params["embed"], tokens_BT, axis=0)
+        # [M, B/M, T, D], replicated: stage 0 reads microbatch i at tick i.
+        x_MBTD = lax.with_sharding_constraint(
+            x_BTD.reshape(num_microbatches, b // num_microbatches, t, d), NamedSharding(mesh, P())
+        )
+        out_MBTD = pipeline(params["blocks"], x_MBTD)  # [pp * M, ...]: each stage's buffer
+        y_BTD = out_MBTD[last * num_microbatches :].reshape(b, t, d)  # the last stage's
+        y_BTD = lax.with_sharding_constraint(y_BTD, NamedSharding(mesh, P(head_batch_axis)))
+        y_BTD = nnx.merge(norm_graphdef, params["final_norm"])(y_BTD)
+        w_DV = params["embed"].T if cfg.tie_embeddings else params["lm_head"]
+        return y_BTD @ w_DV
+
+    forward = jax.jit(forward, out_shardings=NamedSharding(mesh, P(head_batch_axis, None, TP)))
+    return Baseline(
+        name="tp_pp",
+        mesh=mesh,
+        params=params,
+        tokens=jax.ShapeDtypeStruct((batch, seq_len), tokens.dtype),
+        num_microbatches=num_microbatches,
+        layout=_describe(cfg, mesh, num_microbatches, batch, head_batch_axis),
+        _forward=forward,
+        _tokens_sharding=NamedSharding(mesh, P()),
+    )
+
+
+def single_device(
+    model: nnx.Module, tokens: jax.Array | jax.ShapeDtypeStruct, *, device: jax.Device | None = None
+) -> Baseline:
+    """The model itself, jitted on one device: the reference every deployment is timed against.
+
+    Args:
+        model: an ``lwjax.models`` transformer (built or abstract).
+        tokens: example int tokens [B, T]; calls must have this shape and dtype.
+        device: where the weights live; None means ``jax.devices()[0]``.
+
+    Returns:
+        A ``Baseline`` on a 1 x 1 ("pp", "tp") mesh.
+
+    Example:
+        >>> model = models.build(models.configs.tiny_dense(), rngs=nnx.Rngs(0))
+        >>> tokens = jnp.zeros((4, 16), jnp.int32)
+        >>> ref = single_device(model, tokens)
+        >>> ref(tokens).shape
+        (4, 16, 256)
+    """
+    cfg = _model_config(model)
+    batch, seq_len = _token_shape(tokens)
+    device = jax.devices()[0] if device is None else device
+    mesh = Mesh(np.array([device]).reshape(1, 1), (PP, TP))
+    sharding = NamedSharding(mesh, P())
+    graphdef, state = nnx.split(model)
+    params = jax.tree.map(lambda a: _place(a, sharding), state)
+
+    def forward(params, tokens_BT):
+        return nnx.merge(graphdef, params)(tokens_BT)
+
+    return Baseline(
+        name="single_device",
+        mesh=mesh,
+        params=params,
+        tokens=jax.ShapeDtypeStruct((batch, seq_len), tokens.dtype),
+        num_microbatches=1,
+        layout=f"all {cfg.num_layers} layers, embedding and head on {device}",
+        _forward=jax.jit(forward, out_shardings=sharding),
+        _tokens_sharding=sharding,
+    )
+
+
+# ---- the pipeline ---------------------------------------------------------------------------
+
+
+def _gpipe(block_graphdef: nnx.GraphDef, num_stages: int, num_microbatches: int) -> Callable:
+    """The per-stage GPipe program (fill, steady state, drain) for ``shard_map`` over "pp".
+
+    Each device gets its stage's blocks [1, L/pp, ...] and all microbatches x [M, B/M, T, D];
+    it returns [M, B/M, T, D], meaningful on the last stage only.
+    """
+    last = num_stages - 1
+    to_next_stage = [(s, s + 1) for s in range(last)]
+
+    def run_stage(stage_blocks, x_BTD):
+        positions_T = jnp.arange(x_BTD.shape[1])
+
+        def layer(x_BTD, block_state):
+            x_BTD, _, _ = nnx.merge(block_graphdef, block_state)(x_BTD, positions_T, None, None)
+            return x_BTD, None
+
+        return lax.scan(layer, x_BTD, stage_blocks)[0]
+
+    def pipeline(blocks, x_MBTD):
+        stage_blocks = jax.tree.map(lambda a: a[0], blocks)  # [1, L/pp, ...] -> [L/pp, ...]
+        stage = lax.axis_index(PP)
+
+        def tick(carry, t):
+            received_BTD, out_MBTD = carry
+            # Stage 0 starts microbatch t (ticks past M only drain); the others take what
+            # the previous stage sent at the end of tick t - 1.
+            x_BTD = jnp.where(
+                stage == 0, x_MBTD[jnp.minimum(t, num_microbatches - 1)], received_BTD
+            )
+            y_BTD = run_stage(stage_blocks, x_BTD)
+            # Microbatch t - last leaves the last stage at tick t. Earlier ticks write slot 0,
+            # which tick `last` overwrites; other stages' buffers are never read.
+            slot = jnp.clip(t - last, 0, num_microbatches - 1)
+            out_MBTD = lax.dynamic_update_index_in_dim(out_MBTD, y_BTD, slot, 0)
+            return (lax.ppermute(y_BTD, PP, to_next_stage), out_MBTD), None
+
+        init = lax.pcast((jnp.zeros_like(x_MBTD[0]), jnp.zeros_like(x_MBTD)), PP, to="varying")
+        (_, out_MBTD), _ = lax.scan(tick, init, jnp.arange(num_microbatches + last))
+        return out_MBTD
+
+    return pipeline
+
+
+def _place_params(model: nnx.Module, mesh: Mesh) -> dict[str, Any]:
+    """Places the weights: embedding vocab-parallel, blocks stage-major with Megatron "tp"
+    specs, final norm replicated, LM head column-parallel."""
+    cfg = model.cfg
+    specs = _ATTENTION_SPECS | (_MOE_MLP_SPECS if isinstance(cfg, MoEConfig) else _DENSE_MLP_SPECS)
+    pure = nnx.to_pure_dict(nnx.split(model)[1])
+    replicated = NamedSharding(mesh, P())
+    return {
+        "embed": _place(pure["embed"], NamedSharding(mesh, P(TP, None))),
+        "blocks": _stack_blocks(model, mesh, mesh.shape[PP], specs),
+        "final_norm": jax.tree.map(lambda a: _place(a, replicated), nnx.split(model.final_norm)[1]),
+        "lm_head": None
+        if cfg.tie_embeddings
+        else _place(pure["lm_head"], NamedSharding(mesh, P(None, TP))),
+    }
+
+
+def _stack_blocks(model: nnx.Module, mesh: Mesh, pp: int, specs: dict[str, P]) -> nnx.State:
+    """Blocks' states stacked stage-major [pp, L/pp, ...], each leaf placed P("pp", None, tp)."""
+    states = [nnx.split(block)[1] for block in model.layers]
+    lps = len(states) // pp
+
+    def stack(path, *leaves):
+        name = "/".join(str(k.key) for k in path if isinstance(k, DictKey))
+        if name not in specs:
+            raise ConfigError(
+                f"tp_pp has no tensor-parallel layout for block parameter {name!r}; known: "
+                f"{', '.join(sorted(specs))}. Add one to lwjax/baselines.py."
+            )
+        sharding = NamedSharding(mesh, P(PP, None, *specs[name]))
+        first = leaves[0]
+        if isinstance(first, jax.ShapeDtypeStruct):
+            return _place(jax.ShapeDtypeStruct((pp, lps, *first.shape), first.dtype), sharding)
+        return jax.device_put(jnp.stack(leaves).reshape(pp, lps, *first.shape), sharding)
+
+    return jax.tree_util.tree_map_with_path(stack, *states)
+
+
+# ---- checks and small helpers -----------------------------------------------------------------
+
+
+def _place(leaf: Any, sharding: NamedSharding) -> Any:
+    if isinstance(leaf, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
+    return jax.device_put(leaf, sharding)
+
+
+def _is_abstract(params: Any) -> bool:
+    return any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(params))
+
+
+def _model_config(model: Any) -> DenseConfig:
+    cfg = getattr(model, "cfg", None)
+    if not isinstance(cfg, DenseConfig) or not hasattr(model, "layers"):
+        raise ConfigError(
+            f"Baselines take an lwjax.models transformer (models.build(cfg, rngs=...) or "
+            f"models.abstract(cfg)), got {type(model).__name__}."
+        )
+    return cfg
+
+
+def _positive(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}.")
+    return int(value)
+
+
+def _check_divisible(cfg: DenseConfig, tp: int, pp: int) -> None:
+    if cfg.num_layers % pp:
+        raise ConfigError(
+            f"num_layers={cfg.num_layers} is not divisible by pp={pp}: stages must hold equal "
+            f"numbers of layers. Use a pp that divides {cfg.num_layers}."
+        )
+    split = {"num_heads": cfg.num_heads, "vocab_size": cfg.vocab_size}
+    if isinstance(cfg, MoEConfig):
+        split["num_experts"] = cfg.num_experts  # expert-parallel: whole experts per device
+    else:
+        split["mlp_hidden_size"] = cfg.mlp_hidden_size
+    for name, size in split.items():
+        if size % tp:
+            raise ConfigError(
+                f"{name}={size} is not divisible by tp={tp}; tp_pp splits it over 'tp'. Use a "
+                f"tp that divides {size}."
+            )
+
+
+def _token_shape(tokens: Any) -> tuple[int, int]:
+    shape, dtype = getattr(tokens, "shape", None), getattr(tokens, "dtype", None)
+    if shape is None or len(shape) != 2 or not jnp.issubdtype(dtype, jnp.integer):
+        got = f"{dtype} {tuple(shape)}" if shape is not None else type(tokens).__name__
+        raise InputError(
+            f"Baselines take integer tokens of shape [batch, seq]; got {got}. Pass e.g. "
+            "jnp.zeros((batch, seq), jnp.int32)."
+        )
+    return int(shape[0]), int(shape[1])
+
+
+def _device_list(devices: Sequence[jax.Device] | None, count: int) -> list[jax.Device]:
+    if devices is None:
+        available = jax.devices()
+        if len(available) < count:
+            raise DeviceError(
+                f"tp * pp = {count} devices are needed but only {len(available)} exist; "
+                "lower tp or pp."
+            )
+        return available[:count]
+    devices = list(np.asarray(devices, dtype=object).ravel())
+    if len(devices) != count:
+        raise DeviceError(
+            f"tp * pp = {count} but {len(devices)} devices were given; pass exactly {count} "
+            "devices or change tp / pp so that tp * pp = len(devices)."
+        )
+    seen: set = set()
+    for d in devices:
+        if d in seen:
+            raise DeviceError(f"Device {d} appears more than once in devices; pass distinct ones.")
+        seen.add(d)
+    return devices
+
+
+def _divisor_near(n: int, target: int) -> int:
+    """The divisor of n closest to target (ties to the smaller): a suggestion for errors."""
+    return min((d for d in range(1, n + 1) if n % d == 0), key=lambda d: (abs(d - target), d))
+
+
+def _describe(
+    cfg: DenseConfig, mesh: Mesh, num_microbatches: int, batch: int, head_batch_axis: str | None
+) -> str:
+    """Where every weight of a tp_pp deployment lives, in a few lines (for ``__repr__``)."""
+    tp, pp = mesh.shape[TP], mesh.shape[PP]
+    lps = cfg.num_layers // pp
+    if isinstance(cfg, MoEConfig):
+        per_device = cfg.num_experts // tp
+        mlp = f"experts over {TP!r} (expert-parallel, {per_device} per device), router replicated"
+    else:
+        mlp = f"gate/up column-, down row-parallel over F={cfg.mlp_hidden_size} on {TP!r}"
+    head = "tied to the embedding" if cfg.tie_embeddings else f"column-parallel, vocab over {TP!r}"
+    return (
+        f"{cfg.num_layers} layers -> {pp} stages x {lps}, blocks stacked [pp, {lps}, ...] on "
+        f"{PP!r}; GPipe {num_microbatches} microbatches x {batch // num_microbatches}\n"
+        f"attention: q/k/v column-, out row-parallel over {cfg.num_heads} heads on {TP!r}; "
+        f"norms replicated\nMLP: {mlp}\n"
+        f"embedding: vocab over {TP!r}; LM head: {head}; both replicated over {PP!r} and run "
+        f"outside the shard_map; logits P({head_batch_axis!r}, None, {TP!r})"
+    )
