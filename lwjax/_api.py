@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import jax
+
+from lwjax import hardware as hardware_lib
+from lwjax.errors import CapacityError, ConfigError, DeviceError, InputError
+from lwjax.hardware import HardwareSpec
 from lwjax.passes import footprint as footprint_lib
 from lwjax.passes.compression import Compression
 from lwjax.passes.footprint import AttentionAssumption
+from lwjax.passes.lower import lower
+from lwjax.passes.planner import layer_times, numbers_from, plan_from_numbers
 from lwjax.passes.segment import LayerGraph, segment
 from lwjax.passes.trace import Mode, trace
+from lwjax.plan import Plan, Residency
 from lwjax.report import LayerReport, ModelReport
+from lwjax.sharded import ShardedModel
 
 
 def _report(graph: LayerGraph, fp: footprint_lib.GraphFootprint, attention: str,
@@ -70,3 +79,198 @@ def analyze(
     if mode == "decode" and cache_len is None:
         cache_len = graph.traced.args[1].shape[1] if len(graph.traced.args) > 1 else None
     return _report(graph, fp, attention, cache_len)
+
+
+# ---- planning and sharding ------------------------------------------------------------------
+
+def _hardware(hardware, devices) -> HardwareSpec:
+    if isinstance(hardware, HardwareSpec):
+        return hardware
+    if isinstance(hardware, str):
+        return hardware_lib.by_name(hardware)
+    if hardware is not None:
+        raise ConfigError(f"hardware must be a HardwareSpec or a preset name, got {hardware!r}.")
+    platform = devices[0].platform if devices is not None and len(devices) else "cpu"
+    if platform == "gpu" and "H200" in getattr(devices[0], "device_kind", ""):
+        return hardware_lib.H200
+    if platform == "gpu":
+        return hardware_lib.H100_SXM
+    return hardware_lib.host_cpu()
+
+
+def _devices(devices, num_devices) -> tuple[list | None, tuple[int, ...]]:
+    """Device objects (None when planning abstractly) and their ids."""
+    if devices is not None:
+        devices = list(devices)
+        if not devices:
+            raise DeviceError("devices=[] is empty; pass at least one device.")
+        ids = [d if isinstance(d, int) else d.id for d in devices]
+        if len(set(ids)) != len(ids):
+            dup = sorted({i for i in ids if ids.count(i) > 1})
+            raise DeviceError(f"Duplicate devices {dup} in devices=; list each device once.")
+        if num_devices is not None and num_devices != len(ids):
+            raise DeviceError(f"num_devices={num_devices} but {len(ids)} devices were given.")
+        objs = None if all(isinstance(d, int) for d in devices) else devices
+        return objs, tuple(ids)
+    if num_devices is None:
+        raise DeviceError("Give num_devices= or devices= to plan for.")
+    if isinstance(num_devices, bool) or not isinstance(num_devices, int) or num_devices < 1:
+        raise DeviceError(f"num_devices must be a positive integer, got {num_devices!r}.")
+    return None, tuple(range(num_devices))
+
+
+def _microbatches(batch: int, microbatches: int | None, num_devices: int) -> int:
+    if microbatches is None:
+        return max(m for m in range(1, min(batch, num_devices) + 1) if batch % m == 0)
+    if isinstance(microbatches, bool) or not isinstance(microbatches, int) or microbatches < 1:
+        raise InputError(f"microbatches must be a positive integer, got {microbatches!r}.")
+    if batch % microbatches:
+        raise InputError(
+            f"batch {batch} does not divide into {microbatches} microbatches; pick a divisor "
+            f"of {batch} (e.g. {', '.join(str(d) for d in range(1, batch + 1) if batch % d == 0)})."
+        )
+    return microbatches
+
+
+def _capacity(cache_bytes, hw: HardwareSpec, persisting: bool) -> int:
+    if cache_bytes is None:
+        if persisting:
+            if hw.persisting_l2_bytes is None:
+                raise CapacityError(f"{hw.name} has no persisting-L2 limit; pass cache_bytes=.")
+            return hw.persisting_l2_bytes
+        return hw.l2_bytes
+    if isinstance(cache_bytes, bool) or not isinstance(cache_bytes, int | float) or \
+            not cache_bytes > 0:
+        raise CapacityError(
+            f"cache_bytes must be a positive number of bytes, got {cache_bytes!r}; e.g. "
+            f"50 * 2**20 for a 50 MiB L2."
+        )
+    return int(cache_bytes)
+
+
+def _plan_graph(model, args, kwargs, *, devices, num_devices, hardware, cache_bytes,
+                compression, microbatches, mode, cache_len, residency, attention, persisting,
+                method):
+    objs, ids = _devices(devices, num_devices)
+    hw = _hardware(hardware, objs)
+    capacity = _capacity(cache_bytes, hw, persisting)
+    full = trace(model, *args, mode=mode, cache_len=cache_len, **kwargs)
+    m = _microbatches(full.batch_size, microbatches, len(ids))
+    traced = trace(model, *args, mode=mode, cache_len=cache_len,
+                   microbatch_size=full.batch_size // m, **kwargs) if m > 1 else full
+    graph = segment(traced)
+    if attention is None:
+        attention = "fused" if hw.kind == "gpu" else "as_traced"
+    fp = footprint_lib.footprint(graph, compression, attention=attention)
+    costs = layer_times(graph, hw, weights_on_chip=True)
+    plan = plan_from_numbers(
+        numbers_from(graph, fp, costs), capacity_bytes=capacity, device_ids=ids,
+        hardware=hw.name, compression=fp.compression.name, microbatches=m,
+        microbatch_size=traced.batch_size, mode=mode, residency=residency,
+        attention=attention, method=method)
+    return plan, graph, objs, full.batch_size
+
+
+def plan(
+    model,
+    *args,
+    num_devices: int | None = None,
+    devices=None,
+    hardware: HardwareSpec | str | None = None,
+    cache_bytes: int | None = None,
+    compression: str | Compression | None = None,
+    microbatches: int | None = None,
+    mode: Mode = "prefill",
+    cache_len: int | None = None,
+    residency: Residency = "all",
+    attention: AttentionAssumption | None = None,
+    persisting: bool = False,
+    strategy: str = "optimal",
+    **kwargs,
+) -> Plan:
+    """Plans a layer-wise deployment: trace -> segment -> footprint -> cost -> partition.
+
+    Args:
+        model: NNX module (real or abstract), or linen module followed by its variables.
+        *args: example call arguments (arrays or ShapeDtypeStructs).
+        num_devices: plan for this many devices (ids 0..k-1), or
+        devices: a list of jax devices or device ids.
+        hardware: a HardwareSpec or preset name ("h100", "h200", "cpu"); default from the
+            devices' platform (this machine's CPU when planning abstractly).
+        cache_bytes: on-chip capacity per device (default: the hardware's L2 size).
+        compression: None, a preset name, or an lwjax.Compression.
+        microbatches: M (default: the largest divisor of the batch <= the device count).
+        mode: "prefill" or "decode".
+        cache_len: decode: KV-cache positions.
+        residency: "all" (weights + activations + buffers fit) or "weights".
+        attention: "as_traced" or "fused" (default: fused on GPUs, as traced on CPUs).
+        persisting: plan against the hardware's persisting-L2 limit instead of its L2 size.
+        strategy: "optimal" (minimum bottleneck) or "greedy" (first fit).
+        **kwargs: further call arguments of the model.
+
+    Returns:
+        Plan.
+
+    Example:
+        >>> p = lwjax.plan(models.abstract(models.configs.tiny_dense()),
+        ...                jax.ShapeDtypeStruct((4, 16), jnp.int32), num_devices=4,
+        ...                hardware="h100")
+        >>> print(p.summary())
+    """
+    return _plan_graph(model, args, kwargs, devices=devices, num_devices=num_devices,
+                       hardware=hardware, cache_bytes=cache_bytes, compression=compression,
+                       microbatches=microbatches, mode=mode, cache_len=cache_len,
+                       residency=residency, attention=attention, persisting=persisting,
+                       method=strategy)[0]
+
+
+def layerwise_shard(
+    model,
+    *args,
+    devices=None,
+    hardware: HardwareSpec | str | None = None,
+    cache_bytes: int | None = None,
+    microbatches: int | None = None,
+    compression: str | Compression | None = None,
+    residency: Residency = "all",
+    schedule: str = "gpipe",
+    **kwargs,
+) -> ShardedModel:
+    """Runs a model as a layer-wise pipeline: trace -> segment -> footprint -> partition ->
+    lower, with each stage's weights on its own device.
+
+    Args:
+        model: NNX module, or linen module followed by its variables in ``args``.
+        *args: example call arguments; calls must match their shapes and dtypes.
+        devices: jax devices to use (default: all of ``jax.devices()``).
+        hardware: HardwareSpec or preset name for footprints and costs (default: from the
+            devices' platform).
+        cache_bytes: on-chip capacity per device (default: the hardware's L2 size).
+        microbatches: M (the batch must divide into M).
+        compression: footprint policy for planning (weights run as stored).
+        residency: "all" or "weights" (see ``plan``).
+        schedule: pipeline schedule name (``passes.schedules.SCHEDULES``).
+        **kwargs: further call arguments (arrays are microbatched when batch-shaped).
+
+    Returns:
+        ShardedModel; ``sm(*args, **kwargs)`` equals ``model(*args, **kwargs)``.
+
+    Example:
+        >>> sm = lwjax.layerwise_shard(model, tokens, cache_bytes=2**20, microbatches=4)
+        >>> logits = sm(tokens)
+    """
+    if devices is None:
+        devices = jax.devices()
+    plan_, graph, objs, batch = _plan_graph(
+        model, args, kwargs, devices=devices, num_devices=None, hardware=hardware,
+        cache_bytes=cache_bytes, compression=compression, microbatches=microbatches,
+        mode="prefill", cache_len=None, residency=residency, attention=None,
+        persisting=False, method="optimal")
+    if objs is None:
+        raise DeviceError("layerwise_shard runs on jax devices: pass devices=jax.devices(), "
+                          "not device ids.")
+    by_id = {d.id: d for d in objs}
+    stage_devices = [by_id[s.devices[0]] for s in plan_.stages]
+    program = lower(graph, [s.layer_range for s in plan_.stages], stage_devices,
+                    plan_.microbatches, schedule=schedule)
+    return ShardedModel(plan_, program, graph.traced, batch)

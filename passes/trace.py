@@ -75,6 +75,7 @@ class TracedModel:
         mode: "prefill" or "decode".
         batch_size: batch of the traced arguments.
         kind: "nnx" or "linen".
+        static_kwargs: non-array keyword arguments, bound into ``fn``.
         scoped_by_lwjax: layer scopes were added from the module tree while tracing.
     """
 
@@ -92,6 +93,7 @@ class TracedModel:
     mode: Mode
     batch_size: int
     kind: Literal["nnx", "linen"]
+    static_kwargs: dict = dataclasses.field(default_factory=dict)
     scoped_by_lwjax: bool = False
 
     @property
@@ -321,5 +323,6 @@ def _trace(fn, params, args, kwargs, mode, microbatch_size, kind, cache_pos,
         mode=mode,
         batch_size=batch,
         kind=kind,
+        static_kwargs=static_kwargs,
         scoped_by_lwjax=scoped_by_lwjax,
     )

@@ -1,0 +1,204 @@
+"""Plan and Stage: which layers run where, what they occupy, how long they take.
+
+A Plan is data: it prints (``summary``), serialises (``to_json`` / ``from_json``), draws
+(``figure``), and re-plans without the devices you exclude (``replan``) from the per-layer
+numbers it carries, without retracing the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Literal
+
+from lwjax.passes.footprint import Footprint
+
+MIB = 2**20
+Residency = Literal["all", "weights"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One pipeline stage.
+
+    Attributes:
+        index: position in the pipeline.
+        layers: names of its layers, in order.
+        layer_range: (start, stop) layer indices, half-open.
+        devices: ids of the devices running it (more than one: the layers are split m x n).
+        footprint: bytes per device: its layers (plus prologue / epilogue when first / last).
+        est_time_s: estimated seconds per microbatch (roofline).
+    """
+
+    index: int
+    layers: tuple[str, ...]
+    layer_range: tuple[int, int]
+    devices: tuple[int, ...]
+    footprint: Footprint
+    est_time_s: float
+
+    @property
+    def tp(self) -> int:
+        return len(self.devices)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerNumbers:
+    """The per-layer inputs a plan was made from (kept so that it can re-plan).
+
+    Attributes:
+        names: layer names.
+        footprints: one Footprint per layer.
+        prologue: the prologue's footprint (runs on the first stage).
+        epilogue: the epilogue's footprint (runs on the last stage).
+        costs_s: estimated seconds per layer per microbatch (prologue / epilogue folded into
+            the first / last layer).
+    """
+
+    names: tuple[str, ...]
+    footprints: tuple[Footprint, ...]
+    prologue: Footprint
+    epilogue: Footprint
+    costs_s: tuple[float, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """A layer-wise deployment plan.
+
+    Attributes:
+        stages: the stages in pipeline order.
+        capacity_bytes: on-chip bytes per device the plan fits.
+        hardware: name of the HardwareSpec.
+        compression: name of the compression policy used.
+        microbatches: number of microbatches M.
+        microbatch_size: sequences per microbatch.
+        mode: "prefill" or "decode".
+        residency: "all" (weights, activations, buffers fit) or "weights" (weights + KV fit;
+            activations stream through HBM).
+        attention: the attention assumption of the footprints.
+        strategy: "fits", or what it took ("intra-layer split", "compression", "microbatch").
+        notes: why, in words.
+        numbers: the per-layer inputs (for replanning).
+        device_pool: every device id the plan could use, in order.
+    """
+
+    stages: tuple[Stage, ...]
+    capacity_bytes: int
+    hardware: str
+    compression: str
+    microbatches: int
+    microbatch_size: int
+    mode: str
+    residency: Residency
+    attention: str
+    strategy: str
+    notes: tuple[str, ...]
+    numbers: LayerNumbers
+    device_pool: tuple[int, ...]
+
+    @property
+    def num_devices(self) -> int:
+        return sum(s.tp for s in self.stages)
+
+    @property
+    def bottleneck(self) -> Stage:
+        """The stage with the largest estimated time (first on ties)."""
+        return max(self.stages, key=lambda s: (s.est_time_s, -s.index))
+
+    def resident_bytes(self, stage: Stage) -> int:
+        """Bytes the plan requires on chip for a stage under its residency policy."""
+        f = stage.footprint
+        if self.residency == "weights":
+            return f.weights_bytes + f.kv_cache_bytes
+        return f.total_bytes
+
+    def summary(self) -> str:
+        """The plan as a table: layers -> stage -> devices, bytes vs capacity, time.
+
+        Example:
+            >>> print(plan.summary())
+        """
+        cap = self.capacity_bytes
+        lines = [
+            f"Plan: {len(self.stages)} stages on {self.num_devices} devices ({self.hardware}), "
+            f"capacity {cap / MIB:.2f} MiB/device, compression={self.compression}, "
+            f"M={self.microbatches} x {self.microbatch_size}, mode={self.mode}, "
+            f"residency={self.residency}, attention={self.attention}",
+            f"strategy: {self.strategy}",
+            *[f"  - {n}" for n in self.notes],
+            f"{'stage':>5} {'layers':<26} {'devices':<14} {'weights':>10} {'activ.':>10} "
+            f"{'buffers':>9} {'kv':>9} {'fill %':>7} {'est ms':>9}",
+        ]
+        slow = self.bottleneck.index
+        for s in self.stages:
+            f = s.footprint
+            names = s.layers[0] if len(s.layers) == 1 else f"{s.layers[0]}..{s.layers[-1]}"
+            devs = ",".join(map(str, s.devices))
+            lines.append(
+                f"{s.index:>5} {names:<26.26} {devs:<14.14} {f.weights_bytes / MIB:>10.2f} "
+                f"{f.activation_bytes / MIB:>10.2f} {f.buffer_bytes / MIB:>9.2f} "
+                f"{f.kv_cache_bytes / MIB:>9.2f} {100 * self.resident_bytes(s) / cap:>7.1f} "
+                f"{s.est_time_s * 1e3:>9.3f}" + ("  <- bottleneck" if s.index == slow else ""))
+        lines.append("(MiB per device; fill % counts what the residency policy keeps on chip)")
+        return "\n".join(lines)
+
+    # -- serialisation -------------------------------------------------------------------
+    def to_json(self) -> str:
+        """JSON round-trippable with ``Plan.from_json``."""
+        return json.dumps(_encode(self), indent=1)
+
+    @staticmethod
+    def from_json(text: str) -> Plan:
+        """Inverse of ``to_json``.
+
+        Example:
+            >>> Plan.from_json(plan.to_json()) == plan
+            True
+        """
+        return _decode_plan(json.loads(text))
+
+    def figure(self, path: str) -> str:
+        """Writes a PNG: per-device stacked bars (weights, activations, buffers, KV) against
+        the capacity line. Returns the path."""
+        from lwjax.plan_figure import plan_figure
+
+        return plan_figure(self, path)
+
+    def replan(self, exclude_devices=(), spare_devices=()) -> Plan:
+        """A new plan without ``exclude_devices`` (e.g. failed ones), optionally adding
+        ``spare_devices`` to the pool; re-partitions from the stored per-layer numbers.
+
+        Raises:
+            InfeasiblePlanError: the remaining devices cannot hold the model.
+        """
+        from lwjax.passes.planner import replan
+
+        return replan(self, exclude_devices=exclude_devices, spare_devices=spare_devices)
+
+
+def _encode(x):
+    if dataclasses.is_dataclass(x):
+        return {f.name: _encode(getattr(x, f.name)) for f in dataclasses.fields(x)}
+    if isinstance(x, tuple | list):
+        return [_encode(v) for v in x]
+    return x
+
+
+def _footprint(d: dict) -> Footprint:
+    return Footprint(**{**d, "unknown_primitives": tuple(d["unknown_primitives"])})
+
+
+def _decode_plan(d: dict) -> Plan:
+    n = d["numbers"]
+    numbers = LayerNumbers(
+        names=tuple(n["names"]), footprints=tuple(_footprint(f) for f in n["footprints"]),
+        prologue=_footprint(n["prologue"]), epilogue=_footprint(n["epilogue"]),
+        costs_s=tuple(n["costs_s"]),
+    )
+    stages = tuple(Stage(index=s["index"], layers=tuple(s["layers"]),
+                         layer_range=tuple(s["layer_range"]), devices=tuple(s["devices"]),
+                         footprint=_footprint(s["footprint"]), est_time_s=s["est_time_s"])
+                   for s in d["stages"])
+    return Plan(**{**d, "stages": stages, "notes": tuple(d["notes"]), "numbers": numbers,
+                   "device_pool": tuple(d["device_pool"])})

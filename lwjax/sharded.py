@@ -1,0 +1,80 @@
+"""ShardedModel: a model running as a layer-wise pipeline, callable like the model."""
+
+from __future__ import annotations
+
+import jax
+
+from lwjax.errors import InputError
+from lwjax.passes.lower import PipelineProgram
+from lwjax.passes.trace import TracedModel, path_str
+from lwjax.plan import Plan
+
+
+class ShardedModel:
+    """The model's pipeline program with its weights placed, one stage per device.
+
+    Attributes:
+        plan: the Plan it runs.
+        program: the lowered PipelineProgram.
+        params: the packed, placed weights (dtype -> [stages, L] sharded over "stage").
+
+    Example:
+        >>> sm = lwjax.layerwise_shard(model, tokens, cache_bytes=2**20)
+        >>> logits = sm(tokens)      # equals model(tokens)
+    """
+
+    def __init__(self, plan: Plan, program: PipelineProgram, traced: TracedModel,
+                 batch_size: int):
+        self.plan = plan
+        self.program = program
+        self.params = program.place_params(traced.params)
+        self._traced = traced
+        self._batch_size = batch_size
+
+    def _leaves(self, args, kwargs) -> list:
+        t = self._traced
+        arrays = {k: v for k, v in kwargs.items() if k not in t.static_kwargs}
+        for k, v in kwargs.items():
+            if k in t.static_kwargs and v != t.static_kwargs[k]:
+                raise InputError(
+                    f"keyword argument {k}={v!r} differs from the traced {t.static_kwargs[k]!r}; "
+                    "static arguments are compiled in: call layerwise_shard again to retrace."
+                )
+        missing = set(t.static_kwargs) - set(kwargs)
+        if missing:
+            raise InputError(f"missing keyword arguments {sorted(missing)} that the model was "
+                             "traced with.")
+        with_path, treedef = jax.tree_util.tree_flatten_with_path((tuple(args), arrays))
+        if treedef != t.arg_treedef:
+            raise InputError(
+                f"call arguments have structure {treedef}, but the model was traced with "
+                f"{t.arg_treedef}; pass the same arguments as the example."
+            )
+        leaves = []
+        for (path, x), want, batched in zip(with_path, t.args, t.batch_shaped, strict=True):
+            shape = tuple(want.shape)
+            if batched:
+                shape = (self._batch_size, *shape[1:])
+            got = (tuple(getattr(x, "shape", ())), getattr(x, "dtype", None))
+            if got != (shape, want.dtype):
+                raise InputError(
+                    f"argument {path_str(path)!r} is {got[1]} {got[0]}, but the pipeline was "
+                    f"built for {want.dtype} {shape}. Call with the example's shape and dtype "
+                    "(or call layerwise_shard again with the new shape to retrace)."
+                )
+            leaves.append(x)
+        return leaves
+
+    def __call__(self, *args, **kwargs):
+        return self.program(self.params, *self._leaves(args, kwargs))
+
+    def lower(self, *args, **kwargs) -> jax.stages.Lowered:
+        """The ``jax.stages.Lowered`` pipeline program for these arguments."""
+        return self.program.fn.lower(self.params, *self._leaves(args, kwargs))
+
+    def compile(self, *args, **kwargs) -> jax.stages.Compiled:
+        """The ``jax.stages.Compiled`` pipeline program for these arguments."""
+        return self.lower(*args, **kwargs).compile()
+
+    def __repr__(self) -> str:
+        return f"ShardedModel(\n{self.plan.summary()}\n)"

@@ -1,0 +1,310 @@
+"""Pass 6: LayerGraph + stage assignment -> one jitted SPMD program (shard_map + ppermute).
+
+The program runs over ``Mesh(devices, ("stage",))``, one device per stage:
+
+- **Parameters** are packed per stage into flat per-dtype buffers ``[S, L_dtype]`` sharded
+  over "stage": device s stores only stage s's weights (a weight read by two stages, e.g. a
+  tied embedding, is packed into both). Inside its branch a stage slices its weights back out
+  with static offsets.
+- **Stages** differ (layer counts, dense vs MoE, embedding on the first, head on the last), so
+  each device runs its own branch of ``lax.switch`` on its stage index; a branch evaluates its
+  segments' jaxpr equations (the ``eval_jaxpr`` loop), so the layer code is the model's own.
+- **Activations** crossing a stage boundary -- every value defined before the cut and read
+  after it, e.g. the residual stream and the positions the prologue computed -- are packed
+  into per-dtype carry buffers (padded to the largest cut) and moved to the next stage with
+  ``lax.ppermute``, outside the switch.
+- **Microbatches**: batch-shaped arguments are split [M, B/M, ...] and the graph is traced at
+  the microbatch size; a schedule (``passes/schedules.py``, GPipe by default) decides which
+  microbatch each stage runs at each tick. The last stage writes the model's outputs.
+
+Example:
+    >>> prog = lower(graph, ranges=((0, 2), (2, 4)), devices=jax.devices()[:2],
+    ...              num_microbatches=2)
+    >>> out = prog(prog.place_params(param_leaves), *arg_leaves)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from lwjax._compat import Literal as JaxLiteral
+from lwjax._compat import Var, bind_eqn
+from lwjax.errors import InputError
+from lwjax.passes.schedules import SCHEDULES
+from lwjax.passes.segment import LayerGraph, Segment
+
+AXIS = "stage"
+
+
+@dataclasses.dataclass(frozen=True)
+class Slot:
+    """Where one value lives in a per-dtype flat buffer."""
+
+    dtype: str
+    offset: int
+    shape: tuple[int, ...]
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+
+def _layout(avals: Sequence) -> tuple[tuple[Slot, ...], dict[str, int]]:
+    sizes: dict[str, int] = {}
+    slots = []
+    for aval in avals:
+        dt = np.dtype(aval.dtype).name
+        slot = Slot(dt, sizes.get(dt, 0), tuple(aval.shape))
+        sizes[dt] = slot.offset + slot.size
+        slots.append(slot)
+    return tuple(slots), sizes
+
+
+def _pack(values: Sequence, slots: Sequence[Slot], sizes: dict[str, int]) -> dict:
+    parts: dict[str, list] = {dt: [] for dt in sizes}
+    for x, s in zip(values, slots, strict=True):
+        parts[s.dtype].append(jnp.ravel(x))
+    out = {}
+    for dt, n in sizes.items():
+        flat = jnp.concatenate(parts[dt]) if parts[dt] else jnp.zeros((0,), dt)
+        out[dt] = jnp.pad(flat, (0, n - flat.shape[0]))
+    return out
+
+
+def _unpack(bufs: dict, slots: Sequence[Slot]) -> list:
+    return [jax.lax.slice_in_dim(bufs[s.dtype], s.offset, s.offset + s.size).reshape(s.shape)
+            for s in slots]
+
+
+@dataclasses.dataclass(frozen=True)
+class StageLayout:
+    """A stage's segments, its parameter slots, and its incoming/outgoing carry values."""
+
+    segments: tuple[Segment, ...]
+    params: tuple[int, ...]
+    param_slots: tuple[Slot, ...]
+    carry_in: tuple[Var, ...]
+    carry_out: tuple[Var, ...]
+
+
+def cut_values(graph: LayerGraph, ranges: Sequence[tuple[int, int]]) -> list[tuple[Var, ...]]:
+    """Values live across each stage boundary (defined before it, read after it)."""
+    segs = graph.segments
+    # segment index of the last segment of each stage (prologue is 0, layer i is i + 1)
+    ends = [stop for _, stop in ranges]
+    arg_set = set(graph.arg_vars)
+    defined_at: dict = {}
+    for k, seg in enumerate(segs):
+        for e in seg.eqns:
+            for v in e.outvars:
+                defined_at[v] = k
+    read_at: dict = {}
+    for k, seg in enumerate(segs):
+        for v in seg.inputs:
+            read_at.setdefault(v, []).append(k)
+    for v in graph.jaxpr.jaxpr.outvars:
+        if isinstance(v, Var):
+            read_at.setdefault(v, []).append(len(segs))
+    cuts = []
+    for end in ends[:-1]:
+        last_seg = end  # segments 0..end belong to stages up to this cut
+        live = tuple(v for v, k in defined_at.items()
+                     if k <= last_seg and v not in arg_set
+                     and any(r > last_seg for r in read_at.get(v, ())))
+        cuts.append(live)
+    return cuts
+
+
+@dataclasses.dataclass
+class PipelineProgram:
+    """The lowered program and what it needs to run.
+
+    Call ``program(packed_params, *arg_leaves)`` with ``packed_params`` from
+    ``place_params``; arguments are the full-batch leaves in the traced order.
+    """
+
+    graph: LayerGraph
+    mesh: Mesh
+    stages: tuple[StageLayout, ...]
+    param_sizes: dict[str, int]
+    num_microbatches: int
+    schedule: str
+    fn: Callable
+
+    def __call__(self, packed_params: dict, *arg_leaves):
+        return self.fn(packed_params, *arg_leaves)
+
+    def place_params(self, param_leaves: Sequence) -> dict:
+        """Packs each stage's weights on its own device: dtype -> [S, L] sharded on "stage".
+
+        Args:
+            param_leaves: ``TracedModel.params`` (real arrays), in the traced order.
+        """
+        values = _param_values(self.graph, param_leaves)
+        sharding = NamedSharding(self.mesh, P(AXIS))
+        devices = self.mesh.devices.ravel()
+        per_stage = []
+        for s, stage in enumerate(self.stages):
+            mine = [jax.device_put(values[i], devices[s]) for i in stage.params]
+            with jax.default_device(devices[s]):
+                per_stage.append(_pack(mine, stage.param_slots, self.param_sizes))
+        return {dt: jax.make_array_from_single_device_arrays(
+                    (len(self.stages), n), sharding,
+                    [jax.device_put(bufs[dt][None], devices[s])
+                     for s, bufs in enumerate(per_stage)])
+                for dt, n in self.param_sizes.items()}
+
+
+def _param_values(graph: LayerGraph, leaves: Sequence) -> list:
+    out = []
+    for info in graph.params:
+        x = leaves[info.source]
+        out.append(x if info.slice_index is None else x[info.slice_index])
+    return out
+
+
+def _eval(segs: Sequence[Segment], env: dict) -> None:
+    for seg in segs:
+        for eqn in seg.eqns:
+            outs = bind_eqn(eqn, [v.val if isinstance(v, JaxLiteral) else env[v]
+                                  for v in eqn.invars])
+            env.update(zip(eqn.outvars, outs, strict=True))
+
+
+def lower(
+    graph: LayerGraph,
+    ranges: Sequence[tuple[int, int]],
+    devices: Sequence,
+    num_microbatches: int,
+    schedule: str = "gpipe",
+) -> PipelineProgram:
+    """Builds the pipeline program for stages covering layer ``ranges`` (half-open).
+
+    Args:
+        graph: LayerGraph traced at the microbatch size.
+        ranges: per stage, the (start, stop) layer indices it runs.
+        devices: one device per stage.
+        num_microbatches: M; the call's batch is M times the traced batch.
+        schedule: a name in ``passes.schedules.SCHEDULES``.
+
+    Returns:
+        PipelineProgram.
+    """
+    num_stages = len(ranges)
+    mesh = Mesh(np.array(list(devices)[:num_stages]), (AXIS,))
+    segs = graph.segments
+    cuts = cut_values(graph, ranges)
+    carry_slots = [_layout([v.aval for v in cut])[0] for cut in cuts]
+    carry_sizes: dict[str, int] = {}
+    for cut in cuts:
+        for dt, n in _layout([v.aval for v in cut])[1].items():
+            carry_sizes[dt] = max(carry_sizes.get(dt, 0), n)
+    param_vars = graph.param_vars
+
+    stages = []
+    param_sizes: dict[str, int] = {}
+    for s, (start, stop) in enumerate(ranges):
+        stage_segs = segs[start + 1: stop + 1]
+        if s == 0:
+            stage_segs = (graph.prologue, *stage_segs)
+        if s == num_stages - 1:
+            stage_segs = (*stage_segs, graph.epilogue)
+        params = tuple(dict.fromkeys(i for seg in stage_segs for i in seg.params))
+        slots, sizes = _layout([param_vars[i].aval for i in params])
+        for dt, n in sizes.items():
+            param_sizes[dt] = max(param_sizes.get(dt, 0), n)
+        stages.append(StageLayout(
+            segments=tuple(stage_segs), params=params, param_slots=slots,
+            carry_in=cuts[s - 1] if s > 0 else (), carry_out=cuts[s] if s < num_stages - 1 else (),
+        ))
+
+    jaxpr = graph.jaxpr.jaxpr
+    consts = dict(zip(jaxpr.constvars, graph.jaxpr.consts, strict=True))
+    arg_vars = graph.arg_vars
+    out_avals = [v.aval for v in jaxpr.outvars]
+    m = num_microbatches
+
+    def make_branch(s: int, layout: StageLayout):
+        def branch(carry, mb_args, params):
+            env = dict(consts)
+            local = {dt: params[dt][0] for dt in params}
+            env.update(zip((param_vars[i] for i in layout.params),
+                           _unpack(local, layout.param_slots), strict=True))
+            env.update(zip(arg_vars, mb_args, strict=True))
+            if s > 0:
+                env.update(zip(layout.carry_in, _unpack(carry, carry_slots[s - 1]), strict=True))
+            _eval(layout.segments, env)
+            if s < num_stages - 1:
+                carry_out = _pack([env[v] for v in layout.carry_out], carry_slots[s], carry_sizes)
+                outs = [jnp.zeros(a.shape, a.dtype) for a in out_avals]
+            else:
+                carry_out = {dt: jnp.zeros((n,), dt) for dt, n in carry_sizes.items()}
+                outs = [v.val if isinstance(v, JaxLiteral) else env[v] for v in jaxpr.outvars]
+                outs = [jnp.broadcast_to(jnp.asarray(o, a.dtype), a.shape)
+                        for o, a in zip(outs, out_avals, strict=True)]
+            return carry_out, outs
+
+        return branch
+
+    def idle(carry, mb_args, params):
+        return ({dt: jnp.zeros((n,), dt) for dt, n in carry_sizes.items()},
+                [jnp.zeros(a.shape, a.dtype) for a in out_avals])
+
+    branches = [make_branch(s, st) for s, st in enumerate(stages)] + [idle]
+    batch_shaped = graph.traced.batch_shaped
+    perm = [(i, i + 1) for i in range(num_stages - 1)]
+    run_schedule = SCHEDULES[schedule]
+
+    def per_device(params, *mb_args_all):
+        stage = jax.lax.axis_index(AXIS)
+        init = ({dt: jnp.zeros((n,), dt) for dt, n in carry_sizes.items()},
+                [jnp.zeros((m, *a.shape), a.dtype) for a in out_avals])
+
+        def step(state, mb, valid):
+            carry, outs_buf = state
+            mb_args = [jax.lax.dynamic_index_in_dim(a, mb, 0, keepdims=False) if b else a
+                       for a, b in zip(mb_args_all, batch_shaped, strict=True)]
+            index = jnp.where(valid, stage, num_stages)
+            carry_out, outs = jax.lax.switch(index, branches, carry, mb_args, params)
+            write = valid & (stage == num_stages - 1)
+            outs_buf = [jax.lax.dynamic_update_index_in_dim(
+                buf, jnp.where(write, o, jax.lax.dynamic_index_in_dim(buf, mb, 0, False)), mb, 0)
+                for buf, o in zip(outs_buf, outs, strict=True)]
+            if num_stages > 1:
+                carry_out = {dt: jax.lax.ppermute(c, AXIS, perm) for dt, c in carry_out.items()}
+            return carry_out, outs_buf
+
+        _, outs_buf = run_schedule(step, init, stage=stage, num_stages=num_stages,
+                                   num_microbatches=m)
+        return [o[None] for o in outs_buf]
+
+    param_specs = {dt: P(AXIS) for dt in param_sizes}
+    sharded = jax.shard_map(
+        per_device, mesh=mesh,
+        in_specs=(param_specs, *[P() for _ in arg_vars]),
+        out_specs=[P(AXIS) for _ in out_avals], check_vma=False,
+    )
+
+    def program(packed_params, *arg_leaves):
+        split = [a.reshape(m, a.shape[0] // m, *a.shape[1:]) if b else a
+                 for a, b in zip(arg_leaves, batch_shaped, strict=True)]
+        outs = sharded(packed_params, *split)
+        flat = [o[-1].reshape(m * o.shape[2], *o.shape[3:]) for o in outs]
+        return jax.tree.unflatten(graph.traced.out_treedef, flat)
+
+    for a in out_avals:
+        if not a.shape or (m > 1 and a.shape[0] != graph.traced.batch_size):
+            raise InputError(
+                f"model output of shape {tuple(a.shape)} has no leading batch axis of size "
+                f"{graph.traced.batch_size}; a pipeline can only return per-example outputs. "
+                "Return batch-leading arrays, or use one microbatch."
+            )
+    return PipelineProgram(graph=graph, mesh=mesh, stages=tuple(stages), param_sizes=param_sizes,
+                           num_microbatches=m, schedule=schedule, fn=jax.jit(program))
