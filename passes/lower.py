@@ -39,6 +39,7 @@ from lwjax._compat import Var, bind_eqn
 from lwjax.errors import InputError
 from lwjax.passes.schedules import SCHEDULES
 from lwjax.passes.segment import LayerGraph, Segment
+from lwjax.passes.tp import residual_width, split_axis
 
 AXIS = "stage"
 
@@ -83,13 +84,105 @@ def _unpack(bufs: dict, slots: Sequence[Slot]) -> list:
             for s in slots]
 
 
+class FlatStorage:
+    """tp = 1: each stage's weights packed into flat per-dtype buffers [S, L_dtype], sharded
+    over "stage" (padded to the largest stage)."""
+
+    def __init__(self, stage_params: Sequence[tuple[int, ...]], param_vars):
+        self.slots, self.sizes = [], {}
+        for params in stage_params:
+            slots, sizes = _layout([param_vars[i].aval for i in params])
+            self.slots.append(slots)
+            for dt, n in sizes.items():
+                self.sizes[dt] = max(self.sizes.get(dt, 0), n)
+
+    def specs(self):
+        return {dt: P(AXIS) for dt in self.sizes}
+
+    def unpack(self, local, s: int) -> list:
+        return _unpack({dt: local[dt][0] for dt in local}, self.slots[s])
+
+    def place(self, mesh: Mesh, stage_values: Sequence[list]) -> dict:
+        devices = mesh.devices.ravel()
+        per_stage = []
+        for s, values in enumerate(stage_values):
+            mine = [jax.device_put(x, devices[s]) for x in values]
+            with jax.default_device(devices[s]):
+                per_stage.append(_pack(mine, self.slots[s], self.sizes))
+        sharding = NamedSharding(mesh, P(AXIS))
+        return {dt: jax.make_array_from_single_device_arrays(
+                    (len(stage_values), n), sharding,
+                    [jax.device_put(bufs[dt][None], devices[s])
+                     for s, bufs in enumerate(per_stage)])
+                for dt, n in self.sizes.items()}
+
+
+class SplitStorage:
+    """tp > 1: weights grouped by (shape, dtype) into [S, k, *shape] arrays sharded over
+    "stage" and, along the axis ``passes.tp.split_axis`` picks, over "tp"; XLA's SPMD
+    partitioner splits each stage's equations accordingly (tp is an automatic axis)."""
+
+    def __init__(self, stage_params, param_vars, hidden: Sequence[int], tp: int):
+        self.where: list[list[tuple[tuple, int]]] = []
+        self.groups: dict[tuple, int] = {}
+        for s, params in enumerate(stage_params):
+            counts: dict[tuple, int] = {}
+            where = []
+            for i in params:
+                aval = param_vars[i].aval
+                axis = split_axis(tuple(aval.shape), hidden[s], tp)
+                key = (tuple(aval.shape), np.dtype(aval.dtype).name, axis)
+                where.append((key, counts.get(key, 0)))
+                counts[key] = counts.get(key, 0) + 1
+            for key, n in counts.items():
+                self.groups[key] = max(self.groups.get(key, 0), n)
+            self.where.append(where)
+        self.keys = sorted(self.groups, key=str)
+
+    def _spec(self, key) -> P:
+        shape, _, axis = key
+        dims = [None] * len(shape)
+        if axis is not None:
+            dims[axis] = "tp"
+        return P(AXIS, None, *dims)
+
+    def specs(self):
+        return [P(AXIS) for _ in self.keys]
+
+    def unpack(self, local, s: int) -> list:
+        index = {k: n for n, k in enumerate(self.keys)}
+        return [local[index[key]][0, j] for key, j in self.where[s]]
+
+    def place(self, mesh: Mesh, stage_values: Sequence[list]) -> list:
+        out = []
+        for key in self.keys:
+            shape, dt, _ = key
+            k = self.groups[key]
+            full = (len(stage_values), k, *shape)
+
+            def build(index, key=key, k=k, shape=shape, dt=dt):
+                s0 = index[0].start or 0
+                s1 = index[0].stop if index[0].stop is not None else len(stage_values)
+                rows = []
+                for s in range(s0, s1):
+                    slot = [np.zeros(shape, dt)] * k
+                    for (kk, j), x in zip(self.where[s], stage_values[s], strict=True):
+                        if kk == key:
+                            slot[j] = np.asarray(x)
+                    rows.append(np.stack(slot))
+                return np.stack(rows)[(slice(None), *index[1:])]
+
+            out.append(jax.make_array_from_callback(full, NamedSharding(mesh, self._spec(key)),
+                                                    build))
+        return out
+
+
 @dataclasses.dataclass(frozen=True)
 class StageLayout:
-    """A stage's segments, its parameter slots, and its incoming/outgoing carry values."""
+    """A stage's segments, its parameters, and its incoming/outgoing carry values."""
 
     segments: tuple[Segment, ...]
     params: tuple[int, ...]
-    param_slots: tuple[Slot, ...]
     carry_in: tuple[Var, ...]
     carry_out: tuple[Var, ...]
 
@@ -126,40 +219,30 @@ def cut_values(graph: LayerGraph, ranges: Sequence[tuple[int, int]]) -> list[tup
 class PipelineProgram:
     """The lowered program and what it needs to run.
 
-    Call ``program(packed_params, *arg_leaves)`` with ``packed_params`` from
+    Call ``program(placed_params, *arg_leaves)`` with ``placed_params`` from
     ``place_params``; arguments are the full-batch leaves in the traced order.
     """
 
     graph: LayerGraph
     mesh: Mesh
     stages: tuple[StageLayout, ...]
-    param_sizes: dict[str, int]
+    storage: FlatStorage | SplitStorage
     num_microbatches: int
     schedule: str
     fn: Callable
 
-    def __call__(self, packed_params: dict, *arg_leaves):
-        return self.fn(packed_params, *arg_leaves)
+    def __call__(self, placed_params, *arg_leaves):
+        return self.fn(placed_params, *arg_leaves)
 
-    def place_params(self, param_leaves: Sequence) -> dict:
-        """Packs each stage's weights on its own device: dtype -> [S, L] sharded on "stage".
+    def place_params(self, param_leaves: Sequence):
+        """Places each stage's weights on its own device(s), once.
 
         Args:
             param_leaves: ``TracedModel.params`` (real arrays), in the traced order.
         """
         values = _param_values(self.graph, param_leaves)
-        sharding = NamedSharding(self.mesh, P(AXIS))
-        devices = self.mesh.devices.ravel()
-        per_stage = []
-        for s, stage in enumerate(self.stages):
-            mine = [jax.device_put(values[i], devices[s]) for i in stage.params]
-            with jax.default_device(devices[s]):
-                per_stage.append(_pack(mine, stage.param_slots, self.param_sizes))
-        return {dt: jax.make_array_from_single_device_arrays(
-                    (len(self.stages), n), sharding,
-                    [jax.device_put(bufs[dt][None], devices[s])
-                     for s, bufs in enumerate(per_stage)])
-                for dt, n in self.param_sizes.items()}
+        return self.storage.place(self.mesh, [[values[i] for i in st.params]
+                                              for st in self.stages])
 
 
 def _param_values(graph: LayerGraph, leaves: Sequence) -> list:
@@ -168,6 +251,10 @@ def _param_values(graph: LayerGraph, leaves: Sequence) -> list:
         x = leaves[info.source]
         out.append(x if info.slice_index is None else x[info.slice_index])
     return out
+
+
+def _zeros(sizes: dict[str, int]) -> dict:
+    return {dt: jnp.zeros((n,), dt) for dt, n in sizes.items()}
 
 
 def _eval(segs: Sequence[Segment], env: dict) -> None:
@@ -184,21 +271,27 @@ def lower(
     devices: Sequence,
     num_microbatches: int,
     schedule: str = "gpipe",
+    tp: int = 1,
 ) -> PipelineProgram:
     """Builds the pipeline program for stages covering layer ``ranges`` (half-open).
 
     Args:
         graph: LayerGraph traced at the microbatch size.
         ranges: per stage, the (start, stop) layer indices it runs.
-        devices: one device per stage.
+        devices: ``tp`` devices per stage, stage-major.
         num_microbatches: M; the call's batch is M times the traced batch.
         schedule: a name in ``passes.schedules.SCHEDULES``.
+        tp: devices per stage; > 1 splits every stage's layers over a "tp" mesh axis.
 
     Returns:
         PipelineProgram.
     """
     num_stages = len(ranges)
-    mesh = Mesh(np.array(list(devices)[:num_stages]), (AXIS,))
+    devices = list(devices)[:num_stages * tp]
+    if tp == 1:
+        mesh = Mesh(np.array(devices), (AXIS,))
+    else:
+        mesh = Mesh(np.array(devices).reshape(num_stages, tp), (AXIS, "tp"))
     segs = graph.segments
     cuts = cut_values(graph, ranges)
     carry_slots = [_layout([v.aval for v in cut])[0] for cut in cuts]
@@ -209,7 +302,6 @@ def lower(
     param_vars = graph.param_vars
 
     stages = []
-    param_sizes: dict[str, int] = {}
     for s, (start, stop) in enumerate(ranges):
         stage_segs = segs[start + 1: stop + 1]
         if s == 0:
@@ -217,14 +309,16 @@ def lower(
         if s == num_stages - 1:
             stage_segs = (*stage_segs, graph.epilogue)
         params = tuple(dict.fromkeys(i for seg in stage_segs for i in seg.params))
-        slots, sizes = _layout([param_vars[i].aval for i in params])
-        for dt, n in sizes.items():
-            param_sizes[dt] = max(param_sizes.get(dt, 0), n)
         stages.append(StageLayout(
-            segments=tuple(stage_segs), params=params, param_slots=slots,
+            segments=tuple(stage_segs), params=params,
             carry_in=cuts[s - 1] if s > 0 else (), carry_out=cuts[s] if s < num_stages - 1 else (),
         ))
 
+    if tp == 1:
+        storage: FlatStorage | SplitStorage = FlatStorage([st.params for st in stages], param_vars)
+    else:
+        hidden = [residual_width(graph, graph.layers[a]) for a, _ in ranges]
+        storage = SplitStorage([st.params for st in stages], param_vars, hidden, tp)
     jaxpr = graph.jaxpr.jaxpr
     consts = dict(zip(jaxpr.constvars, graph.jaxpr.consts, strict=True))
     arg_vars = graph.arg_vars
@@ -232,30 +326,29 @@ def lower(
     m = num_microbatches
 
     def make_branch(s: int, layout: StageLayout):
-        def branch(carry, mb_args, params):
+        def branch(carry, mb_args, params, outs_buf, mb):
             env = dict(consts)
-            local = {dt: params[dt][0] for dt in params}
-            env.update(zip((param_vars[i] for i in layout.params),
-                           _unpack(local, layout.param_slots), strict=True))
+            env.update(zip((param_vars[i] for i in layout.params), storage.unpack(params, s),
+                           strict=True))
             env.update(zip(arg_vars, mb_args, strict=True))
             if s > 0:
                 env.update(zip(layout.carry_in, _unpack(carry, carry_slots[s - 1]), strict=True))
             _eval(layout.segments, env)
             if s < num_stages - 1:
-                carry_out = _pack([env[v] for v in layout.carry_out], carry_slots[s], carry_sizes)
-                outs = [jnp.zeros(a.shape, a.dtype) for a in out_avals]
-            else:
-                carry_out = {dt: jnp.zeros((n,), dt) for dt, n in carry_sizes.items()}
-                outs = [v.val if isinstance(v, JaxLiteral) else env[v] for v in jaxpr.outvars]
-                outs = [jnp.broadcast_to(jnp.asarray(o, a.dtype), a.shape)
-                        for o, a in zip(outs, out_avals, strict=True)]
-            return carry_out, outs
+                return _pack([env[v] for v in layout.carry_out], carry_slots[s],
+                             carry_sizes), outs_buf
+            # The last stage writes its microbatch's outputs in place; the others pass the
+            # buffer through untouched (no per-tick zero-filling or selects of the outputs).
+            outs = [v.val if isinstance(v, JaxLiteral) else env[v] for v in jaxpr.outvars]
+            outs_buf = [jax.lax.dynamic_update_index_in_dim(
+                buf, jnp.broadcast_to(jnp.asarray(o, a.dtype), a.shape), mb, 0)
+                for buf, o, a in zip(outs_buf, outs, out_avals, strict=True)]
+            return _zeros(carry_sizes), outs_buf
 
         return branch
 
-    def idle(carry, mb_args, params):
-        return ({dt: jnp.zeros((n,), dt) for dt, n in carry_sizes.items()},
-                [jnp.zeros(a.shape, a.dtype) for a in out_avals])
+    def idle(carry, mb_args, params, outs_buf, mb):
+        return _zeros(carry_sizes), outs_buf
 
     branches = [make_branch(s, st) for s, st in enumerate(stages)] + [idle]
     batch_shaped = graph.traced.batch_shaped
@@ -264,19 +357,15 @@ def lower(
 
     def per_device(params, *mb_args_all):
         stage = jax.lax.axis_index(AXIS)
-        init = ({dt: jnp.zeros((n,), dt) for dt, n in carry_sizes.items()},
-                [jnp.zeros((m, *a.shape), a.dtype) for a in out_avals])
+        init = (_zeros(carry_sizes), [jnp.zeros((m, *a.shape), a.dtype) for a in out_avals])
 
         def step(state, mb, valid):
             carry, outs_buf = state
             mb_args = [jax.lax.dynamic_index_in_dim(a, mb, 0, keepdims=False) if b else a
                        for a, b in zip(mb_args_all, batch_shaped, strict=True)]
             index = jnp.where(valid, stage, num_stages)
-            carry_out, outs = jax.lax.switch(index, branches, carry, mb_args, params)
-            write = valid & (stage == num_stages - 1)
-            outs_buf = [jax.lax.dynamic_update_index_in_dim(
-                buf, jnp.where(write, o, jax.lax.dynamic_index_in_dim(buf, mb, 0, False)), mb, 0)
-                for buf, o in zip(outs_buf, outs, strict=True)]
+            carry_out, outs_buf = jax.lax.switch(index, branches, carry, mb_args, params,
+                                                 outs_buf, mb)
             if num_stages > 1:
                 carry_out = {dt: jax.lax.ppermute(c, AXIS, perm) for dt, c in carry_out.items()}
             return carry_out, outs_buf
@@ -285,11 +374,10 @@ def lower(
                                    num_microbatches=m)
         return [o[None] for o in outs_buf]
 
-    param_specs = {dt: P(AXIS) for dt in param_sizes}
     sharded = jax.shard_map(
         per_device, mesh=mesh,
-        in_specs=(param_specs, *[P() for _ in arg_vars]),
-        out_specs=[P(AXIS) for _ in out_avals], check_vma=False,
+        in_specs=(storage.specs(), *[P() for _ in arg_vars]),
+        out_specs=[P(AXIS) for _ in out_avals], axis_names={AXIS}, check_vma=False,
     )
 
     def program(packed_params, *arg_leaves):
@@ -306,5 +394,5 @@ def lower(
                 f"{graph.traced.batch_size}; a pipeline can only return per-example outputs. "
                 "Return batch-leading arrays, or use one microbatch."
             )
-    return PipelineProgram(graph=graph, mesh=mesh, stages=tuple(stages), param_sizes=param_sizes,
+    return PipelineProgram(graph=graph, mesh=mesh, stages=tuple(stages), storage=storage,
                            num_microbatches=m, schedule=schedule, fn=jax.jit(program))
