@@ -10,6 +10,8 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
+
 from flax import nnx
 
 from lwjax.errors import ConfigError
@@ -45,9 +47,18 @@ def abstract(cfg: DenseConfig) -> Transformer:
     """The same module as ``build`` through ``nnx.eval_shape``: parameters are
     ``jax.ShapeDtypeStruct`` leaves, so a seed-size model costs no weight memory.
 
+    Blocks are shaped one at a time: one ``eval_shape`` over the whole model costs time
+    quadratic in the number of layers (each random draw rescans the trace so far).
+
     Example:
         >>> m = abstract(configs.seed_dense())
         >>> m.layers[0].mlp.gate.shape
         (4096, 16384)
     """
-    return nnx.eval_shape(lambda: build(cfg, rngs=nnx.Rngs(0)))
+    shell_cfg = dataclasses.replace(cfg, num_layers=1)
+    model = nnx.eval_shape(lambda: build(shell_cfg, rngs=nnx.Rngs(0)))
+    block = type(model.layers[0])
+    model.layers = nnx.List([nnx.eval_shape(lambda i=i: block(cfg, rngs=nnx.Rngs(i)))
+                             for i in range(cfg.num_layers)])
+    model.cfg = cfg
+    return model

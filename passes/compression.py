@@ -44,7 +44,8 @@ class Compression:
         name: label shown in reports.
         weight_bits: 8 or 4 for integer quantisation of matmul weights; None keeps the dtype.
         sparsity: structured sparsity on the weights matching ``sparse_params``.
-        sparse_params: regular expression on parameter paths selecting sparse weights.
+        sparse_params: regular expression on parameter paths selecting sparse weights (by
+            default MLP / expert weights, not an MoE router).
         scale_bytes: bytes per quantisation scale (per output channel).
         activation_checkpointing: remat; affects training footprints only (see module doc).
     """
@@ -52,7 +53,7 @@ class Compression:
     name: str = "none"
     weight_bits: Literal[8, 4] | None = None
     sparsity: Sparsity | None = None
-    sparse_params: str = r"mlp|ffn|feed_?forward|expert|fc\d|c_fc|c_proj|wi|wo"
+    sparse_params: str = r"^(?!.*router)(?=.*(mlp|ffn|feed_?forward|expert|fc\d|c_fc|c_proj|wi|wo))"
     scale_bytes: int = 2
     activation_checkpointing: bool = False
 

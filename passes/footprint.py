@@ -51,7 +51,7 @@ div eq erf erf_inv erfc exp exp2 expand_dims expm1 floor ge gt imag integer_pow 
 is_finite le log log1p logistic lt max min mul ne neg nextafter not or pow real
 reduce_precision rem round rsqrt select_n sign sin sinh sqrt square squeeze stop_gradient
 sub tan tanh transpose xor reshape shift_left shift_right_arithmetic shift_right_logical
-population_count
+population_count concatenate split slice pad
 """.split())
 REDUCTIONS = frozenset("""
 reduce_sum reduce_max reduce_min reduce_prod reduce_and reduce_or argmax argmin
@@ -323,20 +323,25 @@ def output_channels(graph: LayerGraph) -> dict[int, int]:
 
 def _score_region(eqns, param_vars: set) -> tuple[set, dict[int, int]]:
     """Values between an attention score dot and the next dot (fused away by flash attention),
-    and the log-sum-exp workspace charged at each score dot (by equation id)."""
+    the log-sum-exp workspace charged at each score dot (by equation id), and the q / k / v
+    operands the kernel reads in place (no transposed copies)."""
     region: set = set()
     lse: dict[int, int] = {}
+    in_place: set = set()  # q, k, v operands: the kernel reads them as laid out
     for e in eqns:
         is_dot = e.primitive.name == "dot_general"
         reads_region = any(isinstance(v, Var) and v in region for v in e.invars)
         if is_dot and len(e.outvars[0].aval.shape) >= 4 and not reads_region and not any(
                 v in param_vars for v in e.invars):
             region.update(e.outvars)
+            in_place.update(v for v in e.invars if isinstance(v, Var))
             shape = e.outvars[0].aval.shape
             lse[id(e)] = int(np.prod(shape[:-1], dtype=np.int64)) * 4  # one f32 per row
         elif reads_region and not is_dot:
             region.update(e.outvars)
-    return region, lse
+        elif reads_region:
+            in_place.update(v for v in e.invars if isinstance(v, Var) and v not in region)
+    return region, lse, in_place
 
 
 def segment_footprint(graph: LayerGraph, seg: Segment, policy: Compression,
@@ -356,8 +361,9 @@ def segment_footprint(graph: LayerGraph, seg: Segment, policy: Compression,
     kind = _attention_kind(eqns, set(graph.param_vars))
     lse: dict[int, int] = {}
     region: set = set()
+    in_place: set = set()
     if attention == "fused" and kind == "materialized":
-        region, lse = _score_region(eqns, set(graph.param_vars))
+        region, lse, in_place = _score_region(eqns, set(graph.param_vars))
         aliased |= region
         kind = "fused"
     live = dict(inputs=acts_inputs, outputs=seg.outputs,
@@ -366,7 +372,7 @@ def segment_footprint(graph: LayerGraph, seg: Segment, policy: Compression,
     # Buffers: how far workspaces raise the peak, each charged while its equation runs --
     # except layout copies feeding a dot, which XLA schedules as soon as their operand exists.
     unknown: set[str] = set()
-    charge = _workspace_schedule(eqns, unknown, skip=region)
+    charge = _workspace_schedule(eqns, unknown, skip=region | in_place)
     for k, v in lse.items():
         charge[k] += v
     with_workspace = peak_live_bytes(eqns, **live, workspace=lambda e: charge[id(e)])

@@ -17,8 +17,13 @@ from flax import nnx
 
 import lwjax
 from lwjax import models
-from lwjax.errors import CapacityError, DeviceError, InfeasiblePlanError, InputError
-from lwjax.errors import LayerSegmentationError
+from lwjax.errors import (
+    CapacityError,
+    DeviceError,
+    InfeasiblePlanError,
+    InputError,
+    LayerSegmentationError,
+)
 from lwjax.models import configs
 
 ATOL = RTOL = 1e-5
