@@ -220,3 +220,32 @@ def test_no_layers_is_an_error():
 
     with pytest.raises(LayerSegmentationError, match="named_scope"):
         lwjax.layerwise_shard(Flat(nnx.Rngs(0)), jnp.ones((2, 4)), cache_bytes=BIG)
+
+
+# ---- stages split over "tp" ------------------------------------------------------------------
+
+@pytest.mark.parametrize(("make", "ranges", "tp"), [
+    (configs.tiny_dense, ((0, 2), (2, 4)), 4),
+    (configs.tiny_moe, ((0, 1), (1, 2), (2, 3), (3, 4)), 2),
+])
+def test_stage_split_over_tp_matches_model(make, ranges, tp):
+    from lwjax.passes.lower import lower
+    from lwjax.passes.segment import segment
+    from lwjax.passes.trace import trace
+
+    cfg = make()
+    model = models.build(cfg, rngs=nnx.Rngs(0))
+    tokens = _tokens(cfg)
+    m = 2
+    graph = segment(trace(model, tokens, microbatch_size=8 // m))
+    prog = lower(graph, ranges, jax.devices()[:len(ranges) * tp], m, tp=tp)
+    params = prog.place_params(graph.traced.params)
+    np.testing.assert_allclose(prog(params, tokens), model(tokens), atol=ATOL, rtol=RTOL)
+    # q [D, N, H] is split over heads: each device holds N / tp heads of its stage's layers
+    q_group = [a for a in params if a.shape[2:] == (cfg.hidden_size, cfg.num_heads,
+                                                     cfg.head_dim)]
+    assert q_group, [a.shape for a in params]
+    shard = q_group[0].addressable_shards[0].data
+    assert shard.shape[2:] == (cfg.hidden_size, cfg.num_heads // tp, cfg.head_dim)
+    text = prog.fn.lower(params, tokens).compile().as_text()
+    assert "all-reduce" in text  # the row-parallel halves are summed over tp
