@@ -326,7 +326,7 @@ def lower(
     m = num_microbatches
 
     def make_branch(s: int, layout: StageLayout):
-        def branch(carry, mb_args, params, outs_buf, mb):
+        def branch(carry, mb_args, params):
             env = dict(consts)
             env.update(zip((param_vars[i] for i in layout.params), storage.unpack(params, s),
                            strict=True))
@@ -336,43 +336,41 @@ def lower(
             _eval(layout.segments, env)
             if s < num_stages - 1:
                 return _pack([env[v] for v in layout.carry_out], carry_slots[s],
-                             carry_sizes), outs_buf
-            # The last stage writes its microbatch's outputs in place; the others pass the
-            # buffer through untouched (no per-tick zero-filling or selects of the outputs).
+                             carry_sizes), _zero_outputs()
             outs = [v.val if isinstance(v, JaxLiteral) else env[v] for v in jaxpr.outvars]
-            outs_buf = [jax.lax.dynamic_update_index_in_dim(
-                buf, jnp.broadcast_to(jnp.asarray(o, a.dtype), a.shape), mb, 0)
-                for buf, o, a in zip(outs_buf, outs, out_avals, strict=True)]
-            return _zeros(carry_sizes), outs_buf
+            return _zeros(carry_sizes), [jnp.broadcast_to(jnp.asarray(o, a.dtype), a.shape)
+                                         for o, a in zip(outs, out_avals, strict=True)]
 
         return branch
 
-    def idle(carry, mb_args, params, outs_buf, mb):
-        return _zeros(carry_sizes), outs_buf
+    def _zero_outputs():
+        return [jnp.zeros(a.shape, a.dtype) for a in out_avals]
+
+    def idle(carry, mb_args, params):
+        return _zeros(carry_sizes), _zero_outputs()
 
     branches = [make_branch(s, st) for s, st in enumerate(stages)] + [idle]
     batch_shaped = graph.traced.batch_shaped
     perm = [(i, i + 1) for i in range(num_stages - 1)]
-    run_schedule = SCHEDULES[schedule]
+    sched = SCHEDULES[schedule]
 
     def per_device(params, *mb_args_all):
         stage = jax.lax.axis_index(AXIS)
-        init = (_zeros(carry_sizes), [jnp.zeros((m, *a.shape), a.dtype) for a in out_avals])
 
-        def step(state, mb, valid):
-            carry, outs_buf = state
+        def step(carry, mb, valid):
             mb_args = [jax.lax.dynamic_index_in_dim(a, mb, 0, keepdims=False) if b else a
                        for a, b in zip(mb_args_all, batch_shaped, strict=True)]
             index = jnp.where(valid, stage, num_stages)
-            carry_out, outs_buf = jax.lax.switch(index, branches, carry, mb_args, params,
-                                                 outs_buf, mb)
+            carry_out, outs = jax.lax.switch(index, branches, carry, mb_args, params)
             if num_stages > 1:
                 carry_out = {dt: jax.lax.ppermute(c, AXIS, perm) for dt, c in carry_out.items()}
-            return carry_out, outs_buf
+            return carry_out, outs
 
-        _, outs_buf = run_schedule(step, init, stage=stage, num_stages=num_stages,
-                                   num_microbatches=m)
-        return [o[None] for o in outs_buf]
+        # Only the last stage's outputs are read; the other stages' (zeros) are discarded.
+        _, ys = sched.run(step, _zeros(carry_sizes), stage=stage, num_stages=num_stages,
+                          num_microbatches=m)
+        ticks = sched.output_ticks(num_stages, m)
+        return [y[ticks][None] for y in ys]
 
     sharded = jax.shard_map(
         per_device, mesh=mesh,
