@@ -12,6 +12,7 @@ from jax._src import source_info_util  # jax 0.10: name stacks of traced equatio
 from jax.extend.core import ClosedJaxpr, Jaxpr, JaxprEqn, Literal, Var, jaxprs_in_params
 
 __all__ = [
+    "roofline_rules",
     "ClosedJaxpr",
     "Jaxpr",
     "JaxprEqn",
@@ -40,6 +41,23 @@ def bind_eqn(eqn: JaxprEqn, invals: list, prefix: str = ""):
             _ctx(eqn):
         out = eqn.primitive.bind(*invals, **bind_params)
     return list(out) if eqn.primitive.multiple_results else [out]
+
+
+def roofline_rules() -> dict:
+    """jax.experimental.roofline's per-primitive rule table (private in jax 0.10.2; there is
+    no public accessor)."""
+    import importlib
+
+    from lwjax.errors import LwjaxError
+
+    module = importlib.import_module("jax.experimental.roofline.roofline")
+    rules = getattr(module, "_rooflines", None)
+    if not isinstance(rules, dict):
+        raise LwjaxError(
+            "jax.experimental.roofline no longer exposes its rule table (_rooflines); "
+            "lwjax was written for jax 0.10.2 and lwjax/_compat.py needs updating."
+        )
+    return rules
 
 
 def _ctx(eqn):

@@ -45,7 +45,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import math
 from collections import Counter
 from collections.abc import Callable, Collection, Sequence
@@ -55,9 +54,9 @@ import jax
 import numpy as np
 from jax.experimental import roofline as jax_roofline
 
-from lwjax._compat import ClosedJaxpr, Jaxpr, jaxprs_in_params
+from lwjax._compat import ClosedJaxpr, Jaxpr, jaxprs_in_params, roofline_rules
 from lwjax._compat import Literal as JaxLiteral
-from lwjax.errors import ConfigError, LwjaxError
+from lwjax.errors import ConfigError
 from lwjax.hardware import ComputeDtype, HardwareSpec
 from lwjax.models.configs import DenseConfig, MoEConfig
 
@@ -161,20 +160,6 @@ def layer_time(
 
 
 # ---- FLOPs and bytes of a jaxpr -------------------------------------------------------------
-
-
-def _roofline_rules() -> dict:
-    # jax 0.10.2: the per-primitive rules live in the private dict
-    # jax.experimental.roofline.roofline._rooflines; there is no public accessor.
-    # TODO: move this accessor into lwjax/_compat.py (the one door to JAX internals).
-    module = importlib.import_module("jax.experimental.roofline.roofline")
-    rules = getattr(module, "_rooflines", None)
-    if not isinstance(rules, dict):
-        raise LwjaxError(
-            "jax.experimental.roofline no longer exposes its rule table (_rooflines); "
-            "lwjax.passes.cost was written for jax 0.10.2 and needs updating."
-        )
-    return rules
 
 
 def _is_zero_rule(rule: Callable) -> bool:
@@ -425,7 +410,7 @@ def cost_from_jaxpr(
     _require(not bad, f"weight_invars {bad} are not indices of the jaxpr's {n} inputs.")
     weights = {jaxpr.invars[i] for i in weight_invars}
     tally = _Tally()
-    _walk(jaxpr, set(weights), 1, tally, _roofline_rules())
+    _walk(jaxpr, set(weights), 1, tally, roofline_rules())
     weight_bytes = sum(_nbytes(v) for v in [*weights, *jaxpr.constvars])
     io_bytes = sum(_nbytes(v) for v in jaxpr.invars if v not in weights)
     io_bytes += sum(_nbytes(v) for v in jaxpr.outvars)
