@@ -58,8 +58,8 @@ reduce_sum reduce_max reduce_min reduce_prod reduce_and reduce_or argmax argmin
 """.split())
 # Primitives whose workspace beyond their outputs is zero, by rule (not by default).
 NO_WORKSPACE = FUSIBLE | REDUCTIONS | frozenset("""
-dot_general concatenate pad slice dynamic_slice dynamic_update_slice gather scatter scatter-
-add scatter_add scatter-mul scatter_mul scatter-min scatter-max select_and_scatter_add
+dot_general concatenate pad slice dynamic_slice dynamic_update_slice gather scatter
+scatter-add scatter_add scatter-mul scatter_mul scatter-min scatter-max select_and_scatter_add
 cumsum cumprod cummax cummin cumlogsumexp rev split iota random_bits random_seed random_wrap
 random_unwrap threefry2x32 conv_general_dilated reduce_window_sum reduce_window_max clz
 bitcast_convert_type pjit jit closed_call core_call custom_jvp_call custom_vjp_call

@@ -31,8 +31,11 @@ def split_axis(shape: tuple[int, ...], hidden: int, tp: int) -> int | None:
 
 
 def residual_width(graph: LayerGraph, seg: Segment) -> int:
-    """D: the trailing size of the segment's largest floating-point input activation."""
-    floats = [v for v in seg.inputs if np.issubdtype(v.aval.dtype, np.floating) and v.aval.shape]
+    """D: the trailing size of the segment's largest floating-point input activation (KV-cache
+    inputs excluded: in decode they outweigh the residual stream)."""
+    cache = set(seg.cache_inputs)
+    floats = [v for v in seg.inputs if np.issubdtype(v.aval.dtype, np.floating) and v.aval.shape
+              and v not in cache]
     if not floats:
         return -1
     biggest = max(floats, key=lambda v: int(np.prod(v.aval.shape)))
