@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import flax.linen as nn
 import jax
 
 from lwjax import hardware as hardware_lib
 from lwjax.errors import CapacityError, ConfigError, DeviceError, InputError
 from lwjax.hardware import HardwareSpec
+from lwjax.passes import compression as compression_lib
 from lwjax.passes import footprint as footprint_lib
 from lwjax.passes.compression import Compression
 from lwjax.passes.footprint import AttentionAssumption
 from lwjax.passes.lower import lower
-from lwjax.passes.planner import layer_times, numbers_from, plan_from_numbers
+from lwjax.passes.planner import STRATEGIES, Target, search_plan
 from lwjax.passes.segment import LayerGraph, segment
 from lwjax.passes.trace import Mode, trace
 from lwjax.plan import Plan, Residency
@@ -150,25 +154,37 @@ def _capacity(cache_bytes, hw: HardwareSpec, persisting: bool) -> int:
 
 def _plan_graph(model, args, kwargs, *, devices, num_devices, hardware, cache_bytes,
                 compression, microbatches, mode, cache_len, residency, attention, persisting,
-                method):
+                method, allow=()):
+    """Plans and returns ``(plan, graph at the plan's microbatch size, device objects or None,
+    full batch)``. ``allow``: the edge-case strategies the search may use, in order
+    (``passes/planner.py``); none by default."""
     objs, ids = _devices(devices, num_devices)
     hw = _hardware(hardware, objs)
     capacity = _capacity(cache_bytes, hw, persisting)
-    full = trace(model, *args, mode=mode, cache_len=cache_len, **kwargs)
-    m = _microbatches(full.batch_size, microbatches, len(ids))
-    traced = trace(model, *args, mode=mode, cache_len=cache_len,
-                   microbatch_size=full.batch_size // m, **kwargs) if m > 1 else full
-    graph = segment(traced)
+    allow = () if allow is None else (allow,) if isinstance(allow, str) else tuple(allow)
+    graphs: dict[int, LayerGraph] = {}
+
+    def graph_at(size: int) -> LayerGraph:  # a retrace per microbatch size, memoised
+        if size not in graphs:
+            graphs[size] = segment(trace(model, *args, mode=mode, cache_len=cache_len,
+                                         microbatch_size=size, **kwargs))
+        return graphs[size]
+
+    # The batch is the first call argument's leading size (after a linen module's variables);
+    # read it without tracing at the full batch, or trace to get the error where it is unclear.
+    first = jax.tree.leaves((args[1:] if isinstance(model, nn.Module) else args)[:1])
+    shape = getattr(first[0], "shape", None) if first else None
+    batch = int(shape[0]) if shape else trace(model, *args, mode=mode, cache_len=cache_len,
+                                              **kwargs).batch_size
+    m = _microbatches(batch, microbatches, len(ids))
     if attention is None:
         attention = "fused" if hw.kind == "gpu" else "as_traced"
-    fp = footprint_lib.footprint(graph, compression, attention=attention)
-    costs = layer_times(graph, hw, weights_on_chip=True)
-    plan = plan_from_numbers(
-        numbers_from(graph, fp, costs), capacity_bytes=capacity, device_ids=ids,
-        hardware=hw.name, compression=fp.compression.name, microbatches=m,
-        microbatch_size=traced.batch_size, mode=mode, residency=residency,
-        attention=attention, method=method)
-    return plan, graph, objs, full.batch_size
+    target = Target(hardware=hw, capacity_bytes=capacity, device_ids=ids, batch_size=batch,
+                    microbatch_size=batch // m, compression=compression_lib.get(compression),
+                    mode=mode, residency=residency, attention=attention, method=method,
+                    allow=allow, model=type(model).__name__)
+    plan = search_plan(graph_at, target)
+    return plan, graph_at(plan.microbatch_size), objs, batch
 
 
 def plan(
@@ -185,10 +201,17 @@ def plan(
     residency: Residency = "all",
     attention: AttentionAssumption | None = None,
     persisting: bool = False,
-    strategy: str = "optimal",
+    method: str = "optimal",
+    allow: Sequence[str] | None = STRATEGIES,
     **kwargs,
 ) -> Plan:
     """Plans a layer-wise deployment: trace -> segment -> footprint -> cost -> partition.
+
+    When the plan as requested does not fit, the edge-case strategies in ``allow`` are tried,
+    least intrusive first (``passes/planner.py``): "split" (every stage over tp = 2, 4, ...
+    devices), "compress" (the next presets of ``compression.ESCALATION``), "microbatch"
+    (smaller microbatches, retraced). ``Plan.strategy`` and ``Plan.notes`` say what was used
+    and why.
 
     Args:
         model: NNX module (real or abstract), or linen module followed by its variables.
@@ -198,18 +221,25 @@ def plan(
         hardware: a HardwareSpec or preset name ("h100", "h200", "cpu"); default from the
             devices' platform (this machine's CPU when planning abstractly).
         cache_bytes: on-chip capacity per device (default: the hardware's L2 size).
-        compression: None, a preset name, or an lwjax.Compression.
-        microbatches: M (default: the largest divisor of the batch <= the device count).
+        compression: None, a preset name, or an lwjax.Compression (the starting policy).
+        microbatches: M (default: the largest divisor of the batch <= the device count);
+            the "microbatch" strategy may raise it.
         mode: "prefill" or "decode".
         cache_len: decode: KV-cache positions.
         residency: "all" (weights + activations + buffers fit) or "weights".
         attention: "as_traced" or "fused" (default: fused on GPUs, as traced on CPUs).
         persisting: plan against the hardware's persisting-L2 limit instead of its L2 size.
-        strategy: "optimal" (minimum bottleneck) or "greedy" (first fit).
+        method: "optimal" (minimum bottleneck) or "greedy" (first fit) partitioning.
+        allow: edge-case strategies, in order of preference: any of "split", "compress",
+            "microbatch"; () or None plans exactly as requested.
         **kwargs: further call arguments of the model.
 
     Returns:
         Plan.
+
+    Raises:
+        InfeasiblePlanError: nothing allowed fits; the message and the attributes
+            ``min_devices``, ``min_capacity`` and ``min_compression`` say what would.
 
     Example:
         >>> p = lwjax.plan(models.abstract(models.configs.tiny_dense()),
@@ -221,7 +251,7 @@ def plan(
                        hardware=hardware, cache_bytes=cache_bytes, compression=compression,
                        microbatches=microbatches, mode=mode, cache_len=cache_len,
                        residency=residency, attention=attention, persisting=persisting,
-                       method=strategy)[0]
+                       method=method, allow=allow)[0]
 
 
 def layerwise_shard(

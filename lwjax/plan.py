@@ -11,6 +11,8 @@ import dataclasses
 import json
 from typing import Literal
 
+import numpy as np
+
 from lwjax.passes.footprint import Footprint
 
 MIB = 2**20
@@ -25,7 +27,7 @@ class Stage:
         index: position in the pipeline.
         layers: names of its layers, in order.
         layer_range: (start, stop) layer indices, half-open.
-        devices: ids of the devices running it (more than one: the layers are split m x n).
+        devices: ids of the devices running it (``Plan.tp`` of them: the layers are split).
         footprint: bytes per device: its layers (plus prologue / epilogue when first / last).
         est_time_s: estimated seconds per microbatch (roofline).
     """
@@ -44,7 +46,8 @@ class Stage:
 
 @dataclasses.dataclass(frozen=True)
 class LayerNumbers:
-    """The per-layer inputs a plan was made from (kept so that it can re-plan).
+    """The per-layer inputs a plan was made from (kept so that it can re-plan), per device
+    at the plan's ``tp`` (a split layer's share).
 
     Attributes:
         names: layer names.
@@ -77,10 +80,14 @@ class Plan:
         residency: "all" (weights, activations, buffers fit) or "weights" (weights + KV fit;
             activations stream through HBM).
         attention: the attention assumption of the footprints.
-        strategy: "fits", or what it took ("intra-layer split", "compression", "microbatch").
+        strategy: "fits" (as requested), or the edge-case strategies it took, joined by
+            "+" in the order the policy allowed them ("split", "compress", "microbatch").
         notes: why, in words.
-        numbers: the per-layer inputs (for replanning).
+        numbers: the per-layer inputs (for replanning), per device at ``tp``.
         device_pool: every device id the plan could use, in order.
+        tp: devices per stage (the layers of every stage are split over ``tp`` devices; 1:
+            one device per stage). ``Stage.devices`` holds ``tp`` ids.
+        model: the model's name, for reports.
     """
 
     stages: tuple[Stage, ...]
@@ -96,6 +103,8 @@ class Plan:
     notes: tuple[str, ...]
     numbers: LayerNumbers
     device_pool: tuple[int, ...]
+    tp: int = 1
+    model: str = ""
 
     @property
     def num_devices(self) -> int:
@@ -114,38 +123,53 @@ class Plan:
         return f.total_bytes
 
     def summary(self) -> str:
-        """The plan as a table: layers -> stage -> devices, bytes vs capacity, time.
+        """The plan as a table: layers -> stage -> devices, bytes per device vs capacity,
+        fill, projected time, the bottleneck marked.
 
         Example:
             >>> print(plan.summary())
         """
         cap = self.capacity_bytes
+        split = f", tp={self.tp} devices per stage" if self.tp > 1 else ""
+        model = f" for {self.model}" if self.model else ""
         lines = [
-            f"Plan: {len(self.stages)} stages on {self.num_devices} devices ({self.hardware}), "
-            f"capacity {cap / MIB:.2f} MiB/device, compression={self.compression}, "
-            f"M={self.microbatches} x {self.microbatch_size}, mode={self.mode}, "
-            f"residency={self.residency}, attention={self.attention}",
+            f"Plan: {len(self.stages)} stages on {self.num_devices} of {len(self.device_pool)} "
+            f"devices ({self.hardware}){model}{split}, capacity {cap / MIB:.2f} MiB/device, "
+            f"compression={self.compression}, M={self.microbatches} x {self.microbatch_size}, "
+            f"mode={self.mode}, residency={self.residency}, attention={self.attention}",
             f"strategy: {self.strategy}",
             *[f"  - {n}" for n in self.notes],
-            f"{'stage':>5} {'layers':<26} {'devices':<14} {'weights':>10} {'activ.':>10} "
+            f"{'stage':>5} {'layers':<22} {'devices':<12} {'weights':>10} {'activ.':>10} "
             f"{'buffers':>9} {'kv':>9} {'fill %':>7} {'est ms':>9}",
         ]
         slow = self.bottleneck.index
         for s in self.stages:
             f = s.footprint
             names = s.layers[0] if len(s.layers) == 1 else f"{s.layers[0]}..{s.layers[-1]}"
-            devs = ",".join(map(str, s.devices))
             lines.append(
-                f"{s.index:>5} {names:<26.26} {devs:<14.14} {f.weights_bytes / MIB:>10.2f} "
-                f"{f.activation_bytes / MIB:>10.2f} {f.buffer_bytes / MIB:>9.2f} "
-                f"{f.kv_cache_bytes / MIB:>9.2f} {100 * self.resident_bytes(s) / cap:>7.1f} "
-                f"{s.est_time_s * 1e3:>9.3f}" + ("  <- bottleneck" if s.index == slow else ""))
-        lines.append("(MiB per device; fill % counts what the residency policy keeps on chip)")
+                f"{s.index:>5} {names:<22.22} {_ids(s.devices):<12.12} "
+                f"{f.weights_bytes / MIB:>10.2f} {f.activation_bytes / MIB:>10.2f} "
+                f"{f.buffer_bytes / MIB:>9.2f} {f.kv_cache_bytes / MIB:>9.2f} "
+                f"{100 * self.resident_bytes(s) / cap:>7.1f} {s.est_time_s * 1e3:>9.3f}"
+                + ("  <- bottleneck" if s.index == slow else ""))
+        ticks = self.microbatches + len(self.stages) - 1
+        lines += [
+            "(MiB per device; fill % counts what the residency policy keeps on chip; est ms: "
+            "projected roofline per microbatch, not measured)",
+            f"projected GPipe step: {ticks} ticks x {self.bottleneck.est_time_s * 1e3:.3f} ms "
+            f"(stage {slow}) = {ticks * self.bottleneck.est_time_s * 1e3:.3f} ms, transfers "
+            "excluded",
+        ]
         return "\n".join(lines)
 
     # -- serialisation -------------------------------------------------------------------
     def to_json(self) -> str:
-        """JSON round-trippable with ``Plan.from_json``."""
+        """The plan as JSON, round-trippable with ``Plan.from_json``.
+
+        Example:
+            >>> Plan.from_json(plan.to_json()) == plan
+            True
+        """
         return json.dumps(_encode(self), indent=1)
 
     @staticmethod
@@ -158,12 +182,17 @@ class Plan:
         """
         return _decode_plan(json.loads(text))
 
-    def figure(self, path: str) -> str:
+    def figure(self, path: str, *, title: str | None = None) -> str:
         """Writes a PNG: per-device stacked bars (weights, activations, buffers, KV) against
-        the capacity line. Returns the path."""
+        the capacity line (log scale when the bars dwarf it). Returns the path.
+
+        Example:
+            >>> plan.figure("plan.png")
+            'plan.png'
+        """
         from lwjax.plan_figure import plan_figure
 
-        return plan_figure(self, path)
+        return plan_figure(self, path, title=title)
 
     def replan(self, exclude_devices=(), spare_devices=()) -> Plan:
         """A new plan without ``exclude_devices`` (e.g. failed ones), optionally adding
@@ -171,13 +200,25 @@ class Plan:
 
         Raises:
             InfeasiblePlanError: the remaining devices cannot hold the model.
+
+        Example:
+            >>> new = plan.replan(exclude_devices=[3], spare_devices=[16])
         """
         from lwjax.passes.planner import replan
 
         return replan(self, exclude_devices=exclude_devices, spare_devices=spare_devices)
 
 
+def _ids(ids: tuple[int, ...]) -> str:
+    """(4, 5, 6, 7) -> '4-7'; otherwise comma-separated."""
+    if len(ids) > 2 and list(ids) == list(range(ids[0], ids[0] + len(ids))):
+        return f"{ids[0]}-{ids[-1]}"
+    return ",".join(map(str, ids))
+
+
 def _encode(x):
+    if isinstance(x, np.integer | np.floating):
+        return x.item()
     if dataclasses.is_dataclass(x):
         return {f.name: _encode(getattr(x, f.name)) for f in dataclasses.fields(x)}
     if isinstance(x, tuple | list):

@@ -1,0 +1,131 @@
+"""Command line: ``lwjax plan`` prints the plan for a preset model on a hardware preset.
+
+The model is abstract (``models.abstract``: no weights allocated) and its inputs are
+``jax.ShapeDtypeStruct`` of the config's batch and sequence length, so planning a seed-size
+model takes about a second on a laptop. Every figure printed is *projected* (footprints and
+the roofline cost model), not measured.
+
+Exit codes: 0 a plan was printed; 1 no plan fits (the message says what would); 2 bad
+arguments (an unknown model, hardware or compression name, a bad number).
+
+Example:
+    $ lwjax plan --model seed-dense --hardware h100 --devices 16 --residency weights
+    $ python -m lwjax.cli plan --model tiny-dense --devices 4 --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from collections.abc import Sequence
+
+from lwjax.errors import InfeasiblePlanError, LwjaxError
+
+PROG = "lwjax"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad argument on one line (no usage dump) and exits 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="Cache-aware layer-wise deployment planner.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    p = sub.add_parser("plan", help="plan a preset model on a hardware preset")
+    p.add_argument("--model", required=True,
+                   help="model preset: seed-dense, seed-moe, seed004-dense, seed004-moe, "
+                        "seed002-dense, tiny-dense, tiny-moe")
+    p.add_argument("--hardware", default="h100", help="hardware preset: h100, h200, cpu")
+    p.add_argument("--devices", type=int, default=16, help="number of devices (default 16)")
+    p.add_argument("--compression", default=None,
+                   help="starting compression preset: none, int8, int8-2:4, int4, int4-2:4, "
+                        "int4-75%%, 2:4")
+    p.add_argument("--microbatches", type=int, default=None,
+                   help="M (default: the largest divisor of the batch <= devices)")
+    p.add_argument("--mode", choices=("prefill", "decode"), default="prefill")
+    p.add_argument("--residency", choices=("all", "weights"), default="all")
+    p.add_argument("--cache-mib", type=float, default=None,
+                   help="capacity per device in MiB (default: the hardware's L2)")
+    p.add_argument("--persisting", action="store_true",
+                   help="plan against the persisting-L2 limit (37.5 MiB on H100)")
+    p.add_argument("--allow", default="split,compress,microbatch",
+                   help="edge-case strategies in order of preference, comma-separated; '' for "
+                        "none (default: split,compress,microbatch)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument("--figure", default=None, metavar="PNG", help="also write a figure")
+    return parser
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    return code
+
+
+def _plan(args) -> int:
+    import jax
+    import jax.numpy as jnp
+
+    import lwjax
+    from lwjax import hardware as hardware_lib
+    from lwjax import models
+    from lwjax.passes import compression as compression_lib
+
+    try:
+        cfg = models.configs.by_name(args.model)
+        hw = hardware_lib.by_name(args.hardware)
+        compression_lib.get(None if args.compression in (None, "none") else args.compression)
+    except LwjaxError as e:
+        return _fail(str(e), 2)
+    if args.devices < 1:
+        return _fail(f"--devices must be at least 1, got {args.devices}.", 2)
+    if args.cache_mib is not None and not args.cache_mib > 0:
+        return _fail(f"--cache-mib must be positive, got {args.cache_mib}.", 2)
+    allow = tuple(a.strip() for a in args.allow.split(",") if a.strip())
+    tokens = jax.ShapeDtypeStruct(
+        (cfg.batch_size, 1 if args.mode == "decode" else cfg.seq_len), jnp.int32)
+    try:
+        plan = lwjax.plan(
+            models.abstract(cfg), tokens, num_devices=args.devices, hardware=hw,
+            cache_bytes=None if args.cache_mib is None else int(args.cache_mib * 2**20),
+            compression=args.compression, microbatches=args.microbatches, mode=args.mode,
+            cache_len=cfg.seq_len if args.mode == "decode" else None,
+            residency=args.residency, persisting=args.persisting, allow=allow)
+    except InfeasiblePlanError as e:
+        print(f"{PROG}: infeasible (projected): {e}", file=sys.stderr)
+        return 1
+    except LwjaxError as e:
+        return _fail(str(e), 2)
+    plan = dataclasses.replace(plan, model=args.model)
+    print(plan.to_json() if args.json else plan.summary())
+    if args.figure:
+        path = plan.figure(args.figure, title=f"{args.model} on {plan.num_devices} x {hw.name}")
+        print(f"figure: {path}", file=sys.stderr if args.json else sys.stdout)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the command line; returns the exit code.
+
+    Args:
+        argv: arguments without the program name (default: ``sys.argv[1:]``).
+
+    Returns:
+        0 on success, 1 when no plan fits, 2 for bad arguments.
+
+    Example:
+        >>> main(["plan", "--model", "tiny-dense", "--devices", "4"])
+        0
+    """
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as e:  # argparse: --help exits 0, bad arguments 2
+        return int(e.code or 0)
+    return _plan(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
