@@ -32,16 +32,15 @@ from lwjax.errors import InfeasiblePlanError
 from lwjax.models import configs
 from lwjax.passes.compression import ESCALATION, get
 from lwjax.passes.footprint import footprint
-from lwjax.passes.planner import (
-    MAX_TP,
+from lwjax.passes.segment import segment
+from lwjax.passes.split import (
     largest_input_bytes,
-    requirement,
     split_bytes,
     split_footprint,
     split_levels,
     split_numbers,
 )
-from lwjax.passes.segment import segment
+from lwjax.passes.strategies import MAX_TP, requirement
 from lwjax.passes.trace import trace
 
 MIB, GIB = 2**20, 2**30

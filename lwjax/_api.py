@@ -15,8 +15,8 @@ from lwjax.passes import footprint as footprint_lib
 from lwjax.passes.compression import Compression
 from lwjax.passes.footprint import AttentionAssumption
 from lwjax.passes.lower import lower
-from lwjax.passes.planner import STRATEGIES, Target, search_plan
 from lwjax.passes.segment import LayerGraph, segment
+from lwjax.passes.strategies import STRATEGIES, Target, search_plan
 from lwjax.passes.trace import Mode, trace
 from lwjax.plan import Plan, Residency
 from lwjax.report import LayerReport, ModelReport
@@ -157,7 +157,7 @@ def _plan_graph(model, args, kwargs, *, devices, num_devices, hardware, cache_by
                 method, allow=()):
     """Plans and returns ``(plan, graph at the plan's microbatch size, device objects or None,
     full batch)``. ``allow``: the edge-case strategies the search may use, in order
-    (``passes/planner.py``); none by default."""
+    (``passes/strategies.py``); none by default."""
     objs, ids = _devices(devices, num_devices)
     hw = _hardware(hardware, objs)
     capacity = _capacity(cache_bytes, hw, persisting)
@@ -208,7 +208,7 @@ def plan(
     """Plans a layer-wise deployment: trace -> segment -> footprint -> cost -> partition.
 
     When the plan as requested does not fit, the edge-case strategies in ``allow`` are tried,
-    least intrusive first (``passes/planner.py``): "split" (every stage over tp = 2, 4, ...
+    least intrusive first (``passes/strategies.py``): "split" (every stage over tp = 2, 4, ...
     devices), "compress" (the next presets of ``compression.ESCALATION``), "microbatch"
     (smaller microbatches, retraced). ``Plan.strategy`` and ``Plan.notes`` say what was used
     and why.

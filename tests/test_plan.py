@@ -25,15 +25,10 @@ from lwjax.models import configs
 from lwjax.models.transformer import Block, DenseTransformer
 from lwjax.passes import compression as compression_lib
 from lwjax.passes.footprint import Footprint, footprint
-from lwjax.passes.planner import (
-    Target,
-    layer_times,
-    partition_inputs,
-    split_bytes,
-    split_footprint,
-    split_numbers,
-)
+from lwjax.passes.planner import layer_times, partition_inputs
 from lwjax.passes.segment import segment
+from lwjax.passes.split import split_bytes, split_footprint, split_numbers
+from lwjax.passes.strategies import Target
 from lwjax.passes.trace import trace
 from lwjax.plan import Plan
 
