@@ -18,7 +18,7 @@ from lwjax.passes.lower import lower
 from lwjax.passes.segment import LayerGraph, segment
 from lwjax.passes.strategies import STRATEGIES, Target, search_plan
 from lwjax.passes.trace import Mode, trace
-from lwjax.plan import Plan, Residency
+from lwjax.plan import Objective, Plan, Residency
 from lwjax.report import LayerReport, ModelReport
 from lwjax.sharded import ShardedModel
 
@@ -154,7 +154,7 @@ def _capacity(cache_bytes, hw: HardwareSpec, persisting: bool) -> int:
 
 def _plan_graph(model, args, kwargs, *, devices, num_devices, hardware, cache_bytes,
                 compression, microbatches, mode, cache_len, residency, attention, persisting,
-                method, allow=()):
+                method, allow=(), objective="step"):
     """Plans and returns ``(plan, graph at the plan's microbatch size, device objects or None,
     full batch)``. ``allow``: the edge-case strategies the search may use, in order
     (``passes/strategies.py``); none by default."""
@@ -182,7 +182,7 @@ def _plan_graph(model, args, kwargs, *, devices, num_devices, hardware, cache_by
     target = Target(hardware=hw, capacity_bytes=capacity, device_ids=ids, batch_size=batch,
                     microbatch_size=batch // m, compression=compression_lib.get(compression),
                     mode=mode, residency=residency, attention=attention, method=method,
-                    allow=allow, model=type(model).__name__)
+                    allow=allow, model=type(model).__name__, objective=objective)
     plan = search_plan(graph_at, target)
     return plan, graph_at(plan.microbatch_size), objs, batch
 
@@ -203,6 +203,7 @@ def plan(
     persisting: bool = False,
     method: str = "optimal",
     allow: Sequence[str] | None = STRATEGIES,
+    objective: Objective = "step",
     **kwargs,
 ) -> Plan:
     """Plans a layer-wise deployment: trace -> segment -> footprint -> cost -> partition.
@@ -232,6 +233,9 @@ def plan(
         method: "optimal" (minimum bottleneck) or "greedy" (first fit) partitioning.
         allow: edge-case strategies, in order of preference: any of "split", "compress",
             "microbatch"; () or None plans exactly as requested.
+        objective: "step" (default: the stage count with the shortest projected GPipe step;
+            on a CPU this counts the cores the simulated devices share) or "bottleneck"
+            (the fewest stages with the smallest slowest-stage time).
         **kwargs: further call arguments of the model.
 
     Returns:
@@ -251,7 +255,7 @@ def plan(
                        hardware=hardware, cache_bytes=cache_bytes, compression=compression,
                        microbatches=microbatches, mode=mode, cache_len=cache_len,
                        residency=residency, attention=attention, persisting=persisting,
-                       method=method, allow=allow)[0]
+                       method=method, allow=allow, objective=objective)[0]
 
 
 def layerwise_shard(
@@ -264,6 +268,8 @@ def layerwise_shard(
     compression: str | Compression | None = None,
     residency: Residency = "all",
     schedule: str = "gpipe",
+    allow: Sequence[str] = ("split", "microbatch"),
+    objective: Objective = "step",
     **kwargs,
 ) -> ShardedModel:
     """Runs a model as a layer-wise pipeline: trace -> segment -> footprint -> partition ->
@@ -280,6 +286,10 @@ def layerwise_shard(
         compression: footprint policy for planning (weights run as stored).
         residency: "all" or "weights" (see ``plan``).
         schedule: pipeline schedule name (``passes.schedules.SCHEDULES``).
+        allow: edge-case strategies when the plan does not fit: "split" (stages over tp
+            devices, lowered to a "tp" mesh axis) and "microbatch". Not "compress": the
+            pipeline runs the weights as stored, so a plan may not count on compression.
+        objective: "step" or "bottleneck" (see ``plan``).
         **kwargs: further call arguments (arrays are microbatched when batch-shaped).
 
     Returns:
@@ -291,16 +301,20 @@ def layerwise_shard(
     """
     if devices is None:
         devices = jax.devices()
+    allow = tuple(allow or ())
+    if "compress" in allow:
+        raise ConfigError("layerwise_shard runs the weights as stored, so allow= may not "
+                          "include 'compress'; plan compressed deployments with lwjax.plan.")
     plan_, graph, objs, batch = _plan_graph(
         model, args, kwargs, devices=devices, num_devices=None, hardware=hardware,
         cache_bytes=cache_bytes, compression=compression, microbatches=microbatches,
         mode="prefill", cache_len=None, residency=residency, attention=None,
-        persisting=False, method="optimal")
+        persisting=False, method="optimal", allow=allow, objective=objective)
     if objs is None:
         raise DeviceError("layerwise_shard runs on jax devices: pass devices=jax.devices(), "
                           "not device ids.")
     by_id = {d.id: d for d in objs}
-    stage_devices = [by_id[s.devices[0]] for s in plan_.stages]
+    stage_devices = [by_id[i] for s in plan_.stages for i in s.devices]
     program = lower(graph, [s.layer_range for s in plan_.stages], stage_devices,
-                    plan_.microbatches, schedule=schedule)
+                    plan_.microbatches, schedule=schedule, tp=plan_.tp)
     return ShardedModel(plan_, program, graph.traced, batch)

@@ -17,6 +17,7 @@ from lwjax.passes.footprint import Footprint
 
 MIB = 2**20
 Residency = Literal["all", "weights"]
+Objective = Literal["bottleneck", "step"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +89,11 @@ class Plan:
         tp: devices per stage (the layers of every stage are split over ``tp`` devices; 1:
             one device per stage). ``Stage.devices`` holds ``tp`` ids.
         model: the model's name, for reports.
+        objective: how the stage count was chosen: "bottleneck" (the fewest stages with the
+            smallest slowest-stage time) or "step" (the shortest projected GPipe step,
+            (M + S - 1) ticks, which can favour fewer stages).
+        concurrency: how many stages can compute at once (None: all; a CPU's simulated
+            devices share its cores).
     """
 
     stages: tuple[Stage, ...]
@@ -105,6 +111,8 @@ class Plan:
     device_pool: tuple[int, ...]
     tp: int = 1
     model: str = ""
+    objective: Objective = "bottleneck"
+    concurrency: int | None = None
 
     @property
     def num_devices(self) -> int:

@@ -33,7 +33,7 @@ from lwjax.passes.cost import LayerCost, allreduce_time, cost_from_jaxpr, layer_
 from lwjax.passes.footprint import Footprint, GraphFootprint
 from lwjax.passes.partition import min_stages, partition_layers
 from lwjax.passes.segment import LayerGraph, Segment
-from lwjax.plan import LayerNumbers, Plan, Residency, Stage
+from lwjax.plan import LayerNumbers, Objective, Plan, Residency, Stage
 
 MIB = 2**20
 
@@ -159,9 +159,17 @@ def plan_from_numbers(
     notes: Sequence[str] = (),
     tp: int = 1,
     model: str = "",
+    objective: Objective = "bottleneck",
+    concurrency: int | None = None,
 ) -> Plan:
     """Partitions the layers over ``device_ids``: stage k runs on ``tp`` consecutive ids
     (``numbers`` are per device at that tp), at most ``len(device_ids) // tp`` stages.
+
+    With ``objective="step"`` the stage count S is the one with the shortest projected GPipe
+    step, (M + S - 1) ticks of the slowest stage -- or, when only ``concurrency`` stages can
+    compute at once (a CPU's simulated devices share its cores), of the larger of the
+    slowest stage and the stages' total time / concurrency. Each candidate S is partitioned
+    exactly; ties go to fewer stages.
 
     Raises:
         DeviceError: no devices, or duplicate ids.
@@ -193,6 +201,16 @@ def plan_from_numbers(
                                   names=list(numbers.names))
     except InfeasiblePlanError as e:
         raise _with_reserve(e, reserve, len(device_ids), tp) from None
+    if objective == "step":
+        shortest = _shortest_step(sizes, numbers, room, len(ranges), microbatches, method,
+                                  concurrency)
+        if len(shortest) < len(ranges):
+            new, old = (step_time(r, numbers.costs_s, microbatches, concurrency) * 1e3
+                        for r in (shortest, ranges))
+            notes = (*notes, f"{len(shortest)} stages instead of {len(ranges)}: the projected "
+                     f"GPipe step is shorter ({new:.3f} vs {old:.3f} ms"
+                     + (f"; {concurrency} stages compute at once" if concurrency else "") + ")")
+            ranges = shortest
     stages = tuple(
         Stage(index=k, layers=numbers.names[a:b], layer_range=(a, b), devices=groups[k],
               footprint=stage_footprint(numbers, a, b), est_time_s=sum(numbers.costs_s[a:b]))
@@ -202,7 +220,41 @@ def plan_from_numbers(
                 compression=compression, microbatches=microbatches,
                 microbatch_size=microbatch_size, mode=mode, residency=residency,
                 attention=attention, strategy=strategy, notes=tuple(notes), numbers=numbers,
-                device_pool=device_ids, tp=tp, model=model)
+                device_pool=device_ids, tp=tp, model=model, objective=objective,
+                concurrency=concurrency)
+
+
+def step_time(ranges: Sequence[tuple[int, int]], costs_s: Sequence[float], microbatches: int,
+              concurrency: int | None = None) -> float:
+    """Projected GPipe step: (M + S - 1) ticks; a tick is the slowest stage, or the stages'
+    total / ``concurrency`` when fewer than S stages can compute at once.
+
+    Example:
+        >>> step_time([(0, 1), (1, 2)], [1.0, 1.0], microbatches=4)   # 5 ticks of 1 s
+        5.0
+    """
+    times = [sum(costs_s[a:b]) for a, b in ranges]
+    tick = max(times)
+    if concurrency and len(times) > concurrency:
+        tick = max(tick, sum(times) / concurrency)
+    return (microbatches + len(times) - 1) * tick
+
+
+def _shortest_step(sizes, numbers: LayerNumbers, room: int, most: int, microbatches: int,
+                   method: str, concurrency: int | None) -> tuple[tuple[int, int], ...]:
+    """The partition with the shortest step over stage counts min_stages..``most``."""
+    fewest = min_stages(sizes, room)
+    counts = range(fewest, most + 1)
+    if len(numbers.names) * len(counts) > 200_000:  # keep planning fast for huge models
+        counts = sorted({fewest, most, *(2**i for i in range(most.bit_length())
+                                          if fewest <= 2**i <= most)})
+    best = None
+    for k in counts:
+        ranges = partition_layers(sizes, numbers.costs_s, room, k, method=method)
+        key = (step_time(ranges, numbers.costs_s, microbatches, concurrency), len(ranges))
+        if best is None or key < best[0]:
+            best = (key, ranges)
+    return best[1]
 
 
 def _activations_exceed(capacity: int, reserve: int, microbatch_size: int,
@@ -274,7 +326,8 @@ def replan(plan: Plan, exclude_devices=(), spare_devices=()) -> Plan:
             hardware=plan.hardware, compression=plan.compression,
             microbatches=plan.microbatches, microbatch_size=plan.microbatch_size,
             mode=plan.mode, residency=plan.residency, attention=plan.attention,
-            strategy=plan.strategy, notes=notes, tp=plan.tp, model=plan.model)
+            strategy=plan.strategy, notes=notes, tp=plan.tp, model=plan.model,
+            objective=plan.objective, concurrency=plan.concurrency)
     except (InfeasiblePlanError, DeviceError) as e:
         if isinstance(e, DeviceError) and pool:
             raise

@@ -46,7 +46,7 @@ from lwjax.passes.partition import min_capacity, min_stages
 from lwjax.passes.planner import layer_times, partition_inputs, plan_from_numbers
 from lwjax.passes.segment import LayerGraph
 from lwjax.passes.split import heads_split, split_levels, split_numbers
-from lwjax.plan import LayerNumbers, Plan, Residency
+from lwjax.plan import LayerNumbers, Objective, Plan, Residency
 
 MIB = 2**20
 STRATEGIES: tuple[str, ...] = ("split", "compress", "microbatch")
@@ -73,6 +73,9 @@ class Target:
         method: "optimal" or "greedy" (``partition_layers``).
         allow: edge-case strategies permitted, in order of preference (see module docstring).
         model: model name shown in reports.
+        objective: "bottleneck" or "step" (how the stage count is chosen; see
+            ``planner.plan_from_numbers``). On a CPU the simulated devices share
+            ``hardware.num_cores`` cores, which the step objective accounts for.
     """
 
     hardware: HardwareSpec
@@ -87,6 +90,11 @@ class Target:
     method: str = "optimal"
     allow: tuple[str, ...] = ()
     model: str = ""
+    objective: Objective = "bottleneck"
+
+    @property
+    def concurrency(self) -> int | None:
+        return self.hardware.num_cores if self.hardware.kind == "cpu" else None
 
     def __post_init__(self) -> None:
         unknown = [a for a in self.allow if a not in STRATEGIES]
@@ -261,7 +269,7 @@ class _Search:
                 device_ids=t.device_ids, hardware=t.hardware.name, compression=comp.name,
                 microbatches=t.batch_size // mb, microbatch_size=mb, mode=t.mode,
                 residency=residency or t.residency, attention=t.attention, method=t.method,
-                tp=tp, model=t.model)
+                tp=tp, model=t.model, objective=t.objective, concurrency=t.concurrency)
         except InfeasiblePlanError as e:
             return e
 

@@ -57,7 +57,8 @@ def test_dense_matches_model(dense, num_devices, microbatches, largest_stage):
     cfg, model = dense
     tokens = _tokens(cfg)
     sm = lwjax.layerwise_shard(model, tokens, devices=jax.devices()[:num_devices],
-                               cache_bytes=BIG, microbatches=microbatches)
+                               cache_bytes=BIG, microbatches=microbatches,
+                               objective="bottleneck")
     sizes = [b - a for a, b in (s.layer_range for s in sm.plan.stages)]
     assert len(sizes) == num_devices and max(sizes) == largest_stage and sum(sizes) == 16
     np.testing.assert_allclose(sm(tokens), model(tokens), atol=ATOL, rtol=RTOL)
@@ -68,7 +69,8 @@ def test_moe_matches_model(moe, num_devices, microbatches):
     cfg, model = moe
     tokens = _tokens(cfg)
     sm = lwjax.layerwise_shard(model, tokens, devices=jax.devices()[:num_devices],
-                               cache_bytes=BIG, microbatches=microbatches)
+                               cache_bytes=BIG, microbatches=microbatches,
+                               objective="bottleneck")
     assert len(sm.plan.stages) == min(num_devices, cfg.num_layers)
     np.testing.assert_allclose(sm(tokens), model(tokens), atol=ATOL, rtol=RTOL)
 
@@ -85,7 +87,7 @@ def test_each_device_stores_only_its_stage(dense):
     cfg, model = dense
     tokens = _tokens(cfg)
     sm = lwjax.layerwise_shard(model, tokens, devices=jax.devices()[:4], cache_bytes=BIG,
-                               microbatches=4)
+                               microbatches=4, objective="bottleneck")
     (buf,) = sm.params.values()  # float32 only
     layer_elems = cfg.block_param_count()
     embed, head = cfg.vocab_size * cfg.hidden_size, cfg.hidden_size * (cfg.vocab_size + 1)
@@ -148,7 +150,8 @@ def test_linen_model_with_extra_args_and_tied_embeddings():
     mask = jax.random.uniform(jax.random.key(1), (8, 5))
     variables = m.init(jax.random.key(2), tokens, mask)
     sm = lwjax.layerwise_shard(m, variables, tokens, mask, deterministic=False,
-                               devices=jax.devices()[:3], cache_bytes=BIG, microbatches=4)
+                               devices=jax.devices()[:3], cache_bytes=BIG, microbatches=4,
+                               objective="bottleneck")
     want = m.apply(variables, tokens, mask, deterministic=False)
     np.testing.assert_allclose(sm(tokens, mask, deterministic=False), want, atol=ATOL,
                                rtol=RTOL)
@@ -204,10 +207,13 @@ def test_bad_inputs(moe):
     # a layer is 0.5 MiB of weights + 0.54 MiB of activation peak: 2 MiB holds two layers,
     # so four layers need two devices
     with pytest.raises(InfeasiblePlanError, match="at least 2 stages.*Use at least 2 devices"):
-        lwjax.layerwise_shard(model, tokens, devices=devs[:1], cache_bytes=2 * 2**20)
+        lwjax.layerwise_shard(model, tokens, devices=devs[:1], cache_bytes=2 * 2**20,
+                              allow=())
     with pytest.raises(InfeasiblePlanError, match=r"Layer 'layers_\d'.*No number of stages"):
         lwjax.layerwise_shard(model, tokens, devices=devs[:4], cache_bytes=3 * 2**20 // 4,
-                              microbatches=1)
+                              microbatches=1, allow=())
+    with pytest.raises(lwjax.errors.ConfigError, match="compress"):
+        lwjax.layerwise_shard(model, tokens, devices=devs[:4], allow=("compress",))
 
 
 def test_no_layers_is_an_error():
@@ -249,3 +255,30 @@ def test_stage_split_over_tp_matches_model(make, ranges, tp):
     assert shard.shape[2:] == (cfg.hidden_size, cfg.num_heads // tp, cfg.head_dim)
     text = prog.fn.lower(params, tokens).compile().as_text()
     assert "all-reduce" in text  # the row-parallel halves are summed over tp
+
+
+def test_layerwise_shard_splits_a_layer_that_does_not_fit_one_device(dense):
+    cfg, model = dense
+    tokens = _tokens(cfg)
+    # One layer: 0.17 MiB of weights + 0.13 MiB of activation peak at microbatch 2. A 0.2 MiB
+    # capacity holds no whole layer, but a quarter of the split weights plus the activations.
+    sm = lwjax.layerwise_shard(model, tokens, devices=jax.devices()[:16],
+                               cache_bytes=int(0.2 * 2**20), microbatches=4,
+                               allow=("split",), objective="bottleneck")
+    assert sm.plan.tp > 1 and "split" in sm.plan.strategy
+    assert all(len(s.devices) == sm.plan.tp for s in sm.plan.stages)
+    assert all(sm.plan.resident_bytes(s) <= sm.plan.capacity_bytes for s in sm.plan.stages)
+    np.testing.assert_allclose(sm(tokens), model(tokens), atol=ATOL, rtol=RTOL)
+
+
+def test_step_objective_counts_the_cores_simulated_devices_share(dense):
+    cfg, model = dense
+    tokens = _tokens(cfg)
+    cpu = dataclasses.replace(lwjax.hardware.host_cpu(), num_cores=2)
+    sm = lwjax.layerwise_shard(model, tokens, devices=jax.devices()[:16], hardware=cpu,
+                               cache_bytes=BIG, microbatches=8)
+    # 16 equal layers on 2 cores: a tick is at least total / 2, so 2 stages give the
+    # shortest step ((8 + 2 - 1) x 8 layer-times vs (8 + 16 - 1) x 8 for 16 stages)
+    assert len(sm.plan.stages) == 2 and sm.plan.concurrency == 2
+    assert any("2 stages instead of 16" in n for n in sm.plan.notes)
+    np.testing.assert_allclose(sm(tokens), model(tokens), atol=ATOL, rtol=RTOL)

@@ -349,3 +349,17 @@ def test_impossible_replan_is_clear(split_plan):
         split_plan.replan(exclude_devices=range(8))
     with pytest.raises(lwjax.errors.DeviceError, match="not in the plan's pool"):
         split_plan.replan(exclude_devices=[99])
+
+
+def test_step_time_by_hand():
+    from lwjax.passes.planner import step_time
+
+    ranges16 = [(i, i + 1) for i in range(16)]
+    ranges8 = [(2 * i, 2 * i + 2) for i in range(8)]
+    costs = [1.0] * 16
+    # GPipe: (M + S - 1) ticks of the slowest stage
+    assert step_time(ranges16, costs, microbatches=8) == (8 + 15) * 1.0
+    assert step_time(ranges8, costs, microbatches=8) == (8 + 7) * 2.0
+    # two cores: a tick is at least the 16 layer-times / 2
+    assert step_time(ranges16, costs, microbatches=8, concurrency=2) == (8 + 15) * 8.0
+    assert step_time([(0, 8), (8, 16)], costs, microbatches=8, concurrency=2) == 9 * 8.0
