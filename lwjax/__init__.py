@@ -4,6 +4,7 @@ The public surface re-exports only; code lives in small modules under ``lwjax``,
 ``lwjax.models`` and ``lwjax.passes``.
 """
 
+from lwjax import baselines as baselines
 from lwjax import errors as errors
 from lwjax import hardware as hardware
 from lwjax import models as models

@@ -220,7 +220,9 @@ class PipelineProgram:
     """The lowered program and what it needs to run.
 
     Call ``program(placed_params, *arg_leaves)`` with ``placed_params`` from
-    ``place_params``; arguments are the full-batch leaves in the traced order.
+    ``place_params``; arguments are the full-batch leaves in the traced order. ``fn`` is the
+    jitted SPMD program; it returns every stage's output slots stacked [S, M, mb, ...]
+    (sharded over "stage"), of which ``outputs`` keeps the last stage's.
     """
 
     graph: LayerGraph
@@ -232,7 +234,21 @@ class PipelineProgram:
     fn: Callable
 
     def __call__(self, placed_params, *arg_leaves):
-        return self.fn(placed_params, *arg_leaves)
+        """Runs the program; outputs are the model's, on the last stage's (first) device."""
+        return self.outputs(self.fn(placed_params, *arg_leaves))
+
+    def outputs(self, stacked) -> object:
+        """The model's outputs from ``fn``'s per-stage results [S, M, mb, ...]: the last
+        stage's shard, taken where it was computed (no gather), as [M * mb, ...]."""
+        last = len(self.stages) - 1
+        flat = []
+        for o in stacked:
+            shard = next(sh for sh in o.addressable_shards
+                         if (sh.index[0].start or 0) <= last < (sh.index[0].stop or len(
+                             self.stages)))
+            data = shard.data[0]
+            flat.append(data.reshape(data.shape[0] * data.shape[1], *data.shape[2:]))
+        return jax.tree.unflatten(self.graph.traced.out_treedef, flat)
 
     def place_params(self, param_leaves: Sequence):
         """Places each stage's weights on its own device(s), once.
@@ -370,7 +386,10 @@ def lower(
         _, ys = sched.run(step, _zeros(carry_sizes), stage=stage, num_stages=num_stages,
                           num_microbatches=m)
         ticks = sched.output_ticks(num_stages, m)
-        return [y[ticks][None] for y in ys]
+        outs = [y[ticks][None] for y in ys]
+        if tp > 1:  # whole outputs on every tp device of the last stage, as the model returns
+            outs = [jax.lax.with_sharding_constraint(o, NamedSharding(mesh, P())) for o in outs]
+        return outs
 
     sharded = jax.shard_map(
         per_device, mesh=mesh,
@@ -381,9 +400,7 @@ def lower(
     def program(packed_params, *arg_leaves):
         split = [a.reshape(m, a.shape[0] // m, *a.shape[1:]) if b else a
                  for a, b in zip(arg_leaves, batch_shaped, strict=True)]
-        outs = sharded(packed_params, *split)
-        flat = [o[-1].reshape(m * o.shape[2], *o.shape[3:]) for o in outs]
-        return jax.tree.unflatten(graph.traced.out_treedef, flat)
+        return sharded(packed_params, *split)
 
     for a in out_avals:
         if not a.shape or (m > 1 and a.shape[0] != graph.traced.batch_size):

@@ -100,6 +100,8 @@ def test_each_device_stores_only_its_stage(dense):
     assert [s.device for s in shards] == list(jax.devices()[:4])
     # the stored bytes per device are its stage's weights (padding to the largest stage aside)
     assert sm.plan.stages[1].footprint.weights_bytes == 4 * layer_elems * 4
+    # outputs stay where the last stage computed them (no gather to the other stages)
+    assert sm(tokens).devices() == {jax.devices()[3]}
     assert sm.plan.stages[3].footprint.weights_bytes == (4 * layer_elems + head) * 4
 
 
