@@ -70,7 +70,8 @@ FUSED_ATTENTION = ("dot_product_attention", "cudnn", "flash", "pallas_call", "mo
                    "custom_call")
 
 
-def _nbytes(v) -> int:
+def value_bytes(v) -> int:
+    """Bytes of a jaxpr value (0 for tokens and other memoryless values)."""
     aval = v.aval
     shape = getattr(aval, "shape", ())
     dtype = getattr(aval, "dtype", None)
@@ -95,7 +96,7 @@ def register_buffer_rule(name: str, rule: BufferRule) -> None:
 
 
 def _operand_bytes(eqn: JaxprEqn) -> int:
-    return sum(_nbytes(v) for v in eqn.invars if isinstance(v, Var))
+    return sum(value_bytes(v) for v in eqn.invars if isinstance(v, Var))
 
 
 def _dot_layout_copies(eqn: JaxprEqn) -> int:
@@ -105,7 +106,7 @@ def _dot_layout_copies(eqn: JaxprEqn) -> int:
     total = 0
     for v, batch in zip(eqn.invars, (lb, rb), strict=True):
         if batch and tuple(batch) != tuple(range(len(batch))) and isinstance(v, Var):
-            total += _nbytes(v)
+            total += value_bytes(v)
     return total
 
 
@@ -124,7 +125,7 @@ def _buffer_bytes(eqn: JaxprEqn, unknown: set[str]) -> int:
     rule = BUFFER_RULES.get(name)
     if rule is None:
         unknown.add(name)
-        return inner + sum(_nbytes(v) for v in eqn.outvars)
+        return inner + sum(value_bytes(v) for v in eqn.outvars)
     return inner + rule(eqn)
 
 
@@ -181,7 +182,7 @@ def peak_live_bytes(eqns, inputs, outputs, live_through=(), aliased=(),
     aliased = set(aliased)
 
     def size(v) -> int:
-        return 0 if v in aliased else _nbytes(v)
+        return 0 if v in aliased else value_bytes(v)
 
     keep = set(outputs) | set(live_through)
     mat = _materialized(eqns, keep) | set(inputs)
@@ -227,7 +228,7 @@ def _inner_extra(jaxpr: Jaxpr | ClosedJaxpr) -> int:
     """A sub-jaxpr's peak beyond its own inputs and outputs (already counted outside)."""
     j = jaxpr.jaxpr if isinstance(jaxpr, ClosedJaxpr) else jaxpr
     peak = peak_live_bytes(j.eqns, j.invars, j.outvars)
-    edge = sum(_nbytes(v) for v in j.invars) + sum(_nbytes(v) for v in j.outvars if
+    edge = sum(value_bytes(v) for v in j.invars) + sum(value_bytes(v) for v in j.outvars if
                                                      isinstance(v, Var))
     return max(0, peak - edge)
 
@@ -381,7 +382,7 @@ def segment_footprint(graph: LayerGraph, seg: Segment, policy: Compression,
         weights_bytes=weights,
         activation_bytes=activation,
         buffer_bytes=buffers,
-        kv_cache_bytes=sum(_nbytes(v) for v in cache),
+        kv_cache_bytes=sum(value_bytes(v) for v in cache),
         attention=kind,
         unknown_primitives=tuple(sorted(unknown)),
     )
@@ -400,7 +401,7 @@ def _workspace_schedule(eqns, unknown: set[str], skip=frozenset()) -> dict[int, 
             if batch and tuple(batch) != tuple(range(len(batch))) and isinstance(v, Var) \
                     and v not in skip:
                 for j in range(defined.get(v, -1) + 1, i + 1):
-                    charge[id(eqns[j])] += _nbytes(v)
+                    charge[id(eqns[j])] += value_bytes(v)
     return charge
 
 

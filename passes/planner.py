@@ -30,7 +30,7 @@ from lwjax._compat import Jaxpr
 from lwjax.errors import DeviceError, InfeasiblePlanError
 from lwjax.hardware import HardwareSpec
 from lwjax.passes.cost import LayerCost, allreduce_time, cost_from_jaxpr, layer_time
-from lwjax.passes.footprint import Footprint, GraphFootprint
+from lwjax.passes.footprint import Footprint, GraphFootprint, value_bytes
 from lwjax.passes.partition import min_stages, partition_layers
 from lwjax.passes.segment import LayerGraph, Segment
 from lwjax.plan import LayerNumbers, Objective, Plan, Residency, Stage
@@ -190,7 +190,7 @@ def plan_from_numbers(
     groups = [device_ids[k * tp:(k + 1) * tp] for k in range(len(device_ids) // tp)]
     sizes, room, reserve = partition_inputs(numbers, capacity_bytes, residency)
     if not groups:
-        raise _infeasible(
+        raise infeasible(
             f"A stage split over tp={tp} devices needs {tp} devices; only {len(device_ids)} "
             f"are available. Add devices or plan with a smaller tp.",
             capacity=capacity_bytes, min_devices=tp, tp=tp)
@@ -260,9 +260,9 @@ def _shortest_step(sizes, numbers: LayerNumbers, room: int, most: int, microbatc
 def _activations_exceed(capacity: int, reserve: int, microbatch_size: int,
                         tp: int = 1) -> InfeasiblePlanError:
     split = f" split over tp={tp} devices" if tp > 1 else ""
-    return _infeasible(
-        f"The largest activation + buffer peak of one layer{split} is {_b(reserve)} per "
-        f"device at microbatch {microbatch_size}, at or above the capacity {_b(capacity)} "
+    return infeasible(
+        f"The largest activation + buffer peak of one layer{split} is {fmt_bytes(reserve)} per "
+        f"device at microbatch {microbatch_size}, at or above the capacity {fmt_bytes(capacity)} "
         "before any weight is placed. Shrink the microbatch, raise cache_bytes, or plan with "
         "residency='weights' (activations streamed through HBM).",
         capacity=capacity, reserve_bytes=reserve, tp=tp)
@@ -275,23 +275,23 @@ def _with_reserve(e: InfeasiblePlanError, reserve: int, devices: int,
     per = f" per device (split over tp={tp})" if tp > 1 else ""
     if e.layer_index is not None:
         need = e.layer_bytes + reserve
-        msg = (f"Layer {e.layer_name!r} (index {e.layer_index}) needs {_b(need)}{per}: "
+        msg = (f"Layer {e.layer_name!r} (index {e.layer_index}) needs {fmt_bytes(need)}{per}: "
                f"{e.layer_bytes:,} of weights/KV + {reserve:,} of activation/buffer peak, "
-               f"more than the capacity {_b(capacity)}. No number of stages can hold it: "
+               f"more than the capacity {fmt_bytes(capacity)}. No number of stages can hold it: "
                "split the layer over devices, compress its weights, shrink the microbatch, or "
                "plan with residency='weights'.")
         min_cap, min_dev = need, None
     else:
         min_cap, min_dev = e.min_capacity + reserve, e.min_stages * tp
         groups = f" ({devices // tp} stages of tp={tp})" if tp > 1 else ""
-        msg = (f"The layers need at least {e.min_stages} stages of {_b(capacity)}{per} but "
+        msg = (f"The layers need at least {e.min_stages} stages of {fmt_bytes(capacity)}{per} but "
                f"only {devices} devices{groups} were given. Use at least {min_dev} devices, "
-               f"or a capacity of at least {_b(min_cap)} for {devices}; compression or a "
+               f"or a capacity of at least {fmt_bytes(min_cap)} for {devices}; compression or a "
                "smaller microbatch also lowers the need.")
     fields = {k: v for k, v in vars(e).items()}
     fields.update(capacity=capacity, min_capacity=min_cap, reserve_bytes=reserve,
                   min_devices=min_dev, tp=tp)
-    return _infeasible(msg, **fields)
+    return infeasible(msg, **fields)
 
 
 # ---- replanning -----------------------------------------------------------------------------
@@ -337,7 +337,7 @@ def replan(plan: Plan, exclude_devices=(), spare_devices=()) -> Plan:
         fields["min_devices"] = fewest
         need = f"; the plan needs at least {fewest} devices" if fewest else ""
         split = f" ({len(pool) // plan.tp} stages of tp={plan.tp})" if plan.tp > 1 else ""
-        raise _infeasible(
+        raise infeasible(
             f"Without devices {sorted(excluded)} the remaining {len(pool)} devices{split} "
             f"cannot hold the model{need}: add spare_devices=[...] or re-plan with "
             f"lwjax.plan (compression, a smaller microbatch). {e}", **fields) from None
@@ -345,7 +345,7 @@ def replan(plan: Plan, exclude_devices=(), spare_devices=()) -> Plan:
 
 # ---- helpers --------------------------------------------------------------------------------
 
-def _infeasible(message: str, **fields) -> InfeasiblePlanError:
+def infeasible(message: str, **fields) -> InfeasiblePlanError:
     err = InfeasiblePlanError(message)
     for k, v in fields.items():
         setattr(err, k, v)
@@ -354,23 +354,17 @@ def _infeasible(message: str, **fields) -> InfeasiblePlanError:
 
 
 
-def _nbytes(v) -> int:
-    aval = v.aval
-    dtype = getattr(aval, "dtype", None)
-    if dtype is None:
-        return 0
-    return int(np.prod(getattr(aval, "shape", ()), dtype=np.int64)) * np.dtype(dtype).itemsize
 
 
 def _residual_bytes(seg: Segment) -> int:
     """Bytes of the largest floating-point value crossing the segment's boundary."""
     values = [v for v in (*seg.inputs, *seg.outputs)
               if np.issubdtype(getattr(v.aval, "dtype", np.int32), np.floating)]
-    return max((_nbytes(v) for v in values), default=0)
+    return max((value_bytes(v) for v in values), default=0)
 
 
 
 
-def _b(num_bytes: int) -> str:
+def fmt_bytes(num_bytes: int) -> str:
     return f"{num_bytes:,} bytes ({num_bytes / MIB:.2f} MiB)"
 

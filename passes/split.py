@@ -15,7 +15,7 @@ import numpy as np
 
 from lwjax.errors import ConfigError
 from lwjax.passes.compression import Compression
-from lwjax.passes.footprint import Footprint, GraphFootprint, output_channels
+from lwjax.passes.footprint import Footprint, GraphFootprint, output_channels, value_bytes
 from lwjax.passes.planner import numbers_from
 from lwjax.passes.segment import LayerGraph, Segment
 from lwjax.passes.tp import residual_width, split_axis
@@ -96,7 +96,7 @@ def largest_input_bytes(seg: Segment) -> int:
         4096
     """
     cache = set(seg.cache_inputs)
-    return max((_nbytes(v) for v in seg.inputs if v not in cache), default=0)
+    return max((value_bytes(v) for v in seg.inputs if v not in cache), default=0)
 
 
 def split_numbers(graph: LayerGraph, fp: GraphFootprint, costs_s: Sequence[float],
@@ -158,7 +158,7 @@ def heads_split(graph: LayerGraph, tp: int) -> tuple[int, int, int] | None:
                   np.issubdtype(v.aval.dtype, np.floating)]
         if not floats:
             continue
-        hidden = max(floats, key=_nbytes).aval.shape[-1]
+        hidden = max(floats, key=value_bytes).aval.shape[-1]
         for i in seg.params:
             shape = graph.params[i].shape
             if len(shape) == 3 and shape[0] == hidden:
@@ -174,12 +174,6 @@ def heads_split(graph: LayerGraph, tp: int) -> tuple[int, int, int] | None:
 
 
 
-def _nbytes(v) -> int:
-    aval = v.aval
-    dtype = getattr(aval, "dtype", None)
-    if dtype is None:
-        return 0
-    return int(np.prod(getattr(aval, "shape", ()), dtype=np.int64)) * np.dtype(dtype).itemsize
 
 
 

@@ -35,15 +35,19 @@ import dataclasses
 import itertools
 from collections.abc import Callable, Sequence
 
-import numpy as np
-
 from lwjax.errors import ConfigError, InfeasiblePlanError
 from lwjax.hardware import HardwareSpec
 from lwjax.passes import compression as compression_lib
 from lwjax.passes.compression import ESCALATION, Compression
 from lwjax.passes.footprint import GraphFootprint, footprint
 from lwjax.passes.partition import min_capacity, min_stages
-from lwjax.passes.planner import layer_times, partition_inputs, plan_from_numbers
+from lwjax.passes.planner import (
+    fmt_bytes,
+    infeasible,
+    layer_times,
+    partition_inputs,
+    plan_from_numbers,
+)
 from lwjax.passes.segment import LayerGraph
 from lwjax.passes.split import heads_split, split_levels, split_numbers
 from lwjax.plan import LayerNumbers, Objective, Plan, Residency
@@ -378,9 +382,9 @@ def _nothing_fits(s: _Search, first: InfeasiblePlanError) -> InfeasiblePlanError
                    f"tp={need.fewest_tp}, {at})")
     else:
         devices = (f"no number of devices: split any of {tps[0]}..{tps[-1]} ways ({at}), the "
-                   f"heaviest layer still needs {_b(need.floor_bytes)} per device (replicated "
-                   "weights and its whole [B, T, D] input)")
-    parts = [devices, f"a capacity of at least {_b(need.min_capacity_bytes)} per device on "
+                   f"heaviest layer still needs {fmt_bytes(need.floor_bytes)} per device "
+                   "(replicated weights and its whole [B, T, D] input)")
+    parts = [devices, f"a capacity of at least {fmt_bytes(need.min_capacity_bytes)} per device on "
              f"{n} devices (tp={need.min_capacity_tp}, {at})"]
     min_comp = None
     if "compress" not in t.allow:
@@ -399,7 +403,7 @@ def _nothing_fits(s: _Search, first: InfeasiblePlanError) -> InfeasiblePlanError
     tried = (f"split tp {'/'.join(map(str, s.tps))} x compression "
              f"{' -> '.join(c.name for c in s.comps)} x microbatch "
              f"{'/'.join(map(str, s.mbs))}")
-    msg = (f"No plan fits {n} devices of {_b(cap)} each ({t.hardware.name}, residency="
+    msg = (f"No plan fits {n} devices of {fmt_bytes(cap)} each ({t.hardware.name}, residency="
            f"{t.residency}). Tried {total} candidates ({tried}; {evaluated} evaluated, the "
            f"others have weights alone over the capacity). As given: {_reason(first)}. "
            f"What would fit: {'; '.join(parts)}."
@@ -408,35 +412,20 @@ def _nothing_fits(s: _Search, first: InfeasiblePlanError) -> InfeasiblePlanError
     fields.update(capacity=cap, max_stages=n, min_devices=need.fewest_devices,
                   min_capacity=need.min_capacity_bytes, min_compression=min_comp,
                   requirement=need, tried=total)
-    return _infeasible(msg, **fields)
+    return infeasible(msg, **fields)
 
 
 
 # ---- helpers --------------------------------------------------------------------------------
 
-def _infeasible(message: str, **fields) -> InfeasiblePlanError:
-    err = InfeasiblePlanError(message)
-    for k, v in fields.items():
-        setattr(err, k, v)
-    return err
 
 
 def _weights(fp: GraphFootprint) -> int:
     return sum(f.weights_bytes for f in (fp.prologue, *fp.layers, fp.epilogue))
 
 
-def _nbytes(v) -> int:
-    aval = v.aval
-    dtype = getattr(aval, "dtype", None)
-    if dtype is None:
-        return 0
-    return int(np.prod(getattr(aval, "shape", ()), dtype=np.int64)) * np.dtype(dtype).itemsize
 
 
 
 
-
-
-def _b(num_bytes: int) -> str:
-    return f"{num_bytes:,} bytes ({num_bytes / MIB:.2f} MiB)"
 
