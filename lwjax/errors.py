@@ -36,7 +36,22 @@ class TraceError(LwjaxError):
 
 
 class InfeasiblePlanError(LwjaxError):
-    """No partition of the layers satisfies the capacity and device constraints."""
+    """No partition of the layers satisfies the capacity and device constraints.
+
+    The planner sets the figures it knows as attributes, so a caller can act on them without
+    parsing the message; the rest stay None.
+    """
+
+    layer_index: int | None = None
+    layer_name: str | None = None
+    layer_bytes: int | None = None
+    capacity: int | None = None
+    max_stages: int | None = None
+    min_stages: int | None = None
+    min_capacity: int | None = None
+    min_devices: int | None = None
+    min_compression: str | None = None
+    reserve_bytes: int | None = None
 
 
 class UnknownPresetError(LwjaxError, KeyError):

@@ -92,8 +92,8 @@ class Plan:
         objective: how the stage count was chosen: "bottleneck" (the fewest stages with the
             smallest slowest-stage time) or "step" (the shortest projected GPipe step,
             (M + S - 1) ticks, which can favour fewer stages).
-        concurrency: how many stages can compute at once (None: all; a CPU's simulated
-            devices share its cores).
+        concurrency: the cores a CPU's simulated devices share (None: every stage has its own
+            device); the step objective then bounds a step by the total work.
     """
 
     stages: tuple[Stage, ...]

@@ -166,10 +166,10 @@ def plan_from_numbers(
     (``numbers`` are per device at that tp), at most ``len(device_ids) // tp`` stages.
 
     With ``objective="step"`` the stage count S is the one with the shortest projected GPipe
-    step, (M + S - 1) ticks of the slowest stage -- or, when only ``concurrency`` stages can
-    compute at once (a CPU's simulated devices share its cores), of the larger of the
-    slowest stage and the stages' total time / concurrency. Each candidate S is partitioned
-    exactly; ties go to fewer stages.
+    step (``step_time``): (M + S - 1) ticks of the slowest stage, and -- when the stages share
+    one host's cores (``concurrency``: a CPU's simulated devices) -- no less than the work
+    itself, M x all stages' time. Each candidate S is partitioned exactly; ties go to fewer
+    stages. Per-tick dispatch and rendezvous costs are not modelled.
 
     Raises:
         DeviceError: no devices, or duplicate ids.
@@ -209,7 +209,7 @@ def plan_from_numbers(
                         for r in (shortest, ranges))
             notes = (*notes, f"{len(shortest)} stages instead of {len(ranges)}: the projected "
                      f"GPipe step is shorter ({new:.3f} vs {old:.3f} ms"
-                     + (f"; {concurrency} stages compute at once" if concurrency else "") + ")")
+                     + ("; the stages share one host's cores" if concurrency else "") + ")")
             ranges = shortest
     stages = tuple(
         Stage(index=k, layers=numbers.names[a:b], layer_range=(a, b), devices=groups[k],
@@ -226,18 +226,21 @@ def plan_from_numbers(
 
 def step_time(ranges: Sequence[tuple[int, int]], costs_s: Sequence[float], microbatches: int,
               concurrency: int | None = None) -> float:
-    """Projected GPipe step: (M + S - 1) ticks; a tick is the slowest stage, or the stages'
-    total / ``concurrency`` when fewer than S stages can compute at once.
+    """Projected GPipe step: (M + S - 1) ticks of the slowest stage. When the stages share one
+    host's cores (``concurrency``, a CPU's simulated devices; stage times are then whole-host
+    times) the work itself bounds the step too: M microbatches x all stages' time.
 
     Example:
         >>> step_time([(0, 1), (1, 2)], [1.0, 1.0], microbatches=4)   # 5 ticks of 1 s
         5.0
+        >>> step_time([(0, 1), (1, 2)], [1.0, 1.0], microbatches=4, concurrency=2)  # 4 x 2 s
+        8.0
     """
     times = [sum(costs_s[a:b]) for a, b in ranges]
-    tick = max(times)
-    if concurrency and len(times) > concurrency:
-        tick = max(tick, sum(times) / concurrency)
-    return (microbatches + len(times) - 1) * tick
+    step = (microbatches + len(times) - 1) * max(times)
+    if concurrency:
+        step = max(step, microbatches * sum(times))
+    return step
 
 
 def _shortest_step(sizes, numbers: LayerNumbers, room: int, most: int, microbatches: int,

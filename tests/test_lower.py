@@ -108,7 +108,8 @@ def test_each_device_stores_only_its_stage(dense):
 def test_lower_and_compile_expose_jax_stages(moe):
     cfg, model = moe
     tokens = _tokens(cfg)
-    sm = lwjax.layerwise_shard(model, tokens, devices=jax.devices()[:2], cache_bytes=BIG)
+    sm = lwjax.layerwise_shard(model, tokens, devices=jax.devices()[:2], cache_bytes=BIG,
+                               objective="bottleneck")
     lowered = sm.lower(tokens)
     assert isinstance(lowered, jax.stages.Lowered)
     text = lowered.as_text()
@@ -279,8 +280,9 @@ def test_step_objective_counts_the_cores_simulated_devices_share(dense):
     cpu = dataclasses.replace(lwjax.hardware.host_cpu(), num_cores=2)
     sm = lwjax.layerwise_shard(model, tokens, devices=jax.devices()[:16], hardware=cpu,
                                cache_bytes=BIG, microbatches=8)
-    # 16 equal layers on 2 cores: a tick is at least total / 2, so 2 stages give the
-    # shortest step ((8 + 2 - 1) x 8 layer-times vs (8 + 16 - 1) x 8 for 16 stages)
-    assert len(sm.plan.stages) == 2 and sm.plan.concurrency == 2
-    assert any("2 stages instead of 16" in n for n in sm.plan.notes)
+    # 16 equal layers whose stages share the host's cores: every stage count costs the same
+    # work (8 microbatches x 16 layers), so the fewest stages win the tie; the capacity here
+    # holds the whole model on one device.
+    assert len(sm.plan.stages) == 1 and sm.plan.concurrency == 2
+    assert any("1 stages instead of 16" in n for n in sm.plan.notes)
     np.testing.assert_allclose(sm(tokens), model(tokens), atol=ATOL, rtol=RTOL)

@@ -360,6 +360,7 @@ def test_step_time_by_hand():
     # GPipe: (M + S - 1) ticks of the slowest stage
     assert step_time(ranges16, costs, microbatches=8) == (8 + 15) * 1.0
     assert step_time(ranges8, costs, microbatches=8) == (8 + 7) * 2.0
-    # two cores: a tick is at least the 16 layer-times / 2
-    assert step_time(ranges16, costs, microbatches=8, concurrency=2) == (8 + 15) * 8.0
-    assert step_time([(0, 8), (8, 16)], costs, microbatches=8, concurrency=2) == 9 * 8.0
+    # stages sharing one host's cores: never less than the work, 8 microbatches x 16 layers
+    assert step_time(ranges16, costs, microbatches=8, concurrency=2) == 8 * 16.0
+    assert step_time([(0, 8), (8, 16)], costs, microbatches=8, concurrency=2) == 8 * 16.0
+    assert step_time([(0, 16)], costs, microbatches=8, concurrency=2) == 8 * 16.0
