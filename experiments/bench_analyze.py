@@ -13,6 +13,10 @@ Run from the repository root::
 
 from __future__ import annotations
 
+import pathlib as _pathlib
+import sys as _sys
+
+_sys.path.insert(0, str(_pathlib.Path(__file__).parent))
 import cProfile
 import dataclasses
 import functools
@@ -24,6 +28,7 @@ import statistics
 import sys
 import time
 
+import _common  # noqa: E402
 import jax
 import jax.numpy as jnp
 
@@ -37,16 +42,6 @@ LAYER_COUNTS = (16, 32, 64, 128, 256)
 TARGET_SECONDS = {16: 5.0, 256: 30.0}
 
 
-def cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo where there is one, else the platform's word for it."""
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 @functools.cache
@@ -89,7 +84,7 @@ def profile(num_layers: int, lines: int = 25) -> str:
 def main() -> None:
     print(f"lwjax.analyze, seed_dense dims, microbatch {MICROBATCH}, attention='fused': "
           f"median of {REPEATS} runs")
-    print(f"measured on this machine (CPU): {cpu_name()}, {os.cpu_count()} cores, Python "
+    print(f"measured on this machine (CPU): {_common.cpu_name()}, {os.cpu_count()} cores, Python "
           f"{platform.python_version()}, JAX {jax.__version__}, {time.strftime('%Y-%m-%d')}")
     _analyze(*_setup(2)[:2])  # warm-up: JAX's first trace pays one-off import and cache costs
     print(f"{'layers':>7} {'median s':>9} {'min s':>7} {'max s':>7} {'s/layer':>8} "

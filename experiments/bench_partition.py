@@ -7,10 +7,16 @@ Run from the repository root::
 
 from __future__ import annotations
 
+import pathlib as _pathlib
+import sys as _sys
+
+_sys.path.insert(0, str(_pathlib.Path(__file__).parent))
 import platform
 import random
 import statistics
 import time
+
+import _common  # noqa: E402
 
 from lwjax.passes.partition import bottleneck, min_stages, partition_layers
 
@@ -51,21 +57,12 @@ def median_seconds(num_layers: int, max_stages: int) -> tuple[float, str]:
     return statistics.median(times), plan
 
 
-def cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo where there is one, else the platform's word for it."""
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:
     print(f"partition_layers(method='optimal'): median of {REPEATS} runs, seed={SEED}")
-    print(f"measured on this machine (CPU): {cpu_name()}, Python {platform.python_version()}")
+    print(f"measured on this machine (CPU): {_common.cpu_name()}, "
+          f"Python {platform.python_version()}")
     print(f"{'layers':>7} {'max_stages':>10} {'median':>10}  plan")
     medians = {}
     for num_layers, max_stages in CASES:

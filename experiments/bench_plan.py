@@ -11,6 +11,10 @@ Run from the repository root::
 
 from __future__ import annotations
 
+import pathlib as _pathlib
+import sys as _sys
+
+_sys.path.insert(0, str(_pathlib.Path(__file__).parent))
 import dataclasses
 import datetime
 import platform
@@ -19,6 +23,7 @@ import statistics
 import time
 from collections.abc import Callable
 
+import _common  # noqa: E402
 import jax
 import jax.numpy as jnp
 
@@ -120,21 +125,11 @@ def bench_seed_plan() -> list[str]:
     return rows
 
 
-def cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo where there is one, else the platform's word for it."""
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:
     print("lwjax planner benchmarks -- measured on this machine (CPU), medians")
-    print(f"  machine: {cpu_name()}, Python "
+    print(f"  machine: {_common.cpu_name()}, Python "
           f"{platform.python_version()}, JAX {jax.__version__}, {datetime.date.today()}")
     for rows in (bench_partition(), bench_replan(), bench_seed_plan()):
         print("\n".join(rows))

@@ -16,6 +16,10 @@ The table builders are pure functions returning strings or rows (imported by
 
 from __future__ import annotations
 
+import pathlib as _pathlib
+import sys as _sys
+
+_sys.path.insert(0, str(_pathlib.Path(__file__).parent))
 import dataclasses
 import datetime
 import functools
@@ -24,6 +28,7 @@ import pathlib
 import platform
 import time
 
+import _common  # noqa: E402
 import flax
 import jax
 import jax.numpy as jnp
@@ -468,20 +473,12 @@ def claims_table(rows: list[ClaimRow]) -> str:
 
 # ---- the results file -----------------------------------------------------------------------
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def machine_line() -> str:
     """Machine, core count, Python, JAX and Flax versions, JAX backend and today's date."""
-    return (f"{_cpu_name()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}; "
+    return (f"{_common.cpu_name()}, {os.cpu_count()} cores, "
+            f"{platform.system()} {platform.release()}; "
             f"Python {platform.python_version()}, JAX {jax.__version__}, Flax "
             f"{flax.__version__}, backend {jax.default_backend()}; "
             f"{datetime.date.today().isoformat()}")
