@@ -46,7 +46,6 @@ from lwjax import baselines, hardware  # noqa: E402
 from lwjax.hardware import HardwareSpec  # noqa: E402
 from lwjax.models.configs import DenseConfig  # noqa: E402
 from lwjax.passes import cost  # noqa: E402
-from lwjax.passes.planner import step_time  # noqa: E402
 from lwjax.plan import Plan  # noqa: E402
 
 SCRIPT = "experiments/cost_check.py"
@@ -150,8 +149,7 @@ class Check:
 
 def planner_step_s(plan: Plan) -> float:
     """Variant P: the planner's projected GPipe step for its own plan."""
-    return step_time([s.layer_range for s in plan.stages], plan.numbers.costs_s,
-                     plan.microbatches, getattr(plan, "concurrency", None))
+    return plan.step_time_s
 
 
 def predict(cfg: DenseConfig, hw: HardwareSpec, floor_s: dict[str, float],

@@ -322,7 +322,7 @@ def breakdown_rows(b: Breakdown) -> list[list[str]]:
         ["  rest", f"{lw_over - t['skeleton_layerwise']:,.1f}", "remainder",
          f"microbatches of {b.batch // b.microbatches} instead of {b.batch} (smaller "
          "matmuls), fill/drain ticks with fewer active devices than cores, the last stage's "
-         "LM head and per-tick outputs, weight slicing"],
+         "LM head after the ticks (M microbatches, one device), weight slicing"],
         ["TP=8 x PP=2 baseline", f"{t['baseline']:,.1f}", "measured",
          f"{b.ticks['baseline']} ticks: {base_over:+,.1f} ms over one device"],
         ["  per-tick floor", f"{t['skeleton_baseline']:,.1f}", "measured",
@@ -625,9 +625,9 @@ def report(tables: Sequence[tuple[str, Sequence[Measured]]], breakdowns: Sequenc
                          m.timings["layerwise"].ms(), f"{m.ratio()[0]:.2f}", _common.MEASURED])
         parts += ["## Vocabulary sensitivity: dense, 1 layer/device, " + label,
                   "Layer-wise runs the final norm and LM head [B/M, T, D] x [D, V] on its last "
-                  "stage alone, every tick, and each stage returns a [B/M, T, V] output per "
-                  "tick (zeros except on the last); the baseline runs the head once, after the "
-                  "pipeline, split over the 8 tp devices.\n\n"
+                  "stage alone, after the pipeline's ticks, once per microbatch (the other "
+                  "stages return a zero [M, B/M, T, V] block once); the baseline runs the head "
+                  "once, after the pipeline, split over the 8 tp devices.\n\n"
                   + _common.markdown_table(["vocab", "baseline ms", "layer-wise ms",
                                             "layer-wise / baseline TPS", "figure"], rows,
                                            "rrrrl")]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Sequence
 from typing import Literal
 
 import numpy as np
@@ -55,8 +56,10 @@ class LayerNumbers:
         footprints: one Footprint per layer.
         prologue: the prologue's footprint (runs on the first stage).
         epilogue: the epilogue's footprint (runs on the last stage).
-        costs_s: estimated seconds per layer per microbatch (prologue / epilogue folded into
-            the first / last layer).
+        costs_s: estimated seconds per layer per microbatch (the prologue folded into the
+            first layer).
+        epilogue_s: estimated seconds of the epilogue per microbatch; the pipeline runs it on
+            the last stage after its ticks, so it is not part of any stage's tick time.
     """
 
     names: tuple[str, ...]
@@ -64,6 +67,7 @@ class LayerNumbers:
     prologue: Footprint
     epilogue: Footprint
     costs_s: tuple[float, ...]
+    epilogue_s: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,6 +134,12 @@ class Plan:
             return f.weights_bytes + f.kv_cache_bytes
         return f.total_bytes
 
+    @property
+    def step_time_s(self) -> float:
+        """Projected seconds of one GPipe step of the whole batch (``step_time``)."""
+        return step_time([s.layer_range for s in self.stages], self.numbers.costs_s,
+                         self.microbatches, self.concurrency, self.numbers.epilogue_s)
+
     def summary(self) -> str:
         """The plan as a table: layers -> stage -> devices, bytes per device vs capacity,
         fill, projected time, the bottleneck marked.
@@ -161,12 +171,18 @@ class Plan:
                 f"{100 * self.resident_bytes(s) / cap:>7.1f} {s.est_time_s * 1e3:>9.3f}"
                 + ("  <- bottleneck" if s.index == slow else ""))
         ticks = self.microbatches + len(self.stages) - 1
+        epilogue = self.microbatches * self.numbers.epilogue_s
+        shared = self.concurrency and self.step_time_s - epilogue > (
+            ticks * self.bottleneck.est_time_s * (1 + 1e-9))
         lines += [
             "(MiB per device; fill % counts what the residency policy keeps on chip; est ms: "
-            "projected roofline per microbatch, not measured)",
+            "projected roofline per microbatch, excluding the epilogue; not measured)",
             f"projected GPipe step: {ticks} ticks x {self.bottleneck.est_time_s * 1e3:.3f} ms "
-            f"(stage {slow}) = {ticks * self.bottleneck.est_time_s * 1e3:.3f} ms, transfers "
-            "excluded",
+            f"(stage {slow})"
+            + (" [the stages share one host's cores: M x all stages' time instead]"
+               if shared else "")
+            + f" + epilogue {self.microbatches} x {self.numbers.epilogue_s * 1e3:.3f} ms "
+            f"= {self.step_time_s * 1e3:.3f} ms, transfers excluded",
         ]
         return "\n".join(lines)
 
@@ -224,6 +240,26 @@ def _ids(ids: tuple[int, ...]) -> str:
     return ",".join(map(str, ids))
 
 
+def step_time(ranges: Sequence[tuple[int, int]], costs_s: Sequence[float], microbatches: int,
+              concurrency: int | None = None, epilogue_s: float = 0.0) -> float:
+    """Projected GPipe step: (M + S - 1) ticks of the slowest stage, then the last stage's
+    epilogue (final norm, LM head) on the M microbatches, ``M x epilogue_s``. When the stages
+    share one host's cores (``concurrency``, a CPU's simulated devices; stage times are then
+    whole-host times) the work itself bounds the ticks too: M microbatches x all stages' time.
+
+    Example:
+        >>> step_time([(0, 1), (1, 2)], [1.0, 1.0], microbatches=4)   # 5 ticks of 1 s
+        5.0
+        >>> step_time([(0, 1), (1, 2)], [1.0, 1.0], microbatches=4, concurrency=2)  # 4 x 2 s
+        8.0
+    """
+    times = [sum(costs_s[a:b]) for a, b in ranges]
+    step = (microbatches + len(times) - 1) * max(times)
+    if concurrency:
+        step = max(step, microbatches * sum(times))
+    return step + microbatches * epilogue_s
+
+
 def _encode(x):
     if isinstance(x, np.integer | np.floating):
         return x.item()
@@ -243,7 +279,7 @@ def _decode_plan(d: dict) -> Plan:
     numbers = LayerNumbers(
         names=tuple(n["names"]), footprints=tuple(_footprint(f) for f in n["footprints"]),
         prologue=_footprint(n["prologue"]), epilogue=_footprint(n["epilogue"]),
-        costs_s=tuple(n["costs_s"]),
+        costs_s=tuple(n["costs_s"]), epilogue_s=n.get("epilogue_s", 0.0),
     )
     stages = tuple(Stage(index=s["index"], layers=tuple(s["layers"]),
                          layer_range=tuple(s["layer_range"]), devices=tuple(s["devices"]),

@@ -6,7 +6,7 @@ The program runs over ``Mesh(devices, ("stage",))``, one device per stage:
   over "stage": device s stores only stage s's weights (a weight read by two stages, e.g. a
   tied embedding, is packed into both). Inside its branch a stage slices its weights back out
   with static offsets.
-- **Stages** differ (layer counts, dense vs MoE, embedding on the first, head on the last), so
+- **Stages** differ (layer counts, dense vs MoE, embedding on the first), so
   each device runs its own branch of ``lax.switch`` on its stage index; a branch evaluates its
   segments' jaxpr equations (the ``eval_jaxpr`` loop), so the layer code is the model's own.
 - **Activations** crossing a stage boundary -- every value defined before the cut and read
@@ -15,7 +15,10 @@ The program runs over ``Mesh(devices, ("stage",))``, one device per stage:
   ``lax.ppermute``, outside the switch.
 - **Microbatches**: batch-shaped arguments are split [M, B/M, ...] and the graph is traced at
   the microbatch size; a schedule (``passes/schedules.py``, GPipe by default) decides which
-  microbatch each stage runs at each tick. The last stage writes the model's outputs.
+  microbatch each stage runs at each tick.
+- **Outputs**: the last stage keeps each microbatch's final carry (what the epilogue reads);
+  after the loop it runs the epilogue (final norm, LM head) over the M microbatches and
+  writes the model's outputs once -- no stage carries [mb, T, vocab] slots through the ticks.
 
 Example:
     >>> prog = lower(graph, ranges=((0, 2), (2, 4)), devices=jax.devices()[:2],
@@ -188,7 +191,8 @@ class StageLayout:
 
 
 def cut_values(graph: LayerGraph, ranges: Sequence[tuple[int, int]]) -> list[tuple[Var, ...]]:
-    """Values live across each stage boundary (defined before it, read after it)."""
+    """Values live across each stage's end (defined up to it, read after it): one tuple per
+    stage; the last one holds what the epilogue and the model's outputs read."""
     segs = graph.segments
     # segment index of the last segment of each stage (prologue is 0, layer i is i + 1)
     ends = [stop for _, stop in ranges]
@@ -206,7 +210,7 @@ def cut_values(graph: LayerGraph, ranges: Sequence[tuple[int, int]]) -> list[tup
         if isinstance(v, Var):
             read_at.setdefault(v, []).append(len(segs))
     cuts = []
-    for end in ends[:-1]:
+    for end in ends:
         last_seg = end  # segments 0..end belong to stages up to this cut
         live = tuple(v for v, k in defined_at.items()
                      if k <= last_seg and v not in arg_set
@@ -309,7 +313,7 @@ def lower(
     else:
         mesh = Mesh(np.array(devices).reshape(num_stages, tp), (AXIS, "tp"))
     segs = graph.segments
-    cuts = cut_values(graph, ranges)
+    cuts = cut_values(graph, ranges)  # cuts[-1]: what the epilogue and outputs read
     carry_slots = [_layout([v.aval for v in cut])[0] for cut in cuts]
     carry_sizes: dict[str, int] = {}
     for cut in cuts:
@@ -322,12 +326,12 @@ def lower(
         stage_segs = segs[start + 1: stop + 1]
         if s == 0:
             stage_segs = (graph.prologue, *stage_segs)
-        if s == num_stages - 1:
-            stage_segs = (*stage_segs, graph.epilogue)
         params = tuple(dict.fromkeys(i for seg in stage_segs for i in seg.params))
+        if s == num_stages - 1:
+            params = tuple(dict.fromkeys((*params, *graph.epilogue.params)))
         stages.append(StageLayout(
             segments=tuple(stage_segs), params=params,
-            carry_in=cuts[s - 1] if s > 0 else (), carry_out=cuts[s] if s < num_stages - 1 else (),
+            carry_in=cuts[s - 1] if s > 0 else (), carry_out=cuts[s],
         ))
 
     if tp == 1:
@@ -340,53 +344,74 @@ def lower(
     arg_vars = graph.arg_vars
     out_avals = [v.aval for v in jaxpr.outvars]
     m = num_microbatches
+    last = num_stages - 1
+
+    def stage_env(s: int, params, mb_args) -> dict:
+        env = dict(consts)
+        env.update(zip((param_vars[i] for i in stages[s].params), storage.unpack(params, s),
+                       strict=True))
+        env.update(zip(arg_vars, mb_args, strict=True))
+        return env
 
     def make_branch(s: int, layout: StageLayout):
         def branch(carry, mb_args, params):
-            env = dict(consts)
-            env.update(zip((param_vars[i] for i in layout.params), storage.unpack(params, s),
-                           strict=True))
-            env.update(zip(arg_vars, mb_args, strict=True))
+            env = stage_env(s, params, mb_args)
             if s > 0:
                 env.update(zip(layout.carry_in, _unpack(carry, carry_slots[s - 1]), strict=True))
             _eval(layout.segments, env)
-            if s < num_stages - 1:
-                return _pack([env[v] for v in layout.carry_out], carry_slots[s],
-                             carry_sizes), _zero_outputs()
-            outs = [v.val if isinstance(v, JaxLiteral) else env[v] for v in jaxpr.outvars]
-            return _zeros(carry_sizes), [jnp.broadcast_to(jnp.asarray(o, a.dtype), a.shape)
-                                         for o, a in zip(outs, out_avals, strict=True)]
+            return _pack([env[v] for v in layout.carry_out], carry_slots[s], carry_sizes)
 
         return branch
 
-    def _zero_outputs():
-        return [jnp.zeros(a.shape, a.dtype) for a in out_avals]
-
     def idle(carry, mb_args, params):
-        return _zeros(carry_sizes), _zero_outputs()
+        return _zeros(carry_sizes)
+
+    def epilogue(params, final, mb_args) -> list:
+        """The last stage's epilogue on one microbatch's final carry -> the model's outputs."""
+        env = stage_env(last, params, mb_args)
+        env.update(zip(cuts[-1], _unpack(final, carry_slots[-1]), strict=True))
+        _eval((graph.epilogue,), env)
+        outs = [v.val if isinstance(v, JaxLiteral) else env[v] for v in jaxpr.outvars]
+        return [jnp.broadcast_to(jnp.asarray(o, a.dtype), a.shape)
+                for o, a in zip(outs, out_avals, strict=True)]
 
     branches = [make_branch(s, st) for s, st in enumerate(stages)] + [idle]
     batch_shaped = graph.traced.batch_shaped
     perm = [(i, i + 1) for i in range(num_stages - 1)]
     sched = SCHEDULES[schedule]
 
+    def microbatch(mb_args_all, mb) -> list:
+        return [jax.lax.dynamic_index_in_dim(a, mb, 0, keepdims=False) if b else a
+                for a, b in zip(mb_args_all, batch_shaped, strict=True)]
+
     def per_device(params, *mb_args_all):
         stage = jax.lax.axis_index(AXIS)
 
         def step(carry, mb, valid):
-            mb_args = [jax.lax.dynamic_index_in_dim(a, mb, 0, keepdims=False) if b else a
-                       for a, b in zip(mb_args_all, batch_shaped, strict=True)]
             index = jnp.where(valid, stage, num_stages)
-            carry_out, outs = jax.lax.switch(index, branches, carry, mb_args, params)
+            carry_out = jax.lax.switch(index, branches, carry, microbatch(mb_args_all, mb),
+                                       params)
+            sent = carry_out
             if num_stages > 1:
-                carry_out = {dt: jax.lax.ppermute(c, AXIS, perm) for dt, c in carry_out.items()}
-            return carry_out, outs
+                sent = {dt: jax.lax.ppermute(c, AXIS, perm) for dt, c in carry_out.items()}
+            return sent, carry_out  # the last stage's un-sent carry feeds the epilogue
 
-        # Only the last stage's outputs are read; the other stages' (zeros) are discarded.
-        _, ys = sched.run(step, _zeros(carry_sizes), stage=stage, num_stages=num_stages,
-                          num_microbatches=m)
+        _, finals = sched.run(step, _zeros(carry_sizes), stage=stage, num_stages=num_stages,
+                              num_microbatches=m)
         ticks = sched.output_ticks(num_stages, m)
-        outs = [y[ticks][None] for y in ys]
+        finals = {dt: f[ticks] for dt, f in finals.items()}
+
+        # The epilogue (final norm, LM head) runs after the loop, on the last stage only: its
+        # outputs are written once per microbatch, not carried through every tick.
+        def run_epilogue():
+            return jax.lax.map(lambda x: epilogue(params, x[0], microbatch(mb_args_all, x[1])),
+                               (finals, jnp.arange(m)))
+
+        def no_outputs():
+            return [jnp.zeros((m, *a.shape), a.dtype) for a in out_avals]
+
+        outs = jax.lax.cond(stage == last, run_epilogue, no_outputs)
+        outs = [o[None] for o in outs]
         if tp > 1:  # whole outputs on every tp device of the last stage, as the model returns
             outs = [jax.lax.with_sharding_constraint(o, NamedSharding(mesh, P())) for o in outs]
         return outs

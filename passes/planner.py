@@ -9,8 +9,10 @@ layers are identical (lwjax's models), conservative otherwise. With residency "w
 only weights + KV must fit (activations stream through HBM).
 
 Per-layer time: a roofline (``passes/cost``) of the layer's traced equations on the
-HardwareSpec, weights read from L2 when its stage fits on chip; prologue and epilogue time
-fold into the first and last layer. The partition minimises the slowest stage exactly.
+HardwareSpec, weights read from L2 when its stage fits on chip; the prologue's time folds
+into the first layer. The epilogue (final norm, LM head) runs on the last stage after the
+pipeline's ticks (``passes/lower.py``), so it is no part of a tick: ``step_time`` adds it M
+times. The partition minimises the slowest stage exactly.
 
 The strategies for plans that do not fit are in ``passes/strategies.py``; splitting a
 layer over devices in ``passes/split.py``.
@@ -22,7 +24,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -33,7 +35,7 @@ from lwjax.passes.cost import LayerCost, allreduce_time, cost_from_jaxpr, layer_
 from lwjax.passes.footprint import Footprint, GraphFootprint, value_bytes
 from lwjax.passes.partition import min_stages, partition_layers
 from lwjax.passes.segment import LayerGraph, Segment
-from lwjax.plan import LayerNumbers, Objective, Plan, Residency, Stage
+from lwjax.plan import LayerNumbers, Objective, Plan, Residency, Stage, step_time
 
 MIB = 2**20
 
@@ -56,8 +58,9 @@ def segment_cost(graph: LayerGraph, seg: Segment) -> LayerCost:
 
 def layer_times(graph: LayerGraph, hw: HardwareSpec, *, weights_on_chip: bool,
                 tp: int = 1, seg_costs: dict[str, LayerCost] | None = None) -> tuple[float, ...]:
-    """Roofline seconds per layer on one device (prologue / epilogue folded into the first /
-    last layer).
+    """Roofline seconds per layer per microbatch on one device, the prologue folded into the
+    first layer. The epilogue is not folded into the last: the pipeline runs it after its
+    ticks (``epilogue_time``; ``step_time`` adds it M times).
 
     Split over ``tp`` devices (projected, an assumption of this planner): FLOPs and bytes /
     tp, plus Megatron's all-reduces of the residual -- two per layer (after attention, after
@@ -68,6 +71,27 @@ def layer_times(graph: LayerGraph, hw: HardwareSpec, *, weights_on_chip: bool,
         >>> layer_times(graph, hardware.H100_SXM, weights_on_chip=True, tp=2)[0] > 0
         True
     """
+    t = _segment_timer(graph, hw, weights_on_chip=weights_on_chip, tp=tp, seg_costs=seg_costs)
+    times = [t(s) for s in graph.layers]
+    times[0] += t(graph.prologue)
+    return tuple(times)
+
+
+def epilogue_time(graph: LayerGraph, hw: HardwareSpec, *, weights_on_chip: bool, tp: int = 1,
+                  seg_costs: dict[str, LayerCost] | None = None) -> float:
+    """Roofline seconds of the epilogue (final norm, LM head) per microbatch on the last
+    stage, as ``layer_times`` counts a layer.
+
+    Example:
+        >>> epilogue_time(graph, hardware.H100_SXM, weights_on_chip=True) > 0
+        True
+    """
+    t = _segment_timer(graph, hw, weights_on_chip=weights_on_chip, tp=tp, seg_costs=seg_costs)
+    return t(graph.epilogue)
+
+
+def _segment_timer(graph: LayerGraph, hw: HardwareSpec, *, weights_on_chip: bool, tp: int,
+                   seg_costs: dict[str, LayerCost] | None) -> Callable[[Segment], float]:
     dtype = graph.layers[0].outputs[0].aval.dtype if graph.layers[0].outputs else "float32"
     memo: dict[str, float] = {}
     seg_costs = {} if seg_costs is None else seg_costs
@@ -86,20 +110,20 @@ def layer_times(graph: LayerGraph, hw: HardwareSpec, *, weights_on_chip: bool,
                 _residual_bytes(seg), tp, hw)
         return memo[seg.signature]
 
-    times = [t(s) for s in graph.layers]
-    times[0] += t(graph.prologue)
-    times[-1] += t(graph.epilogue)
-    return tuple(times)
+    return t
 
 
-def numbers_from(graph: LayerGraph, fp: GraphFootprint, costs_s: Sequence[float]) -> LayerNumbers:
+def numbers_from(graph: LayerGraph, fp: GraphFootprint, costs_s: Sequence[float],
+                 epilogue_s: float = 0.0) -> LayerNumbers:
     """The per-layer numbers a plan is made from (one device per stage).
 
     Example:
-        >>> numbers_from(graph, footprint(graph), layer_times(graph, hw, weights_on_chip=True))
+        >>> numbers_from(graph, footprint(graph), layer_times(graph, hw, weights_on_chip=True),
+        ...              epilogue_time(graph, hw, weights_on_chip=True))
     """
     return LayerNumbers(names=tuple(s.name for s in graph.layers), footprints=fp.layers,
-                        prologue=fp.prologue, epilogue=fp.epilogue, costs_s=tuple(costs_s))
+                        prologue=fp.prologue, epilogue=fp.epilogue, costs_s=tuple(costs_s),
+                        epilogue_s=epilogue_s)
 
 
 # ---- one partition --------------------------------------------------------------------------
@@ -205,7 +229,8 @@ def plan_from_numbers(
         shortest = _shortest_step(sizes, numbers, room, len(ranges), microbatches, method,
                                   concurrency)
         if len(shortest) < len(ranges):
-            new, old = (step_time(r, numbers.costs_s, microbatches, concurrency) * 1e3
+            new, old = (step_time(r, numbers.costs_s, microbatches, concurrency,
+                                  numbers.epilogue_s) * 1e3
                         for r in (shortest, ranges))
             notes = (*notes, f"{len(shortest)} stages instead of {len(ranges)}: the projected "
                      f"GPipe step is shorter ({new:.3f} vs {old:.3f} ms"
@@ -224,25 +249,6 @@ def plan_from_numbers(
                 concurrency=concurrency)
 
 
-def step_time(ranges: Sequence[tuple[int, int]], costs_s: Sequence[float], microbatches: int,
-              concurrency: int | None = None) -> float:
-    """Projected GPipe step: (M + S - 1) ticks of the slowest stage. When the stages share one
-    host's cores (``concurrency``, a CPU's simulated devices; stage times are then whole-host
-    times) the work itself bounds the step too: M microbatches x all stages' time.
-
-    Example:
-        >>> step_time([(0, 1), (1, 2)], [1.0, 1.0], microbatches=4)   # 5 ticks of 1 s
-        5.0
-        >>> step_time([(0, 1), (1, 2)], [1.0, 1.0], microbatches=4, concurrency=2)  # 4 x 2 s
-        8.0
-    """
-    times = [sum(costs_s[a:b]) for a, b in ranges]
-    step = (microbatches + len(times) - 1) * max(times)
-    if concurrency:
-        step = max(step, microbatches * sum(times))
-    return step
-
-
 def _shortest_step(sizes, numbers: LayerNumbers, room: int, most: int, microbatches: int,
                    method: str, concurrency: int | None) -> tuple[tuple[int, int], ...]:
     """The partition with the shortest step over stage counts min_stages..``most``."""
@@ -254,7 +260,8 @@ def _shortest_step(sizes, numbers: LayerNumbers, room: int, most: int, microbatc
     best = None
     for k in counts:
         ranges = partition_layers(sizes, numbers.costs_s, room, k, method=method)
-        key = (step_time(ranges, numbers.costs_s, microbatches, concurrency), len(ranges))
+        key = (step_time(ranges, numbers.costs_s, microbatches, concurrency,
+                         numbers.epilogue_s), len(ranges))
         if best is None or key < best[0]:
             best = (key, ranges)
     return best[1]

@@ -100,14 +100,14 @@ def largest_input_bytes(seg: Segment) -> int:
 
 
 def split_numbers(graph: LayerGraph, fp: GraphFootprint, costs_s: Sequence[float],
-                  tp: int) -> LayerNumbers:
+                  tp: int, epilogue_s: float = 0.0) -> LayerNumbers:
     """Per-device LayerNumbers of ``graph`` with every segment split over ``tp`` devices.
 
     Example:
         >>> split_numbers(graph, footprint(graph), layer_times(graph, hw, ...), tp=2)
     """
     if tp == 1:
-        return numbers_from(graph, fp, costs_s)
+        return numbers_from(graph, fp, costs_s, epilogue_s)
     channels = output_channels(graph)
     memo: dict[tuple, Footprint] = {}
 
@@ -123,7 +123,7 @@ def split_numbers(graph: LayerGraph, fp: GraphFootprint, costs_s: Sequence[float
         names=tuple(s.name for s in graph.layers),
         footprints=tuple(one(s, f) for s, f in zip(graph.layers, fp.layers, strict=True)),
         prologue=one(graph.prologue, fp.prologue), epilogue=one(graph.epilogue, fp.epilogue),
-        costs_s=tuple(costs_s))
+        costs_s=tuple(costs_s), epilogue_s=epilogue_s)
 
 
 def split_levels(graph: LayerGraph, limit: int) -> tuple[int, ...]:

@@ -42,6 +42,7 @@ from lwjax.passes.compression import ESCALATION, Compression
 from lwjax.passes.footprint import GraphFootprint, footprint
 from lwjax.passes.partition import min_capacity, min_stages
 from lwjax.passes.planner import (
+    epilogue_time,
     fmt_bytes,
     infeasible,
     layer_times,
@@ -243,11 +244,12 @@ class _Search:
         if (mb, comp, tp) not in self._numbers:
             graph = self.graph_at(mb)
             if (mb, tp) not in self._costs:
-                self._costs[mb, tp] = layer_times(
-                    graph, self.t.hardware, weights_on_chip=True, tp=tp,
-                    seg_costs=self._seg_costs.setdefault(mb, {}))
-            self._numbers[mb, comp, tp] = split_numbers(graph, self.fp(mb, comp),
-                                                        self._costs[mb, tp], tp)
+                times = dict(graph=graph, hw=self.t.hardware, weights_on_chip=True, tp=tp,
+                             seg_costs=self._seg_costs.setdefault(mb, {}))
+                self._costs[mb, tp] = layer_times(**times), epilogue_time(**times)
+            costs, epilogue_s = self._costs[mb, tp]
+            self._numbers[mb, comp, tp] = split_numbers(graph, self.fp(mb, comp), costs, tp,
+                                                        epilogue_s)
         return self._numbers[mb, comp, tp]
 
     def weights_fit(self, comp: Compression, tp: int) -> bool:

@@ -105,6 +105,24 @@ def test_each_device_stores_only_its_stage(dense):
     assert sm.plan.stages[3].footprint.weights_bytes == (4 * layer_elems + head) * 4
 
 
+
+def test_outputs_are_not_carried_through_the_ticks():
+    """The epilogue (LM head) runs once per microbatch after the loop, on the last stage:
+    no device keeps a [mb, T, vocab] output slot per tick (M + S - 1 of them)."""
+    cfg = dataclasses.replace(configs.tiny_dense(), num_layers=8, vocab_size=4096)
+    model = models.build(cfg, rngs=nnx.Rngs(0))
+    tokens = _tokens(cfg)
+    m, s = 4, 8
+    sm = lwjax.layerwise_shard(model, tokens, devices=jax.devices()[:s], cache_bytes=BIG,
+                               microbatches=m, objective="bottleneck")
+    np.testing.assert_allclose(sm(tokens), model(tokens), atol=ATOL, rtol=RTOL)
+    logits_per_microbatch = (8 // m) * cfg.seq_len * cfg.vocab_size * 4
+    memory = sm.compile(tokens).memory_analysis()
+    # per device: the outputs once (M microbatches), temporaries well under one slot per tick
+    assert memory.output_size_in_bytes == m * logits_per_microbatch
+    assert memory.temp_size_in_bytes < (m + s - 1) * logits_per_microbatch / 2
+
+
 def test_lower_and_compile_expose_jax_stages(moe):
     cfg, model = moe
     tokens = _tokens(cfg)

@@ -255,7 +255,13 @@ def test_variable_layer_sizes(kind, num_devices, capacity, tp):
         _best_bottleneck(p.numbers, capacity, "all", num_devices // tp))
     layers = [b - a for a, b in (s.layer_range for s in p.stages)]
     if kind == "heavy ends":
-        assert layers[0] < max(layers) and layers[-1] < max(layers)
+        # the embedding and head live on the end stages and count in their bytes; the head's
+        # time runs after the ticks (epilogue_s), so it does not shorten the last stage
+        embed = head = 2048 * D * F32
+        layer = p.numbers.footprints[1].weights_bytes
+        assert p.stages[0].footprint.weights_bytes == embed + layers[0] * layer
+        assert p.stages[-1].footprint.weights_bytes == layers[-1] * layer + head + FINAL_NORM
+        assert p.numbers.epilogue_s > 0 and layers[0] < max(layers)
         return
     weights = [f.weights_bytes for f in p.numbers.footprints]
     # MoE: attention, router [D, E] (split on E), experts [E, D, F] / [E, F, D] (split on E).
@@ -364,3 +370,29 @@ def test_step_time_by_hand():
     assert step_time(ranges16, costs, microbatches=8, concurrency=2) == 8 * 16.0
     assert step_time([(0, 8), (8, 16)], costs, microbatches=8, concurrency=2) == 8 * 16.0
     assert step_time([(0, 16)], costs, microbatches=8, concurrency=2) == 8 * 16.0
+    # the epilogue runs after the ticks, once per microbatch, on the last stage
+    assert step_time(ranges8, costs, microbatches=8, epilogue_s=0.5) == (8 + 7) * 2.0 + 8 * 0.5
+    assert step_time(ranges16, costs, microbatches=8, concurrency=2,
+                     epilogue_s=0.5) == 8 * 16.0 + 8 * 0.5
+
+
+def test_epilogue_time_is_kept_out_of_the_last_layer(tiny):
+    """The last layer's cost is a layer's cost; the head's time is the plan's epilogue_s."""
+    from lwjax.passes.planner import epilogue_time, segment_cost
+
+    graph = _graph(tiny, CFG.batch_size // 4)
+    hw = lwjax.hardware.H100_SXM
+    times = layer_times(graph, hw, weights_on_chip=True)
+    assert times[-1] == pytest.approx(times[1])  # identical layers, nothing folded into the last
+    head = epilogue_time(graph, hw, weights_on_chip=True)
+    # the head is [1, T, D] x [D, V]: at least its matmul FLOPs at the hardware's peak
+    mb_tokens = CFG.batch_size // 4 * CFG.seq_len
+    assert segment_cost(graph, graph.epilogue).flops >= 2 * mb_tokens * D * CFG.vocab_size
+    assert head > 0
+    p = lwjax.plan(tiny, TOKENS, num_devices=4, hardware=H100, cache_bytes=2**30,
+                   microbatches=4, objective="bottleneck")
+    assert p.numbers.epilogue_s == pytest.approx(head)
+    assert p.step_time_s == pytest.approx((4 + len(p.stages) - 1) * p.bottleneck.est_time_s
+                                          + 4 * head)
+    assert f"epilogue 4 x {head * 1e3:.3f} ms" in p.summary()
+    assert Plan.from_json(p.to_json()).numbers.epilogue_s == p.numbers.epilogue_s
