@@ -455,6 +455,44 @@ def microbatch_sweep(name: str = "seed_dense", hw: hardware.HardwareSpec = PROJE
          "layer-wise bubble", "layer-wise / baseline", "figure"], rows, "rrrrrrrl")
 
 
+DECODE_MICROBATCHES = (1, 2, 8, 16, 32, 128)
+
+
+def decode_projections(name: str, hw: hardware.HardwareSpec = PROJECTED_ON,
+                       counts: Sequence[int] = DECODE_MICROBATCHES) -> dict:
+    """(method, M) -> DecodeProjection: TP x PP and one layer per stage, KV cache of seq_len."""
+    cfg = getattr(models.configs, name)()
+    layouts = {"baseline": ([cfg.num_layers // PP] * PP, TP),
+               "layerwise": ([1] * cfg.num_layers, 1)}
+    return {(method, m): cost.project_decode(cfg, hw, stages, tp, m)
+            for method, (stages, tp) in layouts.items()
+            for m in counts if cfg.batch_size % m == 0}
+
+
+def best_decode(name: str) -> dict[str, cost.DecodeProjection]:
+    """method -> its shortest-TPOT projection over the microbatch counts tried."""
+    best: dict[str, cost.DecodeProjection] = {}
+    for (method, _), p in decode_projections(name).items():
+        if method not in best or p.tpot_ms < best[method].tpot_ms:
+            best[method] = p
+    return best
+
+
+def decode_table(names: Sequence[str] = ("seed_dense", "seed_moe")) -> str:
+    """Projected decode TPOT and tokens/s per method and M, each method's best M marked."""
+    rows = []
+    for name in names:
+        best = best_decode(name)
+        for (method, m), p in decode_projections(name).items():
+            rows.append([name, METHODS[method], str(m), f"{p.tick_s * 1e3:.3f}",
+                         f"{p.tpot_ms:.2f}" + (" (best)" if p is best[method] else ""),
+                         _common.tps(p.tps), f"{p.kv_bytes_per_device / 2**30:.1f}",
+                         _common.PROJECTED])
+    return _common.markdown_table(
+        ["config", "Method", "M", "tick ms", "TPOT ms", "decode tokens/s", "KV GiB / device",
+         "figure"], rows, "llrrrrrl")
+
+
 def projected_detail(name: str, hw: hardware.HardwareSpec = PROJECTED_ON,
                      microbatches: int = MICROBATCHES) -> list[str]:
     """One line per method: what one tick costs and why (projected)."""
@@ -499,8 +537,10 @@ def planner_verdict(name: str, hw: hardware.HardwareSpec = PROJECTED_ON,
 DEFINITIONS = f"""\
 - **TPS** = tokens of one forward (prefill) pass / its time = batch x seq_len / seconds.
 - **TPOT** (ms per output token): for a forward/prefill pass lwjax defines it as 1000 / TPS,
-  the time per token at that throughput. Decode (one token per sequence per step, KV caches)
-  is not pipelined by lwjax yet, so no decode TPOT is measured or projected.
+  the time per token at that throughput, as the seed documents compute it (their TPOT is
+  1000 / their TPS). The decode TPOT -- ms between two tokens of one sequence, KV caches
+  attended -- is projected in Table 2c; lwjax's runtime does not pipeline decode yet, so it
+  is not measured.
 - **measured** ({{cpu}}): wall-clock time, medians of interleaved runs
   (baseline, layer-wise, single, baseline, ...) after all were compiled; "TPS range" is the
   TPS of the slowest and fastest run. The 16 simulated devices share the machine's cores:
@@ -598,6 +638,12 @@ def summary(tables: Sequence[tuple[str, Sequence[Measured]]],
                      f"baseline = {p['layerwise'].tps / p['baseline'].tps:.2f} (GPipe bubble "
                      f"{p['layerwise'].bubble:.0%} vs {p['baseline'].bubble:.0%}; no layer's "
                      "weights fit the L2 in either).")
+        d = best_decode(name)
+        lines.append(f"- Projected decode, {name}, each at its best M: TPOT baseline "
+                     f"{d['baseline'].tpot_ms:.2f} ms (M = {d['baseline'].microbatches}), "
+                     f"layer-wise {d['layerwise'].tpot_ms:.2f} ms (M = "
+                     f"{d['layerwise'].microbatches}); layer-wise / baseline decode tokens/s = "
+                     f"{d['layerwise'].tps / d['baseline'].tps:.2f} (Table 2c).")
     return lines
 
 
@@ -644,6 +690,13 @@ def report(tables: Sequence[tuple[str, Sequence[Measured]]], breakdowns: Sequenc
         "### Projected TPS vs microbatches (seed_dense)",
         "The seeds' M = 8 leaves a 16-stage pipeline idle 65% of the time (15 / 23 ticks); "
         "a 2-stage one 11%.\n\n" + microbatch_sweep(),
+        "### Table 2c: projected decode (TPOT), seed dimensions",
+        f"One decode step: every sequence of the batch gains one token, attending over a KV "
+        f"cache of seq_len = 10,000 positions (`cost.project_decode`: blocks only, weights "
+        f"from HBM -- no layer fits the L2 -- and the KV cache from HBM; {PROJECTED_ON.name}). "
+        "A microbatch's token crosses the S stages in S ticks and its next token waits for "
+        "its turn at stage 0, every M ticks: TPOT = max(M, S) ticks. Decode is not pipelined "
+        "by lwjax's runtime yet, so nothing here is measured.\n\n" + decode_table(),
         "### What lwjax's planner says at these dimensions",
         "\n".join(f"- {n}: {planner_verdict(n)}" for n in ("seed_dense", "seed_moe")),
     ]

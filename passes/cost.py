@@ -428,3 +428,120 @@ def project_layerwise(
     """
     return _project(cfg, hw, tuple(layers_per_stage), 1, microbatches, cache_bytes, attention)
 
+
+
+# ---- decode: one new token per sequence against a KV cache ----------------------------------
+
+
+def decode_block_cost(
+    cfg: DenseConfig,
+    *,
+    batch_size: int | None = None,
+    cache_len: int | None = None,
+    tp: int = 1,
+) -> LayerCost:
+    """Closed-form LayerCost of one block's decode step on one of ``tp`` devices:
+    ``batch_size`` sequences, one new token each, attending over a KV cache of ``cache_len``
+    positions (default ``cfg.seq_len``: decoding after a full-length prompt).
+
+    FLOPs: ``block_flops`` at one token, with ``QK^T`` and ``PV`` over the cache,
+    ``2 * 2*B*Nl*H*L`` (the XLA attention computes every cache position; masking does not skip
+    work). Weights: as ``block_cost`` (a MoE block's experts all run their capacity slots, so
+    all are read). Activations: ``block_cost`` at one token plus the cache read, ``2*B*L*Nl*H``
+    elements, and the new K/V written, ``2*B*Nl*H``.
+
+    Example:
+        >>> c = decode_block_cost(configs.tiny_dense(), cache_len=16)   # B=4 D=64 N=4 H=16
+        >>> c.activation_bytes - block_cost(configs.tiny_dense(), seq_len=1).activation_bytes
+        34816
+    """
+    b, length = _batch_seq(cfg, batch_size, cache_len)
+    n, _ = _local_dims(cfg, tp)
+    h, s = cfg.head_dim, cfg.dtype.itemsize
+    one = block_cost(cfg, batch_size=b, seq_len=1, tp=tp, attention="flash")
+    f = block_flops(cfg, batch_size=b, seq_len=1, tp=tp)
+    flops = f.attention_projections + f.mlp + 2 * 2 * b * n * h * length
+    kv = s * (2 * b * length * n * h + 2 * b * n * h)
+    return LayerCost(float(flops), one.weight_bytes, one.activation_bytes + kv)
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeProjection:
+    """Projected (not measured) pipelined decode: every sequence gains one token per period.
+
+    Attributes:
+        tpot_ms: milliseconds between two tokens of one sequence: ``max(M, S)`` ticks (a
+            microbatch's token crosses S stages; its next one waits for its turn at stage 0,
+            which comes every M ticks).
+        tps: tokens per second over the whole batch: ``batch_size / TPOT``.
+        tick_s: the slowest stage's time on one microbatch plus one stage-to-stage transfer.
+        stage_s: seconds per stage per microbatch.
+        transfer_s: seconds per transfer of one microbatch's [mb, 1, D] activation.
+        microbatches: M.
+        cache_len: KV-cache positions attended.
+        kv_bytes_per_device: the KV cache a device of the busiest stage holds (all M
+            microbatches), for checking against HBM.
+    """
+
+    tpot_ms: float
+    tps: float
+    tick_s: float
+    stage_s: tuple[float, ...]
+    transfer_s: float
+    microbatches: int
+    cache_len: int
+    kv_bytes_per_device: int
+
+
+def project_decode(
+    cfg: DenseConfig,
+    hw: HardwareSpec,
+    layers_per_stage: Sequence[int],
+    tp: int,
+    microbatches: int,
+    *,
+    cache_len: int | None = None,
+    cache_bytes: int | None = None,
+) -> DecodeProjection:
+    """Projected pipelined decode of the blocks: S stages of ``layers_per_stage`` blocks,
+    each over ``tp`` devices (Megatron: two all-reduces per block), M microbatches in flight.
+
+    A stage's weights come from L2 when the device's share fits ``cache_bytes`` (default
+    ``hw.l2_bytes``), else from HBM; the KV cache always comes from HBM. TP x PP is
+    ``layers_per_stage=[L / pp] * pp, tp=tp``; layer-wise one layer per stage is
+    ``[1] * L, tp=1``. Embedding and LM head are left out, as in ``project_tp_pp``.
+
+    Example:
+        >>> p = project_decode(configs.seed_dense(), hardware.H100_SXM, [1] * 16, 1, 16)
+        >>> p.tpot_ms == 16 * p.tick_s * 1e3
+        True
+    """
+    stages = tuple(layers_per_stage)
+    _require(
+        len(stages) > 0 and all(_is_count(k) for k in stages) and sum(stages) == cfg.num_layers,
+        f"layers_per_stage {stages} must be positive integers summing to "
+        f"num_layers={cfg.num_layers}.",
+    )
+    _require(
+        _is_count(microbatches) and cfg.batch_size % microbatches == 0,
+        f"microbatches={microbatches!r} must be a positive divisor of "
+        f"batch_size={cfg.batch_size}.",
+    )
+    mb = cfg.batch_size // microbatches
+    length = cfg.seq_len if cache_len is None else cache_len
+    c = decode_block_cost(cfg, batch_size=mb, cache_len=length, tp=tp)
+    capacity = hw.l2_bytes if cache_bytes is None else cache_bytes
+    activation = mb * cfg.hidden_size * cfg.dtype.itemsize
+    sync = 2 * allreduce_time(activation, tp, hw)
+    stage_s = tuple(
+        k * (layer_time(c, hw, weights_on_chip=k * c.weight_bytes <= capacity,
+                        dtype=cfg.dtype.name).total_s + sync)
+        for k in stages
+    )
+    transfer = transfer_time(activation, hw) if len(stages) > 1 else 0.0
+    tick = max(stage_s) + transfer
+    tpot = max(microbatches, len(stages)) * tick
+    n, _ = _local_dims(cfg, tp)
+    kv = max(stages) * 2 * cfg.batch_size * length * n * cfg.head_dim * cfg.dtype.itemsize
+    return DecodeProjection(tpot * 1e3, cfg.batch_size / tpot, tick, stage_s, transfer,
+                            microbatches, length, kv)

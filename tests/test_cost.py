@@ -285,6 +285,42 @@ def test_projections_compose_the_pieces():
         cost.project_layerwise(cfg, ROUND, [1, 1], m)
 
 
+def test_decode_block_cost_by_hand():
+    cfg = models.configs.tiny_dense()  # B=4 D=64 N=4 H=16 F=128, float32
+    b, d, n, h, f, length = 4, 64, 4, 16, 128, 100
+    c = cost.decode_block_cost(cfg, cache_len=length)
+    # one token per sequence: q/k/v/out and the MLP on B tokens, the scores over the cache
+    assert c.flops == 4 * 2 * b * d * n * h + 3 * 2 * b * d * f + 2 * 2 * b * n * h * length
+    assert c.weight_bytes == cost.block_cost(cfg).weight_bytes
+    one_token = cost.block_cost(cfg, seq_len=1).activation_bytes
+    assert c.activation_bytes == one_token + 4 * (2 * b * length * n * h + 2 * b * n * h)
+    # tp=2 halves the heads each device attends with
+    c2 = cost.decode_block_cost(cfg, cache_len=length, tp=2)
+    assert c2.flops == 4 * 2 * b * d * 2 * h + 3 * 2 * b * d * 64 + 2 * 2 * b * 2 * h * length
+
+
+def test_project_decode_by_hand():
+    cfg = dataclasses.replace(models.configs.tiny_dense(), batch_size=8)
+    length, mb = 64, 2
+    act = mb * cfg.hidden_size * 4
+    block = cost.layer_time(cost.decode_block_cost(cfg, batch_size=mb, cache_len=length),
+                            ROUND, weights_on_chip=True, dtype="float32").total_s
+    # M = 4 microbatches over S = 2 stages: a sequence's next token every max(M, S) = 4 ticks
+    p = cost.project_decode(cfg, ROUND, [1, 3], 1, 4, cache_len=length)
+    tick = 3 * block + cost.transfer_time(act, ROUND)
+    assert p.tick_s == pytest.approx(tick)
+    assert p.tpot_ms == pytest.approx(4 * tick * 1e3)
+    assert p.tps == pytest.approx(8 / (4 * tick))
+    assert p.kv_bytes_per_device == 3 * 2 * 8 * length * cfg.num_heads * cfg.head_dim * 4
+    # M = 1 < S = 4: the whole batch crosses four stages per token
+    q = cost.project_decode(cfg, ROUND, [1, 1, 1, 1], 1, 1, cache_len=length)
+    assert q.tpot_ms == pytest.approx(4 * q.tick_s * 1e3)
+    with pytest.raises(ConfigError, match="divisor of batch_size"):
+        cost.project_decode(cfg, ROUND, [4], 1, 3)
+    with pytest.raises(ConfigError, match="num_layers"):
+        cost.project_decode(cfg, ROUND, [1, 1], 1, 2)
+
+
 # ---- hardware ------------------------------------------------------------------------------
 
 
