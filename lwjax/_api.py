@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
+import numpy as np
 
 from lwjax import hardware as hardware_lib
 from lwjax.errors import CapacityError, ConfigError, DeviceError, InputError
@@ -15,6 +18,7 @@ from lwjax.passes import footprint as footprint_lib
 from lwjax.passes.compression import Compression
 from lwjax.passes.footprint import AttentionAssumption
 from lwjax.passes.lower import lower
+from lwjax.passes.schedules import SCHEDULES
 from lwjax.passes.segment import LayerGraph, segment
 from lwjax.passes.strategies import STRATEGIES, Target, search_plan
 from lwjax.passes.trace import Mode, trace
@@ -49,6 +53,7 @@ def analyze(
     microbatch_size: int | None = None,
     compression: str | Compression | None = None,
     attention: AttentionAssumption = "as_traced",
+    unbatched: Sequence[int | str] = (),
     **kwargs,
 ) -> ModelReport:
     """Per-layer on-chip footprints of a model: trace -> segment -> footprint.
@@ -64,6 +69,8 @@ def analyze(
             "int4-75%") or an ``lwjax.Compression``.
         attention: "as_traced", or "fused" to assume a flash-attention kernel (planning for
             a GPU from a CPU trace).
+        unbatched: array arguments that are not per-example although their leading size is
+            the batch (positional indices or keyword names; see ``passes.trace.trace``).
         **kwargs: further call arguments.
 
     Returns:
@@ -77,7 +84,7 @@ def analyze(
         268558336
     """
     traced = trace(model, *args, mode=mode, cache_len=cache_len,
-                   microbatch_size=microbatch_size, **kwargs)
+                   microbatch_size=microbatch_size, unbatched=unbatched, **kwargs)
     graph = segment(traced)
     fp = footprint_lib.footprint(graph, compression, attention=attention)
     if mode == "decode" and cache_len is None:
@@ -105,29 +112,58 @@ def _hardware(hardware, devices) -> HardwareSpec:
 def _devices(devices, num_devices) -> tuple[list | None, tuple[int, ...]]:
     """Device objects (None when planning abstractly) and their ids."""
     if devices is not None:
-        devices = list(devices)
+        try:
+            devices = list(devices)
+        except TypeError:
+            raise DeviceError(f"devices= must be a list of jax devices or device ids, got "
+                              f"{devices!r}.") from None
         if not devices:
             raise DeviceError("devices=[] is empty; pass at least one device.")
-        ids = [d if isinstance(d, int) else d.id for d in devices]
+        is_id = [_whole(d) is not None and not isinstance(d, float) for d in devices]
+        is_device = [isinstance(getattr(d, "id", None), int) for d in devices]
+        bad = [d for d, a, b in zip(devices, is_id, is_device, strict=True) if not (a or b)]
+        if bad:
+            raise DeviceError(f"devices= holds {bad[0]!r}, which is neither a jax device nor "
+                              "an integer id; pass jax.devices()[:k] or a list of ids.")
+        if any(is_id) and any(is_device):
+            raise DeviceError("devices= mixes jax devices and integer ids; pass one kind.")
+        ids = [int(d) if a else d.id for d, a in zip(devices, is_id, strict=True)]
+        if min(ids) < 0:
+            raise DeviceError(f"devices= holds a negative id ({min(ids)}); ids start at 0.")
         if len(set(ids)) != len(ids):
             dup = sorted({i for i in ids if ids.count(i) > 1})
             raise DeviceError(f"Duplicate devices {dup} in devices=; list each device once.")
         if num_devices is not None and num_devices != len(ids):
             raise DeviceError(f"num_devices={num_devices} but {len(ids)} devices were given.")
-        objs = None if all(isinstance(d, int) for d in devices) else devices
+        objs = None if all(is_id) else devices
         return objs, tuple(ids)
     if num_devices is None:
         raise DeviceError("Give num_devices= or devices= to plan for.")
-    if isinstance(num_devices, bool) or not isinstance(num_devices, int) or num_devices < 1:
+    count = _whole(num_devices)
+    if count is None or count < 1:
         raise DeviceError(f"num_devices must be a positive integer, got {num_devices!r}.")
-    return None, tuple(range(num_devices))
+    return None, tuple(range(count))
+
+
+def _whole(x) -> int | None:
+    """``x`` as an int when it is a whole number (int, numpy integer, integral float), else
+    None; booleans are not numbers here."""
+    if isinstance(x, bool | np.bool_):
+        return None
+    if isinstance(x, numbers.Integral):
+        return int(x)
+    if isinstance(x, numbers.Real) and math.isfinite(x) and float(x).is_integer():
+        return int(x)
+    return None
 
 
 def _microbatches(batch: int, microbatches: int | None, num_devices: int) -> int:
     if microbatches is None:
         return max(m for m in range(1, min(batch, num_devices) + 1) if batch % m == 0)
-    if isinstance(microbatches, bool) or not isinstance(microbatches, int) or microbatches < 1:
+    count = _whole(microbatches)
+    if count is None or count < 1:
         raise InputError(f"microbatches must be a positive integer, got {microbatches!r}.")
+    microbatches = count
     if batch % microbatches:
         raise InputError(
             f"batch {batch} does not divide into {microbatches} microbatches; pick a divisor "
@@ -140,21 +176,22 @@ def _capacity(cache_bytes, hw: HardwareSpec, persisting: bool) -> int:
     if cache_bytes is None:
         if persisting:
             if hw.persisting_l2_bytes is None:
-                raise CapacityError(f"{hw.name} has no persisting-L2 limit; pass cache_bytes=.")
+                raise CapacityError(f"{hw.name} has no persisting-L2 limit; give the capacity "
+                                    "(cache_bytes=, or --cache-mib on the command line).")
             return hw.persisting_l2_bytes
         return hw.l2_bytes
-    if isinstance(cache_bytes, bool) or not isinstance(cache_bytes, int | float) or \
-            not cache_bytes > 0:
+    count = _whole(cache_bytes)
+    if count is None or count < 1:
         raise CapacityError(
-            f"cache_bytes must be a positive number of bytes, got {cache_bytes!r}; e.g. "
+            f"cache_bytes must be a positive whole number of bytes, got {cache_bytes!r}; e.g. "
             f"50 * 2**20 for a 50 MiB L2."
         )
-    return int(cache_bytes)
+    return count
 
 
 def _plan_graph(model, args, kwargs, *, devices, num_devices, hardware, cache_bytes,
                 compression, microbatches, mode, cache_len, residency, attention, persisting,
-                method, allow=(), objective="step"):
+                method, allow=(), objective="step", unbatched=()):
     """Plans and returns ``(plan, graph at the plan's microbatch size, device objects or None,
     full batch)``. ``allow``: the edge-case strategies the search may use, in order
     (``passes/strategies.py``); none by default."""
@@ -167,7 +204,8 @@ def _plan_graph(model, args, kwargs, *, devices, num_devices, hardware, cache_by
     def graph_at(size: int) -> LayerGraph:  # a retrace per microbatch size, memoised
         if size not in graphs:
             graphs[size] = segment(trace(model, *args, mode=mode, cache_len=cache_len,
-                                         microbatch_size=size, **kwargs))
+                                         microbatch_size=size, unbatched=unbatched,
+                                         **kwargs))
         return graphs[size]
 
     # The batch is the first call argument's leading size (after a linen module's variables);
@@ -175,7 +213,7 @@ def _plan_graph(model, args, kwargs, *, devices, num_devices, hardware, cache_by
     first = jax.tree.leaves((args[1:] if isinstance(model, nn.Module) else args)[:1])
     shape = getattr(first[0], "shape", None) if first else None
     batch = int(shape[0]) if shape else trace(model, *args, mode=mode, cache_len=cache_len,
-                                              **kwargs).batch_size
+                                              unbatched=unbatched, **kwargs).batch_size
     m = _microbatches(batch, microbatches, len(ids))
     if attention is None:
         attention = "fused" if hw.kind == "gpu" else "as_traced"
@@ -204,6 +242,7 @@ def plan(
     method: str = "optimal",
     allow: Sequence[str] | None = STRATEGIES,
     objective: Objective = "step",
+    unbatched: Sequence[int | str] = (),
     **kwargs,
 ) -> Plan:
     """Plans a layer-wise deployment: trace -> segment -> footprint -> cost -> partition.
@@ -236,6 +275,8 @@ def plan(
         objective: "step" (default: the stage count with the shortest projected GPipe step;
             on a CPU this counts the cores the simulated devices share) or "bottleneck"
             (the fewest stages with the smallest slowest-stage time).
+        unbatched: array arguments that are not per-example although their leading size is
+            the batch (see ``analyze``).
         **kwargs: further call arguments of the model.
 
     Returns:
@@ -255,7 +296,8 @@ def plan(
                        hardware=hardware, cache_bytes=cache_bytes, compression=compression,
                        microbatches=microbatches, mode=mode, cache_len=cache_len,
                        residency=residency, attention=attention, persisting=persisting,
-                       method=method, allow=allow, objective=objective)[0]
+                       method=method, allow=allow, objective=objective,
+                       unbatched=unbatched)[0]
 
 
 def layerwise_shard(
@@ -270,6 +312,7 @@ def layerwise_shard(
     schedule: str = "gpipe",
     allow: Sequence[str] = ("split", "microbatch"),
     objective: Objective = "step",
+    unbatched: Sequence[int | str] = (),
     **kwargs,
 ) -> ShardedModel:
     """Runs a model as a layer-wise pipeline: trace -> segment -> footprint -> partition ->
@@ -290,6 +333,11 @@ def layerwise_shard(
             devices, lowered to a "tp" mesh axis) and "microbatch". Not "compress": the
             pipeline runs the weights as stored, so a plan may not count on compression.
         objective: "step" or "bottleneck" (see ``plan``).
+        unbatched: array arguments passed whole to every microbatch although their leading
+            size is the batch (a [T, T] mask when T equals the batch): positional indices or
+            keyword names. Every other array argument whose leading size is the batch is
+            split into microbatches, so the model must treat the examples of a batch
+            independently (no batch statistics) to give its own answers.
         **kwargs: further call arguments (arrays are microbatched when batch-shaped).
 
     Returns:
@@ -301,7 +349,9 @@ def layerwise_shard(
     """
     if devices is None:
         devices = jax.devices()
-    allow = tuple(allow or ())
+    allow = (allow,) if isinstance(allow, str) else tuple(allow or ())
+    if schedule not in SCHEDULES:
+        raise ConfigError(f"schedule={schedule!r} is not one of {sorted(SCHEDULES)}.")
     if "compress" in allow:
         raise ConfigError("layerwise_shard runs the weights as stored, so allow= may not "
                           "include 'compress'; plan compressed deployments with lwjax.plan.")
@@ -309,7 +359,8 @@ def layerwise_shard(
         model, args, kwargs, devices=devices, num_devices=None, hardware=hardware,
         cache_bytes=cache_bytes, compression=compression, microbatches=microbatches,
         mode="prefill", cache_len=None, residency=residency, attention=None,
-        persisting=False, method="optimal", allow=allow, objective=objective)
+        persisting=False, method="optimal", allow=allow, objective=objective,
+        unbatched=unbatched)
     if objs is None:
         raise DeviceError("layerwise_shard runs on jax devices: pass devices=jax.devices(), "
                           "not device ids.")

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import pathlib
 import sys
 from collections.abc import Sequence
 
@@ -82,8 +84,14 @@ def _plan(args) -> int:
         return _fail(str(e), 2)
     if args.devices < 1:
         return _fail(f"--devices must be at least 1, got {args.devices}.", 2)
-    if args.cache_mib is not None and not args.cache_mib > 0:
-        return _fail(f"--cache-mib must be positive, got {args.cache_mib}.", 2)
+    if args.cache_mib is not None and not 2**-20 <= args.cache_mib < float("inf"):
+        return _fail(f"--cache-mib must be finite and at least one byte (2**-20 MiB), got "
+                     f"{args.cache_mib}.", 2)
+    if args.figure:
+        folder = pathlib.Path(args.figure).expanduser().resolve().parent
+        if not folder.is_dir() or not os.access(folder, os.W_OK):
+            return _fail(f"--figure {args.figure}: cannot write into {folder} (no such "
+                         "writable folder).", 2)
     allow = tuple(a.strip() for a in args.allow.split(",") if a.strip())
     tokens = jax.ShapeDtypeStruct(
         (cfg.batch_size, 1 if args.mode == "decode" else cfg.seq_len), jnp.int32)

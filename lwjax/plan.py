@@ -19,6 +19,7 @@ from lwjax.passes.footprint import Footprint
 MIB = 2**20
 Residency = Literal["all", "weights"]
 Objective = Literal["bottleneck", "step"]
+OBJECTIVES: tuple[str, ...] = ("step", "bottleneck")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,6 +99,7 @@ class Plan:
             (M + S - 1) ticks, which can favour fewer stages).
         concurrency: the cores a CPU's simulated devices share (None: every stage has its own
             device); the step objective then bounds a step by the total work.
+        method: "optimal" or "greedy" partitioning; ``replan`` keeps it.
     """
 
     stages: tuple[Stage, ...]
@@ -117,6 +119,7 @@ class Plan:
     model: str = ""
     objective: Objective = "bottleneck"
     concurrency: int | None = None
+    method: str = "optimal"
 
     @property
     def num_devices(self) -> int:

@@ -37,12 +37,14 @@ from typing import Literal
 import numpy as np
 
 from lwjax._compat import ClosedJaxpr, Jaxpr, JaxprEqn, Var, jaxprs_in_params
+from lwjax.errors import ConfigError
 from lwjax.passes import compression as compression_lib
 from lwjax.passes.compression import Compression
 from lwjax.passes.segment import LayerGraph, Segment
 
 Attention = Literal["materialized", "fused", "none"]
 AttentionAssumption = Literal["as_traced", "fused"]
+ATTENTION_ASSUMPTIONS: tuple[str, ...] = ("as_traced", "fused")
 
 # Elementwise and layout primitives XLA fuses into their readers.
 FUSIBLE = frozenset("""
@@ -426,6 +428,9 @@ def footprint(graph: LayerGraph, compression: str | Compression | None = None,
         >>> fp.compression.name
         'int8'
     """
+    if attention not in ATTENTION_ASSUMPTIONS:
+        raise ConfigError(f"attention must be one of {ATTENTION_ASSUMPTIONS}, got "
+                          f"{attention!r}.")
     policy = compression_lib.get(compression)
     channels = output_channels(graph)
     memo: dict[tuple, Footprint] = {}

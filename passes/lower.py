@@ -39,7 +39,7 @@ from jax.sharding import PartitionSpec as P
 
 from lwjax._compat import Literal as JaxLiteral
 from lwjax._compat import Var, bind_eqn
-from lwjax.errors import InputError
+from lwjax.errors import ConfigError, InputError
 from lwjax.passes.schedules import SCHEDULES
 from lwjax.passes.segment import LayerGraph, Segment
 from lwjax.passes.tp import residual_width, split_axis
@@ -243,14 +243,18 @@ class PipelineProgram:
 
     def outputs(self, stacked) -> object:
         """The model's outputs from ``fn``'s per-stage results [S, M, mb, ...]: the last
-        stage's shard, taken where it was computed (no gather), as [M * mb, ...]."""
+        stage's shard, taken where it was computed (no gather), as [M * mb, ...]. Under an
+        outer ``jax.jit`` the slice is part of that program instead."""
         last = len(self.stages) - 1
         flat = []
         for o in stacked:
-            shard = next(sh for sh in o.addressable_shards
-                         if (sh.index[0].start or 0) <= last < (sh.index[0].stop or len(
-                             self.stages)))
-            data = shard.data[0]
+            if isinstance(o, jax.core.Tracer):
+                data = o[last]
+            else:
+                shard = next(sh for sh in o.addressable_shards
+                             if (sh.index[0].start or 0) <= last < (sh.index[0].stop or len(
+                                 self.stages)))
+                data = shard.data[0]
             flat.append(data.reshape(data.shape[0] * data.shape[1], *data.shape[2:]))
         return jax.tree.unflatten(self.graph.traced.out_treedef, flat)
 
@@ -306,6 +310,8 @@ def lower(
     Returns:
         PipelineProgram.
     """
+    if schedule not in SCHEDULES:
+        raise ConfigError(f"schedule={schedule!r} is not one of {sorted(SCHEDULES)}.")
     num_stages = len(ranges)
     devices = list(devices)[:num_stages * tp]
     if tp == 1:

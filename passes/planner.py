@@ -29,13 +29,13 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from lwjax._compat import Jaxpr
-from lwjax.errors import DeviceError, InfeasiblePlanError
+from lwjax.errors import ConfigError, DeviceError, InfeasiblePlanError
 from lwjax.hardware import HardwareSpec
 from lwjax.passes.cost import LayerCost, allreduce_time, cost_from_jaxpr, layer_time
 from lwjax.passes.footprint import Footprint, GraphFootprint, value_bytes
 from lwjax.passes.partition import min_stages, partition_layers
 from lwjax.passes.segment import LayerGraph, Segment
-from lwjax.plan import LayerNumbers, Objective, Plan, Residency, Stage, step_time
+from lwjax.plan import OBJECTIVES, LayerNumbers, Objective, Plan, Residency, Stage, step_time
 
 MIB = 2**20
 
@@ -205,6 +205,8 @@ def plan_from_numbers(
         ...                   microbatch_size=4, mode="prefill").num_devices
         4
     """
+    if objective not in OBJECTIVES:
+        raise ConfigError(f"objective must be one of {OBJECTIVES}, got {objective!r}.")
     device_ids = tuple(device_ids)
     if not device_ids:
         raise DeviceError("No devices to plan for: pass devices=[...] or num_devices >= 1.")
@@ -246,7 +248,7 @@ def plan_from_numbers(
                 microbatch_size=microbatch_size, mode=mode, residency=residency,
                 attention=attention, strategy=strategy, notes=tuple(notes), numbers=numbers,
                 device_pool=device_ids, tp=tp, model=model, objective=objective,
-                concurrency=concurrency)
+                concurrency=concurrency, method=method)
 
 
 def _shortest_step(sizes, numbers: LayerNumbers, room: int, most: int, microbatches: int,
@@ -258,12 +260,13 @@ def _shortest_step(sizes, numbers: LayerNumbers, room: int, most: int, microbatc
         counts = sorted({fewest, most, *(2**i for i in range(most.bit_length())
                                           if fewest <= 2**i <= most)})
     best = None
-    for k in counts:
+    for k in sorted(counts):
         ranges = partition_layers(sizes, numbers.costs_s, room, k, method=method)
-        key = (step_time(ranges, numbers.costs_s, microbatches, concurrency,
-                         numbers.epilogue_s), len(ranges))
-        if best is None or key < best[0]:
-            best = (key, ranges)
+        step = step_time(ranges, numbers.costs_s, microbatches, concurrency, numbers.epilogue_s)
+        # ties -- equal up to the rounding of summing the same costs in other groups -- go
+        # to fewer stages
+        if best is None or step < best[0] * (1 - 1e-9):
+            best = (step, ranges)
     return best[1]
 
 
@@ -321,23 +324,33 @@ def replan(plan: Plan, exclude_devices=(), spare_devices=()) -> Plan:
         >>> 3 in {d for s in new.stages for d in s.devices}
         False
     """
-    excluded = set(exclude_devices)
-    unknown = excluded - set(plan.device_pool)
+    excluded = _device_ids(exclude_devices, "exclude_devices")
+    spares = _device_ids(spare_devices, "spare_devices")
+    unknown = [d for d in excluded if d not in plan.device_pool]
     if unknown:
-        raise DeviceError(f"Cannot exclude devices {sorted(unknown)}: not in the plan's pool "
-                          f"{list(plan.device_pool)}.")
-    pool = [d for d in plan.device_pool if d not in excluded]
-    pool += [d for d in dict.fromkeys(spare_devices) if d not in pool and d not in excluded]
-    notes = (*plan.notes, f"replanned without devices {sorted(excluded)}"
-             + (f", with spares {list(spare_devices)}" if spare_devices else ""))
+        raise DeviceError(f"Cannot exclude devices {unknown}: not in the plan's pool "
+                          f"{list(plan.device_pool)}; exclude ids from the pool.")
+    both = [d for d in spares if d in excluded]
+    if both:
+        raise DeviceError(f"Devices {both} are both excluded and spare; list each in one of "
+                          "exclude_devices= and spare_devices=.")
+    pooled = [d for d in spares if d in plan.device_pool]
+    if pooled:
+        raise DeviceError(f"Spare devices {pooled} are already in the plan's pool "
+                          f"{list(plan.device_pool)}; spares must be new device ids.")
+    pool = [d for d in plan.device_pool if d not in excluded] + spares
+    notes = (*(n if n.startswith("before replanning: ") else f"before replanning: {n}"
+               for n in plan.notes),
+             f"replanned without devices {excluded}" + (f", with spares {spares}" if spares
+                                                        else ""))
     try:
         return plan_from_numbers(
             plan.numbers, capacity_bytes=plan.capacity_bytes, device_ids=pool,
             hardware=plan.hardware, compression=plan.compression,
             microbatches=plan.microbatches, microbatch_size=plan.microbatch_size,
             mode=plan.mode, residency=plan.residency, attention=plan.attention,
-            strategy=plan.strategy, notes=notes, tp=plan.tp, model=plan.model,
-            objective=plan.objective, concurrency=plan.concurrency)
+            method=plan.method, strategy=plan.strategy, notes=notes, tp=plan.tp,
+            model=plan.model, objective=plan.objective, concurrency=plan.concurrency)
     except (InfeasiblePlanError, DeviceError) as e:
         if isinstance(e, DeviceError) and pool:
             raise
@@ -348,12 +361,31 @@ def replan(plan: Plan, exclude_devices=(), spare_devices=()) -> Plan:
         need = f"; the plan needs at least {fewest} devices" if fewest else ""
         split = f" ({len(pool) // plan.tp} stages of tp={plan.tp})" if plan.tp > 1 else ""
         raise infeasible(
-            f"Without devices {sorted(excluded)} the remaining {len(pool)} devices{split} "
+            f"Without devices {excluded} the remaining {len(pool)} devices{split} "
             f"cannot hold the model{need}: add spare_devices=[...] or re-plan with "
             f"lwjax.plan (compression, a smaller microbatch). {e}", **fields) from None
 
 
 # ---- helpers --------------------------------------------------------------------------------
+
+def _device_ids(devices, what: str) -> list[int]:
+    """Device ids, in order, without repeats, from ids or jax devices (one or an iterable)."""
+    if isinstance(devices, int | np.integer) or hasattr(devices, "id"):
+        devices = [devices]
+    try:
+        items = list(devices)
+    except TypeError:
+        raise DeviceError(f"{what} must be a list of device ids or jax devices, got "
+                          f"{devices!r}.") from None
+    ids = []
+    for d in items:
+        d = getattr(d, "id", d)
+        if isinstance(d, bool) or not isinstance(d, int | np.integer) or d < 0:
+            raise DeviceError(f"{what} holds {d!r}, which is not a device: give non-negative "
+                              "integer ids or jax devices.")
+        ids.append(int(d))
+    return list(dict.fromkeys(ids))
+
 
 def infeasible(message: str, **fields) -> InfeasiblePlanError:
     err = InfeasiblePlanError(message)

@@ -51,7 +51,7 @@ from lwjax.passes.planner import (
 )
 from lwjax.passes.segment import LayerGraph
 from lwjax.passes.split import heads_split, split_levels, split_numbers
-from lwjax.plan import LayerNumbers, Objective, Plan, Residency
+from lwjax.plan import OBJECTIVES, LayerNumbers, Objective, Plan, Residency
 
 MIB = 2**20
 STRATEGIES: tuple[str, ...] = ("split", "compress", "microbatch")
@@ -106,6 +106,9 @@ class Target:
         if unknown or len(set(self.allow)) != len(self.allow):
             raise ConfigError(f"allow={self.allow!r}: list each of {STRATEGIES} at most once, "
                               "in order of preference (e.g. allow=('split', 'compress')).")
+        if self.objective not in OBJECTIVES:
+            raise ConfigError(f"objective must be one of {OBJECTIVES}, got "
+                              f"{self.objective!r}.")
         if self.residency not in ("all", "weights"):
             raise ConfigError(f"residency must be 'all' or 'weights', got {self.residency!r}.")
         if not self.device_ids or self.capacity_bytes < 1 or self.microbatch_size < 1:

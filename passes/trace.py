@@ -29,9 +29,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
+import flax.errors
 import flax.linen as nn
 import jax
 import numpy as np
@@ -113,6 +114,35 @@ def _is_array(x) -> bool:
     return isinstance(x, jax.Array | np.ndarray | jax.ShapeDtypeStruct)
 
 
+_RANDOM_MESSAGE = (
+    "the {kind} model draws random numbers during the call ({what}), e.g. active dropout: a "
+    "pipeline would not advance its RNG state as the model does. Trace it in inference mode "
+    "(deterministic=True, or the model's equivalent).")
+_RANDOM_PRIMITIVES = frozenset({"random_bits", "random_split", "random_fold_in",
+                                "threefry2x32", "random_seed"})
+
+
+def _unbatched_leaves(unbatched: Sequence[int | str], arg_paths: Sequence[str],
+                      num_args: int, array_kwargs: dict) -> tuple[bool, ...]:
+    """Per argument leaf: is it named in ``unbatched`` (passed whole to every microbatch)?"""
+    if isinstance(unbatched, int | str):
+        unbatched = (unbatched,)
+    prefixes = []
+    for u in unbatched:
+        if isinstance(u, bool) or not isinstance(u, int | str):
+            raise InputError(f"unbatched= holds {u!r}; name arguments by position (int) or "
+                             "keyword (str).")
+        if isinstance(u, int) and not 0 < u < num_args:
+            raise InputError(
+                f"unbatched={u}: positional arguments are 0..{num_args - 1} and the first "
+                "(0) defines the batch; name another position or a keyword.")
+        if isinstance(u, str) and u not in array_kwargs:
+            raise InputError(f"unbatched={u!r} is not an array keyword argument of the call "
+                             f"(those are {sorted(array_kwargs)}).")
+        prefixes.append(f"0/{u}" if isinstance(u, int) else f"1/{u}")
+    return tuple(any(p == q or p.startswith(q + "/") for q in prefixes) for p in arg_paths)
+
+
 def _split_kwargs(kwargs: dict) -> tuple[dict, dict]:
     arrays = {k: v for k, v in kwargs.items() if jax.tree.leaves(v) and all(
         _is_array(x) for x in jax.tree.leaves(v))}
@@ -175,9 +205,17 @@ def trace(
     mode: Mode = "prefill",
     cache_len: int | None = None,
     microbatch_size: int | None = None,
+    unbatched: Sequence[int | str] = (),
     **kwargs,
 ) -> TracedModel:
     """Traces a Flax model abstractly.
+
+    Batch-shaped arguments: every array argument whose leading size equals the first
+    argument's (the batch) is taken to hold one row per example and is split when tracing
+    at ``microbatch_size`` (and when a pipeline microbatches it). ``unbatched`` names the
+    ones that are not (a [T, T] mask when T equals the batch): positional indices (counted
+    after a linen module's variables) or keyword names. The model must treat the examples
+    of a batch independently (no batch statistics) for microbatches to give its answers.
 
     Args:
         model: an NNX module, or a linen module followed by its variables in ``args``.
@@ -186,6 +224,7 @@ def trace(
         mode: "prefill" or "decode".
         cache_len: decode only: KV-cache positions (defaults to the model config's seq_len).
         microbatch_size: trace with batch-shaped arguments shrunk to this batch.
+        unbatched: array arguments passed whole to every microbatch (see above).
         **kwargs: further call arguments (arrays are traced, the rest static).
 
     Returns:
@@ -208,33 +247,38 @@ def trace(
                 f"{type(model).__name__} is a linen module. Trace it in 'prefill' mode."
             )
         return _trace(lambda p, *a, **k: model.apply(p, *a, **k), variables, args, kwargs,
-                      mode, microbatch_size, "linen", None)
+                      mode, microbatch_size, "linen", None, unbatched=unbatched)
     if isinstance(model, nnx.Module):
-        graphdef, state = nnx.split(model)
+        # RNG streams (nnx.Rngs, Dropout's keys and counts) are no weights: they are bound
+        # into the traced function, and a call that draws from them is refused below.
+        graphdef, rng_state, state = nnx.split(model, nnx.RngState, ...)
         if mode == "decode":
-            return _trace_decode(model, graphdef, state, args, kwargs, cache_len, microbatch_size)
+            return _trace_decode(model, graphdef, rng_state, state, args, kwargs, cache_len,
+                                 microbatch_size)
 
         def fn(p, *a, **k):
-            return nnx.merge(graphdef, p)(*a, **k)
+            return nnx.merge(graphdef, rng_state, p)(*a, **k)
 
-        traced = _trace(fn, state, args, kwargs, mode, microbatch_size, "nnx", None)
+        traced = _trace(fn, state, args, kwargs, mode, microbatch_size, "nnx", None,
+                        unbatched=unbatched)
         if _numbered_scopes(traced.closed_jaxpr) or _layer_list(model) is None:
             return traced
 
         def scoped(p, *a, **k):
-            m = nnx.merge(graphdef, p)
+            m = nnx.merge(graphdef, rng_state, p)
             with _scoped_children(m):
                 return m(*a, **k)
 
         return _trace(scoped, state, args, kwargs, mode, microbatch_size, "nnx", None,
-                      scoped_by_lwjax=True)
+                      scoped_by_lwjax=True, unbatched=unbatched)
     raise TraceError(
         f"lwjax traces Flax NNX or linen modules; got {type(model).__name__}. Wrap a plain "
         "function in an nnx.Module, or pass a linen module and its variables."
     )
 
 
-def _trace_decode(model, graphdef, state, args, kwargs, cache_len, microbatch_size):
+def _trace_decode(model, graphdef, rng_state, state, args, kwargs, cache_len,
+                  microbatch_size):
     if not (hasattr(model, "init_cache") and hasattr(model, "decode_step")):
         raise TraceError(
             f"decode mode needs init_cache(batch, max_len) and decode_step(tokens, cache); "
@@ -255,13 +299,13 @@ def _trace_decode(model, graphdef, state, args, kwargs, cache_len, microbatch_si
     cache = jax.eval_shape(lambda: model.init_cache(batch, cache_len))
 
     def fn(p, toks, cache):
-        return nnx.merge(graphdef, p).decode_step(toks, cache)
+        return nnx.merge(graphdef, rng_state, p).decode_step(toks, cache)
 
     return _trace(fn, state, (tokens, cache), kwargs, "decode", microbatch_size, "nnx", 1)
 
 
 def _trace(fn, params, args, kwargs, mode, microbatch_size, kind, cache_pos,
-           scoped_by_lwjax=False) -> TracedModel:
+           scoped_by_lwjax=False, unbatched: Sequence[int | str] = ()) -> TracedModel:
     array_kwargs, static_kwargs = _split_kwargs(kwargs)
     param_leaves, param_treedef = jax.tree.flatten(params)
     param_with_path = jax.tree_util.tree_flatten_with_path(params)[0]
@@ -286,8 +330,9 @@ def _trace(fn, params, args, kwargs, mode, microbatch_size, kind, cache_pos,
     batch = arg_leaves[0].shape[0]
     cache_args = tuple(cache_pos is not None and p.split("/")[:2] == ["0", str(cache_pos)]
                        for p in arg_paths)
-    batch_shaped = tuple(bool(x.shape) and x.shape[0] == batch and not c
-                         for x, c in zip(arg_leaves, cache_args, strict=True))
+    whole = _unbatched_leaves(unbatched, arg_paths, len(args), array_kwargs)
+    batch_shaped = tuple(bool(x.shape) and x.shape[0] == batch and not c and not w
+                         for x, c, w in zip(arg_leaves, cache_args, whole, strict=True))
     if microbatch_size is not None:
         if microbatch_size < 1 or batch % microbatch_size:
             raise InputError(
@@ -306,8 +351,23 @@ def _trace(fn, params, args, kwargs, mode, microbatch_size, kind, cache_pos,
         closed, out_shape = jax.make_jaxpr(flat, return_shape=True)(*param_abstract, *arg_leaves)
     except LwjaxError:
         raise
+    except flax.errors.TraceContextError as e:  # an nnx.Rngs stream advanced in the call
+        message = _RANDOM_MESSAGE.format(kind=kind, what="an nnx.Rngs stream advanced")
+        raise TraceError(message) from e
     except (TypeError, ValueError) as e:
+        split = [p for p, b in zip(arg_paths[1:], batch_shaped[1:], strict=True) if b]
+        if microbatch_size is not None and split:
+            raise InputError(
+                f"tracing the {kind} model at microbatch size {microbatch_size} failed: {e}. "
+                f"Besides the first argument, lwjax split {split} into microbatches because "
+                f"their leading size is the batch; pass unbatched=(...) naming any that is not "
+                "per-example (a positional index or a keyword name)."
+            ) from e
         raise TraceError(f"tracing {kind} model failed with the given arguments: {e}") from e
+    random = sorted({e.primitive.name for e in closed.jaxpr.eqns
+                     if e.primitive.name in _RANDOM_PRIMITIVES})
+    if random:
+        raise TraceError(_RANDOM_MESSAGE.format(kind=kind, what=", ".join(random)))
     return TracedModel(
         closed_jaxpr=closed,
         fn=flat,

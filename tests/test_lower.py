@@ -205,6 +205,63 @@ def test_nnx_model_without_scopes():
     np.testing.assert_allclose(sm(x), model(x), atol=ATOL, rtol=RTOL)
 
 
+
+class MaskedSeq(nnx.Module):
+    """Unscoped NNX blocks over a sequence, a [T, T] mask argument, dropout with its rngs."""
+
+    def __init__(self, rngs):
+        self.emb = nnx.Embed(32, 16, rngs=rngs)
+        self.blocks = nnx.List([nnx.Linear(16, 16, rngs=rngs) for _ in range(4)])
+        self.drop = nnx.Dropout(0.5, rngs=rngs)
+
+    def __call__(self, tokens, mask, deterministic=True):
+        x = self.emb(tokens)
+        for b in self.blocks:
+            x = x + jnp.einsum("st,btd->bsd", mask, jax.nn.relu(b(x)))
+        return self.emb.attend(self.drop(x, deterministic=deterministic))
+
+
+def test_unbatched_argument_is_passed_whole():
+    model = MaskedSeq(nnx.Rngs(0))
+    tokens = jax.random.randint(jax.random.key(0), (8, 8), 0, 32)  # batch == seq == 8
+    causal = jnp.tril(jnp.ones((8, 8))) / 8
+    want = model(tokens, mask=causal)
+    for m in (2, 8):
+        sm = lwjax.layerwise_shard(model, tokens, mask=causal, unbatched=("mask",),
+                                   devices=jax.devices()[:2], cache_bytes=BIG, microbatches=m)
+        np.testing.assert_allclose(sm(tokens, mask=causal), want, atol=ATOL, rtol=RTOL)
+    # taken for per-example rows, the [8, 8] mask cannot trace at microbatch 4: lwjax says so
+    with pytest.raises(InputError, match=r"split \['1/mask'\].*unbatched="):
+        lwjax.layerwise_shard(model, tokens, mask=causal, devices=jax.devices()[:2],
+                              cache_bytes=BIG, microbatches=2)
+    with pytest.raises(InputError, match="not an array keyword argument"):
+        lwjax.layerwise_shard(model, tokens, mask=causal, unbatched=("maks",),
+                              devices=jax.devices()[:2], cache_bytes=BIG)
+
+
+def test_rng_state_is_no_weight_and_active_dropout_is_refused():
+    model = MaskedSeq(nnx.Rngs(0))
+    tokens = jax.random.randint(jax.random.key(0), (4, 8), 0, 32)
+    mask = jnp.ones((8, 8)) / 8
+    sm = lwjax.layerwise_shard(model, tokens, mask, unbatched=(1,), devices=jax.devices()[:2],
+                               cache_bytes=BIG, microbatches=2)
+    np.testing.assert_allclose(sm(tokens, mask), model(tokens, mask), atol=ATOL, rtol=RTOL)
+    report = lwjax.analyze(model, tokens, mask, unbatched=(1,))
+    assert report.layers[0].footprint.weights_bytes == (16 * 16 + 16) * 4
+    with pytest.raises(lwjax.errors.TraceError, match="draws random numbers"):
+        lwjax.analyze(model, tokens, mask, unbatched=(1,), deterministic=False)
+
+
+def test_sharded_model_under_jit_and_options(dense):
+    cfg, model = dense
+    tokens = _tokens(cfg)
+    sm = lwjax.layerwise_shard(model, tokens, devices=jax.devices()[:2], cache_bytes=BIG,
+                               microbatches=2, allow="split")
+    np.testing.assert_allclose(jax.jit(sm)(tokens), model(tokens), atol=ATOL, rtol=RTOL)
+    with pytest.raises(lwjax.errors.ConfigError, match="schedule='1f1b' is not one of"):
+        lwjax.layerwise_shard(model, tokens, devices=jax.devices()[:2], schedule="1f1b")
+
+
 # ---- bad input -------------------------------------------------------------------------------
 
 def test_bad_inputs(moe):

@@ -20,7 +20,7 @@ from flax import nnx
 
 import lwjax
 from lwjax import cli, models
-from lwjax.errors import ConfigError, InfeasiblePlanError
+from lwjax.errors import CapacityError, ConfigError, DeviceError, InfeasiblePlanError
 from lwjax.models import configs
 from lwjax.models.transformer import Block, DenseTransformer
 from lwjax.passes import compression as compression_lib
@@ -319,6 +319,8 @@ def test_cli_prints_plan_and_json(capsys, tmp_path):
     ["plan", "--model", "tiny-dense", "--mode", "train"],
     ["plan", "--model", "tiny-dense", "--devices", "many"],
     ["plan", "--model", "tiny-dense", "--allow", "split,prune"],
+    ["plan", "--model", "tiny-dense", "--cache-mib", "inf"],
+    ["plan", "--model", "tiny-dense", "--figure", "/nonexistent-folder/plan.png"],
     ["launch"],
 ])
 def test_cli_bad_arguments_exit_2(capsys, argv):
@@ -396,3 +398,54 @@ def test_epilogue_time_is_kept_out_of_the_last_layer(tiny):
                                           + 4 * head)
     assert f"epilogue 4 x {head * 1e3:.3f} ms" in p.summary()
     assert Plan.from_json(p.to_json()).numbers.epilogue_s == p.numbers.epilogue_s
+
+
+def test_replan_keeps_the_partition_method(tiny):
+    p = lwjax.plan(tiny, TOKENS, num_devices=8, hardware=H100, method="greedy")
+    assert p.method == "greedy"
+    assert p.replan().stages == p.stages  # nothing excluded: the same plan
+    assert Plan.from_json(p.to_json()).method == "greedy"
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    (dict(exclude_devices=[0], spare_devices=["x"]), "'x', which is not a device"),
+    (dict(exclude_devices=[0], spare_devices=[True]), "True, which is not a device"),
+    (dict(exclude_devices=[0], spare_devices=[-1]), "-1, which is not a device"),
+    (dict(exclude_devices=[0], spare_devices=[0]), "both excluded and spare"),
+    (dict(exclude_devices=[0], spare_devices=[1]), "already in the plan's pool"),
+    (dict(exclude_devices=[99]), "not in the plan's pool"),
+    (dict(exclude_devices=object()), "must be a list of device ids"),
+])
+def test_replan_rejects_bad_device_ids(split_plan, kwargs, match):
+    with pytest.raises(DeviceError, match=match):
+        split_plan.replan(**kwargs)
+
+
+def test_replan_takes_jax_devices_and_single_ids(tiny):
+    p = lwjax.plan(tiny, TOKENS, devices=jax.devices()[:4], hardware=H100)
+    q = p.replan(exclude_devices=jax.devices()[0], spare_devices=[jax.devices()[4], 4])
+    assert [s.devices for s in q.stages] == [(1,), (2,), (3,), (4,)]
+    assert q.notes[-1] == "replanned without devices [0], with spares [4]"
+    assert all(n.startswith("before replanning: ") for n in q.notes[:-1])
+
+
+@pytest.mark.parametrize(("kwargs", "error", "match"), [
+    (dict(cache_bytes=float("inf")), CapacityError, "positive whole number of bytes, got inf"),
+    (dict(cache_bytes=0.5), CapacityError, "positive whole number of bytes, got 0.5"),
+    (dict(objective="fastest"), ConfigError, "objective must be one of"),
+    (dict(attention="flash"), ConfigError, "attention must be one of"),
+    (dict(devices=["gpu0"]), DeviceError, "neither a jax device nor an integer id"),
+    (dict(devices=[0, 0]), DeviceError, "Duplicate devices"),
+])
+def test_plan_rejects_bad_options(tiny, kwargs, error, match):
+    kwargs = {"num_devices": 4, **kwargs} if "devices" not in kwargs else kwargs
+    with pytest.raises(error, match=match):
+        lwjax.plan(tiny, TOKENS, hardware=H100, **kwargs)
+
+
+def test_plan_takes_numpy_integers(tiny):
+    import numpy as np
+
+    p = lwjax.plan(tiny, TOKENS, num_devices=np.int64(4), cache_bytes=np.int64(2**20),
+                   microbatches=np.int32(4), hardware=H100, objective="bottleneck")
+    assert (p.num_devices, p.capacity_bytes, p.microbatches) == (4, 2**20, 4)
