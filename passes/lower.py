@@ -2,10 +2,10 @@
 
 The program runs over ``Mesh(devices, ("stage",))``, one device per stage:
 
-- **Parameters** are packed per stage into flat per-dtype buffers ``[S, L_dtype]`` sharded
-  over "stage": device s stores only stage s's weights (a weight read by two stages, e.g. a
-  tied embedding, is packed into both). Inside its branch a stage slices its weights back out
-  with static offsets.
+- **Parameters** sit in slots, one ``[S, n]`` array per slot sharded over "stage": device s
+  stores only stage s's weights (a weight read by two stages, e.g. a tied embedding, is
+  stored by both), and reads each as a reshape of its local row -- a bitcast, so no weight
+  is copied per tick (``SlotStorage``; split stages use ``SplitStorage``).
 - **Stages** differ (layer counts, dense vs MoE, embedding on the first), so
   each device runs its own branch of ``lax.switch`` on its stage index; a branch evaluates its
   segments' jaxpr equations (the ``eval_jaxpr`` loop), so the layer code is the model's own.
@@ -87,37 +87,55 @@ def _unpack(bufs: dict, slots: Sequence[Slot]) -> list:
             for s in slots]
 
 
-class FlatStorage:
-    """tp = 1: each stage's weights packed into flat per-dtype buffers [S, L_dtype], sharded
-    over "stage" (padded to the largest stage)."""
+class SlotStorage:
+    """tp = 1: each weight in a slot of its own, a [S, n] array sharded over "stage", so a
+    stage reads it as a reshape of its local [1, n] row -- a bitcast, no per-tick copy.
+
+    Slots are keyed by (dtype, element count): stage s's j-th weight of n elements goes to
+    slot j of that key, so stages with the same kinds of layers share slots (an embedding
+    and a head of equal size share one). A stage with fewer weights of a key leaves its row
+    of the extra slot zero; those padding rows are never read.
+    """
 
     def __init__(self, stage_params: Sequence[tuple[int, ...]], param_vars):
-        self.slots, self.sizes = [], {}
+        self.where: list[list[tuple[tuple[str, int], int, tuple[int, ...]]]] = []
+        counts_max: dict[tuple[str, int], int] = {}
         for params in stage_params:
-            slots, sizes = _layout([param_vars[i].aval for i in params])
-            self.slots.append(slots)
-            for dt, n in sizes.items():
-                self.sizes[dt] = max(self.sizes.get(dt, 0), n)
+            counts: dict[tuple[str, int], int] = {}
+            where = []
+            for i in params:
+                aval = param_vars[i].aval
+                key = (np.dtype(aval.dtype).name, int(np.prod(aval.shape, dtype=np.int64)))
+                where.append((key, counts.get(key, 0), tuple(aval.shape)))
+                counts[key] = counts.get(key, 0) + 1
+            for key, n in counts.items():
+                counts_max[key] = max(counts_max.get(key, 0), n)
+            self.where.append(where)
+        self.slots = [(key, j) for key in sorted(counts_max) for j in range(counts_max[key])]
+        self._index = {slot: n for n, slot in enumerate(self.slots)}
 
     def specs(self):
-        return {dt: P(AXIS) for dt in self.sizes}
+        return [P(AXIS) for _ in self.slots]
 
     def unpack(self, local, s: int) -> list:
-        return _unpack({dt: local[dt][0] for dt in local}, self.slots[s])
+        return [local[self._index[key, j]].reshape(shape) for key, j, shape in self.where[s]]
 
-    def place(self, mesh: Mesh, stage_values: Sequence[list]) -> dict:
+    def place(self, mesh: Mesh, stage_values: Sequence[list]) -> list:
         devices = mesh.devices.ravel()
-        per_stage = []
+        rows: list[list] = [[] for _ in self.slots]
         for s, values in enumerate(stage_values):
-            mine = [jax.device_put(x, devices[s]) for x in values]
-            with jax.default_device(devices[s]):
-                per_stage.append(_pack(mine, self.slots[s], self.sizes))
+            mine = {(key, j): x for (key, j, _), x in zip(self.where[s], values, strict=True)}
+            for n, (key, j) in enumerate(self.slots):
+                dt, size = key
+                if (key, j) in mine:
+                    row = jax.device_put(mine[key, j], devices[s]).reshape(1, size)
+                else:
+                    row = jax.device_put(np.zeros((1, size), dt), devices[s])
+                rows[n].append(row)
         sharding = NamedSharding(mesh, P(AXIS))
-        return {dt: jax.make_array_from_single_device_arrays(
-                    (len(stage_values), n), sharding,
-                    [jax.device_put(bufs[dt][None], devices[s])
-                     for s, bufs in enumerate(per_stage)])
-                for dt, n in self.sizes.items()}
+        return [jax.make_array_from_single_device_arrays((len(stage_values), key[1]), sharding,
+                                                         rows[n])
+                for n, (key, _) in enumerate(self.slots)]
 
 
 class SplitStorage:
@@ -232,7 +250,7 @@ class PipelineProgram:
     graph: LayerGraph
     mesh: Mesh
     stages: tuple[StageLayout, ...]
-    storage: FlatStorage | SplitStorage
+    storage: SlotStorage | SplitStorage
     num_microbatches: int
     schedule: str
     fn: Callable
@@ -341,7 +359,8 @@ def lower(
         ))
 
     if tp == 1:
-        storage: FlatStorage | SplitStorage = FlatStorage([st.params for st in stages], param_vars)
+        storage: SlotStorage | SplitStorage = SlotStorage([st.params for st in stages],
+                                                          param_vars)
     else:
         hidden = [residual_width(graph, graph.layers[a]) for a, _ in ranges]
         storage = SplitStorage([st.params for st in stages], param_vars, hidden, tp)

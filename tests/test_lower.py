@@ -88,22 +88,27 @@ def test_each_device_stores_only_its_stage(dense):
     tokens = _tokens(cfg)
     sm = lwjax.layerwise_shard(model, tokens, devices=jax.devices()[:4], cache_bytes=BIG,
                                microbatches=4, objective="bottleneck")
-    (buf,) = sm.params.values()  # float32 only
-    layer_elems = cfg.block_param_count()
     embed, head = cfg.vocab_size * cfg.hidden_size, cfg.hidden_size * (cfg.vocab_size + 1)
-    # 4 layers per stage; the first adds the embedding, the last the final norm + head; the
-    # flat buffer is padded to the largest stage (the last).
-    width = 4 * layer_elems + max(embed, head)
-    assert buf.shape == (4, width)
-    shards = sorted(buf.addressable_shards, key=lambda s: s.index[0].start)
-    assert [s.data.shape for s in shards] == [(1, width)] * 4
-    assert [s.device for s in shards] == list(jax.devices()[:4])
+    layer_elems = cfg.block_param_count()
+    # one [4, n] array per weight slot; 4 layers per stage, the first adds the embedding, the
+    # last the final norm + head (the embedding and head, of equal size, share a slot, and
+    # the final norm takes one the other stages leave zero)
+    for array in sm.params:
+        shards = sorted(array.addressable_shards, key=lambda s: s.index[0].start)
+        assert [s.device for s in shards] == list(jax.devices()[:4])
+        assert [s.data.shape for s in shards] == [(1, array.shape[1])] * 4
+    assert sum(a.shape[1] for a in sm.params) == 4 * layer_elems + max(embed, head)
+    # a stage reads each weight as a reshape of its local [1, n] row (a bitcast), no slice
+    storage = sm.program.storage
+    local = [jax.ShapeDtypeStruct((1, a.shape[1]), a.dtype) for a in sm.params]
+    for s in range(4):
+        jaxpr = jax.make_jaxpr(lambda rows, s=s: storage.unpack(rows, s))(local)
+        assert {e.primitive.name for e in jaxpr.eqns} == {"reshape"}
     # the stored bytes per device are its stage's weights (padding to the largest stage aside)
     assert sm.plan.stages[1].footprint.weights_bytes == 4 * layer_elems * 4
     # outputs stay where the last stage computed them (no gather to the other stages)
     assert sm(tokens).devices() == {jax.devices()[3]}
     assert sm.plan.stages[3].footprint.weights_bytes == (4 * layer_elems + head) * 4
-
 
 
 def test_outputs_are_not_carried_through_the_ticks():
