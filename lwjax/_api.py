@@ -54,6 +54,7 @@ def analyze(
     compression: str | Compression | None = None,
     attention: AttentionAssumption = "as_traced",
     unbatched: Sequence[int | str] = (),
+    batched: Sequence[int | str] = (),
     **kwargs,
 ) -> ModelReport:
     """Per-layer on-chip footprints of a model: trace -> segment -> footprint.
@@ -71,6 +72,8 @@ def analyze(
             a GPU from a CPU trace).
         unbatched: array arguments that are not per-example although their leading size is
             the batch (positional indices or keyword names; see ``passes.trace.trace``).
+        batched: array arguments that are per-example, where lwjax cannot tell (see
+            ``passes.trace.trace``: it asks when the model also accepts them whole).
         **kwargs: further call arguments.
 
     Returns:
@@ -84,7 +87,8 @@ def analyze(
         268558336
     """
     traced = trace(model, *args, mode=mode, cache_len=cache_len,
-                   microbatch_size=microbatch_size, unbatched=unbatched, **kwargs)
+                   microbatch_size=microbatch_size, unbatched=unbatched, batched=batched,
+                   **kwargs)
     graph = segment(traced)
     fp = footprint_lib.footprint(graph, compression, attention=attention)
     if mode == "decode" and cache_len is None:
@@ -191,7 +195,7 @@ def _capacity(cache_bytes, hw: HardwareSpec, persisting: bool) -> int:
 
 def _plan_graph(model, args, kwargs, *, devices, num_devices, hardware, cache_bytes,
                 compression, microbatches, mode, cache_len, residency, attention, persisting,
-                method, allow=(), objective="step", unbatched=()):
+                method, allow=(), objective="step", unbatched=(), batched=()):
     """Plans and returns ``(plan, graph at the plan's microbatch size, device objects or None,
     full batch)``. ``allow``: the edge-case strategies the search may use, in order
     (``passes/strategies.py``); none by default."""
@@ -205,6 +209,7 @@ def _plan_graph(model, args, kwargs, *, devices, num_devices, hardware, cache_by
         if size not in graphs:
             graphs[size] = segment(trace(model, *args, mode=mode, cache_len=cache_len,
                                          microbatch_size=size, unbatched=unbatched,
+                                         batched=batched,
                                          **kwargs))
         return graphs[size]
 
@@ -212,8 +217,9 @@ def _plan_graph(model, args, kwargs, *, devices, num_devices, hardware, cache_by
     # read it without tracing at the full batch, or trace to get the error where it is unclear.
     first = jax.tree.leaves((args[1:] if isinstance(model, nn.Module) else args)[:1])
     shape = getattr(first[0], "shape", None) if first else None
-    batch = int(shape[0]) if shape else trace(model, *args, mode=mode, cache_len=cache_len,
-                                              unbatched=unbatched, **kwargs).batch_size
+    batch = int(shape[0]) if shape else trace(
+        model, *args, mode=mode, cache_len=cache_len, unbatched=unbatched, batched=batched,
+        **kwargs).batch_size
     m = _microbatches(batch, microbatches, len(ids))
     if attention is None:
         attention = "fused" if hw.kind == "gpu" else "as_traced"
@@ -243,6 +249,7 @@ def plan(
     allow: Sequence[str] | None = STRATEGIES,
     objective: Objective = "step",
     unbatched: Sequence[int | str] = (),
+    batched: Sequence[int | str] = (),
     **kwargs,
 ) -> Plan:
     """Plans a layer-wise deployment: trace -> segment -> footprint -> cost -> partition.
@@ -277,6 +284,8 @@ def plan(
             (the fewest stages with the smallest slowest-stage time).
         unbatched: array arguments that are not per-example although their leading size is
             the batch (see ``analyze``).
+        batched: array arguments that are per-example, where lwjax cannot tell (see
+            ``analyze``).
         **kwargs: further call arguments of the model.
 
     Returns:
@@ -297,7 +306,7 @@ def plan(
                        microbatches=microbatches, mode=mode, cache_len=cache_len,
                        residency=residency, attention=attention, persisting=persisting,
                        method=method, allow=allow, objective=objective,
-                       unbatched=unbatched)[0]
+                       unbatched=unbatched, batched=batched)[0]
 
 
 def layerwise_shard(
@@ -313,6 +322,7 @@ def layerwise_shard(
     allow: Sequence[str] = ("split", "microbatch"),
     objective: Objective = "step",
     unbatched: Sequence[int | str] = (),
+    batched: Sequence[int | str] = (),
     **kwargs,
 ) -> ShardedModel:
     """Runs a model as a layer-wise pipeline: trace -> segment -> footprint -> partition ->
@@ -337,7 +347,10 @@ def layerwise_shard(
             size is the batch (a [T, T] mask when T equals the batch): positional indices or
             keyword names. Every other array argument whose leading size is the batch is
             split into microbatches, so the model must treat the examples of a batch
-            independently (no batch statistics) to give its own answers.
+            independently (no batch statistics) to give its own answers. When the model
+            also accepts such an argument whole, lwjax asks (``InputError``) instead of
+            guessing.
+        batched: array arguments confirmed to hold one row per example.
         **kwargs: further call arguments (arrays are microbatched when batch-shaped).
 
     Returns:
@@ -360,7 +373,7 @@ def layerwise_shard(
         cache_bytes=cache_bytes, compression=compression, microbatches=microbatches,
         mode="prefill", cache_len=None, residency=residency, attention=None,
         persisting=False, method="optimal", allow=allow, objective=objective,
-        unbatched=unbatched)
+        unbatched=unbatched, batched=batched)
     if objs is None:
         raise DeviceError("layerwise_shard runs on jax devices: pass devices=jax.devices(), "
                           "not device ids.")

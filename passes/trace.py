@@ -122,25 +122,45 @@ _RANDOM_PRIMITIVES = frozenset({"random_bits", "random_split", "random_fold_in",
                                 "threefry2x32", "random_seed"})
 
 
-def _unbatched_leaves(unbatched: Sequence[int | str], arg_paths: Sequence[str],
-                      num_args: int, array_kwargs: dict) -> tuple[bool, ...]:
-    """Per argument leaf: is it named in ``unbatched`` (passed whole to every microbatch)?"""
-    if isinstance(unbatched, int | str):
-        unbatched = (unbatched,)
+def _named_leaves(names: Sequence[int | str], option: str, arg_paths: Sequence[str],
+                 num_args: int, array_kwargs: dict) -> tuple[bool, ...]:
+    """Per argument leaf: is it named in ``names`` (the ``option`` batched= / unbatched=)?"""
+    if isinstance(names, int | str):
+        names = (names,)
     prefixes = []
-    for u in unbatched:
+    for u in names:
         if isinstance(u, bool) or not isinstance(u, int | str):
-            raise InputError(f"unbatched= holds {u!r}; name arguments by position (int) or "
+            raise InputError(f"{option}= holds {u!r}; name arguments by position (int) or "
                              "keyword (str).")
         if isinstance(u, int) and not 0 < u < num_args:
             raise InputError(
-                f"unbatched={u}: positional arguments are 0..{num_args - 1} and the first "
+                f"{option}={u}: positional arguments are 0..{num_args - 1} and the first "
                 "(0) defines the batch; name another position or a keyword.")
         if isinstance(u, str) and u not in array_kwargs:
-            raise InputError(f"unbatched={u!r} is not an array keyword argument of the call "
+            raise InputError(f"{option}={u!r} is not an array keyword argument of the call "
                              f"(those are {sorted(array_kwargs)}).")
         prefixes.append(f"0/{u}" if isinstance(u, int) else f"1/{u}")
     return tuple(any(p == q or p.startswith(q + "/") for q in prefixes) for p in arg_paths)
+
+
+def _ambiguous_leaves(flat, params, full, micro, batch_shaped, declared,
+                      out_shape) -> list[int]:
+    """Leaves taken for per-example rows (leading size = the batch) that the model also
+    accepts whole at the microbatch size with the same output shapes: lwjax cannot tell which
+    is meant (a [T, T] mask when T equals the batch is one)."""
+    want = jax.tree.map(lambda x: (x.shape, x.dtype), out_shape)
+    ambiguous = []
+    for i in range(1, len(micro)):
+        if not batch_shaped[i] or declared[i]:
+            continue
+        whole = [*micro[:i], full[i], *micro[i + 1:]]
+        try:
+            got = jax.eval_shape(flat, *params, *whole)
+        except Exception:  # noqa: BLE001 -- any failure: the whole leaf does not fit the call
+            continue
+        if jax.tree.map(lambda x: (x.shape, x.dtype), got) == want:
+            ambiguous.append(i)
+    return ambiguous
 
 
 def _split_kwargs(kwargs: dict) -> tuple[dict, dict]:
@@ -206,6 +226,7 @@ def trace(
     cache_len: int | None = None,
     microbatch_size: int | None = None,
     unbatched: Sequence[int | str] = (),
+    batched: Sequence[int | str] = (),
     **kwargs,
 ) -> TracedModel:
     """Traces a Flax model abstractly.
@@ -214,8 +235,11 @@ def trace(
     argument's (the batch) is taken to hold one row per example and is split when tracing
     at ``microbatch_size`` (and when a pipeline microbatches it). ``unbatched`` names the
     ones that are not (a [T, T] mask when T equals the batch): positional indices (counted
-    after a linen module's variables) or keyword names. The model must treat the examples
-    of a batch independently (no batch statistics) for microbatches to give its answers.
+    after a linen module's variables) or keyword names. When the model also accepts such an
+    argument whole at the microbatch size (same output shapes), the trace refuses to guess
+    (``InputError``) until it is named in ``unbatched`` or ``batched``. The model must treat
+    the examples of a batch independently (no batch statistics) for microbatches to give
+    its answers.
 
     Args:
         model: an NNX module, or a linen module followed by its variables in ``args``.
@@ -225,6 +249,7 @@ def trace(
         cache_len: decode only: KV-cache positions (defaults to the model config's seq_len).
         microbatch_size: trace with batch-shaped arguments shrunk to this batch.
         unbatched: array arguments passed whole to every microbatch (see above).
+        batched: array arguments confirmed to hold one row per example (see above).
         **kwargs: further call arguments (arrays are traced, the rest static).
 
     Returns:
@@ -247,7 +272,7 @@ def trace(
                 f"{type(model).__name__} is a linen module. Trace it in 'prefill' mode."
             )
         return _trace(lambda p, *a, **k: model.apply(p, *a, **k), variables, args, kwargs,
-                      mode, microbatch_size, "linen", None, unbatched=unbatched)
+                      mode, microbatch_size, "linen", None, unbatched=unbatched, batched=batched)
     if isinstance(model, nnx.Module):
         # RNG streams (nnx.Rngs, Dropout's keys and counts) are no weights: they are bound
         # into the traced function, and a call that draws from them is refused below.
@@ -260,7 +285,7 @@ def trace(
             return nnx.merge(graphdef, rng_state, p)(*a, **k)
 
         traced = _trace(fn, state, args, kwargs, mode, microbatch_size, "nnx", None,
-                        unbatched=unbatched)
+                        unbatched=unbatched, batched=batched)
         if _numbered_scopes(traced.closed_jaxpr) or _layer_list(model) is None:
             return traced
 
@@ -270,7 +295,7 @@ def trace(
                 return m(*a, **k)
 
         return _trace(scoped, state, args, kwargs, mode, microbatch_size, "nnx", None,
-                      scoped_by_lwjax=True, unbatched=unbatched)
+                      scoped_by_lwjax=True, unbatched=unbatched, batched=batched)
     raise TraceError(
         f"lwjax traces Flax NNX or linen modules; got {type(model).__name__}. Wrap a plain "
         "function in an nnx.Module, or pass a linen module and its variables."
@@ -305,7 +330,8 @@ def _trace_decode(model, graphdef, rng_state, state, args, kwargs, cache_len,
 
 
 def _trace(fn, params, args, kwargs, mode, microbatch_size, kind, cache_pos,
-           scoped_by_lwjax=False, unbatched: Sequence[int | str] = ()) -> TracedModel:
+           scoped_by_lwjax=False, unbatched: Sequence[int | str] = (),
+           batched: Sequence[int | str] = ()) -> TracedModel:
     array_kwargs, static_kwargs = _split_kwargs(kwargs)
     param_leaves, param_treedef = jax.tree.flatten(params)
     param_with_path = jax.tree_util.tree_flatten_with_path(params)[0]
@@ -330,9 +356,15 @@ def _trace(fn, params, args, kwargs, mode, microbatch_size, kind, cache_pos,
     batch = arg_leaves[0].shape[0]
     cache_args = tuple(cache_pos is not None and p.split("/")[:2] == ["0", str(cache_pos)]
                        for p in arg_paths)
-    whole = _unbatched_leaves(unbatched, arg_paths, len(args), array_kwargs)
+    whole = _named_leaves(unbatched, "unbatched", arg_paths, len(args), array_kwargs)
+    rows = _named_leaves(batched, "batched", arg_paths, len(args), array_kwargs)
+    both = [p for p, w, r in zip(arg_paths, whole, rows, strict=True) if w and r]
+    if both:
+        raise InputError(f"arguments {both} are named in both batched= and unbatched=; "
+                         "name each in one.")
     batch_shaped = tuple(bool(x.shape) and x.shape[0] == batch and not c and not w
                          for x, c, w in zip(arg_leaves, cache_args, whole, strict=True))
+    full_leaves = list(arg_leaves)
     if microbatch_size is not None:
         if microbatch_size < 1 or batch % microbatch_size:
             raise InputError(
@@ -364,6 +396,18 @@ def _trace(fn, params, args, kwargs, mode, microbatch_size, kind, cache_pos,
                 "per-example (a positional index or a keyword name)."
             ) from e
         raise TraceError(f"tracing {kind} model failed with the given arguments: {e}") from e
+    if microbatch_size is not None and microbatch_size < full_leaves[0].shape[0]:
+        unclear = _ambiguous_leaves(flat, param_abstract, full_leaves, arg_leaves, batch_shaped,
+                                    rows, out_shape)
+        if unclear:
+            names = [arg_paths[i] for i in unclear]
+            raise InputError(
+                f"arguments {names} have the batch's leading size "
+                f"{full_leaves[0].shape[0]}, but the model also accepts them whole at "
+                f"microbatch size {microbatch_size}: lwjax cannot tell whether they hold one "
+                "row per example. Name them: unbatched=(...) to pass them whole to every "
+                "microbatch, batched=(...) to split them (a positional index or a keyword "
+                "name).")
     random = sorted({e.primitive.name for e in closed.jaxpr.eqns
                      if e.primitive.name in _RANDOM_PRIMITIVES})
     if random:

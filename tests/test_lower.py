@@ -226,6 +226,17 @@ class MaskedSeq(nnx.Module):
         return self.emb.attend(self.drop(x, deterministic=deterministic))
 
 
+class PerExampleMask(nnx.Module):
+    def __init__(self, rngs):
+        self.emb = nnx.Embed(32, 16, rngs=rngs)
+        self.blocks = nnx.List([nnx.Linear(16, 16, rngs=rngs) for _ in range(2)])
+
+    def __call__(self, tokens, rows):
+        x = self.emb(tokens)
+        for b in self.blocks:
+            x = x + jax.nn.relu(b(x)) * rows[..., None]
+        return x
+
 def test_unbatched_argument_is_passed_whole():
     model = MaskedSeq(nnx.Rngs(0))
     tokens = jax.random.randint(jax.random.key(0), (8, 8), 0, 32)  # batch == seq == 8
@@ -239,6 +250,19 @@ def test_unbatched_argument_is_passed_whole():
     with pytest.raises(InputError, match=r"split \['1/mask'\].*unbatched="):
         lwjax.layerwise_shard(model, tokens, mask=causal, devices=jax.devices()[:2],
                               cache_bytes=BIG, microbatches=2)
+    # at microbatch 1 its rows would broadcast silently; the model also takes it whole, so
+    # lwjax asks rather than guess
+    with pytest.raises(InputError, match=r"\['1/mask'\].*accepts them whole.*unbatched="):
+        lwjax.layerwise_shard(model, tokens, mask=causal, devices=jax.devices()[:2],
+                              cache_bytes=BIG, microbatches=8)
+    # a per-example [B, T] mask is not ambiguous: whole, it would change the output's batch
+    rows = jnp.ones((8, 8))
+    sm = lwjax.layerwise_shard(PerExampleMask(nnx.Rngs(0)), tokens, rows,
+                               devices=jax.devices()[:2], cache_bytes=BIG, microbatches=8)
+    assert sm.program.graph.traced.batch_shaped == (True, True)
+    lwjax.analyze(model, tokens, mask=causal, batched=("mask",), microbatch_size=1)  # told
+    with pytest.raises(InputError, match="both batched= and unbatched="):
+        lwjax.analyze(model, tokens, mask=causal, batched=("mask",), unbatched=("mask",))
     with pytest.raises(InputError, match="not an array keyword argument"):
         lwjax.layerwise_shard(model, tokens, mask=causal, unbatched=("maks",),
                               devices=jax.devices()[:2], cache_bytes=BIG)
