@@ -15,10 +15,11 @@ from lwjax.errors import CapacityError, ConfigError, DeviceError, InputError
 from lwjax.hardware import HardwareSpec
 from lwjax.passes import compression as compression_lib
 from lwjax.passes import footprint as footprint_lib
+from lwjax.passes import schedules
 from lwjax.passes.compression import Compression
 from lwjax.passes.footprint import AttentionAssumption
 from lwjax.passes.lower import lower
-from lwjax.passes.schedules import SCHEDULES
+from lwjax.passes.planner import device_id
 from lwjax.passes.segment import LayerGraph, segment
 from lwjax.passes.strategies import STRATEGIES, Target, search_plan
 from lwjax.passes.trace import Mode, trace
@@ -123,17 +124,10 @@ def _devices(devices, num_devices) -> tuple[list | None, tuple[int, ...]]:
                               f"{devices!r}.") from None
         if not devices:
             raise DeviceError("devices=[] is empty; pass at least one device.")
-        is_id = [_whole(d) is not None and not isinstance(d, float) for d in devices]
-        is_device = [isinstance(getattr(d, "id", None), int) for d in devices]
-        bad = [d for d, a, b in zip(devices, is_id, is_device, strict=True) if not (a or b)]
-        if bad:
-            raise DeviceError(f"devices= holds {bad[0]!r}, which is neither a jax device nor "
-                              "an integer id; pass jax.devices()[:k] or a list of ids.")
-        if any(is_id) and any(is_device):
+        ids = [device_id(d, "devices=") for d in devices]
+        is_id = [not hasattr(d, "id") for d in devices]
+        if any(is_id) and not all(is_id):
             raise DeviceError("devices= mixes jax devices and integer ids; pass one kind.")
-        ids = [int(d) if a else d.id for d, a in zip(devices, is_id, strict=True)]
-        if min(ids) < 0:
-            raise DeviceError(f"devices= holds a negative id ({min(ids)}); ids start at 0.")
         if len(set(ids)) != len(ids):
             dup = sorted({i for i in ids if ids.count(i) > 1})
             raise DeviceError(f"Duplicate devices {dup} in devices=; list each device once.")
@@ -363,8 +357,7 @@ def layerwise_shard(
     if devices is None:
         devices = jax.devices()
     allow = (allow,) if isinstance(allow, str) else tuple(allow or ())
-    if schedule not in SCHEDULES:
-        raise ConfigError(f"schedule={schedule!r} is not one of {sorted(SCHEDULES)}.")
+    schedules.get(schedule)  # an unknown name fails here, before tracing and planning
     if "compress" in allow:
         raise ConfigError("layerwise_shard runs the weights as stored, so allow= may not "
                           "include 'compress'; plan compressed deployments with lwjax.plan.")

@@ -39,8 +39,8 @@ from jax.sharding import PartitionSpec as P
 
 from lwjax._compat import Literal as JaxLiteral
 from lwjax._compat import Var, bind_eqn
-from lwjax.errors import ConfigError, InputError
-from lwjax.passes.schedules import SCHEDULES
+from lwjax.errors import InputError
+from lwjax.passes import schedules
 from lwjax.passes.segment import LayerGraph, Segment
 from lwjax.passes.tp import residual_width, split_axis
 
@@ -328,8 +328,7 @@ def lower(
     Returns:
         PipelineProgram.
     """
-    if schedule not in SCHEDULES:
-        raise ConfigError(f"schedule={schedule!r} is not one of {sorted(SCHEDULES)}.")
+    sched = schedules.get(schedule)
     num_stages = len(ranges)
     devices = list(devices)[:num_stages * tp]
     if tp == 1:
@@ -403,7 +402,6 @@ def lower(
     branches = [make_branch(s, st) for s, st in enumerate(stages)] + [idle]
     batch_shaped = graph.traced.batch_shaped
     perm = [(i, i + 1) for i in range(num_stages - 1)]
-    sched = SCHEDULES[schedule]
 
     def microbatch(mb_args_all, mb) -> list:
         return [jax.lax.dynamic_index_in_dim(a, mb, 0, keepdims=False) if b else a

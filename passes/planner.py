@@ -260,7 +260,7 @@ def _shortest_step(sizes, numbers: LayerNumbers, room: int, most: int, microbatc
         counts = sorted({fewest, most, *(2**i for i in range(most.bit_length())
                                           if fewest <= 2**i <= most)})
     best = None
-    for k in sorted(counts):
+    for k in counts:  # ascending
         ranges = partition_layers(sizes, numbers.costs_s, room, k, method=method)
         step = step_time(ranges, numbers.costs_s, microbatches, concurrency, numbers.epilogue_s)
         # ties -- equal up to the rounding of summing the same costs in other groups -- go
@@ -368,6 +368,23 @@ def replan(plan: Plan, exclude_devices=(), spare_devices=()) -> Plan:
 
 # ---- helpers --------------------------------------------------------------------------------
 
+def device_id(device, what: str) -> int:
+    """The id of a jax device or of a non-negative integer id (numpy integers too).
+
+    Raises:
+        DeviceError: anything else, named with ``what`` (the argument it came from).
+
+    Example:
+        >>> device_id(jax.devices()[3], "devices="), device_id(np.int64(2), "devices=")
+        (3, 2)
+    """
+    d = getattr(device, "id", device)
+    if isinstance(d, bool) or not isinstance(d, int | np.integer) or d < 0:
+        raise DeviceError(f"{what} holds {d!r}, which is not a device: neither a jax device "
+                          "nor an integer id >= 0; pass jax.devices()[:k] or a list of ids.")
+    return int(d)
+
+
 def _device_ids(devices, what: str) -> list[int]:
     """Device ids, in order, without repeats, from ids or jax devices (one or an iterable)."""
     if isinstance(devices, int | np.integer) or hasattr(devices, "id"):
@@ -377,14 +394,7 @@ def _device_ids(devices, what: str) -> list[int]:
     except TypeError:
         raise DeviceError(f"{what} must be a list of device ids or jax devices, got "
                           f"{devices!r}.") from None
-    ids = []
-    for d in items:
-        d = getattr(d, "id", d)
-        if isinstance(d, bool) or not isinstance(d, int | np.integer) or d < 0:
-            raise DeviceError(f"{what} holds {d!r}, which is not a device: give non-negative "
-                              "integer ids or jax devices.")
-        ids.append(int(d))
-    return list(dict.fromkeys(ids))
+    return list(dict.fromkeys(device_id(d, what) for d in items))
 
 
 def infeasible(message: str, **fields) -> InfeasiblePlanError:

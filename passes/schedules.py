@@ -24,6 +24,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from lwjax.errors import ConfigError
+
 Step = Callable[[Any, jax.Array, jax.Array], Any]
 
 
@@ -55,3 +57,18 @@ def _gpipe_run(step: Step, init, *, stage: jax.Array, num_stages: int, num_micro
 GPIPE = Schedule("gpipe", _gpipe_run,
                  lambda num_stages, m: slice(num_stages - 1, num_stages - 1 + m))
 SCHEDULES: dict[str, Schedule] = {"gpipe": GPIPE}
+
+
+def get(name: str) -> Schedule:
+    """The schedule called ``name``.
+
+    Raises:
+        ConfigError: no such schedule (the message lists the names).
+
+    Example:
+        >>> get("gpipe").name
+        'gpipe'
+    """
+    if name not in SCHEDULES:
+        raise ConfigError(f"schedule={name!r} is not one of {sorted(SCHEDULES)}.")
+    return SCHEDULES[name]
