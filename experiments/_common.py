@@ -4,7 +4,10 @@
 - ``machine_line`` / ``header``: machine, core count, load, Python / JAX / Flax, date.
 - ``measure_interleaved``: runs several callables in turn (a, b, c, a, b, c, ...) so that all
   see the same machine load; medians and min-max spread, re-run when the spread is huge.
-- ``markdown_table`` / ``write_results``: the results files under ``experiments/results``.
+- ``markdown_table`` / ``write_results`` / ``add_output_flags`` / ``output_dir``: results files.
+  A run writes to ``experiments/out/`` (git-ignored); only ``--write-results`` regenerates the
+  committed copies in ``experiments/results/``, so running an experiment never dirties the
+  checkout.
 - ``bar_panels``: matplotlib bar charts, one panel per group (measured and projected apart).
 - ``step``: progress lines with the elapsed time.
 
@@ -26,7 +29,8 @@ import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 
-RESULTS = pathlib.Path(__file__).parent / "results"
+RESULTS = pathlib.Path(__file__).parent / "results"  # committed; only --write-results writes it
+OUT = pathlib.Path(__file__).parent / "out"  # git-ignored; every other run writes here
 MEASURED = "measured"
 PROJECTED = "projected"
 _START = time.perf_counter()
@@ -209,8 +213,28 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]],
     return "\n".join(lines)
 
 
-def write_results(name: str, text: str, directory: pathlib.Path = RESULTS) -> pathlib.Path:
-    """Writes ``text`` to ``directory / name`` and returns the path."""
+def add_output_flags(parser) -> None:
+    """Adds ``--write-results`` and ``--no-write`` to an experiment's argparse parser."""
+    parser.add_argument(
+        "--write-results", action="store_true",
+        help="regenerate the committed copies in experiments/results/ (default: write to "
+             "experiments/out/, which git ignores)")
+    parser.add_argument("--no-write", action="store_true", help="print only, write nothing")
+
+
+def output_dir(write_results: bool) -> pathlib.Path:
+    """``RESULTS`` (committed) with ``--write-results``, else ``OUT`` (git-ignored).
+
+    Example:
+        >>> output_dir(False).name
+        'out'
+    """
+    return RESULTS if write_results else OUT
+
+
+def write_results(name: str, text: str, directory: pathlib.Path = OUT) -> pathlib.Path:
+    """Writes ``text`` to ``directory / name`` (default: the git-ignored ``OUT``) and returns
+    the path; pass ``output_dir(args.write_results)`` as ``directory``."""
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / name
     path.write_text(text)

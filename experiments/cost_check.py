@@ -19,10 +19,11 @@ D. The same schedule model with *measured* work (the whole model on one device a
 
 Run from the repository root (full: a few minutes on 2 cores; ``--quick``: one size)::
 
-    python experiments/cost_check.py [--quick]
+    python experiments/cost_check.py [--quick] [--write-results]
 
-It writes ``experiments/results/cost_check.md`` (``--quick``: the same names
-with a ``-quick`` suffix, so a demo run never overwrites the full results).
+It writes ``cost_check.md`` (``--quick``: ``cost_check-quick.md``) to ``experiments/out/``,
+which git ignores; ``--write-results`` regenerates the committed copy in
+``experiments/results/`` instead.
 """
 
 from __future__ import annotations
@@ -326,7 +327,7 @@ def report(checks: Sequence[Check], hw: HardwareSpec, command: str) -> str:
 def main(argv: Sequence[str] | None = None) -> str:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="the small size only")
-    ap.add_argument("--no-write", action="store_true", help="print only")
+    _common.add_output_flags(ap)
     a = ap.parse_args(argv)
     sizes = ["small"] if a.quick else list(SIZES)
     _common.step(f"machine: {_common.machine_line()}")
@@ -345,7 +346,8 @@ def main(argv: Sequence[str] | None = None) -> str:
     print(text)
     suffix = "-quick" if a.quick else ""  # --quick never overwrites the full results
     if not a.no_write:
-        _common.step(f"written {_common.write_results(f'cost_check{suffix}.md', text)}")
+        out = _common.output_dir(a.write_results)
+        _common.step(f"written {_common.write_results(f'cost_check{suffix}.md', text, out)}")
     return text
 
 

@@ -6,17 +6,23 @@ Steps (each prints as it starts):
 2. the honest verdict: what lwjax's planner decides for seed_dense / seed_moe on 16 x H100
    (projected) -- ``experiments/verdict.py``;
 3. per-layer memory tables, the seed documents' claims beside lwjax's figures --
-   ``experiments/results/memory_breakdown.md``;
+   ``memory_breakdown.md``;
 4. a plan figure (per-device bytes vs the L2 line) for seed_dense at int4-75%, weights
-   resident -- ``experiments/results/plan_seed_dense.png``;
+   resident -- ``plan_seed_dense.png``;
 5. dense and MoE, layer-wise vs TP=8 x PP=2, measured on this machine (CPU) and projected
-   for 16 x H100 -- ``experiments/results/throughput.md`` and ``throughput.png``.
+   for 16 x H100 -- ``throughput-quick.md`` and ``throughput-quick.png`` (``--full``: the
+   full sizes, ``throughput.md`` / ``.png``).
 
-Run: ``python experiments/demo.py`` (a few minutes on 2 cores).
+The files go to ``experiments/out/``, which git ignores, so the demo leaves the checkout as
+it was. ``--write-results`` regenerates the committed copies in ``experiments/results/``
+instead.
+
+Run: ``python experiments/demo.py [--full] [--write-results]`` (a few minutes on 2 cores).
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import pathlib
 import sys
@@ -25,7 +31,9 @@ import time
 import jax
 
 jax.config.update("jax_num_cpu_devices", 16)
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
+import _common  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
@@ -35,7 +43,6 @@ from lwjax import models  # noqa: E402
 from lwjax.models import configs  # noqa: E402
 
 HERE = pathlib.Path(__file__).resolve().parent
-RESULTS = HERE / "results"
 MIB = 2**20
 
 
@@ -76,10 +83,16 @@ def plan_figure(path: pathlib.Path) -> str:
 
 
 def main(argv=None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    full = "--full" in argv
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--full", action="store_true", help="throughput at the full sizes")
+    ap.add_argument("--write-results", action="store_true",
+                    help="regenerate the committed copies in experiments/results/ (default: "
+                         "write to experiments/out/, which git ignores)")
+    a = ap.parse_args(argv)
+    out = _common.output_dir(a.write_results)
+    write = ["--write-results"] if a.write_results else []
     start = time.perf_counter()
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
 
     def step(k: int, title: str) -> None:
         print(f"\n[{k}/5] {title}  (t = {time.perf_counter() - start:.0f} s)", flush=True)
@@ -92,21 +105,21 @@ def main(argv=None) -> None:
 
     step(3, "Per-layer memory tables and the seed documents' claims")
     memory = _load("memory_breakdown")
-    text = memory.report_markdown()
-    memory.RESULTS.write_text(text)
+    path = out / memory.RESULTS_NAME
+    path.write_text(memory.report_markdown())
     print(memory.claims_table(memory.claim_rows()))
-    print(f"full tables: {memory.RESULTS.relative_to(HERE.parent)}")
+    print(f"full tables: {path.relative_to(HERE.parent)}")
 
     step(4, "Plan figure: seed_dense, int4-75%, weights resident (projected)")
-    path = RESULTS / "plan_seed_dense.png"
+    path = out / "plan_seed_dense.png"
     print(plan_figure(path))
     print(f"figure: {path.relative_to(HERE.parent)}")
 
     step(5, "Throughput: layer-wise vs TP=8 x PP=2 (measured on this CPU, projected for H100)")
-    _load("throughput").main([] if full else ["--quick"])
+    _load("throughput").main(([] if a.full else ["--quick"]) + write)
 
     print(f"\ndone in {time.perf_counter() - start:.0f} s; results in "
-          f"{RESULTS.relative_to(HERE.parent)}/")
+          f"{out.relative_to(HERE.parent)}/")
 
 
 if __name__ == "__main__":

@@ -7,9 +7,11 @@ lwjax's figures as *claims*; none of their numbers is copied into a result.
 
 Run from the repository root (about 30 s on 2 CPU cores)::
 
-    python experiments/memory_breakdown.py
+    python experiments/memory_breakdown.py [--write-results]
 
-It prints the tables and writes them to ``experiments/results/memory_breakdown.md``.
+It prints the tables and writes them to ``experiments/out/memory_breakdown.md``, which git
+ignores; ``--write-results`` regenerates the committed ``experiments/results/memory_breakdown.md``
+instead (its machine line and date change with every run).
 The table builders are pure functions returning strings or rows (imported by
 ``tests/test_experiments_memory.py``); analyses are cached, so each runs once per process.
 """
@@ -20,13 +22,14 @@ import pathlib as _pathlib
 import sys as _sys
 
 _sys.path.insert(0, str(_pathlib.Path(__file__).parent))
+import argparse
 import dataclasses
 import datetime
 import functools
 import os
-import pathlib
 import platform
 import time
+from collections.abc import Sequence
 
 import _common  # noqa: E402
 import flax
@@ -59,7 +62,7 @@ CLAIM_BATCH = 128  # the batch in the seeds' own arithmetic
 CLAIM_CONFIG = "seed_dense"
 L2 = hardware.H100_SXM
 TOLERANCE = 0.01  # a claim agrees within 1%, or within half a unit of its last written digit
-RESULTS = pathlib.Path(__file__).parent / "results" / "memory_breakdown.md"
+RESULTS_NAME = "memory_breakdown.md"  # in _common.output_dir(write_results)
 
 ASSUMPTIONS = f"""\
 - **Computed, not measured.** `lwjax.analyze` on `models.abstract(cfg)` (no weights allocated):
@@ -524,14 +527,18 @@ def report_markdown() -> str:
     return "\n\n".join(parts) + "\n"
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> str:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    _common.add_output_flags(ap)
+    a = ap.parse_args(argv)
     start = time.perf_counter()
     text = report_markdown()
     text += f"\nGenerated in {time.perf_counter() - start:.1f} s.\n"
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(text)
     print(text)
-    print(f"written to {RESULTS}")
+    if not a.no_write:
+        path = _common.write_results(RESULTS_NAME, text, _common.output_dir(a.write_results))
+        print(f"written to {path}")
+    return text
 
 
 if __name__ == "__main__":

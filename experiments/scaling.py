@@ -12,10 +12,11 @@ at seed002_dense dimensions.
 
 Run from the repository root (asks for 64 simulated devices; full: a few minutes on 2 cores)::
 
-    python experiments/scaling.py [--quick]
+    python experiments/scaling.py [--quick] [--write-results]
 
-It writes ``experiments/results/scaling.md`` and ``scaling.png`` (``--quick``: the same names
-with a ``-quick`` suffix, so a demo run never overwrites the full results).
+It writes ``scaling.md`` and ``scaling.png`` (``--quick``: the same names with a ``-quick``
+suffix) to ``experiments/out/``, which git ignores; ``--write-results`` regenerates the
+committed copies in ``experiments/results/`` instead.
 """
 
 from __future__ import annotations
@@ -408,7 +409,7 @@ def figure(layer_runs: Sequence[Run], seed002_run: Run | None,
 def main(argv: Sequence[str] | None = None) -> str:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="8 and 16 layers, small sizes")
-    ap.add_argument("--no-write", action="store_true", help="print only")
+    _common.add_output_flags(ap)
     a = ap.parse_args(argv)
     scale = QUICK if a.quick else FULL
     available = len(jax.devices())
@@ -431,8 +432,9 @@ def main(argv: Sequence[str] | None = None) -> str:
     print(text)
     suffix = "-quick" if a.quick else ""  # --quick never overwrites the full results
     if not a.no_write:
-        path = _common.write_results(f"scaling{suffix}.md", text)
-        png = figure(runs, s002, _common.RESULTS / f"scaling{suffix}.png")
+        out = _common.output_dir(a.write_results)
+        path = _common.write_results(f"scaling{suffix}.md", text, out)
+        png = figure(runs, s002, out / f"scaling{suffix}.png")
         _common.step(f"written {path} and {png}")
     return text
 

@@ -14,10 +14,11 @@ their roofline implies, beside the seed documents' claimed figures.
 
 Run from the repository root (full: a few minutes on 2 cores; ``--quick``: about a minute)::
 
-    python experiments/throughput.py [--quick] [--repeats 7]
+    python experiments/throughput.py [--quick] [--repeats 7] [--write-results]
 
-It writes ``experiments/results/throughput.md`` and ``throughput.png`` (``--quick``: the same names
-with a ``-quick`` suffix, so a demo run never overwrites the full results).
+It writes ``throughput.md`` and ``throughput.png`` (``--quick``: the same names with a
+``-quick`` suffix) to ``experiments/out/``, which git ignores; ``--write-results`` regenerates
+the committed copies in ``experiments/results/`` instead.
 """
 
 from __future__ import annotations
@@ -760,7 +761,7 @@ def main(argv: Sequence[str] | None = None) -> str:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small sizes, 5 repeats, fewer extras")
     ap.add_argument("--repeats", type=int, default=None)
-    ap.add_argument("--no-write", action="store_true", help="print only")
+    _common.add_output_flags(ap)
     a = ap.parse_args(argv)
     if len(jax.devices()) < NUM_DEVICES:
         raise SystemExit(f"needs {NUM_DEVICES} devices, found {len(jax.devices())}")
@@ -785,8 +786,9 @@ def main(argv: Sequence[str] | None = None) -> str:
     print(text)
     suffix = "-quick" if a.quick else ""  # --quick never overwrites the full results
     if not a.no_write:
-        path = _common.write_results(f"throughput{suffix}.md", text)
-        png = figure(tables, _common.RESULTS / f"throughput{suffix}.png")
+        out = _common.output_dir(a.write_results)
+        path = _common.write_results(f"throughput{suffix}.md", text, out)
+        png = figure(tables, out / f"throughput{suffix}.png")
         _common.step(f"written {path} and {png}")
     return text
 
