@@ -20,10 +20,11 @@ from lwjax.passes.compression import Compression
 from lwjax.passes.footprint import AttentionAssumption
 from lwjax.passes.lower import lower
 from lwjax.passes.planner import device_id
-from lwjax.passes.segment import LayerGraph, segment
+from lwjax.passes.segment import LayerGraph, LayersSpec, segment
 from lwjax.passes.strategies import STRATEGIES, Target, search_plan
 from lwjax.passes.trace import Mode, trace
 from lwjax.plan import Objective, Plan, Residency
+from lwjax.plan_check import check_plan, check_plan_batch
 from lwjax.report import LayerReport, ModelReport
 from lwjax.sharded import ShardedModel
 
@@ -56,6 +57,7 @@ def analyze(
     attention: AttentionAssumption = "as_traced",
     unbatched: Sequence[int | str] = (),
     batched: Sequence[int | str] = (),
+    layers: LayersSpec = None,
     **kwargs,
 ) -> ModelReport:
     """Per-layer on-chip footprints of a model: trace -> segment -> footprint.
@@ -75,6 +77,9 @@ def analyze(
             the batch (positional indices or keyword names; see ``passes.trace.trace``).
         batched: array arguments that are per-example, where lwjax cannot tell (see
             ``passes.trace.trace``: it asks when the model also accepts them whole).
+        layers: None (find the layers from the model's structure), a scope pattern such as
+            ``"transformer/h/*"`` (``*`` matches one scope; it may start at any depth), or a
+            callable from an equation's name stack to its layer's name (None: no layer).
         **kwargs: further call arguments.
 
     Returns:
@@ -90,7 +95,7 @@ def analyze(
     traced = trace(model, *args, mode=mode, cache_len=cache_len,
                    microbatch_size=microbatch_size, unbatched=unbatched, batched=batched,
                    **kwargs)
-    graph = segment(traced)
+    graph = segment(traced, layers)
     fp = footprint_lib.footprint(graph, compression, attention=attention)
     if mode == "decode" and cache_len is None:
         cache_len = graph.traced.args[1].shape[1] if len(graph.traced.args) > 1 else None
@@ -189,7 +194,8 @@ def _capacity(cache_bytes, hw: HardwareSpec, persisting: bool) -> int:
 
 def _plan_graph(model, args, kwargs, *, devices, num_devices, hardware, cache_bytes,
                 compression, microbatches, mode, cache_len, residency, attention, persisting,
-                method, allow=(), objective="step", unbatched=(), batched=()):
+                method, allow=(), objective="step", unbatched=(), batched=(), layers=None,
+                given: Plan | None = None):
     """Plans and returns ``(plan, graph at the plan's microbatch size, device objects or None,
     full batch)``. ``allow``: the edge-case strategies the search may use, in order
     (``passes/strategies.py``); none by default."""
@@ -204,7 +210,7 @@ def _plan_graph(model, args, kwargs, *, devices, num_devices, hardware, cache_by
             graphs[size] = segment(trace(model, *args, mode=mode, cache_len=cache_len,
                                          microbatch_size=size, unbatched=unbatched,
                                          batched=batched,
-                                         **kwargs))
+                                         **kwargs), layers)
         return graphs[size]
 
     # The batch is the first call argument's leading size (after a linen module's variables);
@@ -214,6 +220,13 @@ def _plan_graph(model, args, kwargs, *, devices, num_devices, hardware, cache_by
     batch = int(shape[0]) if shape else trace(
         model, *args, mode=mode, cache_len=cache_len, unbatched=unbatched, batched=batched,
         **kwargs).batch_size
+    if batch < 1:
+        raise InputError(f"the first argument has shape {tuple(shape)}: an empty batch. Pass at "
+                         "least one example (the leading axis is the batch).")
+    if given is not None:
+        graph = graph_at(check_plan_batch(given, batch))
+        check_plan(given, graph, ids)
+        return given, graph, objs, batch
     m = _microbatches(batch, microbatches, len(ids))
     if attention is None:
         attention = "fused" if hw.kind == "gpu" else "as_traced"
@@ -244,6 +257,7 @@ def plan(
     objective: Objective = "step",
     unbatched: Sequence[int | str] = (),
     batched: Sequence[int | str] = (),
+    layers: LayersSpec = None,
     **kwargs,
 ) -> Plan:
     """Plans a layer-wise deployment: trace -> segment -> footprint -> cost -> partition.
@@ -280,6 +294,7 @@ def plan(
             the batch (see ``analyze``).
         batched: array arguments that are per-example, where lwjax cannot tell (see
             ``analyze``).
+        layers: name the layers when discovery cannot decide (see ``analyze``).
         **kwargs: further call arguments of the model.
 
     Returns:
@@ -300,7 +315,7 @@ def plan(
                        microbatches=microbatches, mode=mode, cache_len=cache_len,
                        residency=residency, attention=attention, persisting=persisting,
                        method=method, allow=allow, objective=objective,
-                       unbatched=unbatched, batched=batched)[0]
+                       unbatched=unbatched, batched=batched, layers=layers)[0]
 
 
 def layerwise_shard(
@@ -317,6 +332,8 @@ def layerwise_shard(
     objective: Objective = "step",
     unbatched: Sequence[int | str] = (),
     batched: Sequence[int | str] = (),
+    layers: LayersSpec = None,
+    plan: Plan | None = None,
     **kwargs,
 ) -> ShardedModel:
     """Runs a model as a layer-wise pipeline: trace -> segment -> footprint -> partition ->
@@ -345,6 +362,12 @@ def layerwise_shard(
             also accepts such an argument whole, lwjax asks (``InputError``) instead of
             guessing.
         batched: array arguments confirmed to hold one row per example.
+        layers: name the layers when discovery cannot decide (see ``analyze``).
+        plan: run this Plan (from ``lwjax.plan``, ``Plan.replan`` or ``Plan.from_json``) as
+            it is, without planning: its layers, microbatches and devices. It must have been
+            made for this model (same layers, shapes and dtypes) and batch, for prefill,
+            uncompressed; ``devices`` must hold its device ids. The planning options
+            (``cache_bytes``, ``microbatches``, ``allow``, ...) are then ignored.
         **kwargs: further call arguments (arrays are microbatched when batch-shaped).
 
     Returns:
@@ -353,6 +376,7 @@ def layerwise_shard(
     Example:
         >>> sm = lwjax.layerwise_shard(model, tokens, cache_bytes=2**20, microbatches=4)
         >>> logits = sm(tokens)
+        >>> again = lwjax.layerwise_shard(model, tokens, plan=sm.plan.replan(exclude_devices=[1]))
     """
     if devices is None:
         devices = jax.devices()
@@ -366,7 +390,7 @@ def layerwise_shard(
         cache_bytes=cache_bytes, compression=compression, microbatches=microbatches,
         mode="prefill", cache_len=None, residency=residency, attention=None,
         persisting=False, method="optimal", allow=allow, objective=objective,
-        unbatched=unbatched, batched=batched)
+        unbatched=unbatched, batched=batched, layers=layers, given=plan)
     if objs is None:
         raise DeviceError("layerwise_shard runs on jax devices: pass devices=jax.devices(), "
                           "not device ids.")

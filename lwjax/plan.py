@@ -61,6 +61,8 @@ class LayerNumbers:
             first layer).
         epilogue_s: estimated seconds of the epilogue per microbatch; the pipeline runs it on
             the last stage after its ticks, so it is not part of any stage's tick time.
+        signatures: per layer, a hash of its equations, shapes and dtypes: running the plan
+            on a model whose layers differ is refused (``lwjax.plan_check``).
     """
 
     names: tuple[str, ...]
@@ -69,6 +71,7 @@ class LayerNumbers:
     epilogue: Footprint
     costs_s: tuple[float, ...]
     epilogue_s: float = 0.0
+    signatures: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -283,6 +286,7 @@ def _decode_plan(d: dict) -> Plan:
         names=tuple(n["names"]), footprints=tuple(_footprint(f) for f in n["footprints"]),
         prologue=_footprint(n["prologue"]), epilogue=_footprint(n["epilogue"]),
         costs_s=tuple(n["costs_s"]), epilogue_s=n.get("epilogue_s", 0.0),
+        signatures=tuple(n.get("signatures", ())),
     )
     stages = tuple(Stage(index=s["index"], layers=tuple(s["layers"]),
                          layer_range=tuple(s["layer_range"]), devices=tuple(s["devices"]),

@@ -30,9 +30,11 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import hashlib
 import re
 from collections import defaultdict
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import jax
@@ -46,10 +48,18 @@ from lwjax.passes.trace import TracedModel
 
 _INDEXED = re.compile(r"^(?P<base>.*?)(?:[_.]?)(?P<idx>\d+)$")
 _CALLS = ("pjit", "jit", "closed_call", "core_call")
+# A layer family holding less than this share of both the weights and the matmul FLOPs is
+# refused unless named with layers=: a plan on it would mostly place the prologue/epilogue.
+_MIN_LAYER_SHARE = 0.10
+# More than this share of the weights outside the layers, while a repeated structure sits
+# there too, means the wrong family was found: refused unless named with layers=.
+_MAX_OUTSIDE_SHARE = 0.5
+LayersSpec = str | Callable[[str], "str | None"] | None
 HOW_TO_MARK = (
-    "Mark each layer by running it under `with jax.named_scope(f'layers_{i}'):` (NNX), keep "
-    "blocks as numbered linen submodules (e.g. name=f'h_{i}'), or hold the blocks of an NNX "
-    "model in an nnx.List."
+    "Name the layers with layers= (a scope pattern such as layers='transformer/h/*', or a "
+    "callable from an equation's name stack to its layer name), or mark each layer by running "
+    "it under `with jax.named_scope(f'layers_{i}'):`, keep blocks as numbered linen "
+    "submodules (e.g. name=f'h_{i}'), or hold the blocks of an NNX model in an nnx.List."
 )
 
 
@@ -114,6 +124,8 @@ class LayerGraph:
         layers: the layers in order.
         epilogue: equations after the last layer (final norm, LM head).
         traced: the TracedModel this came from.
+        family: the layer family the layers are (how they were found).
+        total_weights_bytes: bytes of all parameters.
     """
 
     jaxpr: ClosedJaxpr
@@ -122,6 +134,16 @@ class LayerGraph:
     layers: tuple[Segment, ...]
     epilogue: Segment
     traced: TracedModel
+    family: LayerFamily | None = None
+    total_weights_bytes: int = 0
+
+    @property
+    def outside_weights_share(self) -> float:
+        """Share of the parameter bytes that no layer reads (prologue / epilogue only)."""
+        inside = {i for seg in self.layers for i in seg.params}
+        total = sum(p.nbytes for p in self.params)
+        outside = sum(p.nbytes for i, p in enumerate(self.params) if i not in inside)
+        return outside / total if total else 0.0
 
     @property
     def segments(self) -> tuple[Segment, ...]:
@@ -150,47 +172,202 @@ class LayerGraph:
         return "\n".join(lines)
 
 
-# ---- layer families from name stacks ----------------------------------------------------------
+# ---- layer families from the structure of the scopes --------------------------------------------
 
 def _components(stack: str) -> list[str]:
     return [c for c in stack.split("/") if c]
 
 
-def _family_key(comps: list[str]) -> tuple[int, tuple[str, ...], str, int] | None:
-    """(depth, prefix, base, index) of the shallowest numbered component, or None."""
-    for depth, comp in enumerate(comps):
-        m = _INDEXED.match(comp)
-        if m and m.group("base") not in ("", "jit", "pjit"):
-            return depth, tuple(comps[:depth]), m.group("base"), int(m.group("idx"))
-    return None
+def _numbered(comp: str) -> tuple[str, int] | None:
+    """('h', 3) for 'h_3', 'h.3', 'h3'; ('', 3) for '3' (transformers' ``h/3``); None for
+    unnumbered scopes and jit wrappers."""
+    m = _INDEXED.match(comp)
+    if m is None or m.group("base") in ("jit", "pjit"):
+        return None
+    return m.group("base"), int(m.group("idx"))
 
 
-def _choose_family(stacks: list[str]) -> tuple[int, tuple[str, ...], str] | None:
-    members: dict[tuple, set[int]] = defaultdict(set)
-    counts: dict[tuple, int] = defaultdict(int)
-    for stack in stacks:
+@dataclasses.dataclass(frozen=True)
+class LayerFamily:
+    """The layers a segmentation uses: sibling scopes under one parent scope.
+
+    Attributes:
+        parent: the parent scope's components ('FlaxGPT2LMHeadModule', 'transformer', 'h').
+        members: the child scopes that are layers, in program order ('0', '1', ...).
+        how: "numbered" (siblings differing in a trailing integer: ``h_3``, ``h/3``,
+            ``layers.3``, ``block3``), "repeated" (unnumbered siblings that compute the same
+            thing one after another: ``alpha``, ``beta``), or "override" (``layers=``).
+        weights_bytes: bytes of the parameters the members read.
+        flops: matmul FLOPs of the members' equations.
+        contiguous: each member's equations form one run (no interleaving).
+    """
+
+    parent: tuple[str, ...]
+    members: tuple[str, ...]
+    how: Literal["numbered", "repeated", "override"]
+    weights_bytes: int
+    flops: int
+    contiguous: bool = True
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple("/".join((*self.parent, m)) for m in self.members)
+
+    def describe(self, total_weights: int) -> str:
+        first, last = self.names[0], self.members[-1]
+        span = first if len(self.members) == 1 else f"{first}..{last}"
+        share = 100 * self.weights_bytes / total_weights if total_weights else 0.0
+        return f"{span} ({len(self.members)} {self.how}, {share:.0f}% of the weights)"
+
+
+def _matmul_flops(eqn: JaxprEqn) -> int:
+    """2 x output elements x contracted size of a dot_general (recursing into sub-jaxprs: a
+    scan body counts ``length`` times); a proxy for where a model's work is."""
+    if eqn.primitive.name == "dot_general":
+        (contract, _), _ = eqn.params["dimension_numbers"]
+        lhs = eqn.invars[0].aval.shape
+        k = int(np.prod([lhs[d] for d in contract], dtype=np.int64))
+        return 2 * int(np.prod(eqn.outvars[0].aval.shape, dtype=np.int64)) * k
+    times = eqn.params.get("length", 1) if eqn.primitive.name == "scan" else 1
+    return times * sum(_matmul_flops(e) for sub in jax.extend.core.jaxprs_in_params(eqn.params)
+                       for e in sub.eqns)
+
+
+def _scope_signature(eqns: Sequence[JaxprEqn]) -> str:
+    return _signature(eqns, ())
+
+
+class _Scopes:
+    """Every scope of a program: its equations (descendants included), its children in
+    program order, and the weights and FLOPs of any set of equations."""
+
+    def __init__(self, eqns: Sequence[JaxprEqn], stacks: Sequence[str], param_bytes: dict):
+        self.eqns = eqns
+        self.comps = [_components(s) for s in stacks]
+        self.of: dict[tuple[str, ...], list[int]] = defaultdict(list)
+        self.children: dict[tuple[str, ...], dict[str, None]] = defaultdict(dict)
+        for i, c in enumerate(self.comps):
+            for d in range(len(c)):
+                self.of[tuple(c[:d + 1])].append(i)
+                self.children[tuple(c[:d])].setdefault(c[d])
+        self.param_bytes = param_bytes
+        self.flops = [_matmul_flops(e) for e in eqns]
+
+    def weights(self, idxs) -> int:
+        read = {v for i in idxs for v in self.eqns[i].invars
+                if isinstance(v, Var) and v in self.param_bytes}
+        return sum(self.param_bytes[v] for v in read)
+
+    def family(self, parent, members, how) -> LayerFamily:
+        idxs = [i for m in members for i in self.of[(*parent, m)]]
+        spans = [(self.of[(*parent, m)][0], self.of[(*parent, m)][-1]) for m in members]
+        contiguous = all(a[1] < b[0] for a, b in zip(spans, spans[1:], strict=False))
+        return LayerFamily(parent=tuple(parent), members=tuple(members), how=how,
+                           weights_bytes=self.weights(idxs),
+                           flops=sum(self.flops[i] for i in idxs), contiguous=contiguous)
+
+    def candidates(self) -> list[LayerFamily]:
+        """Numbered sibling families (any signatures: a model may alternate block kinds) and
+        runs of two or more consecutive unnumbered siblings with equal signatures."""
+        out = []
+        for parent, kids in self.children.items():
+            kids = list(kids)
+            numbered: dict[str, list[str]] = defaultdict(list)
+            for k in kids:
+                n = _numbered(k)
+                if n is not None:
+                    numbered[n[0]].append(k)
+            for members in numbered.values():
+                out.append(self.family(parent, members, "numbered"))
+            plain = [k for k in kids if _numbered(k) is None]
+            if len(plain) < 2:
+                continue
+            sigs = [_scope_signature([self.eqns[i] for i in self.of[(*parent, k)]])
+                    for k in plain]
+            run = [0]
+            for j in range(1, len(plain) + 1):
+                if j < len(plain) and sigs[j] == sigs[run[0]]:
+                    run.append(j)
+                    continue
+                if len(run) >= 2:
+                    out.append(self.family(parent, [plain[r] for r in run], "repeated"))
+                run = [j]
+        return out
+
+
+def _best(families: Sequence[LayerFamily]) -> LayerFamily:
+    """The family covering the most weights, then the most FLOPs, then the most members."""
+    return max(families, key=lambda f: (f.weights_bytes, f.flops, len(f.members),
+                                        -len(f.parent)))
+
+
+def _override_namer(layers: LayersSpec) -> Callable[[str], str | None]:
+    """name stack -> layer name (or None) for a ``layers=`` pattern or callable."""
+    if callable(layers):
+        return layers
+    if not isinstance(layers, str) or not _components(layers):
+        raise LayerSegmentationError(
+            f"layers= must be a scope pattern such as 'transformer/h/*' or a callable "
+            f"(name stack -> layer name or None); got {layers!r}.")
+    pattern = _components(layers)
+
+    def name_of(stack: str) -> str | None:
         comps = _components(stack)
-        # every numbered component is a candidate family at its own depth
-        for depth, comp in enumerate(comps):
-            m = _INDEXED.match(comp)
-            if m and m.group("base") not in ("", "jit", "pjit"):
-                key = (depth, tuple(comps[:depth]), m.group("base"))
-                members[key].add(int(m.group("idx")))
-                counts[key] += 1
-    if not members:
+        for start in range(len(comps) - len(pattern) + 1):
+            window = comps[start:start + len(pattern)]
+            if all(fnmatch.fnmatchcase(c, p) for c, p in zip(window, pattern, strict=True)):
+                return "/".join(comps[:start + len(pattern)])
         return None
-    return min(members, key=lambda k: (k[0], -len(members[k]), -counts[k], k))
+
+    return name_of
 
 
-def _layer_of(stack: str, family: tuple[int, tuple[str, ...], str]) -> int | None:
-    depth, prefix, base = family
-    comps = _components(stack)
-    if len(comps) <= depth or tuple(comps[:depth]) != prefix:
+def _family_namer(family: LayerFamily) -> Callable[[str], str | None]:
+    depth, members = len(family.parent), set(family.members)
+
+    def name_of(stack: str) -> str | None:
+        comps = _components(stack)
+        if len(comps) > depth and tuple(comps[:depth]) == family.parent and \
+                comps[depth] in members:
+            return "/".join(comps[:depth + 1])
         return None
-    m = _INDEXED.match(comps[depth])
-    if m and m.group("base") == base:
-        return int(m.group("idx"))
-    return None
+
+    return name_of
+
+
+def _choose(scopes: _Scopes, total_weights: int, kind: str) -> LayerFamily:
+    """The best contiguous family; refuses a segmentation that would leave most of the model
+    outside the layers while a repeated structure sits there."""
+    candidates = scopes.candidates()
+    valid = [f for f in candidates if f.contiguous]
+    if not valid:
+        if candidates:
+            bad = _best(candidates)
+            raise LayerSegmentationError(
+                f"Ambiguous layer boundaries: the equations of {bad.names[0]}..{bad.members[-1]} "
+                "interleave (a layer's scope appears again after another's). Each layer's "
+                f"work must be contiguous. {HOW_TO_MARK}")
+        raise LayerSegmentationError(
+            f"No layers found in the {kind} model: none of its {len(scopes.eqns)} equations runs "
+            f"under sibling scopes that repeat (numbered like h_0, h/0, block0, or unnumbered "
+            f"blocks computing the same thing). {HOW_TO_MARK}")
+    best = _best(valid)
+    if total_weights and best.weights_bytes < _MIN_LAYER_SHARE * total_weights and \
+            best.flops < _MIN_LAYER_SHARE * sum(scopes.flops):
+        raise LayerSegmentationError(
+            f"The best layer family found, {best.describe(total_weights)}, holds under "
+            f"{100 * _MIN_LAYER_SHARE:.0f}% of the model's weights and FLOPs, so a plan on it "
+            f"would mostly place the prologue and epilogue. Other candidates: "
+            f"{_listing(valid, best, total_weights)}. If these are the layers, confirm with "
+            f"layers='{'/'.join(best.parent + ('*',))}'; otherwise name them with layers= "
+            "(a scope pattern or a callable).")
+    return best
+
+
+def _listing(families, skip, total_weights: int, most: int = 4) -> str:
+    others = sorted((f for f in families if f is not skip),
+                    key=lambda f: -f.weights_bytes)[:most]
+    return "; ".join(f.describe(total_weights) for f in others) or "none"
 
 
 # ---- normalisation: inline calls spanning layers, unroll scanned layer stacks --------------------
@@ -205,8 +382,13 @@ def _sub_stacks(eqn: JaxprEqn) -> list[str]:
 
 
 def _spans_layers(eqn: JaxprEqn) -> bool:
-    return eqn.primitive.name in _CALLS and any(
-        _family_key(_components(s)) for s in _sub_stacks(eqn))
+    """A call (a model jitted as a whole) whose body holds several scopes or a numbered one:
+    inlined so that layers can be found inside it."""
+    if eqn.primitive.name not in _CALLS:
+        return False
+    comps = [_components(s) for s in _sub_stacks(eqn)]
+    return len({c[0] for c in comps if c}) > 1 or any(
+        _numbered(x) for c in comps for x in c)
 
 
 def _stacked_param_operands(eqn: JaxprEqn, param_vars: set) -> list[int]:
@@ -366,11 +548,19 @@ def _signature(eqns, seg_inputs) -> str:
     return h.hexdigest()[:16]
 
 
-def segment(traced: TracedModel) -> LayerGraph:
+def segment(traced: TracedModel, layers: LayersSpec = None) -> LayerGraph:
     """Splits a traced model into prologue, layers and epilogue (see the module docstring).
 
+    Args:
+        traced: the traced model.
+        layers: None (find the layer family from the scopes' structure), a scope pattern
+            ('transformer/h/*': '*' matches one scope; the pattern may start at any depth),
+            or a callable from an equation's name stack to its layer's name (None: not in a
+            layer).
+
     Raises:
-        LayerSegmentationError: no numbered layer scopes, or interleaved layers.
+        LayerSegmentationError: no layers, interleaved layers, or a segmentation that would
+            leave most of the model outside the layers (the message names the candidates).
 
     Example:
         >>> g = segment(trace(model, tokens))
@@ -381,36 +571,54 @@ def segment(traced: TracedModel) -> LayerGraph:
     jaxpr = closed.jaxpr
     eqns = list(jaxpr.eqns)
     stacks = [name_stack_of(e) for e in eqns]
-    family = _choose_family(stacks)
-    if family is None:
+    param_vars_all = jaxpr.invars[:len(sources)]
+    param_bytes = {v: int(np.prod(v.aval.shape, dtype=np.int64)) * np.dtype(v.aval.dtype).itemsize
+                   for v in param_vars_all}
+    total_weights = sum(param_bytes.values())
+    scopes = _Scopes(eqns, stacks, param_bytes)
+    if layers is None:
+        family = _choose(scopes, total_weights, traced.kind)
+        name_of = _family_namer(family)
+    else:
+        name_of = _override_namer(layers)
+        family = None
+    names = [name_of(s) for s in stacks]
+    hits = [i for i, n in enumerate(names) if n is not None]
+    if not hits:
+        tops = sorted({"/".join(c[:3]) for c in scopes.comps if c})[:8]
         raise LayerSegmentationError(
-            f"No layers found in {traced.kind} model: none of its {len(eqns)} equations runs "
-            f"under a numbered scope. {HOW_TO_MARK}"
-        )
-    # Assign every equation to a segment: -1 prologue, layer ordinal, or epilogue.
-    first_layer_eqn = next(i for i, s in enumerate(stacks) if _layer_of(s, family) is not None)
-    last_layer_eqn = max(i for i, s in enumerate(stacks) if _layer_of(s, family) is not None)
-    order: list[int] = []  # layer indices in order of appearance
+            f"layers={layers!r} matches no equation's scope; the model's scopes begin "
+            f"{tops}. {HOW_TO_MARK}")
+    first_layer_eqn, last_layer_eqn = hits[0], hits[-1]
+    # Assign every equation to a segment: -1 prologue, layer ordinal, or -2 epilogue.
+    order: list[str] = []  # layer names in order of appearance
     owner: list[int] = []
     current = None
-    for i, s in enumerate(stacks):
-        idx = _layer_of(s, family)
+    for i, name in enumerate(names):
         if i < first_layer_eqn:
             owner.append(-1)
             continue
         if i > last_layer_eqn:
             owner.append(-2)
             continue
-        if idx is not None and idx != current:
-            if idx in order:
+        if name is not None and name != current:
+            if name in order:
                 raise LayerSegmentationError(
-                    f"Ambiguous layer boundaries: equations of {family[2]}_{idx} appear again "
-                    f"after {family[2]}_{current} (equation {i}, {eqns[i].primitive.name}). "
-                    f"Each layer's work must be contiguous. {HOW_TO_MARK}"
+                    f"Ambiguous layer boundaries: equations of {name} appear again after "
+                    f"{current} (equation {i}, {eqns[i].primitive.name}). Each layer's work "
+                    f"must be contiguous. {HOW_TO_MARK}"
                 )
-            order.append(idx)
-            current = idx
+            order.append(name)
+            current = name
         owner.append(order.index(current))
+    if family is None:
+        family = LayerFamily(parent=(), members=tuple(order), how="override",
+                             weights_bytes=scopes.weights(
+                                 [i for i, o in enumerate(owner) if o >= 0]),
+                             flops=sum(f for f, o in zip(scopes.flops, owner, strict=True)
+                                       if o >= 0))
+    else:
+        _refuse_outside(scopes, family, owner, total_weights)
 
     n_params = len(sources)
     param_vars = jaxpr.invars[:n_params]
@@ -418,9 +626,8 @@ def segment(traced: TracedModel) -> LayerGraph:
     arg_vars = jaxpr.invars[n_params:]
     cache_vars = {v for v, c in zip(arg_vars, traced.cache_args, strict=True) if c}
 
-    prefix_name = "/".join((*family[1], "")) if family[1] else ""
     groups: list[tuple[str, str, list[int]]] = [("prologue", "prologue", [])]
-    groups += [("layer", f"{prefix_name}{family[2]}_{idx}", []) for idx in order]
+    groups += [("layer", name, []) for name in order]
     groups.append(("epilogue", "epilogue", []))
     for i, o in enumerate(owner):
         groups[0 if o == -1 else len(groups) - 1 if o == -2 else o + 1][2].append(i)
@@ -480,7 +687,25 @@ def segment(traced: TracedModel) -> LayerGraph:
         for i, (src, sl) in enumerate(sources)
     )
     return LayerGraph(jaxpr=closed, params=params_info, prologue=segments[0],
-                      layers=tuple(segments[1:-1]), epilogue=segments[-1], traced=traced)
+                      layers=tuple(segments[1:-1]), epilogue=segments[-1], traced=traced,
+                      family=family, total_weights_bytes=total_weights)
+
+
+def _refuse_outside(scopes: _Scopes, family: LayerFamily, owner: Sequence[int],
+                    total_weights: int) -> None:
+    """Most weights outside the layers while a repeated structure sits outside them too: the
+    discovery found the wrong family (e.g. numbered sub-modules inside one block)."""
+    outside = total_weights - family.weights_bytes
+    if not total_weights or outside <= _MAX_OUTSIDE_SHARE * total_weights:
+        return
+    elsewhere = [f for f in scopes.candidates() if f.contiguous and len(f.members) >= 2
+                 and all(owner[scopes.of[(*f.parent, m)][0]] < 0 for m in f.members)]
+    if elsewhere:
+        raise LayerSegmentationError(
+            f"The layers found, {family.describe(total_weights)}, leave "
+            f"{100 * outside / total_weights:.0f}% of the weights in the prologue and "
+            f"epilogue, where repeated structures sit: {_listing(elsewhere, None, total_weights)}."
+            f" Name the layers with layers= (e.g. layers='{'/'.join(elsewhere[0].parent)}/*').")
 
 
 def eval_segment(graph: LayerGraph, seg: Segment, params: dict, inputs: list,

@@ -28,8 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import flax.errors
@@ -38,11 +37,10 @@ import jax
 import numpy as np
 from flax import nnx
 
-from lwjax._compat import ClosedJaxpr, name_stack_of
+from lwjax._compat import ClosedJaxpr
 from lwjax.errors import InputError, LwjaxError, TraceError
 
 Mode = Literal["prefill", "decode"]
-_NUMBERED = re.compile(r"(^|/)[^/]*?[_.]?\d+(/|$)")
 
 
 def path_str(path) -> str:
@@ -93,7 +91,7 @@ class TracedModel:
     out_treedef: Any
     mode: Mode
     batch_size: int
-    kind: Literal["nnx", "linen"]
+    kind: Literal["nnx", "linen", "transformers"]
     static_kwargs: dict = dataclasses.field(default_factory=dict)
     scoped_by_lwjax: bool = False
 
@@ -148,7 +146,11 @@ def _ambiguous_leaves(flat, params, full, micro, batch_shaped, declared,
     """Leaves taken for per-example rows (leading size = the batch) that the model also
     accepts whole at the microbatch size with the same output shapes: lwjax cannot tell which
     is meant (a [T, T] mask when T equals the batch is one)."""
-    want = jax.tree.map(lambda x: (x.shape, x.dtype), out_shape)
+    def avals(tree):  # leaves and structure (a transformers output cannot be tree-mapped)
+        leaves, treedef = jax.tree.flatten(tree)
+        return treedef, [(x.shape, x.dtype) for x in leaves]
+
+    want = avals(out_shape)
     ambiguous = []
     for i in range(1, len(micro)):
         if not batch_shaped[i] or declared[i]:
@@ -158,7 +160,7 @@ def _ambiguous_leaves(flat, params, full, micro, batch_shaped, declared,
             got = jax.eval_shape(flat, *params, *whole)
         except Exception:  # noqa: BLE001 -- any failure: the whole leaf does not fit the call
             continue
-        if jax.tree.map(lambda x: (x.shape, x.dtype), got) == want:
+        if avals(got) == want:
             ambiguous.append(i)
     return ambiguous
 
@@ -170,51 +172,65 @@ def _split_kwargs(kwargs: dict) -> tuple[dict, dict]:
     return arrays, static
 
 
-def _numbered_scopes(closed: ClosedJaxpr) -> bool:
-    return any(_NUMBERED.search(name_stack_of(e)) for e in closed.jaxpr.eqns)
+# ---- NNX: scopes from the module tree ------------------------------------------------------------
 
-
-# ---- NNX: layer scopes from the module tree ---------------------------------------------------
-
-def _layer_list(module: nnx.Module) -> tuple[str, list] | None:
-    """The attribute path and children of the largest list of submodules (the layer stack)."""
-    best: tuple[str, list] | None = None
+def _module_names(module: nnx.Module) -> dict[int, str]:
+    """id(submodule) -> the scope its calls run under: its attribute name ('block0', 'attn'),
+    or '{list}_{i}' for the i-th module of a list ('layers_3'). The root has none."""
+    names: dict[int, str] = {}
     for path, node in nnx.iter_graph(module):
-        if isinstance(node, nnx.List | list | tuple):
-            children = [c for c in node if isinstance(c, nnx.Module)]
-            if children and (best is None or len(children) > len(best[1])):
-                name = str(path[-1]) if path else "layers"
-                best = (name, children)
-    return best
+        if not path or not isinstance(node, nnx.Module) or id(node) in names:
+            continue
+        last = path[-1]
+        if isinstance(last, int) and len(path) > 1:
+            names[id(node)] = f"{path[-2]}_{last}"
+        else:
+            names[id(node)] = str(last)
+    return names
 
 
 @contextlib.contextmanager
-def _scoped_children(module: nnx.Module):
-    """While active, calls to the layer list's children run under named scopes."""
-    found = _layer_list(module)
-    if found is None:
-        yield
-        return
-    name, children = found
-    index = {id(c): i for i, c in enumerate(children)}
-    originals = {}
-    for cls in {type(c) for c in children}:
-        orig = cls.__call__
-        originals[cls] = orig
+def _module_scopes(module: nnx.Module):
+    """While active, every submodule's ``__call__`` runs under ``jax.named_scope`` of its name
+    in the module tree, as linen does by itself, so layers can be found from the structure
+    (an ``nnx.List`` of blocks, attributes ``block0 .. block5``, or unnumbered ones)."""
+    names = _module_names(module)
+    classes = {type(node) for _, node in nnx.iter_graph(module)
+               if isinstance(node, nnx.Module) and id(node) in names
+               and any("__call__" in c.__dict__ for c in type(node).__mro__)}
+    originals = {cls: cls.__dict__.get("__call__") for cls in classes}
+    active: set[int] = set()  # a subclass's call reaching its parent's: one scope, not two
 
-        def wrapped(self, *a, __orig=orig, **k):
-            i = index.get(id(self))
-            if i is None:
-                return __orig(self, *a, **k)
-            with jax.named_scope(f"{name}_{i}"):
-                return __orig(self, *a, **k)
+    def scoped(orig):
+        def call(self, *a, **k):
+            name = names.get(id(self))
+            if name is None or id(self) in active:
+                return orig(self, *a, **k)
+            active.add(id(self))
+            try:
+                with jax.named_scope(name):
+                    return orig(self, *a, **k)
+            finally:
+                active.discard(id(self))
+        return call
 
-        cls.__call__ = wrapped
+    for cls in classes:
+        cls.__call__ = scoped(cls.__call__)
     try:
         yield
     finally:
         for cls, orig in originals.items():
-            cls.__call__ = orig
+            if orig is None:
+                del cls.__call__
+            else:
+                cls.__call__ = orig
+
+
+def _is_transformers(model) -> bool:
+    """A ``transformers`` Flax model (``FlaxPreTrainedModel``): a linen ``module`` with its
+    ``params``, called as ``model(*args, params=...)``."""
+    return isinstance(getattr(model, "module", None), nn.Module) and hasattr(model, "params") \
+        and callable(model)
 
 
 # ---- the pass ---------------------------------------------------------------------------------
@@ -262,10 +278,25 @@ def trace(
     """
     if mode not in ("prefill", "decode"):
         raise TraceError(f"mode must be 'prefill' or 'decode', got {mode!r}.")
+    if _is_transformers(model):
+        if mode == "decode":
+            raise TraceError(f"decode mode is not supported for {type(model).__name__} yet; "
+                             "trace it in 'prefill' mode.")
+        if model.params is None:
+            raise InputError(f"{type(model).__name__} has no params (built with "
+                             "_do_init=False?); initialise it or load its weights first.")
+        return _trace(lambda p, *a, **k: model(*a, params=p, **k), model.params, args, kwargs,
+                      mode, microbatch_size, "transformers", None, unbatched=unbatched,
+                      batched=batched)
     if isinstance(model, nn.Module):
         if not args:
             raise TraceError("A linen module needs its variables: trace(module, variables, *args).")
         variables, args = args[0], args[1:]
+        if not isinstance(variables, Mapping):
+            raise InputError(
+                f"{type(model).__name__} is a linen module: its variables come first, as a "
+                f"dict like {{'params': ...}} from module.init(...); got a "
+                f"{type(variables).__name__}.")
         if mode == "decode":
             raise TraceError(
                 "decode mode needs a model with init_cache/decode_step (lwjax's NNX models); "
@@ -282,23 +313,16 @@ def trace(
                                  microbatch_size)
 
         def fn(p, *a, **k):
-            return nnx.merge(graphdef, rng_state, p)(*a, **k)
-
-        traced = _trace(fn, state, args, kwargs, mode, microbatch_size, "nnx", None,
-                        unbatched=unbatched, batched=batched)
-        if _numbered_scopes(traced.closed_jaxpr) or _layer_list(model) is None:
-            return traced
-
-        def scoped(p, *a, **k):
             m = nnx.merge(graphdef, rng_state, p)
-            with _scoped_children(m):
+            with _module_scopes(m):
                 return m(*a, **k)
 
-        return _trace(scoped, state, args, kwargs, mode, microbatch_size, "nnx", None,
+        return _trace(fn, state, args, kwargs, mode, microbatch_size, "nnx", None,
                       scoped_by_lwjax=True, unbatched=unbatched, batched=batched)
     raise TraceError(
-        f"lwjax traces Flax NNX or linen modules; got {type(model).__name__}. Wrap a plain "
-        "function in an nnx.Module, or pass a linen module and its variables."
+        f"lwjax traces Flax NNX or linen modules and transformers' Flax models; got "
+        f"{type(model).__name__}. Wrap a plain function in an nnx.Module, or pass a linen "
+        "module and its variables."
     )
 
 
@@ -324,7 +348,9 @@ def _trace_decode(model, graphdef, rng_state, state, args, kwargs, cache_len,
     cache = jax.eval_shape(lambda: model.init_cache(batch, cache_len))
 
     def fn(p, toks, cache):
-        return nnx.merge(graphdef, rng_state, p).decode_step(toks, cache)
+        m = nnx.merge(graphdef, rng_state, p)
+        with _module_scopes(m):
+            return m.decode_step(toks, cache)
 
     return _trace(fn, state, (tokens, cache), kwargs, "decode", microbatch_size, "nnx", 1)
 

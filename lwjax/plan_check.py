@@ -1,0 +1,111 @@
+"""Checks that a given Plan (replanned, or loaded with ``Plan.from_json``) fits the model and
+the call it is asked to run, before anything is lowered.
+
+A plan carries its layers' names and structural signatures (``LayerNumbers.signatures``: a
+hash of each layer's equations, shapes and dtypes), so a plan made for another model, another
+sequence length or another dtype is refused with what differs.
+
+Example:
+    >>> check_plan(plan, graph_at(check_plan_batch(plan, batch)), device_ids)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from lwjax.errors import ConfigError, DeviceError, InputError
+from lwjax.passes.segment import LayerGraph
+from lwjax.plan import Plan
+
+
+def check_plan_batch(plan: Plan, batch: int) -> int:
+    """The plan's microbatch size, after checking it divides the call's batch as planned.
+
+    Raises:
+        ConfigError: ``plan`` is not a Plan.
+        InputError: the batch differs from the plan's M x microbatch size.
+    """
+    if not isinstance(plan, Plan):
+        raise ConfigError(f"plan= must be an lwjax.Plan (from lwjax.plan, Plan.replan or "
+                          f"Plan.from_json); got a {type(plan).__name__}.")
+    planned = plan.microbatches * plan.microbatch_size
+    if planned != batch:
+        raise InputError(
+            f"the plan runs {plan.microbatches} microbatches of {plan.microbatch_size} "
+            f"(batch {planned}), but the call's batch is {batch}. Call with a batch of "
+            f"{planned}, or plan again for this batch.")
+    return plan.microbatch_size
+
+
+def _names_differ(planned: Sequence[str], found: Sequence[str]) -> str:
+    if len(planned) != len(found):
+        return (f"the plan has {len(planned)} layers ({_span(planned)}), the model "
+                f"{len(found)} ({_span(found)})")
+    i = next(i for i, (a, b) in enumerate(zip(planned, found, strict=True)) if a != b)
+    return f"layer {i} is {planned[i]!r} in the plan and {found[i]!r} in the model"
+
+
+def _span(names: Sequence[str]) -> str:
+    return "none" if not names else names[0] if len(names) == 1 else f"{names[0]}..{names[-1]}"
+
+
+def check_plan(plan: Plan, graph: LayerGraph, device_ids: Sequence[int]) -> None:
+    """Refuses a plan that was not made for this model and these devices.
+
+    Args:
+        plan: the plan to run.
+        graph: the model segmented at the plan's microbatch size.
+        device_ids: ids of the devices available to run it.
+
+    Raises:
+        ConfigError: the plan is for decode or counts on compression; its layers, shapes or
+            dtypes differ from the model's; its stages do not cover the layers in order.
+        DeviceError: a device of the plan is not among ``device_ids``, or is used twice.
+    """
+    if plan.mode != "prefill":
+        raise ConfigError(f"the plan was made for mode={plan.mode!r}; layerwise_shard runs the "
+                          "forward pass (prefill). Plan with mode='prefill'.")
+    if plan.compression != "none":
+        raise ConfigError(
+            f"the plan counts on compression={plan.compression!r}, but layerwise_shard runs "
+            "the weights as stored, so the stages would hold more than planned. Plan without "
+            "compression (compression=None, allow without 'compress').")
+    found = tuple(layer.name for layer in graph.layers)
+    if tuple(plan.numbers.names) != found:
+        differ = _names_differ(plan.numbers.names, found)
+        raise ConfigError(f"the plan was made for another model: {differ}. Plan this model "
+                          "again (lwjax.plan, or layerwise_shard without plan=).")
+    signatures = tuple(plan.numbers.signatures)
+    if signatures:
+        mine = tuple(layer.signature for layer in graph.layers)
+        differ = [name for name, a, b in zip(found, signatures, mine, strict=True) if a != b]
+        if differ:
+            raise ConfigError(
+                f"the plan was made for layers of other shapes or dtypes: {len(differ)} of "
+                f"{len(found)} differ ({_span(differ)}) in their computation, e.g. a "
+                f"different sequence length, hidden size or dtype. Plan this model again.")
+    start = 0
+    for s in plan.stages:
+        a, b = s.layer_range
+        if a != start or b <= a or tuple(s.layers) != found[a:b]:
+            raise ConfigError(
+                f"stage {s.index} of the plan runs layers {s.layer_range} "
+                f"({_span(s.layers)}), which does not continue the previous stage at layer "
+                f"{start}; the stages must cover the layers 0..{len(found)} in order.")
+        if len(s.devices) != plan.tp:
+            raise ConfigError(f"stage {s.index} has {len(s.devices)} devices but the plan's "
+                              f"tp is {plan.tp}; every stage must have tp devices.")
+        start = b
+    if start != len(found):
+        raise ConfigError(f"the plan's stages end at layer {start} of {len(found)}; they must "
+                          "cover every layer.")
+    used = [d for s in plan.stages for d in s.devices]
+    missing = [d for d in used if d not in set(device_ids)]
+    if missing:
+        raise DeviceError(f"the plan runs on devices {missing}, which are not in devices= "
+                          f"(ids {list(device_ids)}); pass devices that include them, or "
+                          "replan with Plan.replan(exclude_devices=...).")
+    twice = sorted({d for d in used if used.count(d) > 1})
+    if twice:
+        raise DeviceError(f"the plan uses devices {twice} in more than one stage; each "
+                          "device runs one stage.")
