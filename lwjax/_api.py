@@ -44,6 +44,8 @@ def _report(graph: LayerGraph, fp: footprint_lib.GraphFootprint, attention: str,
         compression=fp.compression.name,
         attention=attention,
         cache_len=cache_len,
+        layers_found=graph.family.describe(graph.total_weights_bytes) if graph.family else "",
+        outside_weights_share=graph.outside_weights_share,
     )
 
 

@@ -43,6 +43,9 @@ class ModelReport:
         compression: the policy's name.
         attention: 'as_traced' or 'fused' (the assumption used for attention scores).
         cache_len: KV-cache positions (decode).
+        layers_found: how the layers were found (the layer family, or the layers= override).
+        outside_weights_share: share of the parameter bytes no layer reads (prologue and
+            epilogue only): what a plan cannot spread over stages.
     """
 
     layers: tuple[LayerReport, ...]
@@ -53,6 +56,8 @@ class ModelReport:
     compression: str
     attention: str
     cache_len: int | None = None
+    layers_found: str = ""
+    outside_weights_share: float = 0.0
 
     def summary(self, capacity_bytes: int | None = None) -> str:
         """A table of weights / activations / buffers / KV / total (MiB) per segment, with the
@@ -69,6 +74,8 @@ class ModelReport:
             f"mode={self.mode} microbatch={self.microbatch_size} compression={self.compression} "
             f"attention={self.attention}" + (f" cache_len={self.cache_len}" if self.cache_len
                                              else ""),
+            f"layers: {self.layers_found}; {100 * self.outside_weights_share:.1f}% of the "
+            "weights are outside the layers (prologue, epilogue)",
             head,
         ]
         for r in (self.prologue, *self.layers, self.epilogue):
@@ -96,6 +103,8 @@ class ModelReport:
         return json.dumps({
             "mode": self.mode, "microbatch_size": self.microbatch_size,
             "compression": self.compression, "attention": self.attention,
-            "cache_len": self.cache_len, "prologue": row(self.prologue),
+            "cache_len": self.cache_len, "layers_found": self.layers_found,
+            "outside_weights_share": self.outside_weights_share,
+            "prologue": row(self.prologue),
             "layers": [row(r) for r in self.layers], "epilogue": row(self.epilogue),
         }, indent=1)

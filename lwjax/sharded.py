@@ -6,7 +6,7 @@ import jax
 
 from lwjax.errors import InputError
 from lwjax.passes.lower import PipelineProgram
-from lwjax.passes.trace import TracedModel, path_str
+from lwjax.passes.trace import TracedModel, arg_label, path_str
 from lwjax.plan import Plan
 
 
@@ -58,7 +58,7 @@ class ShardedModel:
             got = (tuple(getattr(x, "shape", ())), getattr(x, "dtype", None))
             if got != (shape, want.dtype):
                 raise InputError(
-                    f"argument {path_str(path)!r} is {got[1]} {got[0]}, but the pipeline was "
+                    f"{arg_label(path_str(path))} is {got[1]} {got[0]}, but the pipeline was "
                     f"built for {want.dtype} {shape}. Call with the example's shape and dtype "
                     "(or call layerwise_shard again with the new shape to retrace)."
                 )

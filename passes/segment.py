@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import hashlib
+import os
 import re
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -217,7 +218,14 @@ class LayerFamily:
         first, last = self.names[0], self.members[-1]
         span = first if len(self.members) == 1 else f"{first}..{last}"
         share = 100 * self.weights_bytes / total_weights if total_weights else 0.0
-        return f"{span} ({len(self.members)} {self.how}, {share:.0f}% of the weights)"
+        shown = f"{share:.0f}%" if share >= 1 or share == 0 else "<1%"
+        return f"{span} ({len(self.members)} {self.how}, {shown} of the weights)"
+
+    @property
+    def pattern(self) -> str:
+        """A ``layers=`` pattern naming these layers: 'transformer/h/*', 'layers_*'."""
+        stem = os.path.commonprefix(list(self.members))
+        return "/".join((*self.parent, f"{stem}*"))
 
 
 def _matmul_flops(eqn: JaxprEqn) -> int:
@@ -359,7 +367,7 @@ def _choose(scopes: _Scopes, total_weights: int, kind: str) -> LayerFamily:
             f"{100 * _MIN_LAYER_SHARE:.0f}% of the model's weights and FLOPs, so a plan on it "
             f"would mostly place the prologue and epilogue. Other candidates: "
             f"{_listing(valid, best, total_weights)}. If these are the layers, confirm with "
-            f"layers='{'/'.join(best.parent + ('*',))}'; otherwise name them with layers= "
+            f"layers='{best.pattern}'; otherwise name them with layers= "
             "(a scope pattern or a callable).")
     return best
 
@@ -701,38 +709,15 @@ def _refuse_outside(scopes: _Scopes, family: LayerFamily, owner: Sequence[int],
     elsewhere = [f for f in scopes.candidates() if f.contiguous and len(f.members) >= 2
                  and all(owner[scopes.of[(*f.parent, m)][0]] < 0 for m in f.members)]
     if elsewhere:
+        common = list(family.parent)
+        for f in elsewhere:
+            same = next((i for i, (x, y) in enumerate(zip(common, f.parent, strict=False))
+                         if x != y), min(len(common), len(f.parent)))
+            common = common[:same]
+        suggestion = "/".join((*common, "*"))
         raise LayerSegmentationError(
             f"The layers found, {family.describe(total_weights)}, leave "
-            f"{100 * outside / total_weights:.0f}% of the weights in the prologue and "
-            f"epilogue, where repeated structures sit: {_listing(elsewhere, None, total_weights)}."
-            f" Name the layers with layers= (e.g. layers='{'/'.join(elsewhere[0].parent)}/*').")
-
-
-def eval_segment(graph: LayerGraph, seg: Segment, params: dict, inputs: list,
-                 consts: dict | None = None) -> list:
-    """Evaluates one segment's equations (the ``jax.core.eval_jaxpr`` loop, on a slice).
-
-    Args:
-        graph: the LayerGraph.
-        seg: the segment to run.
-        params: param index -> value, for (at least) ``seg.params``.
-        inputs: values for ``seg.inputs``, in order.
-        consts: constvar -> value overrides (defaults to the jaxpr's consts).
-
-    Returns:
-        values of ``seg.outputs``, in order.
-
-    Example:
-        >>> outs = eval_segment(g, g.layers[0], {i: p[i] for i in g.layers[0].params}, [x, pos])
-    """
-    env: dict = dict(zip(graph.jaxpr.jaxpr.constvars, graph.jaxpr.consts, strict=True))
-    if consts:
-        env.update(consts)
-    pvars = graph.param_vars
-    for i in seg.params:
-        env[pvars[i]] = params[i]
-    env.update(zip(seg.inputs, inputs, strict=True))
-    for eqn in seg.eqns:
-        outs = bind_eqn(eqn, [_raw(env, v) for v in eqn.invars])
-        env.update(zip(eqn.outvars, outs, strict=True))
-    return [_raw(env, v) for v in seg.outputs]
+            f"{100 * outside / total_weights:.0f}% of the weights outside the layers (in the "
+            f"prologue and epilogue), where repeated structures sit: "
+            f"{_listing(elsewhere, None, total_weights)}. Name the layers with layers= (e.g. "
+            f"layers='{suggestion}', a scope pattern, or a callable).")

@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
+import numbers
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
@@ -41,6 +43,17 @@ from lwjax._compat import ClosedJaxpr
 from lwjax.errors import InputError, LwjaxError, TraceError
 
 Mode = Literal["prefill", "decode"]
+
+
+def arg_label(path: str) -> str:
+    """A call-argument leaf path as the user wrote it: '0/0' -> 'positional argument 0',
+    '1/mask' -> "keyword argument 'mask'", '0/1/k' -> "positional argument 1 ['k']"."""
+    parts = path.split("/")
+    if len(parts) < 2 or parts[0] not in ("0", "1"):
+        return f"argument {path!r}"
+    head = (f"positional argument {parts[1]}" if parts[0] == "0"
+            else f"keyword argument {parts[1]!r}")
+    return head + "".join(f"[{p!r}]" for p in parts[2:])
 
 
 def path_str(path) -> str:
@@ -293,10 +306,12 @@ def trace(
             raise TraceError("A linen module needs its variables: trace(module, variables, *args).")
         variables, args = args[0], args[1:]
         if not isinstance(variables, Mapping):
+            got = (f"an array of shape {tuple(variables.shape)} (the variables missing?)"
+                   if hasattr(variables, "shape") else f"a {type(variables).__name__}")
             raise InputError(
                 f"{type(model).__name__} is a linen module: its variables come first, as a "
-                f"dict like {{'params': ...}} from module.init(...); got a "
-                f"{type(variables).__name__}.")
+                f"dict like {{'params': ...}} from module.init(...), then the call arguments "
+                f"(lwjax.analyze(module, variables, *args)); got {got}.")
         if mode == "decode":
             raise TraceError(
                 "decode mode needs a model with init_cache/decode_step (lwjax's NNX models); "
@@ -343,6 +358,11 @@ def _trace_decode(model, graphdef, rng_state, state, args, kwargs, cache_len,
         cache_len = getattr(getattr(model, "cfg", None), "seq_len", None)
         if cache_len is None:
             raise TraceError("decode mode needs cache_len= (KV-cache positions).")
+    if isinstance(cache_len, bool) or not isinstance(cache_len, numbers.Real) or \
+            not math.isfinite(cache_len) or int(cache_len) != cache_len or cache_len < 1:
+        raise InputError(f"cache_len must be a positive whole number of KV-cache positions, "
+                         f"got {cache_len!r}.")
+    cache_len = int(cache_len)
     if cache_len < tokens.shape[1]:
         raise InputError(f"cache_len {cache_len} is shorter than the {tokens.shape[1]} new tokens.")
     cache = jax.eval_shape(lambda: model.init_cache(batch, cache_len))
@@ -374,17 +394,20 @@ def _trace(fn, params, args, kwargs, mode, microbatch_size, kind, cache_pos,
     for path, x in zip(arg_paths, arg_leaves, strict=True):
         if not isinstance(x, jax.ShapeDtypeStruct):
             raise InputError(
-                f"argument {path!r} is a {type(x).__name__}; array arguments must be arrays or "
+                f"{arg_label(path)} is a {type(x).__name__}; array arguments must be arrays or "
                 "jax.ShapeDtypeStruct, other values must be passed as keyword arguments."
             )
     if not arg_leaves or not arg_leaves[0].shape:
         raise InputError("the first argument must be a batched array (e.g. tokens [B, T]).")
     batch = arg_leaves[0].shape[0]
+    if batch < 1:
+        raise InputError(f"the first argument has shape {tuple(arg_leaves[0].shape)}: an empty "
+                         "batch. Pass at least one example (the leading axis is the batch).")
     cache_args = tuple(cache_pos is not None and p.split("/")[:2] == ["0", str(cache_pos)]
                        for p in arg_paths)
     whole = _named_leaves(unbatched, "unbatched", arg_paths, len(args), array_kwargs)
     rows = _named_leaves(batched, "batched", arg_paths, len(args), array_kwargs)
-    both = [p for p, w, r in zip(arg_paths, whole, rows, strict=True) if w and r]
+    both = [arg_label(p) for p, w, r in zip(arg_paths, whole, rows, strict=True) if w and r]
     if both:
         raise InputError(f"arguments {both} are named in both batched= and unbatched=; "
                          "name each in one.")
@@ -408,12 +431,21 @@ def _trace(fn, params, args, kwargs, mode, microbatch_size, kind, cache_pos,
     try:
         closed, out_shape = jax.make_jaxpr(flat, return_shape=True)(*param_abstract, *arg_leaves)
     except LwjaxError:
+        if microbatch_size is not None and arg_leaves != full_leaves:
+            # the model refused the microbatch: let it speak about what the user passed
+            jax.eval_shape(flat, *param_abstract, *full_leaves)
         raise
     except flax.errors.TraceContextError as e:  # an nnx.Rngs stream advanced in the call
         message = _RANDOM_MESSAGE.format(kind=kind, what="an nnx.Rngs stream advanced")
         raise TraceError(message) from e
+    except flax.errors.FlaxError as e:  # linen variables that do not fit the module
+        raise InputError(
+            f"the {kind} model's variables do not match it: {e} Pass the variables "
+            "module.init(...) made for this module (or loaded from its checkpoint), with "
+            "their collections ('params', ...) at the top.") from e
     except (TypeError, ValueError) as e:
-        split = [p for p, b in zip(arg_paths[1:], batch_shaped[1:], strict=True) if b]
+        split = [arg_label(p) for p, b in zip(arg_paths[1:], batch_shaped[1:], strict=True)
+                 if b]
         if microbatch_size is not None and split:
             raise InputError(
                 f"tracing the {kind} model at microbatch size {microbatch_size} failed: {e}. "
@@ -426,7 +458,7 @@ def _trace(fn, params, args, kwargs, mode, microbatch_size, kind, cache_pos,
         unclear = _ambiguous_leaves(flat, param_abstract, full_leaves, arg_leaves, batch_shaped,
                                     rows, out_shape)
         if unclear:
-            names = [arg_paths[i] for i in unclear]
+            names = [arg_label(arg_paths[i]) for i in unclear]
             raise InputError(
                 f"arguments {names} have the batch's leading size "
                 f"{full_leaves[0].shape[0]}, but the model also accepts them whole at "
