@@ -1,20 +1,32 @@
 """Pass 2: ClosedJaxpr -> LayerGraph (prologue, ordered layers, epilogue).
 
-Layer boundaries come from equations' name stacks, never from guessing at the math:
+Layer boundaries come from equations' name stacks (linen puts module names there; lwjax's
+trace scopes an NNX model's submodule calls by their attribute names), read as a tree of
+scopes. A *layer family* is a set of sibling scopes under one parent that are the model's
+blocks:
 
-- Name stacks are split on '/'. A *layer family* is a set of sibling scopes that share a path
-  prefix and differ in a trailing integer: ``layers_0, layers_1`` (lwjax's NNX models),
-  ``Model/h_0, Model/h_1`` (linen), ``blocks_0`` (scopes lwjax adds to an NNX model's
-  ``nnx.List`` children). The family with the most members at the shallowest depth wins
-  (ties: the one with more equations).
+- **numbered** siblings, in any naming: ``layers_3`` (lwjax's models), ``Model/h_3`` (linen),
+  ``transformer/h/3`` (transformers' Flax models), ``layers.3``, ``block3``; their
+  computations may differ (a model may alternate block kinds);
+- **repeated** unnumbered siblings that compute the same thing one after another (equal
+  structural signatures): ``alpha, beta, gamma``, or NNX attributes ``first, second``.
+
+Of the families whose members' equations do not interleave, the one covering the most weight
+bytes (then matmul FLOPs, then members) wins, not the one with the most members at a depth:
+numbered sub-modules inside one block (``h/0/ln_1``, ``h/0/ln_2``) lose to the blocks. A
+segmentation is refused (``LayerSegmentationError``, naming the candidates and the
+``layers=`` override) when its layers hold under 10% of both the weights and the FLOPs, or
+leave over half the weights outside the layers while a repeated structure sits there. The
+user may name the layers instead: ``layers="transformer/h/*"`` (a pattern of scopes, ``*``
+matching one, starting at any depth) or a callable from a name stack to a layer name.
+
 - Before grouping, the jaxpr is normalised by re-tracing it through an interpreter:
-  ``pjit``/``closed_call`` equations whose bodies span layers are inlined (a model jitted as a
-  whole), and a ``scan`` over stacked parameters (``nn.scan`` / ``nnx.scan`` layer stacks) is
-  unrolled into one layer per iteration, its stacked parameters split into per-iteration
+  ``pjit``/``closed_call`` equations whose bodies span scopes are inlined (a model jitted as
+  a whole), and a ``scan`` over stacked parameters (``nn.scan`` / ``nnx.scan`` layer stacks)
+  is unrolled into one layer per iteration, its stacked parameters split into per-iteration
   parameters ``path[i]``.
 - Equations before the first layer form the prologue, after the last the epilogue; unscoped
-  equations between layers belong to the layer before them. A layer whose equations are
-  interleaved with another layer's is ambiguous: ``LayerSegmentationError``.
+  equations between layers belong to the layer before them.
 
 Each layer records its equations, the parameters it reads (a parameter read by several
 segments, e.g. tied embeddings, lists all of them as users), its activation inputs and

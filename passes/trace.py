@@ -9,14 +9,18 @@ allocated. Supported models:
   cache of ``cache_len`` positions, for models with ``init_cache`` / ``decode_step``).
 - Flax linen modules: ``trace(module, variables, *args, **kwargs)`` traces
   ``module.apply(variables, *args, **kwargs)``.
+- ``transformers`` Flax models (``FlaxGPT2LMHeadModel``, ``FlaxBertModel``, ...):
+  ``trace(model, input_ids, **kwargs)``.
 
 Array keyword arguments are traced inputs; anything else (flags, ints) is static. Arguments
 whose leading dimension equals the first argument's are "batch-shaped": ``microbatch_size``
 retraces with that dimension shrunk, and the pipeline splits them into microbatches.
 
-If an NNX model's equations carry no numbered scopes, the children of its largest ``nnx.List``
-(or list of modules) are wrapped in ``jax.named_scope(f"{attr}_{i}")`` while tracing, so
-layers can be found without the model marking them.
+While an NNX model is traced, each submodule's ``__call__`` runs under
+``jax.named_scope`` of its attribute name (``layers_3`` for the fourth module of a list
+``layers``), as linen does by itself, so ``passes/segment.py`` can find the blocks from the
+module tree. A ``transformers`` Flax model (``FlaxPreTrainedModel``) is traced as
+``model(*args, params=...)``, so its own defaults (attention mask, positions) apply.
 
 Example:
     >>> t = trace(models.abstract(cfg), jax.ShapeDtypeStruct((2, 16), jnp.int32))
