@@ -37,7 +37,7 @@ import math
 import numbers
 import random
 from bisect import bisect_left, bisect_right
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from itertools import accumulate
 from operator import sub
 from typing import Literal
@@ -102,7 +102,7 @@ def partition_layers(
     scaled_costs, _ = _exact_costs(costs)
     if len(scaled_costs) != len(layer_bytes):
         raise ConfigError(
-            f"costs has {len(scaled_costs)} entries but sizes has {len(layer_bytes)}; "
+            f"costs has {_entries(len(scaled_costs))} but sizes has {_entries(len(layer_bytes))}; "
             "give one cost per layer"
         )
     capacity = _checked_positive_int(capacity, "capacity")
@@ -371,8 +371,32 @@ def _infeasible(message: str, **fields: object) -> InfeasiblePlanError:
     return err
 
 
+def _checked_sequence(values, name: str, example: str) -> Sequence:
+    """``values`` itself if it is an ordered sequence with a length (list, tuple, 1-D array);
+    ConfigError naming ``name``, what it got and what to pass otherwise (a generator, None,
+    a number, a string, a set, a dict, a multi-dimensional array)."""
+    if isinstance(values, Sequence) and not isinstance(values, str | bytes):
+        return values
+    shape = getattr(values, "shape", None)
+    if shape is not None and len(shape) == 1:
+        return values  # a 1-D numpy or jax array
+    if shape is not None:
+        got = f"an array of shape {tuple(shape)}"
+    elif values is None:
+        got = "None"
+    else:
+        got = (f"{type(values).__name__} {values!r}"
+               if isinstance(values, numbers.Number | str | bytes)
+               else f"a {type(values).__name__} object")
+    hint = (" (a generator or iterator can be read only once: pass list(...) of it)"
+            if isinstance(values, Iterator) else "")
+    raise ConfigError(f"{name} must be a list, tuple or 1-D array with one entry per layer, "
+                      f"e.g. {name}={example}; got {got}{hint}")
+
+
 def _checked_sizes(sizes: Sequence[int]) -> list[int]:
     """Sizes as a list of non-negative ints; ConfigError naming the bad entry otherwise."""
+    sizes = _checked_sequence(sizes, "sizes", "[4096, 4096, 8192]")
     if len(sizes) == 0:
         raise ConfigError("sizes is empty; a model needs at least one layer")
     if all(type(value) is int for value in sizes) and min(sizes) >= 0:
@@ -394,6 +418,7 @@ def _exact_costs(costs: Sequence[float]) -> tuple[list[int], int]:
 
     Example: ``[0.5, 0.25, 3]`` becomes ``([2, 1, 12], 4)``.
     """
+    costs = _checked_sequence(costs, "costs", "[1.0, 1.0, 2.5]")
     ratios = [_cost_ratio(value, i) for i, value in enumerate(costs)]
     denominator = math.lcm(*(den for _, den in ratios)) if ratios else 1
     return [num * (denominator // den) for num, den in ratios], denominator
@@ -431,9 +456,17 @@ def _checked_positive_int(value: int, name: str) -> int:
 
 def _checked_names(names: Sequence[str] | None, num_layers: int) -> Sequence[str] | None:
     """``names`` unchanged if it has one entry per layer; ConfigError otherwise."""
+    if names is not None:
+        names = _checked_sequence(names, "names", "['layers_0', 'layers_1', 'layers_2']")
     if names is not None and len(names) != num_layers:
-        raise ConfigError(f"names has {len(names)} entries but there are {num_layers} layers")
+        raise ConfigError(f"names has {_entries(len(names))} but there are {num_layers} layers; "
+                          "give one name per layer")
     return names
+
+
+def _entries(n: int) -> str:
+    """1 -> '1 entry'; 3 -> '3 entries'."""
+    return "1 entry" if n == 1 else f"{n} entries"
 
 
 def _prefix_sums(values: list[int]) -> list[int]:

@@ -6,6 +6,7 @@ import itertools
 import math
 from fractions import Fraction
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -315,7 +316,7 @@ def test_too_many_stages_reports_fewest_stages_and_least_capacity():
 @pytest.mark.parametrize(
     ("kwargs", "fragment"),
     [
-        ({"sizes": [1, 2], "costs": [1]}, "costs has 1 entries but sizes has 2"),
+        ({"sizes": [1, 2], "costs": [1]}, "costs has 1 entry but sizes has 2 entries"),
         ({"sizes": []}, "sizes is empty"),
         ({"sizes": [1, -3]}, "sizes[1] = -3 is negative"),
         ({"sizes": [1, 2.5]}, "sizes[1] = 2.5"),
@@ -327,7 +328,22 @@ def test_too_many_stages_reports_fewest_stages_and_least_capacity():
         ({"capacity": -4}, "capacity = -4"),
         ({"max_stages": 0}, "max_stages = 0"),
         ({"method": "fastest"}, "method = 'fastest'"),
-        ({"names": ["only_one"]}, "names has 1 entries"),
+        ({"names": ["only_one"]}, "names has 1 entry but there are 2 layers"),
+        # not a sequence: named, with what was passed and what to pass instead
+        ({"sizes": None}, "sizes must be a list, tuple or 1-D array with one entry per layer, "
+                          "e.g. sizes=[4096, 4096, 8192]; got None"),
+        ({"sizes": (s for s in [1, 2])}, "sizes must be a list, tuple or 1-D array"),
+        ({"sizes": (s for s in [1, 2])}, "got a generator object (a generator or iterator can "
+                                         "be read only once: pass list(...) of it)"),
+        ({"sizes": 12}, "sizes must be a list, tuple or 1-D array with one entry per layer, "
+                        "e.g. sizes=[4096, 4096, 8192]; got int 12"),
+        ({"sizes": "12"}, "got str '12'"),
+        ({"sizes": {1, 2}}, "got a set object"),
+        ({"sizes": np.ones((2, 1), np.int64)}, "got an array of shape (2, 1)"),
+        ({"costs": None}, "costs must be a list, tuple or 1-D array with one entry per layer, "
+                          "e.g. costs=[1.0, 1.0, 2.5]; got None"),
+        ({"costs": iter([1.0, 1.0])}, "costs must be a list, tuple or 1-D array"),
+        ({"names": (n for n in "ab")}, "names must be a list, tuple or 1-D array"),
     ],
 )
 def test_invalid_arguments_raise_config_error(kwargs, fragment):
@@ -345,9 +361,19 @@ def test_invalid_arguments_raise_config_error(kwargs, fragment):
         (lambda: bottleneck((), [1]), "ranges is empty"),
         (lambda: bottleneck(((0, 2),), [1]), "range (0, 2)"),
         (lambda: bottleneck(((0, 1),), [float("nan")]), "costs[0] = nan"),
+        (lambda: min_stages(None, 4), "sizes must be a list, tuple or 1-D array"),
+        (lambda: min_capacity((s for s in [1, 2]), 2), "got a generator object"),
+        (lambda: bottleneck(((0, 1),), None), "costs must be a list, tuple or 1-D array"),
     ],
 )
 def test_helpers_validate_arguments(call, fragment):
     with pytest.raises(ConfigError) as excinfo:
         call()
     assert fragment in str(excinfo.value)
+
+
+def test_sequences_of_every_kind_are_accepted():
+    expected = ((0, 1), (1, 2))
+    for sizes, costs in (([3, 3], [1.0, 1.0]), ((3, 3), (1, 1)),
+                         (np.array([3, 3]), np.array([1.0, 1.0])), (range(3, 5), [1, 1])):
+        assert partition_layers(sizes, costs, capacity=4, max_stages=2) == expected
