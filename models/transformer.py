@@ -19,8 +19,10 @@ from __future__ import annotations
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
+from lwjax.errors import InputError
 from lwjax.models.configs import DenseConfig, MoEConfig
 from lwjax.models.layers import Attention, GatedMLP, RMSNorm, _init
 from lwjax.models.moe import MoEMLP, MoEStats
@@ -96,18 +98,7 @@ class Transformer(nnx.Module):
             w = self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
             return x_BTD @ w
 
-    def _check_tokens(self, tokens_BT):
-        from lwjax.errors import InputError
-
-        if tokens_BT.ndim != 2 or not jnp.issubdtype(tokens_BT.dtype, jnp.integer):
-            raise InputError(
-                f"{type(self).__name__} takes integer tokens of shape [batch, seq]; got "
-                f"{tokens_BT.dtype} {tuple(tokens_BT.shape)}. Pass e.g. "
-                "jnp.zeros((batch, seq), jnp.int32)."
-            )
-
     def _run(self, tokens_BT, positions_T, cache: KVCache | None):
-        self._check_tokens(tokens_BT)
         x = self._embed(tokens_BT)
         keys, values, stats = [], [], []
         for i, block in enumerate(self.layers):
@@ -128,6 +119,7 @@ class Transformer(nnx.Module):
 
     # -- public --------------------------------------------------------------------------
     def __call__(self, tokens_BT: jax.Array) -> jax.Array:
+        check_tokens(tokens_BT, f"{type(self).__name__}(tokens)")
         logits, _, _ = self._run(tokens_BT, jnp.arange(tokens_BT.shape[1]), None)
         return logits
 
@@ -142,24 +134,38 @@ class Transformer(nnx.Module):
 
         Returns (logits [B, T, V], updated cache). The caller keeps length + T <= max_len.
         """
-        positions_T = cache.length + jnp.arange(tokens_BT.shape[1])
-        logits, cache, _ = self._run(tokens_BT, positions_T, cache)
-        return logits, cache
+        where = f"{type(self).__name__}.forward_with_cache(tokens, cache)"
+        check_tokens(tokens_BT, where)
+        _check_cache(cache, tokens_BT, where)
+        return self._forward(tokens_BT, cache)
 
     def prefill(self, tokens_BT: jax.Array, max_len: int):
         """Fills a fresh cache with a prompt. Returns (logits [B, T, V], cache)."""
-        from lwjax.errors import InputError
-
+        where = f"{type(self).__name__}.prefill(tokens, max_len)"
+        check_tokens(tokens_BT, where)
+        if isinstance(max_len, bool) or not isinstance(max_len, int | np.integer):
+            raise InputError(f"{where}: max_len must be an integer number of cache positions, "
+                             f"got {max_len!r}.")
         if tokens_BT.shape[1] > max_len:
             raise InputError(
-                f"prompt length {tokens_BT.shape[1]} exceeds the cache's max_len {max_len}; "
-                "raise max_len."
+                f"{where}: prompt length {tokens_BT.shape[1]} exceeds the cache's max_len "
+                f"{max_len}; raise max_len."
             )
-        return self.forward_with_cache(tokens_BT, self.init_cache(tokens_BT.shape[0], max_len))
+        return self._forward(tokens_BT, self.init_cache(tokens_BT.shape[0], int(max_len)))
 
     def decode_step(self, token_B1: jax.Array, cache: KVCache):
         """One new token per sequence -> (logits [B, 1, V], updated cache)."""
-        return self.forward_with_cache(token_B1, cache)
+        where = f"{type(self).__name__}.decode_step(token, cache)"
+        check_tokens(token_B1, where, name="token", shape="[batch, 1]",
+                     rank1_fix="add the position axis: token[:, None] (one new token per "
+                               "sequence)")
+        _check_cache(cache, token_B1, where)
+        return self._forward(token_B1, cache)
+
+    def _forward(self, tokens_BT: jax.Array, cache: KVCache):
+        positions_T = cache.length + jnp.arange(tokens_BT.shape[1])
+        logits, cache, _ = self._run(tokens_BT, positions_T, cache)
+        return logits, cache
 
 
 class DenseTransformer(Transformer):
@@ -176,12 +182,63 @@ class MoETransformer(Transformer):
         ``cfg.aux_loss_weight`` is the auxiliary loss to add when training; ``stats.dropped``
         counts (token, choice) pairs that exceeded expert capacity.
         """
+        check_tokens(tokens_BT, f"{type(self).__name__}.with_stats(tokens)")
         logits, _, stats = self._run(tokens_BT, jnp.arange(tokens_BT.shape[1]), None)
         total = MoEStats(
             load_balancing_loss=jnp.mean(jnp.stack([s.load_balancing_loss for s in stats])),
             dropped=jnp.sum(jnp.stack([s.dropped for s in stats])),
         )
         return logits, total
+
+
+def check_tokens(tokens, where: str, *, name: str = "tokens", shape: str = "[batch, seq]",
+                 rank1_fix: str | None = None) -> None:
+    """InputError unless ``tokens`` is an integer array of rank 2 (the model's [B, T]).
+
+    Args:
+        tokens: what the caller passed.
+        where: the call, for the message (``"DenseTransformer(tokens)"``).
+        name: the argument's name in the message.
+        shape: the expected shape in words.
+        rank1_fix: how to fix a rank-1 array (default: add the batch axis, ``{name}[None]``).
+
+    Example:
+        >>> check_tokens(jnp.zeros((16,), jnp.int32), "model(tokens)")
+        Traceback (most recent call last):
+        lwjax.errors.InputError: model(tokens): tokens must be integers of shape [batch, seq]; ...
+    """
+    ndim, dtype = getattr(tokens, "ndim", None), getattr(tokens, "dtype", None)
+    if ndim == 2 and dtype is not None and jnp.issubdtype(dtype, jnp.integer):
+        return
+    if ndim is None or dtype is None:
+        got = f"a {type(tokens).__name__}"
+        fix = f"pass a jax or numpy array, e.g. jnp.asarray({name}, jnp.int32) with shape {shape}"
+    else:
+        got = f"{dtype} of shape {tuple(tokens.shape)} (rank {ndim})"
+        if ndim == 1:
+            fix = rank1_fix or f"add the batch axis: {name}[None] (a batch of one sequence)"
+        elif ndim == 2:
+            fix = f"convert it: {name}.astype(jnp.int32)"
+        else:
+            fix = f"pass e.g. jnp.zeros({_example(shape)}, jnp.int32)"
+    raise InputError(f"{where}: {name} must be integers of shape {shape}; got {got}. "
+                     f"{fix[0].upper()}{fix[1:]}.")
+
+
+def _example(shape: str) -> str:
+    """'[batch, seq]' -> '(batch, seq)'."""
+    return "(" + shape.strip("[]") + ")"
+
+
+def _check_cache(cache, tokens_BT, where: str) -> None:
+    """InputError unless ``cache`` is a KVCache for the same batch as ``tokens_BT``."""
+    if not isinstance(cache, KVCache):
+        raise InputError(f"{where}: cache must be the KVCache that init_cache or prefill "
+                         f"returned, got a {type(cache).__name__}.")
+    batch = cache.keys[0].shape[0] if cache.keys else tokens_BT.shape[0]
+    if batch != tokens_BT.shape[0]:
+        raise InputError(f"{where}: the cache holds {batch} sequences but the tokens have "
+                         f"batch {tokens_BT.shape[0]}; pass one token row per cached sequence.")
 
 
 def generate(model: Transformer, prompt_BT: jax.Array, max_new_tokens: int) -> jax.Array:
@@ -194,10 +251,11 @@ def generate(model: Transformer, prompt_BT: jax.Array, max_new_tokens: int) -> j
         >>> out.shape
         (4, 3)
     """
-    from lwjax.errors import InputError
-
-    if max_new_tokens < 1:
-        raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
+    check_tokens(prompt_BT, "generate(model, prompt, max_new_tokens)", name="prompt")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int | np.integer) \
+            or max_new_tokens < 1:
+        raise InputError(f"generate: max_new_tokens must be a positive integer, got "
+                         f"{max_new_tokens!r}.")
     graphdef, state = nnx.split(model)
     max_len = prompt_BT.shape[1] + max_new_tokens
 

@@ -173,6 +173,57 @@ def test_bad_tokens_are_an_error():
         model(jnp.zeros((4, 16), jnp.float32))
 
 
+RANK1 = ("must be integers of shape [batch, seq]; got int32 of shape (16,) (rank 1). Add the "
+         "batch axis: {name}[None] (a batch of one sequence).")
+
+
+@pytest.mark.parametrize("cfg", [configs.tiny_dense(), configs.tiny_moe()], ids=["dense", "moe"])
+def test_rank1_tokens_are_an_input_error_everywhere(cfg):
+    model = models.build(cfg, rngs=nnx.Rngs(0))
+    kind = type(model).__name__
+    tokens = jnp.zeros((16,), jnp.int32)
+    calls = {
+        f"{kind}(tokens): tokens ": lambda: model(tokens),
+        f"{kind}.prefill(tokens, max_len): tokens ": lambda: model.prefill(tokens, 32),
+        f"{kind}.forward_with_cache(tokens, cache): tokens ":
+            lambda: model.forward_with_cache(tokens, model.init_cache(1, 32)),
+        "generate(model, prompt, max_new_tokens): prompt ":
+            lambda: models.generate(model, tokens, 2),
+    }
+    if cfg.is_moe:
+        calls[f"{kind}.with_stats(tokens): tokens "] = lambda: model.with_stats(tokens)
+    for head, call in calls.items():
+        name = head.split(": ")[1].strip()
+        with pytest.raises(InputError) as e:
+            call()
+        assert str(e.value) == head + RANK1.format(name=name)
+
+
+def test_decode_step_and_generate_arguments_are_checked():
+    cfg = configs.tiny_dense()
+    model = models.build(cfg, rngs=nnx.Rngs(0))
+    cache = model.init_cache(4, 32)
+    with pytest.raises(InputError) as e:
+        model.decode_step(jnp.zeros((4,), jnp.int32), cache)
+    assert str(e.value) == (
+        "DenseTransformer.decode_step(token, cache): token must be integers of shape [batch, 1]; "
+        "got int32 of shape (4,) (rank 1). Add the position axis: token[:, None] (one new token "
+        "per sequence).")
+    with pytest.raises(InputError, match="the cache holds 4 sequences but the tokens have batch 2"):
+        model.decode_step(jnp.zeros((2, 1), jnp.int32), cache)
+    with pytest.raises(InputError, match="cache must be the KVCache that init_cache or prefill"):
+        model.decode_step(jnp.zeros((4, 1), jnp.int32), None)
+    with pytest.raises(InputError, match=r"prompt must be .*got a list\. Pass a jax or numpy"):
+        models.generate(model, [[1, 2]], 2)
+    with pytest.raises(InputError, match=r"prompt\.astype\(jnp\.int32\)"):
+        models.generate(model, jnp.zeros((2, 4)), 2)
+    for n in (0, None, 1.5, True):
+        with pytest.raises(InputError, match="max_new_tokens must be a positive integer"):
+            models.generate(model, jnp.zeros((2, 4), jnp.int32), n)
+    with pytest.raises(InputError, match="max_len must be an integer"):
+        model.prefill(jnp.zeros((2, 4), jnp.int32), None)
+
+
 # ---- MoE routing -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("capacity", [1, 3, 8])
