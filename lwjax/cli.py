@@ -8,6 +8,10 @@ the roofline cost model), not measured.
 Exit codes: 0 a plan was printed; 1 no plan fits (the message says what would); 2 bad
 arguments (an unknown model, hardware or compression name, a bad number).
 
+Messages speak in flags and preset names: the arguments are checked here, and what the
+library says in Python terms (``residency='weights'``, ``cache_bytes``) is restated with the
+flags that set it (``_for_shell``).
+
 Example:
     $ lwjax plan --model seed-dense --hardware h100 --devices 16 --residency weights
     $ python -m lwjax.cli plan --model tiny-dense --devices 4 --json
@@ -19,12 +23,25 @@ import argparse
 import dataclasses
 import os
 import pathlib
+import re
 import sys
 from collections.abc import Sequence
 
-from lwjax.errors import InfeasiblePlanError, LwjaxError
+from lwjax.errors import InfeasiblePlanError, LwjaxError, UnknownPresetError
 
 PROG = "lwjax"
+# The library's Python phrasing -> the flags that set the same thing (regex, replacement).
+_SHELL_WORDS: tuple[tuple[str, str], ...] = (
+    (r"\(cache_bytes=, or --cache-mib on the command line\)", "(--cache-mib)"),
+    (r"\bresidency='(\w+)'", r"--residency \1"),
+    (r"\braise cache_bytes\b", "raise --cache-mib"),
+    (r"\bcache_bytes\b", "--cache-mib"),
+    (r"add '(\w+)' to allow\b", r"add \1 to --allow"),
+    (r"\bNot allowed: ([\w, ]+)\.", r"Not allowed by --allow: \1."),
+    (r"\b([Ss])hrink the microbatch\b", r"\1hrink the microbatch (a larger --microbatches)"),
+    (r"\bmicrobatches=(\d+)", r"--microbatches \1"),
+    (r"\bnum_devices=(\d+)", r"--devices \1"),
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -63,8 +80,57 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _fail(message: str, code: int) -> int:
-    print(f"{PROG}: error: {message}", file=sys.stderr)
+    print(f"{PROG}: error: {_for_shell(message)}", file=sys.stderr)
     return code
+
+
+def _for_shell(message: str) -> str:
+    """A library message with its Python phrasing restated as command-line flags.
+
+    Example:
+        >>> _for_shell("or plan with residency='weights'")
+        'or plan with --residency weights'
+    """
+    for pattern, flag in _SHELL_WORDS:
+        message = re.sub(pattern, flag, message)
+    return message
+
+
+def _allow(text: str) -> tuple[str, ...] | str:
+    """``--allow split,compress`` as a tuple, or the error message."""
+    from lwjax.passes.strategies import STRATEGIES
+
+    allow = tuple(a.strip() for a in text.split(",") if a.strip())
+    unknown = [a for a in allow if a not in STRATEGIES]
+    twice = sorted({a for a in allow if allow.count(a) > 1})
+    if unknown or twice:
+        what = (f"unknown strategy {', '.join(map(repr, unknown))}" if unknown
+                else f"{', '.join(map(repr, twice))} listed twice")
+        return (f"--allow {text}: {what}; give some of {', '.join(STRATEGIES)}, "
+                "comma-separated, each at most once, in order of preference (e.g. --allow "
+                "split,compress), or --allow '' for none.")
+    return allow
+
+
+def _check_numbers(args, batch: int, hw) -> str | None:
+    """The error message for a bad --devices / --microbatches / --cache-mib / --persisting."""
+    if args.devices < 1:
+        return f"--devices must be at least 1, got {args.devices}."
+    if args.microbatches is not None:
+        if args.microbatches < 1:
+            return f"--microbatches must be at least 1, got {args.microbatches}."
+        if batch % args.microbatches:
+            divisors = ", ".join(str(d) for d in range(1, batch + 1) if batch % d == 0)
+            return (f"--microbatches {args.microbatches}: {args.model}'s batch of {batch} "
+                    f"sequences does not divide into {args.microbatches} microbatches; use one "
+                    f"of {divisors}.")
+    if args.cache_mib is not None and not 2**-20 <= args.cache_mib < float("inf"):
+        return (f"--cache-mib must be finite and at least one byte (2**-20 MiB), got "
+                f"{args.cache_mib}.")
+    if args.persisting and args.cache_mib is None and hw.persisting_l2_bytes is None:
+        return (f"--persisting: {hw.name} has no persisting-L2 limit; give the capacity with "
+                "--cache-mib, or use --hardware h100 / h200.")
+    return None
 
 
 def _plan(args) -> int:
@@ -76,23 +142,28 @@ def _plan(args) -> int:
     from lwjax import models
     from lwjax.passes import compression as compression_lib
 
-    try:
-        cfg = models.configs.by_name(args.model)
-        hw = hardware_lib.by_name(args.hardware)
-        compression_lib.get(None if args.compression in (None, "none") else args.compression)
-    except LwjaxError as e:
-        return _fail(str(e), 2)
-    if args.devices < 1:
-        return _fail(f"--devices must be at least 1, got {args.devices}.", 2)
-    if args.cache_mib is not None and not 2**-20 <= args.cache_mib < float("inf"):
-        return _fail(f"--cache-mib must be finite and at least one byte (2**-20 MiB), got "
-                     f"{args.cache_mib}.", 2)
+    for flag, value, lookup in (("--model", args.model, models.configs.by_name),
+                                ("--hardware", args.hardware, hardware_lib.by_name)):
+        try:
+            lookup(value)
+        except UnknownPresetError as e:  # "Unknown model preset 'x'; known: a, b."
+            return _fail(f"{flag} {value}: unknown preset; {str(e).split('; ', 1)[-1]}", 2)
+    cfg = models.configs.by_name(args.model)
+    hw = hardware_lib.by_name(args.hardware)
+    if args.compression is not None and args.compression not in compression_lib.PRESETS:
+        return _fail(f"--compression {args.compression}: unknown preset; use one of "
+                     f"{', '.join(compression_lib.PRESETS)}.", 2)
+    message = _check_numbers(args, cfg.batch_size, hw)
+    if message:
+        return _fail(message, 2)
+    allow = _allow(args.allow)
+    if isinstance(allow, str):
+        return _fail(allow, 2)
     if args.figure:
         folder = pathlib.Path(args.figure).expanduser().resolve().parent
         if not folder.is_dir() or not os.access(folder, os.W_OK):
             return _fail(f"--figure {args.figure}: cannot write into {folder} (no such "
                          "writable folder).", 2)
-    allow = tuple(a.strip() for a in args.allow.split(",") if a.strip())
     tokens = jax.ShapeDtypeStruct(
         (cfg.batch_size, 1 if args.mode == "decode" else cfg.seq_len), jnp.int32)
     try:
@@ -103,7 +174,7 @@ def _plan(args) -> int:
             cache_len=cfg.seq_len if args.mode == "decode" else None,
             residency=args.residency, persisting=args.persisting, allow=allow)
     except InfeasiblePlanError as e:
-        print(f"{PROG}: infeasible (projected): {e}", file=sys.stderr)
+        print(f"{PROG}: infeasible (projected): {_for_shell(str(e))}", file=sys.stderr)
         return 1
     except LwjaxError as e:
         return _fail(str(e), 2)

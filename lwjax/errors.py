@@ -27,6 +27,11 @@ class CapacityError(LwjaxError, ValueError):
     """A cache capacity is not a positive number of bytes."""
 
 
+class PlanFormatError(LwjaxError, ValueError):
+    """Text given to ``Plan.from_json`` is not JSON, or not a plan as ``Plan.to_json`` writes
+    it (a field missing, unknown, of the wrong type, or inconsistent with another)."""
+
+
 class LayerSegmentationError(LwjaxError):
     """No layers, or ambiguous layer boundaries, were found in the traced model."""
 

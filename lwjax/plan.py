@@ -8,11 +8,8 @@ numbers it carries, without retracing the model.
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Sequence
 from typing import Literal
-
-import numpy as np
 
 from lwjax.passes.footprint import Footprint
 
@@ -156,22 +153,26 @@ class Plan:
         cap = self.capacity_bytes
         split = f", tp={self.tp} devices per stage" if self.tp > 1 else ""
         model = f" for {self.model}" if self.model else ""
+        spans = [layer_span(s.layers) for s in self.stages]
+        ids = [_ids(s.devices) for s in self.stages]
+        w_layers = max(len("layers"), *map(len, spans))
+        w_ids = max(len("devices"), *map(len, ids))
         lines = [
-            f"Plan: {len(self.stages)} stages on {self.num_devices} of {len(self.device_pool)} "
-            f"devices ({self.hardware}){model}{split}, capacity {cap / MIB:.2f} MiB/device, "
+            f"Plan: {_count(len(self.stages), 'stage')} on {self.num_devices} of "
+            f"{len(self.device_pool)} devices ({self.hardware}){model}{split}, capacity "
+            f"{cap / MIB:.2f} MiB/device, "
             f"compression={self.compression}, M={self.microbatches} x {self.microbatch_size}, "
             f"mode={self.mode}, residency={self.residency}, attention={self.attention}",
             f"strategy: {self.strategy}",
             *[f"  - {n}" for n in self.notes],
-            f"{'stage':>5} {'layers':<22} {'devices':<12} {'weights':>10} {'activ.':>10} "
-            f"{'buffers':>9} {'kv':>9} {'fill %':>7} {'est ms':>9}",
+            f"{'stage':>5} {'layers':<{w_layers}} {'devices':<{w_ids}} {'weights':>10} "
+            f"{'activ.':>10} {'buffers':>9} {'kv':>9} {'fill %':>7} {'est ms':>9}",
         ]
         slow = self.bottleneck.index
-        for s in self.stages:
+        for s, span, id_list in zip(self.stages, spans, ids, strict=True):
             f = s.footprint
-            names = s.layers[0] if len(s.layers) == 1 else f"{s.layers[0]}..{s.layers[-1]}"
             lines.append(
-                f"{s.index:>5} {names:<22.22} {_ids(s.devices):<12.12} "
+                f"{s.index:>5} {span:<{w_layers}} {id_list:<{w_ids}} "
                 f"{f.weights_bytes / MIB:>10.2f} {f.activation_bytes / MIB:>10.2f} "
                 f"{f.buffer_bytes / MIB:>9.2f} {f.kv_cache_bytes / MIB:>9.2f} "
                 f"{100 * self.resident_bytes(s) / cap:>7.1f} {s.est_time_s * 1e3:>9.3f}"
@@ -200,17 +201,25 @@ class Plan:
             >>> Plan.from_json(plan.to_json()) == plan
             True
         """
-        return json.dumps(_encode(self), indent=1)
+        from lwjax.plan_json import encode
+
+        return encode(self)
 
     @staticmethod
     def from_json(text: str) -> Plan:
         """Inverse of ``to_json``.
 
+        Raises:
+            PlanFormatError: the text is not JSON, or a field is missing, unknown, of the
+                wrong type or inconsistent (the message names it).
+
         Example:
             >>> Plan.from_json(plan.to_json()) == plan
             True
         """
-        return _decode_plan(json.loads(text))
+        from lwjax.plan_json import decode
+
+        return decode(text)
 
     def figure(self, path: str, *, title: str | None = None) -> str:
         """Writes a PNG: per-device stacked bars (weights, activations, buffers, KV) against
@@ -239,6 +248,32 @@ class Plan:
         return replan(self, exclude_devices=exclude_devices, spare_devices=spare_devices)
 
 
+def layer_span(layers: Sequence[str]) -> str:
+    """A stage's layers in a table cell: the first and the last name, the last without the
+    path components they share; whole names, never cut.
+
+    Example:
+        >>> layer_span(["MyGPT/block_0", "MyGPT/block_1", "MyGPT/block_5"])
+        'MyGPT/block_0..block_5'
+        >>> layer_span(["model/layers/0", "model/layers/1"])
+        'model/layers/0..1'
+        >>> layer_span(["layers_3"])
+        'layers_3'
+    """
+    if len(layers) == 1:
+        return layers[0]
+    first, last = layers[0].split("/"), layers[-1].split("/")
+    shared = 0
+    while shared < min(len(first), len(last)) - 1 and first[shared] == last[shared]:
+        shared += 1
+    return f"{layers[0]}..{'/'.join(last[shared:])}"
+
+
+def _count(n: int, noun: str) -> str:
+    """(1, 'stage') -> '1 stage'; (3, 'stage') -> '3 stages'."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def _ids(ids: tuple[int, ...]) -> str:
     """(4, 5, 6, 7) -> '4-7'; otherwise comma-separated."""
     if len(ids) > 2 and list(ids) == list(range(ids[0], ids[0] + len(ids))):
@@ -264,33 +299,3 @@ def step_time(ranges: Sequence[tuple[int, int]], costs_s: Sequence[float], micro
     if concurrency:
         step = max(step, microbatches * sum(times))
     return step + microbatches * epilogue_s
-
-
-def _encode(x):
-    if isinstance(x, np.integer | np.floating):
-        return x.item()
-    if dataclasses.is_dataclass(x):
-        return {f.name: _encode(getattr(x, f.name)) for f in dataclasses.fields(x)}
-    if isinstance(x, tuple | list):
-        return [_encode(v) for v in x]
-    return x
-
-
-def _footprint(d: dict) -> Footprint:
-    return Footprint(**{**d, "unknown_primitives": tuple(d["unknown_primitives"])})
-
-
-def _decode_plan(d: dict) -> Plan:
-    n = d["numbers"]
-    numbers = LayerNumbers(
-        names=tuple(n["names"]), footprints=tuple(_footprint(f) for f in n["footprints"]),
-        prologue=_footprint(n["prologue"]), epilogue=_footprint(n["epilogue"]),
-        costs_s=tuple(n["costs_s"]), epilogue_s=n.get("epilogue_s", 0.0),
-        signatures=tuple(n.get("signatures", ())),
-    )
-    stages = tuple(Stage(index=s["index"], layers=tuple(s["layers"]),
-                         layer_range=tuple(s["layer_range"]), devices=tuple(s["devices"]),
-                         footprint=_footprint(s["footprint"]), est_time_s=s["est_time_s"])
-                   for s in d["stages"])
-    return Plan(**{**d, "stages": stages, "notes": tuple(d["notes"]), "numbers": numbers,
-                   "device_pool": tuple(d["device_pool"])})

@@ -66,7 +66,9 @@ class ModelReport:
         Example:
             >>> print(report.summary(capacity_bytes=50 * 2**20))
         """
-        head = (f"{'segment':<18}{'weights':>12}{'activations':>14}{'buffers':>11}{'kv':>11}"
+        rows = (self.prologue, *self.layers, self.epilogue)
+        width = max(18, 2 + max(len(r.name) for r in rows))  # whole names, never cut
+        head = (f"{'segment':<{width}}{'weights':>12}{'activations':>14}{'buffers':>11}{'kv':>11}"
                 f"{'total MiB':>12}")
         if capacity_bytes:
             head += f"{'fill %':>10}"
@@ -78,16 +80,15 @@ class ModelReport:
             "weights are outside the layers (prologue, epilogue)",
             head,
         ]
-        for r in (self.prologue, *self.layers, self.epilogue):
+        for r in rows:
             f = r.footprint
-            line = (f"{r.name:<18}{f.weights_bytes / MIB:>12.2f}{f.activation_bytes / MIB:>14.2f}"
-                    f"{f.buffer_bytes / MIB:>11.2f}{f.kv_cache_bytes / MIB:>11.2f}"
-                    f"{f.total_bytes / MIB:>12.2f}")
+            line = (f"{r.name:<{width}}{f.weights_bytes / MIB:>12.2f}"
+                    f"{f.activation_bytes / MIB:>14.2f}{f.buffer_bytes / MIB:>11.2f}"
+                    f"{f.kv_cache_bytes / MIB:>11.2f}{f.total_bytes / MIB:>12.2f}")
             if capacity_bytes:
                 line += f"{100 * f.total_bytes / capacity_bytes:>10.1f}"
             lines.append(line)
-        unknown = sorted({p for r in (self.prologue, *self.layers, self.epilogue)
-                          for p in r.footprint.unknown_primitives})
+        unknown = sorted({p for r in rows for p in r.footprint.unknown_primitives})
         if unknown:
             lines.append("charged by the default buffer rule (no rule registered): "
                          + ", ".join(unknown))

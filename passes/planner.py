@@ -38,6 +38,7 @@ from lwjax.passes.segment import LayerGraph, Segment
 from lwjax.plan import OBJECTIVES, LayerNumbers, Objective, Plan, Residency, Stage, step_time
 
 MIB = 2**20
+_TIE = 1e-9  # relative: step times closer than this are equal (summing order), fewer stages win
 
 
 # ---- per-layer numbers ---------------------------------------------------------------------
@@ -233,11 +234,10 @@ def plan_from_numbers(
                                   concurrency)
         if len(shortest) < len(ranges):
             new, old = (step_time(r, numbers.costs_s, microbatches, concurrency,
-                                  numbers.epilogue_s) * 1e3
+                                  numbers.epilogue_s)
                         for r in (shortest, ranges))
-            notes = (*notes, f"{len(shortest)} stages instead of {len(ranges)}: the projected "
-                     f"GPipe step is shorter ({new:.3f} vs {old:.3f} ms"
-                     + ("; the stages share one host's cores" if concurrency else "") + ")")
+            notes = (*notes, _fewer_stages_note(len(shortest), len(ranges), new, old,
+                                                concurrency))
             ranges = shortest
     stages = tuple(
         Stage(index=k, layers=numbers.names[a:b], layer_range=(a, b), devices=groups[k],
@@ -266,9 +266,43 @@ def _shortest_step(sizes, numbers: LayerNumbers, room: int, most: int, microbatc
         step = step_time(ranges, numbers.costs_s, microbatches, concurrency, numbers.epilogue_s)
         # ties -- equal up to the rounding of summing the same costs in other groups -- go
         # to fewer stages
-        if best is None or step < best[0] * (1 - 1e-9):
+        if best is None or step < best[0] * (1 - _TIE):
             best = (step, ranges)
     return best[1]
+
+
+def _fewer_stages_note(fewer: int, most: int, new_s: float, old_s: float,
+                       concurrency: int | None) -> str:
+    """Why the step objective took ``fewer`` stages than the ``most`` the partition allows:
+    a shorter projected step (by how much, with enough digits to tell the two apart), or a
+    tie, which goes to fewer stages.
+
+    Example:
+        >>> _fewer_stages_note(1, 4, 0.000882, 0.000882, 2)[:60]
+        '1 stage instead of 4: the projected GPipe step is the same ('
+    """
+    head = f"{counted(fewer, 'stage')} instead of {most}: the projected GPipe step is"
+    if old_s - new_s <= _TIE * old_s:
+        why = ("; the stages share one host's cores, so every stage count does the same work, "
+               "M x all stages' time" if concurrency else "")
+        return f"{head} the same ({new_s * 1e3:.3f} ms for both{why}); ties go to fewer stages"
+    new, old = _distinct_ms(new_s, old_s)
+    shared = "; the stages share one host's cores" if concurrency else ""
+    return f"{head} {_percent(1 - new_s / old_s)} shorter ({new} vs {old} ms{shared})"
+
+
+def _distinct_ms(a_s: float, b_s: float) -> tuple[str, str]:
+    """Two times in ms with 3 decimals, or as many more (up to 12) as tell them apart."""
+    for digits in range(3, 13):
+        a, b = f"{a_s * 1e3:.{digits}f}", f"{b_s * 1e3:.{digits}f}"
+        if a != b:
+            break
+    return a, b
+
+
+def _percent(fraction: float) -> str:
+    """0.123 -> '12.3%'; 0.0000123 -> '0.0012%' (two significant digits below 0.1%)."""
+    return f"{100 * fraction:.1f}%" if fraction >= 0.001 else f"{100 * fraction:.2g}%"
 
 
 def _activations_exceed(capacity: int, reserve: int, microbatch_size: int,
@@ -299,7 +333,8 @@ def _with_reserve(e: InfeasiblePlanError, reserve: int, devices: int,
         min_cap, min_dev = e.min_capacity + reserve, e.min_stages * tp
         groups = f" ({devices // tp} stages of tp={tp})" if tp > 1 else ""
         msg = (f"The layers need at least {e.min_stages} stages of {fmt_bytes(capacity)}{per} but "
-               f"only {devices} devices{groups} were given. Use at least {min_dev} devices, "
+               f"only {counted(devices, 'device')}{groups} were given. Use at least {min_dev} "
+               "devices, "
                f"or a capacity of at least {fmt_bytes(min_cap)} for {devices}; compression or a "
                "smaller microbatch also lowers the need.")
     fields = {k: v for k, v in vars(e).items()}
@@ -420,4 +455,9 @@ def _residual_bytes(seg: Segment) -> int:
 
 def fmt_bytes(num_bytes: int) -> str:
     return f"{num_bytes:,} bytes ({num_bytes / MIB:.2f} MiB)"
+
+
+def counted(n: int, noun: str) -> str:
+    """(1, 'stage') -> '1 stage'; (4, 'stage') -> '4 stages'."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 

@@ -42,6 +42,7 @@ from lwjax.passes.compression import ESCALATION, Compression
 from lwjax.passes.footprint import GraphFootprint, footprint
 from lwjax.passes.partition import min_capacity, min_stages
 from lwjax.passes.planner import (
+    counted,
     epilogue_time,
     fmt_bytes,
     infeasible,
@@ -343,8 +344,8 @@ def _notes(s: _Search, first: InfeasiblePlanError, plan: Plan, tp: int, comp: Co
              f"{_reason(first)}"]
     if tp > 1:
         notes.append(
-            f"split: every stage spans tp={tp} devices ({len(plan.stages)} stages x {tp} = "
-            f"{plan.num_devices} of {s.n} devices); per device: the weights passes/tp.py "
+            f"split: every stage spans tp={tp} devices ({counted(len(plan.stages), 'stage')} x "
+            f"{tp} = {plan.num_devices} of {s.n} devices); per device: the weights passes/tp.py "
             f"splits / {tp} + replicated weights, KV / {tp}, buffers / {tp}, activations "
             f"max(peak / {tp}, the layer's largest input)")
         heads = heads_split(s.graph_at(mb), tp)
@@ -383,8 +384,8 @@ def _nothing_fits(s: _Search, first: InfeasiblePlanError) -> InfeasiblePlanError
                        microbatch_size=mb)
     at = f"{comp.name}, microbatch {mb}"
     if need.fewest_devices is not None:
-        devices = (f"at least {need.fewest_devices} devices ({need.fewest_stages} stages x "
-                   f"tp={need.fewest_tp}, {at})")
+        devices = (f"at least {need.fewest_devices} devices "
+                   f"({counted(need.fewest_stages, 'stage')} x tp={need.fewest_tp}, {at})")
     else:
         devices = (f"no number of devices: split any of {tps[0]}..{tps[-1]} ways ({at}), the "
                    f"heaviest layer still needs {fmt_bytes(need.floor_bytes)} per device "
