@@ -733,3 +733,33 @@ def _refuse_outside(scopes: _Scopes, family: LayerFamily, owner: Sequence[int],
             f"prologue and epilogue), where repeated structures sit: "
             f"{_listing(elsewhere, None, total_weights)}. Name the layers with layers= (e.g. "
             f"layers='{suggestion}', a scope pattern, or a callable).")
+
+
+def eval_segment(graph: LayerGraph, seg: Segment, params: dict, inputs: list,
+                 consts: dict | None = None) -> list:
+    """Evaluates one segment's equations (the ``jax.core.eval_jaxpr`` loop, on a slice).
+
+    Args:
+        graph: the LayerGraph.
+        seg: the segment to run.
+        params: param index -> value, for (at least) ``seg.params``.
+        inputs: values for ``seg.inputs``, in order.
+        consts: constvar -> value overrides (defaults to the jaxpr's consts).
+
+    Returns:
+        values of ``seg.outputs``, in order.
+
+    Example:
+        >>> outs = eval_segment(g, g.layers[0], {i: p[i] for i in g.layers[0].params}, [x, pos])
+    """
+    env: dict = dict(zip(graph.jaxpr.jaxpr.constvars, graph.jaxpr.consts, strict=True))
+    if consts:
+        env.update(consts)
+    pvars = graph.param_vars
+    for i in seg.params:
+        env[pvars[i]] = params[i]
+    env.update(zip(seg.inputs, inputs, strict=True))
+    for eqn in seg.eqns:
+        outs = bind_eqn(eqn, [_raw(env, v) for v in eqn.invars])
+        env.update(zip(eqn.outvars, outs, strict=True))
+    return [_raw(env, v) for v in seg.outputs]
