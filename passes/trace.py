@@ -413,7 +413,7 @@ def _trace(fn, params, args, kwargs, mode, microbatch_size, kind, cache_pos,
     rows = _named_leaves(batched, "batched", arg_paths, len(args), array_kwargs)
     both = [arg_label(p) for p, w, r in zip(arg_paths, whole, rows, strict=True) if w and r]
     if both:
-        raise InputError(f"arguments {both} are named in both batched= and unbatched=; "
+        raise InputError(f"{', '.join(both)} named in both batched= and unbatched=; "
                          "name each in one.")
     batch_shaped = tuple(bool(x.shape) and x.shape[0] == batch and not c and not w
                          for x, c, w in zip(arg_leaves, cache_args, whole, strict=True))
@@ -453,7 +453,8 @@ def _trace(fn, params, args, kwargs, mode, microbatch_size, kind, cache_pos,
         if microbatch_size is not None and split:
             raise InputError(
                 f"tracing the {kind} model at microbatch size {microbatch_size} failed: {e}. "
-                f"Besides the first argument, lwjax split {split} into microbatches because "
+                f"Besides the first argument, lwjax split {', '.join(split)} into microbatches "
+                f"because "
                 f"their leading size is the batch; pass unbatched=(...) naming any that is not "
                 "per-example (a positional index or a keyword name)."
             ) from e
@@ -464,7 +465,7 @@ def _trace(fn, params, args, kwargs, mode, microbatch_size, kind, cache_pos,
         if unclear:
             names = [arg_label(arg_paths[i]) for i in unclear]
             raise InputError(
-                f"arguments {names} have the batch's leading size "
+                f"{', '.join(names)}: leading size is the batch's "
                 f"{full_leaves[0].shape[0]}, but the model also accepts them whole at "
                 f"microbatch size {microbatch_size}: lwjax cannot tell whether they hold one "
                 "row per example. Name them: unbatched=(...) to pass them whole to every "

@@ -247,12 +247,13 @@ def test_unbatched_argument_is_passed_whole():
                                    devices=jax.devices()[:2], cache_bytes=BIG, microbatches=m)
         np.testing.assert_allclose(sm(tokens, mask=causal), want, atol=ATOL, rtol=RTOL)
     # taken for per-example rows, the [8, 8] mask cannot trace at microbatch 4: lwjax says so
-    with pytest.raises(InputError, match=r"split \['1/mask'\].*unbatched="):
+    with pytest.raises(InputError, match=r"split keyword argument 'mask' into.*unbatched="):
         lwjax.layerwise_shard(model, tokens, mask=causal, devices=jax.devices()[:2],
                               cache_bytes=BIG, microbatches=2)
     # at microbatch 1 its rows would broadcast silently; the model also takes it whole, so
     # lwjax asks rather than guess
-    with pytest.raises(InputError, match=r"\['1/mask'\].*accepts them whole.*unbatched="):
+    with pytest.raises(InputError,
+                       match=r"keyword argument 'mask': leading size.*whole.*unbatched="):
         lwjax.layerwise_shard(model, tokens, mask=causal, devices=jax.devices()[:2],
                               cache_bytes=BIG, microbatches=8)
     # a per-example [B, T] mask is not ambiguous: whole, it would change the output's batch
