@@ -143,6 +143,15 @@ class Plan:
         return step_time([s.layer_range for s in self.stages], self.numbers.costs_s,
                          self.microbatches, self.concurrency, self.numbers.epilogue_s)
 
+    @property
+    def outside_weights_share(self) -> float:
+        """Share of the weight bytes in the prologue and epilogue (embedding, head): what the
+        partition cannot spread over stages."""
+        n = self.numbers
+        outside = n.prologue.weights_bytes + n.epilogue.weights_bytes
+        total = outside + sum(f.weights_bytes for f in n.footprints)
+        return outside / total if total else 0.0
+
     def summary(self) -> str:
         """The plan as a table: layers -> stage -> devices, bytes per device vs capacity,
         fill, projected time, the bottleneck marked.
@@ -162,9 +171,12 @@ class Plan:
             f"{len(self.device_pool)} devices ({self.hardware}){model}{split}, capacity "
             f"{cap / MIB:.2f} MiB/device, "
             f"compression={self.compression}, M={self.microbatches} x {self.microbatch_size}, "
-            f"mode={self.mode}, residency={self.residency}, attention={self.attention}",
+            f"mode={self.mode}, residency={self.residency}, attention={self.attention}, "
+            f"bytes on {self.stages[0].footprint.backend}",
             f"strategy: {self.strategy}",
             *[f"  - {n}" for n in self.notes],
+            f"  - {100 * self.outside_weights_share:.1f}% of the weights are outside the layers "
+            "(prologue on the first stage, epilogue on the last)",
             f"{'stage':>5} {'layers':<{w_layers}} {'devices':<{w_ids}} {'weights':>10} "
             f"{'activ.':>10} {'buffers':>9} {'kv':>9} {'fill %':>7} {'est ms':>9}",
         ]
