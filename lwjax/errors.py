@@ -15,6 +15,11 @@ class ConfigError(LwjaxError, ValueError):
     """A configuration value is invalid (also a ``ValueError``)."""
 
 
+class UnsupportedOnBackendError(ConfigError):
+    """The model uses an operation the target backend cannot run (e.g. the float16 dot
+    algorithm of ``jax.nn.dot_product_attention`` on CPU); raised before anything compiles."""
+
+
 class InputError(LwjaxError, ValueError):
     """Call arguments differ from what the model or plan was built for (shape, dtype, batch)."""
 

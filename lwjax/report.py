@@ -59,6 +59,11 @@ class ModelReport:
     layers_found: str = ""
     outside_weights_share: float = 0.0
 
+    @property
+    def backend(self) -> str:
+        """The backend whose bytes the footprints count ("gpu" or "cpu")."""
+        return self.prologue.footprint.backend
+
     def summary(self, capacity_bytes: int | None = None) -> str:
         """A table of weights / activations / buffers / KV / total (MiB) per segment, with the
         fill % of ``capacity_bytes`` if given.
@@ -74,8 +79,8 @@ class ModelReport:
             head += f"{'fill %':>10}"
         lines = [
             f"mode={self.mode} microbatch={self.microbatch_size} compression={self.compression} "
-            f"attention={self.attention}" + (f" cache_len={self.cache_len}" if self.cache_len
-                                             else ""),
+            f"attention={self.attention} backend={self.backend}"
+            + (f" cache_len={self.cache_len}" if self.cache_len else ""),
             f"layers: {self.layers_found}; {100 * self.outside_weights_share:.1f}% of the "
             "weights are outside the layers (prologue, epilogue)",
             head,
@@ -104,7 +109,7 @@ class ModelReport:
         return json.dumps({
             "mode": self.mode, "microbatch_size": self.microbatch_size,
             "compression": self.compression, "attention": self.attention,
-            "cache_len": self.cache_len, "layers_found": self.layers_found,
+            "backend": self.backend, "cache_len": self.cache_len, "layers_found": self.layers_found,
             "outside_weights_share": self.outside_weights_share,
             "prologue": row(self.prologue),
             "layers": [row(r) for r in self.layers], "epilogue": row(self.epilogue),

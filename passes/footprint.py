@@ -10,9 +10,20 @@
   carries and stacked outputs live as the equation's outputs).
 - **buffers**: workspace beyond inputs and outputs, from a per-primitive rule registry with an
   explicit default. A primitive without a rule is charged its output bytes (one extra copy)
-  and listed in ``Footprint.unknown_primitives``: never silently zero.
+  and listed in ``Footprint.unknown_primitives``: never silently zero. Copies of dot operands
+  (batch dimensions not leading, or float32 on the backend) live where XLA makes them
+  (``_operand_copies``): a fused producer writes the dot's layout itself, a dot's result is
+  copied and dies, an input or weight is copied as soon as it exists.
 - **kv_cache**: decode only, the KV-cache arrays the segment reads (updated in place, as with
   buffer donation).
+
+Backend: the bytes are those the target backend holds (``backend="gpu"`` by default, or
+"cpu"; planning passes its hardware's kind). Where a backend multiplies 16-bit floats through
+float32 copies (``passes/backend.py``: XLA:CPU for every bfloat16 / float16 dot_general but
+bf16 x bf16 -> f32), the copies are buffer bytes: an operand computed in the segment is stored
+in float32 by its producer (twice its traced bytes, from the producer to the dot), an input or
+weight gets a float32 copy from the segment's start to the dot, and the result is stored in
+float32 until its last reader. ``Footprint.backend`` says which backend the bytes are for.
 
 Attention: with ``implementation="xla"`` (or on CPU) the scores [B, N, T, S] are
 materialised by a dot_general between two activations; a fused kernel (cuDNN / Pallas custom
@@ -38,7 +49,9 @@ import numpy as np
 
 from lwjax._compat import ClosedJaxpr, Jaxpr, JaxprEqn, Var, jaxprs_in_params
 from lwjax.errors import ConfigError
+from lwjax.passes import backend as backend_lib
 from lwjax.passes import compression as compression_lib
+from lwjax.passes.backend import DEFAULT_BACKEND, Backend
 from lwjax.passes.compression import Compression
 from lwjax.passes.segment import LayerGraph, Segment
 
@@ -166,7 +179,8 @@ def _materialized(eqns, keep: set) -> set:
 
 
 def peak_live_bytes(eqns, inputs, outputs, live_through=(), aliased=(),
-                    workspace: Callable[[JaxprEqn], int] | None = None) -> int:
+                    workspace: Callable[[JaxprEqn], int] | None = None,
+                    held: dict | None = None, backend: Backend | None = None) -> int:
     """Peak bytes of materialised values over ``eqns``.
 
     Args:
@@ -176,6 +190,8 @@ def peak_live_bytes(eqns, inputs, outputs, live_through=(), aliased=(),
         live_through: inputs that must also survive to the end (read again later).
         aliased: values written in place into an existing buffer (cost no new bytes).
         workspace: bytes of scratch an equation needs while it runs (default none).
+        held: bytes a value occupies where the backend stores it wider than traced.
+        backend: count sub-jaxprs as this backend runs them (default: as traced).
 
     Example:
         >>> peak_live_bytes(closed.jaxpr.eqns, closed.jaxpr.invars, closed.jaxpr.outvars)
@@ -183,8 +199,10 @@ def peak_live_bytes(eqns, inputs, outputs, live_through=(), aliased=(),
     eqns = list(eqns)
     aliased = set(aliased)
 
+    held = held or {}
+
     def size(v) -> int:
-        return 0 if v in aliased else value_bytes(v)
+        return 0 if v in aliased else held.get(v) or value_bytes(v)
 
     keep = set(outputs) | set(live_through)
     mat = _materialized(eqns, keep) | set(inputs)
@@ -214,7 +232,8 @@ def peak_live_bytes(eqns, inputs, outputs, live_through=(), aliased=(),
     for i, e in enumerate(eqns):
         outs = [v for v in e.outvars if v in mat]
         out_bytes = sum(size(v) for v in outs)
-        transient = max((_inner_extra(sub) for sub in jaxprs_in_params(e.params)), default=0)
+        transient = max((_inner_extra(sub, backend) for sub in jaxprs_in_params(e.params)),
+                        default=0)
         if workspace is not None:
             transient += workspace(e)
         peak = max(peak, live + out_bytes + transient)
@@ -226,10 +245,17 @@ def peak_live_bytes(eqns, inputs, outputs, live_through=(), aliased=(),
     return peak
 
 
-def _inner_extra(jaxpr: Jaxpr | ClosedJaxpr) -> int:
-    """A sub-jaxpr's peak beyond its own inputs and outputs (already counted outside)."""
+def _inner_extra(jaxpr: Jaxpr | ClosedJaxpr, backend: Backend | None = None) -> int:
+    """A sub-jaxpr's peak beyond its own inputs and outputs (already counted outside), with
+    ``backend``'s float32 copies when given."""
     j = jaxpr.jaxpr if isinstance(jaxpr, ClosedJaxpr) else jaxpr
-    peak = peak_live_bytes(j.eqns, j.invars, j.outvars)
+    if backend is None:
+        peak = peak_live_bytes(j.eqns, j.invars, j.outvars)
+    else:
+        # Layout copies inside are the dot_general buffer rule's (``_buffers_of``).
+        held, charge = _operand_copies(j.eqns, backend, keep=set(j.outvars), layout=False)
+        peak = peak_live_bytes(j.eqns, j.invars, j.outvars, held=held, backend=backend,
+                               workspace=lambda e: charge[id(e)])
     edge = sum(value_bytes(v) for v in j.invars) + sum(value_bytes(v) for v in j.outvars if
                                                      isinstance(v, Var))
     return max(0, peak - edge)
@@ -261,6 +287,7 @@ class Footprint:
         kv_cache_bytes: KV cache it reads (decode).
         attention: how attention scores were counted.
         unknown_primitives: primitives charged by the default buffer rule.
+        backend: the backend whose bytes these are ("gpu" or "cpu"; see the module docstring).
     """
 
     weights_bytes: int
@@ -269,6 +296,7 @@ class Footprint:
     kv_cache_bytes: int = 0
     attention: Attention = "none"
     unknown_primitives: tuple[str, ...] = ()
+    backend: Backend = DEFAULT_BACKEND
 
     @property
     def total_bytes(self) -> int:
@@ -277,6 +305,9 @@ class Footprint:
     def __add__(self, other: Footprint) -> Footprint:
         """Footprint of two segments run one after the other on one device: weights and KV
         caches add up, activations and buffers are transient (the larger one)."""
+        if self.backend != other.backend:
+            raise ConfigError(f"Cannot add a {self.backend!r} footprint to a "
+                              f"{other.backend!r} one; compute both for one backend.")
         return Footprint(
             weights_bytes=self.weights_bytes + other.weights_bytes,
             activation_bytes=max(self.activation_bytes, other.activation_bytes),
@@ -285,6 +316,7 @@ class Footprint:
             attention=self.attention if self.attention != "none" else other.attention,
             unknown_primitives=tuple(sorted(set(self.unknown_primitives)
                                             | set(other.unknown_primitives))),
+            backend=self.backend,
         )
 
     def to_dict(self) -> dict:
@@ -293,12 +325,13 @@ class Footprint:
 
 @dataclasses.dataclass(frozen=True)
 class GraphFootprint:
-    """Footprints of every segment of a LayerGraph under one policy."""
+    """Footprints of every segment of a LayerGraph under one policy, for one backend."""
 
     prologue: Footprint
     layers: tuple[Footprint, ...]
     epilogue: Footprint
     compression: Compression
+    backend: Backend = DEFAULT_BACKEND
 
 
 def output_channels(graph: LayerGraph) -> dict[int, int]:
@@ -349,7 +382,8 @@ def _score_region(eqns, param_vars: set) -> tuple[set, dict[int, int]]:
 
 def segment_footprint(graph: LayerGraph, seg: Segment, policy: Compression,
                       channels: dict[int, int],
-                      attention: AttentionAssumption = "as_traced") -> Footprint:
+                      attention: AttentionAssumption = "as_traced",
+                      backend: Backend = DEFAULT_BACKEND) -> Footprint:
     """The footprint of one segment (see the module docstring)."""
     weights = sum(policy.weight_bytes(graph.params[i].path,
                                       int(np.prod(graph.params[i].shape, dtype=np.int64)),
@@ -373,12 +407,15 @@ def segment_footprint(graph: LayerGraph, seg: Segment, policy: Compression,
                 live_through=[v for v in acts_inputs if v in later], aliased=aliased)
     activation = peak_live_bytes(eqns, **live)
     # Buffers: how far workspaces raise the peak, each charged while its equation runs --
-    # except layout copies feeding a dot, which XLA schedules as soon as their operand exists.
+    # except the copies of dot operands (layout, and the backend's float32 copies of 16-bit
+    # dots), which live where XLA makes them (``_operand_copies``).
     unknown: set[str] = set()
-    charge = _workspace_schedule(eqns, unknown, skip=region | in_place)
+    held, charge = _workspace_schedule(eqns, unknown, backend, skip=region | in_place,
+                                       keep={*live["outputs"], *live["live_through"]})
     for k, v in lse.items():
         charge[k] += v
-    with_workspace = peak_live_bytes(eqns, **live, workspace=lambda e: charge[id(e)])
+    with_workspace = peak_live_bytes(eqns, **live, held=held, backend=backend,
+                                     workspace=lambda e: charge[id(e)])
     buffers = with_workspace - activation
     return Footprint(
         weights_bytes=weights,
@@ -387,24 +424,87 @@ def segment_footprint(graph: LayerGraph, seg: Segment, policy: Compression,
         kv_cache_bytes=sum(value_bytes(v) for v in cache),
         attention=kind,
         unknown_primitives=tuple(sorted(unknown)),
+        backend=backend,
     )
 
 
-def _workspace_schedule(eqns, unknown: set[str], skip=frozenset()) -> dict[int, int]:
-    """Workspace bytes charged at each equation (by id); no layout copies of ``skip``."""
+def _operand_copies(eqns, backend: Backend, skip=frozenset(), keep=frozenset(),
+                    layout: bool = True) -> tuple[dict, dict[int, int]]:
+    """The copies of dot operands a backend makes: bytes of the values it stores other than
+    as traced (``held``), and the copy bytes charged at each equation (by id).
+
+    An operand is copied when the dot reads it in another layout (batch dimensions not
+    leading; ``layout=False`` leaves these to the ``dot_general`` buffer rule) or in float32
+    (``backend.dot_holding``; the copy is then float32, layout change included). Where the copy
+    lives depends on who made the operand:
+
+    - a fusible equation of the segment: its fusion writes the operand as the dot reads it
+      (float32, transposed) -- no copy, the value itself is stored that way -- when the dot
+      is its only reader, or the copy is only a float32 one;
+    - a dot of the segment (or another non-fusible equation): the copy is made right after
+      it; when the dot is the operand's only reader the operand dies there, so the copy adds
+      bytes only while it is made;
+    - otherwise (a segment input, a weight, an operand read elsewhere too): the copy is made
+      as soon as the operand exists and lives until the dot (XLA:CPU hoists the float32 copies
+      of weights to the start of the program).
+
+    ``keep``: values that outlive the equations (outputs), so never only a dot's operand.
+    A dot whose 16-bit result the backend keeps in float32 holds that result at float32 size.
+    """
+    held: dict = {}
     charge = {id(e): 0 for e in eqns}
     defined = {v: i for i, e in enumerate(eqns) for v in e.outvars}
+    readers: dict = defaultdict(int)
+    for e in eqns:
+        for v in e.invars:
+            if isinstance(v, Var):
+                readers[v] += 1
+
+    def hold(v, nbytes: int) -> None:
+        held[v] = max(held.get(v, 0), value_bytes(v), nbytes)
+
+    copies: dict = {}  # operand -> (copy bytes, last dot reading the copy); one copy each
     for i, e in enumerate(eqns):
         if e.primitive.name != "dot_general":
-            charge[id(e)] += _buffer_bytes(e, unknown)
             continue
+        how = backend_lib.dot_holding(e, backend)
+        if how.result_f32:
+            for v in e.outvars:
+                hold(v, backend_lib.f32_bytes(v))
         (_, _), (lb, rb) = e.params["dimension_numbers"]
         for v, batch in zip(e.invars, (lb, rb), strict=True):
-            if batch and tuple(batch) != tuple(range(len(batch))) and isinstance(v, Var) \
-                    and v not in skip:
-                for j in range(defined.get(v, -1) + 1, i + 1):
-                    charge[id(eqns[j])] += value_bytes(v)
-    return charge
+            if not isinstance(v, Var) or v in skip:
+                continue
+            f32 = how.operands_f32 and np.dtype(v.aval.dtype) in backend_lib.HALF_DTYPES
+            moved = layout and bool(batch) and tuple(batch) != tuple(range(len(batch)))
+            if not (f32 or moved):
+                continue
+            copy = backend_lib.f32_bytes(v) if f32 else value_bytes(v)
+            src = eqns[defined[v]] if v in defined else None
+            only = readers[v] == 1 and v not in keep
+            if src is not None and (_fusible(src) or not moved) and (only or not moved):
+                hold(v, copy)  # written by its producer as the dot reads it
+            elif src is not None and only:
+                hold(v, copy)  # the copy replaces the operand; both live while it is made
+                charge[id(eqns[min(defined[v] + 1, i)])] += copy
+            else:
+                copies[v] = (max(copy, copies.get(v, (0, i))[0]), i)
+    for v, (copy, last) in copies.items():
+        for j in range(defined.get(v, -1) + 1, last + 1):
+            charge[id(eqns[j])] += copy
+    return held, charge
+
+
+def _workspace_schedule(eqns, unknown: set[str], backend: Backend, skip=frozenset(),
+                        keep=frozenset()) -> tuple[dict, dict[int, int]]:
+    """Workspace bytes charged at each equation (by id) -- buffer rules, and the operand
+    copies of dots (``_operand_copies``) -- with the bytes of values held other than as
+    traced."""
+    held, charge = _operand_copies(eqns, backend, skip, keep)
+    for e in eqns:
+        if e.primitive.name != "dot_general":
+            charge[id(e)] += _buffer_bytes(e, unknown)
+    return held, charge
 
 
 def _cache_updates(eqns, cache: set) -> set:
@@ -420,17 +520,26 @@ def _read_later(graph: LayerGraph, seg: Segment) -> set:
 
 
 def footprint(graph: LayerGraph, compression: str | Compression | None = None,
-              attention: AttentionAssumption = "as_traced") -> GraphFootprint:
+              attention: AttentionAssumption = "as_traced",
+              backend: Backend = DEFAULT_BACKEND) -> GraphFootprint:
     """Footprints of the prologue, every layer and the epilogue.
 
+    Args:
+        graph: the segmented model.
+        compression: None, a preset name or a Compression policy for the weights.
+        attention: "as_traced", or "fused" to assume a flash-attention kernel.
+        backend: whose bytes to count: "gpu" (the traced dtypes) or "cpu" (with XLA:CPU's
+            float32 copies of 16-bit dots); planning passes its hardware's kind.
+
     Example:
-        >>> fp = footprint(graph, compression="int8")
-        >>> fp.compression.name
-        'int8'
+        >>> fp = footprint(graph, compression="int8", backend="cpu")
+        >>> fp.compression.name, fp.backend
+        ('int8', 'cpu')
     """
     if attention not in ATTENTION_ASSUMPTIONS:
         raise ConfigError(f"attention must be one of {ATTENTION_ASSUMPTIONS}, got "
                           f"{attention!r}.")
+    backend_lib.check_backend(backend)
     policy = compression_lib.get(compression)
     channels = output_channels(graph)
     memo: dict[tuple, Footprint] = {}
@@ -442,11 +551,12 @@ def footprint(graph: LayerGraph, compression: str | Compression | None = None,
         key = (layer.signature, tuple(graph.params[i].shape for i in layer.params),
                tuple(v in later for v in layer.inputs))
         if key not in memo:
-            memo[key] = segment_footprint(graph, layer, policy, channels, attention)
+            memo[key] = segment_footprint(graph, layer, policy, channels, attention, backend)
         layers.append(memo[key])
     return GraphFootprint(
-        prologue=segment_footprint(graph, graph.prologue, policy, channels, attention),
+        prologue=segment_footprint(graph, graph.prologue, policy, channels, attention, backend),
         layers=tuple(layers),
-        epilogue=segment_footprint(graph, graph.epilogue, policy, channels, attention),
+        epilogue=segment_footprint(graph, graph.epilogue, policy, channels, attention, backend),
         compression=policy,
+        backend=backend,
     )

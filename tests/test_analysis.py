@@ -11,14 +11,22 @@ from flax import nnx
 
 import lwjax
 from lwjax import models
-from lwjax.errors import InputError, LayerSegmentationError, TraceError
+from lwjax.errors import (
+    ConfigError,
+    InputError,
+    LayerSegmentationError,
+    TraceError,
+    UnsupportedOnBackendError,
+)
 from lwjax.models import configs
+from lwjax.passes.backend import check_runnable
 from lwjax.passes.footprint import footprint
 from lwjax.passes.segment import segment
 from lwjax.passes.trace import trace
 from lwjax.passes.validate import validate
 
 F32 = 4
+BF16 = 2
 
 
 def sds(*shape, dtype=jnp.int32):
@@ -30,8 +38,9 @@ def sds(*shape, dtype=jnp.int32):
 class Linear2(nnx.Module):
     """Two layers: x @ W0, then tanh(x @ W1) * 2 + 1 (a fused elementwise tail)."""
 
-    def __init__(self, d, rngs):
-        self.w = nnx.List([nnx.Param(jax.random.normal(rngs.params(), (d, d))) for _ in range(2)])
+    def __init__(self, d, rngs, dtype=jnp.float32):
+        self.w = nnx.List([nnx.Param(jax.random.normal(rngs.params(), (d, d), dtype))
+                           for _ in range(2)])
 
     def __call__(self, x):
         with jax.named_scope("layers_0"):
@@ -54,6 +63,26 @@ def test_hand_arithmetic_matmul_layers():
     # two [b, d] values are live at once (x + dot, then dot + result).
     assert fp.layers[1].activation_bytes == 2 * b * d * F32
     assert fp.layers[1].total_bytes == d * d * F32 + 2 * b * d * F32
+
+
+def test_bf16_matmul_layers_per_backend():
+    """A GPU holds the bf16 values as traced; XLA:CPU multiplies through float32 copies of x
+    and W and keeps the float32 result (the bf16 one is converted where it is read)."""
+    b, d = 256, 128
+    model = nnx.eval_shape(lambda: Linear2(d, nnx.Rngs(0), jnp.bfloat16))
+    g = segment(trace(model, sds(b, d, dtype=jnp.bfloat16)))
+    gpu, cpu = footprint(g, backend="gpu"), footprint(g, backend="cpu")
+    for f in (*gpu.layers, *cpu.layers):
+        assert (f.weights_bytes, f.activation_bytes) == (d * d * BF16, 2 * b * d * BF16)
+    assert {f.buffer_bytes for f in gpu.layers} == {0}  # no float32 copies on a GPU
+    # at the dot: copies of W and x in float32, and the result in float32 instead of bf16
+    copies = d * d * F32 + b * d * F32 + b * d * (F32 - BF16)
+    assert {f.buffer_bytes for f in cpu.layers} == {copies}
+    assert (gpu.backend, cpu.backend, cpu.layers[0].backend) == ("gpu", "cpu", "cpu")
+    for row in validate(g, cpu):
+        assert 0.95 <= row.ratio <= 1.05, row
+    with pytest.raises(ConfigError, match="backend='cpu'"):
+        validate(g, gpu)  # GPU bytes are not comparable with XLA:CPU's
 
 
 def test_compressed_sizes_are_exact():
@@ -107,10 +136,60 @@ def test_estimate_within_10_percent_of_xla(name, mode):
            "medium_dense": _medium(False), "medium_moe": _medium(True)}[name]
     t = cfg.seq_len if mode == "prefill" else 1
     g = segment(trace(models.abstract(cfg), sds(cfg.batch_size, t), mode=mode))
-    rows = validate(g, footprint(g))
+    rows = validate(g, footprint(g, backend="cpu"))
     assert len(rows) == 1  # identical layers are compiled once
     assert rows[0].layers == tuple(f"layers_{i}" for i in range(cfg.num_layers))
     assert 0.9 <= rows[0].ratio <= 1.1, rows[0]
+
+
+@pytest.mark.parametrize(("mode", "seq"), [("prefill", 16), ("decode", 1024)])
+@pytest.mark.parametrize("name", ["tiny_dense", "tiny_moe"])
+def test_bf16_estimate_within_10_percent_of_xla_cpu(name, mode, seq):
+    """bf16 on XLA:CPU: the float32 copies of its matmuls are counted (without them the
+    estimate was half of XLA's). ``seq`` is the prompt (prefill) or the KV cache (decode)."""
+    cfg = dataclasses.replace(getattr(configs, name)(), dtype=jnp.bfloat16, seq_len=seq)
+    g = segment(trace(models.abstract(cfg), sds(cfg.batch_size, seq if mode == "prefill" else 1),
+                      mode=mode))
+    (row,) = validate(g, footprint(g, backend="cpu"))
+    assert 0.9 <= row.ratio <= 1.1, row
+
+
+@pytest.mark.parametrize("name", ["tiny_dense", "tiny_moe"])
+def test_bf16_long_prefill_matches_xla_live_buffers(name):
+    """At S=256 XLA:CPU's heap packs bf16 prefill with ~50% gaps (memory_analysis 13.3 MB for
+    8.98 MB of live buffers, dense), so the estimate is held to XLA's own live buffers."""
+    cfg = dataclasses.replace(getattr(configs, name)(), dtype=jnp.bfloat16, seq_len=256)
+    g = segment(trace(models.abstract(cfg), sds(cfg.batch_size, 256)))
+    (row,) = validate(g, footprint(g, backend="cpu"), peak=True)
+    assert 0.95 <= row.estimate_bytes / row.xla_peak_bytes <= 1.05, row
+
+
+def test_float16_on_cpu_is_refused_before_anything_compiles():
+    cfg = dataclasses.replace(configs.tiny_dense(), dtype=jnp.float16)
+    model, tokens = models.abstract(cfg), jnp.zeros((4, 16), jnp.int32)
+    hw = dataclasses.replace(lwjax.hardware.H100_SXM, name="a CPU", kind="cpu")  # not measured
+    compiles = []
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        with pytest.raises(UnsupportedOnBackendError,
+                           match=r"layers_0: dot_general .*F16_F16_F32.*'cpu'.*bfloat16"):
+            lwjax.layerwise_shard(model, tokens, devices=jax.devices()[:2], hardware=hw,
+                                  cache_bytes=2**30)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert compiles == []
+    traced = trace(models.abstract(cfg), sds(4, 16))
+    with pytest.raises(UnsupportedOnBackendError, match="float16"):
+        check_runnable(traced, "cpu")
+    check_runnable(traced, "gpu")  # planning for a GPU from here is fine
+    assert lwjax.analyze(models.abstract(cfg), sds(4, 16), backend="gpu").backend == "gpu"
+    bf16 = dataclasses.replace(cfg, dtype=jnp.bfloat16)
+    check_runnable(segment(trace(models.abstract(bf16), sds(4, 16))), "cpu")
 
 
 def test_fused_attention_drops_the_scores():
