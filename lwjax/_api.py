@@ -16,6 +16,7 @@ from lwjax.hardware import HardwareSpec
 from lwjax.passes import compression as compression_lib
 from lwjax.passes import footprint as footprint_lib
 from lwjax.passes import schedules
+from lwjax.passes.backend import DEFAULT_BACKEND, Backend, check_runnable
 from lwjax.passes.compression import Compression
 from lwjax.passes.footprint import AttentionAssumption
 from lwjax.passes.lower import lower
@@ -57,6 +58,7 @@ def analyze(
     microbatch_size: int | None = None,
     compression: str | Compression | None = None,
     attention: AttentionAssumption = "as_traced",
+    backend: Backend = DEFAULT_BACKEND,
     unbatched: Sequence[int | str] = (),
     batched: Sequence[int | str] = (),
     layers: LayersSpec = None,
@@ -75,6 +77,8 @@ def analyze(
             "int4-75%") or an ``lwjax.Compression``.
         attention: "as_traced", or "fused" to assume a flash-attention kernel (planning for
             a GPU from a CPU trace).
+        backend: whose bytes to count: "gpu" (the traced dtypes) or "cpu" (with the float32
+            copies XLA:CPU makes of 16-bit matmuls; see ``passes/backend.py``).
         unbatched: array arguments that are not per-example although their leading size is
             the batch (positional indices or keyword names; see ``passes.trace.trace``).
         batched: array arguments that are per-example, where lwjax cannot tell (see
@@ -98,7 +102,7 @@ def analyze(
                    microbatch_size=microbatch_size, unbatched=unbatched, batched=batched,
                    **kwargs)
     graph = segment(traced, layers)
-    fp = footprint_lib.footprint(graph, compression, attention=attention)
+    fp = footprint_lib.footprint(graph, compression, attention=attention, backend=backend)
     if mode == "decode" and cache_len is None:
         cache_len = graph.traced.args[1].shape[1] if len(graph.traced.args) > 1 else None
     return _report(graph, fp, attention, cache_len)
@@ -197,7 +201,7 @@ def _capacity(cache_bytes, hw: HardwareSpec, persisting: bool) -> int:
 def _plan_graph(model, args, kwargs, *, devices, num_devices, hardware, cache_bytes,
                 compression, microbatches, mode, cache_len, residency, attention, persisting,
                 method, allow=(), objective="step", unbatched=(), batched=(), layers=None,
-                given: Plan | None = None):
+                given: Plan | None = None, run: bool = False):
     """Plans and returns ``(plan, graph at the plan's microbatch size, device objects or None,
     full batch)``. ``allow``: the edge-case strategies the search may use, in order
     (``passes/strategies.py``); none by default."""
@@ -228,8 +232,12 @@ def _plan_graph(model, args, kwargs, *, devices, num_devices, hardware, cache_by
     if given is not None:
         graph = graph_at(check_plan_batch(given, batch))
         check_plan(given, graph, ids)
+        if run and objs is not None:
+            check_runnable(graph, objs[0].platform)
         return given, graph, objs, batch
     m = _microbatches(batch, microbatches, len(ids))
+    if run and objs is not None:  # dtypes the devices cannot run are refused before planning
+        check_runnable(graph_at(batch // m), objs[0].platform)
     if attention is None:
         attention = "fused" if hw.kind == "gpu" else "as_traced"
     target = Target(hardware=hw, capacity_bytes=capacity, device_ids=ids, batch_size=batch,
@@ -392,7 +400,7 @@ def layerwise_shard(
         cache_bytes=cache_bytes, compression=compression, microbatches=microbatches,
         mode="prefill", cache_len=None, residency=residency, attention=None,
         persisting=False, method="optimal", allow=allow, objective=objective,
-        unbatched=unbatched, batched=batched, layers=layers, given=plan)
+        unbatched=unbatched, batched=batched, layers=layers, given=plan, run=True)
     if objs is None:
         raise DeviceError("layerwise_shard runs on jax devices: pass devices=jax.devices(), "
                           "not device ids.")

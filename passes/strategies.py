@@ -241,7 +241,8 @@ class _Search:
 
     def fp(self, mb: int, comp: Compression) -> GraphFootprint:
         if (mb, comp) not in self._fp:
-            self._fp[mb, comp] = footprint(self.graph_at(mb), comp, attention=self.t.attention)
+            self._fp[mb, comp] = footprint(self.graph_at(mb), comp, attention=self.t.attention,
+                                           backend=self.t.hardware.kind)
         return self._fp[mb, comp]
 
     def numbers(self, mb: int, comp: Compression, tp: int) -> LayerNumbers:
