@@ -17,7 +17,8 @@ C. B + the per-tick synchronisation floor, measured once per plan on a same-shap
 D. The same schedule model with *measured* work (the whole model on one device at the
    microbatch size) in place of the roofline: what is left is the schedule model's error.
 
-Run from the repository root (full: a few minutes on 2 cores; ``--quick``: one size)::
+Run from the repository root (``--quick``: one size; wall times on a 2-core host: README,
+"Experiment scripts")::
 
     python experiments/cost_check.py [--quick] [--write-results]
 

@@ -17,7 +17,8 @@ The files go to ``experiments/out/``, which git ignores, so the demo leaves the 
 it was. ``--write-results`` regenerates the committed copies in ``experiments/results/``
 instead.
 
-Run: ``python experiments/demo.py [--full] [--write-results]`` (a few minutes on 2 cores).
+Run: ``python experiments/demo.py [--full] [--write-results]`` (wall time on a 2-core
+host: README, "Two commands for a fresh clone").
 """
 
 from __future__ import annotations

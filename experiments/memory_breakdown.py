@@ -5,7 +5,7 @@ no weights are allocated and nothing runs on a GPU, so the figures are lwjax's s
 of the traced program, not measurements. The seed documents' per-layer claims are set beside
 lwjax's figures as *claims*; none of their numbers is copied into a result.
 
-Run from the repository root (about 30 s on 2 CPU cores)::
+Run from the repository root (wall times on a 2-core host: README, "Experiment scripts")::
 
     python experiments/memory_breakdown.py [--write-results]
 

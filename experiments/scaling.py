@@ -10,7 +10,8 @@ one stage, ``lwjax.passes.lower.lower(..., tp=16)``) against TP=8 x PP=2; lwjax'
 the baseline's own layout (2 stages x tp=8) is shown too. Measured at CPU scale and projected
 at seed002_dense dimensions.
 
-Run from the repository root (asks for 64 simulated devices; full: a few minutes on 2 cores)::
+Run from the repository root (asks for 64 simulated devices; wall time on a 2-core host:
+README, "Experiment scripts")::
 
     python experiments/scaling.py [--quick] [--write-results]
 

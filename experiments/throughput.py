@@ -12,7 +12,8 @@ Table 2 (*projected* by ``lwjax.passes.cost`` for 16 x H100 SXM5 at the seed dim
 ``project_tp_pp`` and ``project_layerwise`` with the cache hit rate and memory efficiency
 their roofline implies, beside the seed documents' claimed figures.
 
-Run from the repository root (full: a few minutes on 2 cores; ``--quick``: about a minute)::
+Run from the repository root (``--quick``: small sizes; wall times on a 2-core host:
+README, "Experiment scripts")::
 
     python experiments/throughput.py [--quick] [--repeats 7] [--write-results]
 

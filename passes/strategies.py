@@ -1,8 +1,11 @@
 """Edge cases (seed document 003): what to try when the plan as given does not fit.
 
-the capacity, or the layers need more stages than there are devices -- ``search_plan`` tries
-the strategies ``Target.allow`` names, in the order it names them (``lwjax.plan``'s default
-is ``("split", "compress", "microbatch")``; ``layerwise_shard`` allows none):
+When the plan as given does not fit -- one layer alone exceeds the capacity, or the layers
+need more stages than there are devices -- ``search_plan`` tries the strategies
+``Target.allow`` names, in the order it names them (``lwjax.plan``'s default is
+``("split", "compress", "microbatch")``, ``layerwise_shard``'s ``("split", "microbatch")``;
+``allow=()`` plans exactly as requested, and leaving out "microbatch" pins the microbatch
+count):
 
 - ``split``: every stage spans ``tp`` devices, tp = 2, 4, 8, ... (the same tp for every
   stage, S stages x tp <= devices, and only a tp at which some weight splits). A device

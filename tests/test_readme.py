@@ -1,12 +1,16 @@
-"""The README's usage example runs as written (on the 16 simulated devices of conftest)."""
+"""The README's usage example runs as written (on the 16 simulated devices of conftest), says
+what its plan is, and the fresh-clone section stays two commands."""
 
 import pathlib
 import re
 
+import lwjax
+
+README = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+
 
 def test_readme_usage_example_runs(tmp_path, monkeypatch):
-    readme = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
-    usage = readme.split("## Usage", 1)[1]
+    usage = README.split("## Usage", 1)[1]
     code = re.search(r"```python\n(.*?)```", usage, re.S).group(1)
     # conftest already set 16 devices before any device was touched; the example's own
     # jax.config line is for a fresh interpreter and must not fail here either.
@@ -15,3 +19,23 @@ def test_readme_usage_example_runs(tmp_path, monkeypatch):
     exec(compile(code, "README.md", "exec"), namespace)
     assert (tmp_path / "plan.png").stat().st_size > 0
     assert namespace["sm"].plan.stages
+
+    # what the text after the example says about step 2 on a CPU host
+    sm, model, tokens = namespace["sm"], namespace["model"], namespace["tokens"]
+    assert len(sm.plan.stages) == 1
+    assert sm.plan.notes[0].startswith("1 stage instead of 4: the projected GPipe step is the "
+                                       "same") and "ties go to fewer stages" in sm.plan.notes[0]
+    step2 = dict(devices=namespace["jax"].devices(), microbatches=4, allow=("split", "microbatch"))
+    bottleneck = lwjax.plan(model, tokens, cache_bytes=2**20, objective="bottleneck", **step2)
+    assert len(bottleneck.stages) == 4
+    assert len(lwjax.plan(model, tokens, cache_bytes=2**19, **step2).stages) == 2
+
+
+def test_fresh_clone_section_is_two_commands():
+    section = README.split("## Two commands for a fresh clone", 1)[1].split("\n## ", 1)[0]
+    block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
+    commands = [line for line in block.splitlines() if line.strip() and
+                not line.lstrip().startswith("#")]
+    assert commands == ["pip install -e . && python experiments/demo.py",
+                        "pip install -e '.[test]' && python -m pytest -q"]
+    assert "experiments/out/ (git-ignored)" in block
