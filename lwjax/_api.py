@@ -186,7 +186,7 @@ def _capacity(cache_bytes, hw: HardwareSpec, persisting: bool) -> int:
         if persisting:
             if hw.persisting_l2_bytes is None:
                 raise CapacityError(f"{hw.name} has no persisting-L2 limit; give the capacity "
-                                    "(cache_bytes=, or --cache-mib on the command line).")
+                                    "with cache_bytes=.")
             return hw.persisting_l2_bytes
         return hw.l2_bytes
     count = _whole(cache_bytes)
@@ -356,7 +356,9 @@ def layerwise_shard(
         hardware: HardwareSpec or preset name for footprints and costs (default: from the
             devices' platform).
         cache_bytes: on-chip capacity per device (default: the hardware's L2 size).
-        microbatches: M (the batch must divide into M).
+        microbatches: M to start from (the batch must divide into M); the "microbatch"
+            strategy in allow= may raise it when a stage does not fit -- pin it with
+            allow=("split",).
         compression: footprint policy for planning (weights run as stored).
         residency: "all" or "weights" (see ``plan``).
         schedule: pipeline schedule name (``passes.schedules.SCHEDULES``).
