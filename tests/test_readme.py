@@ -31,6 +31,20 @@ def test_readme_usage_example_runs(tmp_path, monkeypatch):
     assert len(lwjax.plan(model, tokens, cache_bytes=2**19, **step2).stages) == 2
 
 
+def test_readme_own_model_example_runs():
+    """The second Usage block (a transformers model, layers=, plan=) runs after the first's
+    imports."""
+    usage = README.split("## Usage", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", usage, re.S)
+    assert len(blocks) == 2
+    namespace: dict = {}
+    exec(compile("import jax, jax.numpy as jnp, numpy as np, lwjax\n" + blocks[1],
+                 "README.md", "exec"), namespace)
+    assert len(namespace["gpt"].plan.stages) == 4
+    assert [r.name.rsplit("/", 1)[-1] for r in namespace["report"].layers] == ["0", "1", "2", "3"]
+    assert 1 not in {d for s in namespace["again"].plan.stages for d in s.devices}
+
+
 def test_fresh_clone_section_is_two_commands():
     section = README.split("## Two commands for a fresh clone", 1)[1].split("\n## ", 1)[0]
     block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
