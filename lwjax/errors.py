@@ -64,6 +64,24 @@ class InfeasiblePlanError(LwjaxError):
     reserve_bytes: int | None = None
 
 
+class SplitError(LwjaxError):
+    """A stage split over tp devices would hang: XLA placed a collective inside the stage's
+    branch that devices of other stages must join (``passes/collectives.py``). Raised by the
+    lowering, from the compiled program, before anything runs.
+
+    Attributes:
+        stage: index of the offending stage (None when the compiled program does not say).
+        layers: its segments' names.
+        tp: devices per stage.
+        collective: the HLO opcode ("collective-permute", ...).
+    """
+
+    stage: int | None = None
+    layers: tuple[str, ...] = ()
+    tp: int | None = None
+    collective: str | None = None
+
+
 class UnknownPresetError(LwjaxError, KeyError):
     """A preset name (hardware, compression, model) is not known."""
 

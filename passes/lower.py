@@ -16,6 +16,11 @@ The program runs over ``Mesh(devices, ("stage",))``, one device per stage:
 - **Microbatches**: batch-shaped arguments are split [M, B/M, ...] and the graph is traced at
   the microbatch size; a schedule (``passes/schedules.py``, GPipe by default) decides which
   microbatch each stage runs at each tick.
+- **Split stages** (tp > 1): the mesh is ("stage", "tp") with "tp" automatic; weights are
+  split by ``passes/tp.py``'s rule and XLA's partitioner inserts the collectives the split
+  needs inside the stages' branches. A collective there that needs another stage's devices
+  would hang, so ``lower`` compiles the program (the first call reuses the compilation) and
+  refuses such a program with ``SplitError`` before anything runs (``passes/collectives.py``).
 - **Outputs**: the last stage keeps each microbatch's final carry (what the epilogue reads);
   after the loop it runs the epilogue (final norm, LM head) over the M microbatches and
   writes the model's outputs once -- no stage carries [mb, T, vocab] slots through the ticks.
@@ -28,6 +33,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Callable, Sequence
 
@@ -41,8 +47,9 @@ from lwjax._compat import Literal as JaxLiteral
 from lwjax._compat import Var, bind_eqn
 from lwjax.errors import InputError
 from lwjax.passes import schedules
+from lwjax.passes.collectives import StageView, check
 from lwjax.passes.segment import LayerGraph, Segment
-from lwjax.passes.tp import residual_width, split_axis
+from lwjax.passes.tp import split_axes
 
 AXIS = "stage"
 
@@ -120,6 +127,12 @@ class SlotStorage:
     def unpack(self, local, s: int) -> list:
         return [local[self._index[key, j]].reshape(shape) for key, j, shape in self.where[s]]
 
+    def abstract(self, mesh: Mesh, num_stages: int) -> list:
+        """``place``'s arrays as ShapeDtypeStructs (same shapes and shardings)."""
+        sharding = NamedSharding(mesh, P(AXIS))
+        return [jax.ShapeDtypeStruct((num_stages, size), dt, sharding=sharding)
+                for (dt, size), _ in self.slots]
+
     def place(self, mesh: Mesh, stage_values: Sequence[list]) -> list:
         devices = mesh.devices.ravel()
         rows: list[list] = [[] for _ in self.slots]
@@ -140,10 +153,12 @@ class SlotStorage:
 
 class SplitStorage:
     """tp > 1: weights grouped by (shape, dtype) into [S, k, *shape] arrays sharded over
-    "stage" and, along the axis ``passes.tp.split_axis`` picks, over "tp"; XLA's SPMD
-    partitioner splits each stage's equations accordingly (tp is an automatic axis)."""
+    "stage" and, along the axis ``passes.tp.split_axes`` picks, over "tp"; XLA's SPMD
+    partitioner splits each stage's equations accordingly (tp is an automatic axis).
 
-    def __init__(self, stage_params, param_vars, hidden: Sequence[int], tp: int):
+    ``stage_axes[s]`` maps each of stage s's parameters to its split axis (or None)."""
+
+    def __init__(self, stage_params, param_vars, stage_axes: Sequence[dict[int, int | None]]):
         self.where: list[list[tuple[tuple, int]]] = []
         self.groups: dict[tuple, int] = {}
         for s, params in enumerate(stage_params):
@@ -151,7 +166,7 @@ class SplitStorage:
             where = []
             for i in params:
                 aval = param_vars[i].aval
-                axis = split_axis(tuple(aval.shape), hidden[s], tp)
+                axis = stage_axes[s][i]
                 key = (tuple(aval.shape), np.dtype(aval.dtype).name, axis)
                 where.append((key, counts.get(key, 0)))
                 counts[key] = counts.get(key, 0) + 1
@@ -173,6 +188,12 @@ class SplitStorage:
     def unpack(self, local, s: int) -> list:
         index = {k: n for n, k in enumerate(self.keys)}
         return [local[index[key]][0, j] for key, j in self.where[s]]
+
+    def abstract(self, mesh: Mesh, num_stages: int) -> list:
+        """``place``'s arrays as ShapeDtypeStructs (same shapes and shardings)."""
+        return [jax.ShapeDtypeStruct((num_stages, self.groups[key], *key[0]), key[1],
+                                     sharding=NamedSharding(mesh, self._spec(key)))
+                for key in self.keys]
 
     def place(self, mesh: Mesh, stage_values: Sequence[list]) -> list:
         out = []
@@ -286,6 +307,16 @@ class PipelineProgram:
         return self.storage.place(self.mesh, [[values[i] for i in st.params]
                                               for st in self.stages])
 
+    def abstract_args(self) -> list:
+        """ShapeDtypeStructs of ``fn``'s arguments (placed weights, full-batch call leaves):
+        ``fn.lower(*program.abstract_args())`` compiles the program without running it."""
+        traced = self.graph.traced
+        args = [jax.ShapeDtypeStruct(
+                    (a.shape[0] * self.num_microbatches, *a.shape[1:]) if b else a.shape,
+                    a.dtype)
+                for a, b in zip(traced.args, traced.batch_shaped, strict=True)]
+        return [self.storage.abstract(self.mesh, len(self.stages)), *args]
+
 
 def _param_values(graph: LayerGraph, leaves: Sequence) -> list:
     out = []
@@ -299,12 +330,17 @@ def _zeros(sizes: dict[str, int]) -> dict:
     return {dt: jnp.zeros((n,), dt) for dt, n in sizes.items()}
 
 
-def _eval(segs: Sequence[Segment], env: dict) -> None:
-    for seg in segs:
-        for eqn in seg.eqns:
-            outs = bind_eqn(eqn, [v.val if isinstance(v, JaxLiteral) else env[v]
-                                  for v in eqn.invars])
-            env.update(zip(eqn.outvars, outs, strict=True))
+def _eval(segs: Sequence[Segment], env: dict, stage: int) -> None:
+    """Binds the segments' equations under the scope ``stage_{stage}`` (and ``prologue`` /
+    ``epilogue`` for those), so each compiled instruction's op_name says where it came from
+    (``passes/collectives.py`` names the stage and layer of a collective that would hang)."""
+    with jax.named_scope(f"stage_{stage}"):
+        for seg in segs:
+            with jax.named_scope(seg.name) if seg.kind != "layer" else contextlib.nullcontext():
+                for eqn in seg.eqns:
+                    outs = bind_eqn(eqn, [v.val if isinstance(v, JaxLiteral) else env[v]
+                                          for v in eqn.invars])
+                    env.update(zip(eqn.outvars, outs, strict=True))
 
 
 def lower(
@@ -361,8 +397,8 @@ def lower(
         storage: SlotStorage | SplitStorage = SlotStorage([st.params for st in stages],
                                                           param_vars)
     else:
-        hidden = [residual_width(graph, graph.layers[a]) for a, _ in ranges]
-        storage = SplitStorage([st.params for st in stages], param_vars, hidden, tp)
+        storage = SplitStorage([st.params for st in stages], param_vars,
+                               _stage_axes(graph, stages, tp))
     jaxpr = graph.jaxpr.jaxpr
     consts = dict(zip(jaxpr.constvars, graph.jaxpr.consts, strict=True))
     arg_vars = graph.arg_vars
@@ -382,7 +418,7 @@ def lower(
             env = stage_env(s, params, mb_args)
             if s > 0:
                 env.update(zip(layout.carry_in, _unpack(carry, carry_slots[s - 1]), strict=True))
-            _eval(layout.segments, env)
+            _eval(layout.segments, env, s)
             return _pack([env[v] for v in layout.carry_out], carry_slots[s], carry_sizes)
 
         return branch
@@ -394,7 +430,7 @@ def lower(
         """The last stage's epilogue on one microbatch's final carry -> the model's outputs."""
         env = stage_env(last, params, mb_args)
         env.update(zip(cuts[-1], _unpack(final, carry_slots[-1]), strict=True))
-        _eval((graph.epilogue,), env)
+        _eval((graph.epilogue,), env, last)
         outs = [v.val if isinstance(v, JaxLiteral) else env[v] for v in jaxpr.outvars]
         return [jnp.broadcast_to(jnp.asarray(o, a.dtype), a.shape)
                 for o, a in zip(outs, out_avals, strict=True)]
@@ -457,5 +493,51 @@ def lower(
                 f"{graph.traced.batch_size}; a pipeline can only return per-example outputs. "
                 "Return batch-leading arrays, or use one microbatch."
             )
-    return PipelineProgram(graph=graph, mesh=mesh, stages=tuple(stages), storage=storage,
+    prog = PipelineProgram(graph=graph, mesh=mesh, stages=tuple(stages), storage=storage,
                            num_microbatches=m, schedule=schedule, fn=jax.jit(program))
+    if tp > 1:
+        verify_split(prog, tp)
+    return prog
+
+
+# ---- split stages: the split rule per stage, and the check that nothing can hang -------------
+
+def _stage_axes(graph: LayerGraph, stages: Sequence[StageLayout], tp: int
+                ) -> list[dict[int, int | None]]:
+    """Per stage, each parameter's split axis (``passes.tp.split_axes``, the planner's rule),
+    from the first of the stage's segments that reads it."""
+    out = []
+    for s, st in enumerate(stages):
+        segs = (*st.segments, graph.epilogue) if s == len(stages) - 1 else st.segments
+        axes: dict[int, int | None] = {}
+        for seg in segs:
+            for i, axis in split_axes(graph, seg, tp).items():
+                axes.setdefault(i, axis)
+        out.append(axes)
+    return out
+
+
+def verify_split(program: PipelineProgram, tp: int) -> None:
+    """Compiles ``program`` (abstractly: nothing runs; the call that follows reuses the
+    compilation) and refuses it when a collective inside a stage's branch needs devices of
+    another stage (``passes/collectives.py``): such a program would hang.
+
+    Raises:
+        SplitError: naming the stage, its layers, the collective, the weights split in the
+            layer it came from, and what to change.
+    """
+    text = program.fn.lower(*program.abstract_args()).compile().as_text()
+    graph, stages, storage = program.graph, program.stages, program.storage
+    device_ids = [int(d.id) for d in program.mesh.devices.ravel()]
+    views = []
+    for s, st in enumerate(stages):
+        keys = dict(zip(st.params, (key for key, _ in storage.where[s]), strict=True))
+        segs = (*st.segments, graph.epilogue) if s == len(stages) - 1 else st.segments
+        split = tuple((seg.name, tuple(
+            f"{graph.params[i].path} {list(shape)} on axis {axis} "
+            f"({shape[axis]} -> {shape[axis] // tp} per device)"
+            for i in seg.params for shape, _, axis in [keys[i]] if axis is not None))
+            for seg in segs)
+        views.append(StageView(devices=tuple(device_ids[s * tp:(s + 1) * tp]),
+                               layers=tuple(seg.name for seg in st.segments), split=split))
+    check(text, views, tp)

@@ -18,7 +18,7 @@ from lwjax.passes.compression import Compression
 from lwjax.passes.footprint import Footprint, GraphFootprint, output_channels, value_bytes
 from lwjax.passes.planner import numbers_from
 from lwjax.passes.segment import LayerGraph, Segment
-from lwjax.passes.tp import residual_width, split_axis
+from lwjax.passes.tp import mixed_axes, residual_width, split_axes
 from lwjax.plan import LayerNumbers
 
 # ---- splitting a layer over tp devices ------------------------------------------------------
@@ -75,11 +75,10 @@ def split_bytes(graph: LayerGraph, seg: Segment, policy: Compression, tp: int,
     if tp == 1:
         return 0
     channels = output_channels(graph) if channels is None else channels
-    hidden = residual_width(graph, seg)
     total = 0
-    for i in seg.params:
+    for i, axis in split_axes(graph, seg, tp).items():
         p = graph.params[i]
-        if split_axis(p.shape, hidden, tp) is None:
+        if axis is None:
             continue
         stored = policy.weight_bytes(p.path, int(np.prod(p.shape, dtype=np.int64)),
                                      p.dtype.itemsize, channels.get(i))
@@ -135,10 +134,12 @@ def split_levels(graph: LayerGraph, limit: int) -> tuple[int, ...]:
         (1, 2, 4, 8, 16)
     """
     levels = [1]
+    mixed = {s.name: mixed_axes(graph, s.params, hidden=residual_width(graph, s))
+             for s in graph.segments}
     tp = 2
     while tp <= limit:
-        if any(split_axis(graph.params[i].shape, residual_width(graph, s), tp) is not None
-               for s in graph.segments for i in s.params):
+        if any(axis is not None for s in graph.segments
+               for axis in split_axes(graph, s, tp, mixed[s.name]).values()):
             levels.append(tp)
         tp *= 2
     return tuple(levels)

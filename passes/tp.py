@@ -2,55 +2,115 @@
 
 The rule, shared by the planner (bytes per device) and the lowering (shardings): a weight is
 split along its first dimension whose size differs from the layer's residual width D (the
-hidden size) and divides by ``tp`` -- attention heads for q/k/v/out, the MLP width F for
-gate/up/down, experts for stacked expert weights, the vocabulary for embeddings. That is
-Megatron's column/row pattern: a layer's inner work is split and its [B, T, D] input and
-output stay whole on every device. Weights with no such dimension (norm scales) are
-replicated. XLA's SPMD partitioner inserts the reductions the split needs.
+hidden size), divides by ``tp``, and along which the model moves no data (below) -- attention
+heads for q/k/v/out, the MLP width F for gate/up/down, experts for stacked expert weights, the
+vocabulary for embeddings. That is Megatron's column/row pattern: a layer's inner work is
+split and its [B, T, D] input and output stay whole on every device. Weights with no such
+dimension (norm scales) are replicated. XLA's SPMD partitioner inserts the reductions the
+split needs.
+
+*Mixed axes.* A dimension is not split when the model moves data along a dimension tied to
+it (``passes/axes.py``: its product's, or an activation's contracted with it): slices or
+splits it (rotary embedding halves the head dimension; a fused qkv projection [D, 3D] is cut
+into q, k and v), concatenates, pads, reverses, scans or windows along it. Split there, every
+device would need its neighbours' pieces, which XLA's partitioner fetches with
+collective-permutes inside the stage's branch -- which hang (``passes/collectives.py``, whose
+compiled-program check also catches what this rule misses).
 
 Example:
     >>> split_axis((4096, 32, 128), hidden=4096, tp=8)   # q [D, N, H]: heads
     1
+    >>> split_axis((48, 3, 16), hidden=48, tp=2, mixed={2}) is None   # 3 heads, H mixed
+    True
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection, Iterable
+
 import numpy as np
 
+from lwjax.passes.axes import axis_groups
 from lwjax.passes.segment import LayerGraph, Segment
 
 
-def split_axis(shape: tuple[int, ...], hidden: int, tp: int) -> int | None:
-    """The axis a weight of ``shape`` is split along over ``tp`` devices, or None."""
+def split_axis(shape: tuple[int, ...], hidden: int, tp: int,
+               mixed: Collection[int] = ()) -> int | None:
+    """The axis a weight of ``shape`` is split along over ``tp`` devices, or None.
+
+    Args:
+        shape: the weight's shape.
+        hidden: the layer's residual width D (never split).
+        tp: devices the layer is split over.
+        mixed: axes the model moves data along (``mixed_axes``): never split.
+    """
     if tp == 1:
         return None
     for axis, size in enumerate(shape):
-        if size != hidden and size % tp == 0 and size >= tp:
+        if size != hidden and size % tp == 0 and size >= tp and axis not in mixed:
             return axis
     return None
 
 
 def residual_width(graph: LayerGraph, seg: Segment) -> int:
     """D: the trailing size of the segment's largest floating-point input activation (KV-cache
-    inputs excluded: in decode they outweigh the residual stream)."""
+    inputs excluded: in decode they outweigh the residual stream); for a segment with none (the
+    prologue reads integer tokens), of its largest floating-point output."""
     cache = set(seg.cache_inputs)
-    floats = [v for v in seg.inputs if np.issubdtype(v.aval.dtype, np.floating) and v.aval.shape
-              and v not in cache]
-    if not floats:
-        return -1
-    biggest = max(floats, key=lambda v: int(np.prod(v.aval.shape)))
-    return int(biggest.aval.shape[-1])
+    for values in (seg.inputs, seg.outputs):
+        floats = [v for v in values if np.issubdtype(v.aval.dtype, np.floating)
+                  and v.aval.shape and v not in cache]
+        if floats:
+            biggest = max(floats, key=lambda v: int(np.prod(v.aval.shape)))
+            return int(biggest.aval.shape[-1])
+    return -1
+
+
+def split_axes(graph: LayerGraph, seg: Segment, tp: int,
+               mixed: dict[int, frozenset[int]] | None = None) -> dict[int, int | None]:
+    """The axis (or None) along which each weight ``seg`` reads is split over ``tp`` devices:
+    the one rule the planner's bytes and the lowering's shardings share. ``mixed``: the
+    segment's ``mixed_axes`` when the caller already has them (they do not depend on tp).
+
+    Example:
+        >>> split_axes(graph, graph.layers[0], tp=2)   # tiny_dense: q/k/v/out by heads
+        {1: 1, 2: 1, 3: 1, 4: 0, ...}
+    """
+    if tp == 1:
+        return dict.fromkeys(seg.params)
+    hidden = residual_width(graph, seg)
+    if mixed is None:
+        mixed = mixed_axes(graph, seg.params, hidden=hidden)
+    return {i: split_axis(graph.params[i].shape, hidden, tp, mixed[i]) for i in seg.params}
 
 
 def split_weight_bytes(graph: LayerGraph, seg: Segment, tp: int) -> tuple[int, int]:
     """(bytes of the weights split over tp, bytes of replicated weights) of a segment, in the
     stored dtype; a device holds split / tp + replicated."""
-    hidden = residual_width(graph, seg)
     split = replicated = 0
-    for i in seg.params:
-        p = graph.params[i]
-        if split_axis(p.shape, hidden, tp) is None:
-            replicated += p.nbytes
+    for i, axis in split_axes(graph, seg, tp).items():
+        if axis is None:
+            replicated += graph.params[i].nbytes
         else:
-            split += p.nbytes
+            split += graph.params[i].nbytes
     return split, replicated
+
+
+# ---- mixed axes -------------------------------------------------------------------------------
+
+def mixed_axes(graph: LayerGraph, params: Iterable[int] | None = None, *,
+               hidden: int | None = None) -> dict[int, frozenset[int]]:
+    """For each parameter index (default: all), the axes tied to a dimension the model moves
+    data along (``passes/axes.py``); ``split_axis`` never splits them. Axes of size
+    ``hidden`` are left out (never split).
+
+    Example:
+        >>> mixed_axes(graph, graph.layers[0].params)   # tiny_dense: rotary mixes q, k's H
+        {0: frozenset(), 1: frozenset({2}), 2: frozenset({2}), ...}
+    """
+    indices = range(len(graph.params)) if params is None else params
+    groups = axis_groups(graph.jaxpr.jaxpr)
+    variables = graph.param_vars
+    return {i: frozenset(a for a, size in enumerate(graph.params[i].shape)
+                         if size != hidden and groups.mixed(variables[i], a))
+            for i in indices}
