@@ -371,7 +371,10 @@ def _choose(scopes: _Scopes, total_weights: int, kind: str) -> LayerFamily:
             f"No layers found in the {kind} model: none of its {len(scopes.eqns)} equations runs "
             f"under sibling scopes that repeat (numbered like h_0, h/0, block0, or unnumbered "
             f"blocks computing the same thing). {HOW_TO_MARK}")
-    best = _best(valid)
+    # a lone numbered scope ('GPT2', a class name ending in a digit, wrapping everything) is
+    # no family of layers while siblings that repeat exist
+    several = [f for f in valid if len(f.members) >= 2]
+    best = _best(several or valid)
     if total_weights and best.weights_bytes < _MIN_LAYER_SHARE * total_weights and \
             best.flops < _MIN_LAYER_SHARE * sum(scopes.flops):
         raise LayerSegmentationError(

@@ -61,6 +61,24 @@ def test_unnumbered_linen_blocks_are_the_layers():
     np.testing.assert_allclose(sm(x), m.apply(variables, x), atol=ATOL, rtol=RTOL)
 
 
+class GPT2(nn.Module):
+    """A class name ending in a digit: its scope 'GPT2' wraps everything."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Dense(16, name="embed")(x)
+        for i in range(3):
+            x = Block(name=f"h_{i}")(x)
+        return nn.Dense(4, name="head")(x)
+
+
+def test_a_numbered_model_name_is_not_a_layer():
+    m, x = GPT2(), jnp.ones((2, 8))
+    variables = m.init(jax.random.key(0), x)
+    assert [r.name for r in lwjax.analyze(m, variables, x).layers] == [
+        f"GPT2/h_{i}" for i in range(3)]
+
+
 class NNXBlock(nnx.Module):
     def __init__(self, rngs):
         self.up = nnx.Linear(16, 32, rngs=rngs)
