@@ -19,6 +19,7 @@ __all__ = [
     "Literal",
     "Var",
     "bind_eqn",
+    "innermost_scope",
     "jaxprs_in_params",
     "name_stack_of",
 ]
@@ -27,6 +28,12 @@ __all__ = [
 def name_stack_of(eqn: JaxprEqn) -> str:
     """The equation's name stack as 'a/b/c' (empty string at top level)."""
     return str(eqn.source_info.name_stack)
+
+
+def innermost_scope() -> str:
+    """The innermost ``jax.named_scope`` active while tracing ('' at top level)."""
+    stack = str(source_info_util.current_name_stack())
+    return stack.rsplit("/", 1)[-1]
 
 
 def bind_eqn(eqn: JaxprEqn, invals: list, prefix: str = ""):

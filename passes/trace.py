@@ -43,7 +43,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from lwjax._compat import ClosedJaxpr
+from lwjax._compat import ClosedJaxpr, innermost_scope
 from lwjax.errors import InputError, LwjaxError, TraceError
 
 Mode = Literal["prefill", "decode"]
@@ -221,7 +221,8 @@ def _module_scopes(module: nnx.Module):
     def scoped(orig):
         def call(self, *a, **k):
             name = names.get(id(self))
-            if name is None or id(self) in active:
+            # no second scope of the same name (lwjax's models already scope their blocks)
+            if name is None or id(self) in active or innermost_scope() == name:
                 return orig(self, *a, **k)
             active.add(id(self))
             try:
