@@ -44,6 +44,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import hashlib
+import itertools
 import os
 import re
 from collections import defaultdict
@@ -60,13 +61,19 @@ from lwjax.errors import LayerSegmentationError
 from lwjax.passes.trace import TracedModel
 
 _INDEXED = re.compile(r"^(?P<base>.*?)(?:[_.]?)(?P<idx>\d+)$")
-_CALLS = ("pjit", "jit", "closed_call", "core_call")
+# calls whose bodies are inlined when they span scopes (remat2: jax.checkpoint / nn.remat)
+_CALLS = ("pjit", "jit", "closed_call", "core_call", "remat2", "checkpoint")
 # A layer family holding less than this share of both the weights and the matmul FLOPs is
 # refused unless named with layers=: a plan on it would mostly place the prologue/epilogue.
 _MIN_LAYER_SHARE = 0.10
 # More than this share of the weights outside the layers, while a repeated structure sits
 # there too, means the wrong family was found: refused unless named with layers=.
 _MAX_OUTSIDE_SHARE = 0.5
+# A repeated structure outside the layers holding this share of the weights (an encoder beside
+# the decoder's layers) is refused too, as are equations between the layers, in no layer's
+# scope, reading this share of the weights (blocks whose scopes a transform hid).
+_MIN_OUTSIDE_FAMILY = 0.2
+_MAX_GLUE_SHARE = 0.25
 LayersSpec = str | Callable[[str], "str | None"] | None
 HOW_TO_MARK = (
     "Name the layers with layers= (a scope pattern such as layers='transformer/h/*', or a "
@@ -206,13 +213,17 @@ class LayerFamily:
 
     Attributes:
         parent: the parent scope's components ('FlaxGPT2LMHeadModule', 'transformer', 'h').
-        members: the child scopes that are layers, in program order ('0', '1', ...).
+        members: the layers' names under ``parent``, in program order ('0', '1', ...; 'attn_0+mlp_0'
+            for a layer made of several scopes).
         how: "numbered" (siblings differing in a trailing integer: ``h_3``, ``h/3``,
-            ``layers.3``, ``block3``), "repeated" (unnumbered siblings that compute the same
-            thing one after another: ``alpha``, ``beta``), or "override" (``layers=``).
+            ``layers.3``, ``block3``; or two numbered kinds that alternate, ``attn_i`` then
+            ``mlp_i``: a layer is one of each), "repeated" (unnumbered siblings that compute
+            the same thing one after another: ``alpha``, ``beta``), or "override"
+            (``layers=``).
         weights_bytes: bytes of the parameters the members read.
         flops: matmul FLOPs of the members' equations.
         contiguous: each member's equations form one run (no interleaving).
+        parts: per layer, the child scopes it is made of (one each, unless kinds alternate).
     """
 
     parent: tuple[str, ...]
@@ -221,6 +232,7 @@ class LayerFamily:
     weights_bytes: int
     flops: int
     contiguous: bool = True
+    parts: tuple[tuple[str, ...], ...] = ()
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -236,7 +248,7 @@ class LayerFamily:
     @property
     def pattern(self) -> str:
         """A ``layers=`` pattern naming these layers: 'transformer/h/*', 'layers_*'."""
-        stem = os.path.commonprefix(list(self.members))
+        stem = os.path.commonprefix([p[0] for p in self.parts] or list(self.members))
         return "/".join((*self.parent, f"{stem}*"))
 
 
@@ -278,13 +290,33 @@ class _Scopes:
                 if isinstance(v, Var) and v in self.param_bytes}
         return sum(self.param_bytes[v] for v in read)
 
-    def family(self, parent, members, how) -> LayerFamily:
-        idxs = [i for m in members for i in self.of[(*parent, m)]]
-        spans = [(self.of[(*parent, m)][0], self.of[(*parent, m)][-1]) for m in members]
+    def first(self, parent, child) -> int:
+        return self.of[(*parent, child)][0]
+
+    def family(self, parent, parts, how) -> LayerFamily:
+        """A family whose layer j is made of the child scopes ``parts[j]``."""
+        parts = [(p,) if isinstance(p, str) else tuple(p) for p in parts]
+        idxs = [i for part in parts for m in part for i in self.of[(*parent, m)]]
+        spans = [(min(self.of[(*parent, m)][0] for m in part),
+                  max(self.of[(*parent, m)][-1] for m in part)) for part in parts]
         contiguous = all(a[1] < b[0] for a, b in zip(spans, spans[1:], strict=False))
-        return LayerFamily(parent=tuple(parent), members=tuple(members), how=how,
-                           weights_bytes=self.weights(idxs),
-                           flops=sum(self.flops[i] for i in idxs), contiguous=contiguous)
+        return LayerFamily(parent=tuple(parent), members=tuple("+".join(p) for p in parts),
+                           how=how, weights_bytes=self.weights(idxs),
+                           flops=sum(self.flops[i] for i in idxs), contiguous=contiguous,
+                           parts=tuple(parts))
+
+    def alternating(self, parent, groups: Sequence[list[str]]) -> list[tuple[str, ...]] | None:
+        """Layers made of one member of each group, when the groups' members run in turn
+        (attn_0, mlp_0, attn_1, mlp_1, ...), else None."""
+        k, n = len(groups), len(groups[0])
+        if k < 2 or n < 2 or any(len(g) != n for g in groups):
+            return None
+        order = sorted((self.first(parent, m), g, j) for g, members in enumerate(groups)
+                       for j, m in enumerate(members))
+        turn = [g for _, g, _ in order[:k]]
+        if any(g != turn[p % k] or j != p // k for p, (_, g, j) in enumerate(order)):
+            return None
+        return [tuple(groups[g][j] for g in turn) for j in range(n)]
 
     def candidates(self) -> list[LayerFamily]:
         """Numbered sibling families (any signatures: a model may alternate block kinds) and
@@ -299,6 +331,13 @@ class _Scopes:
                     numbered[n[0]].append(k)
             for members in numbered.values():
                 out.append(self.family(parent, members, "numbered"))
+            groups = [sorted(m, key=lambda c, p=parent: self.first(p, c))
+                      for m in numbered.values() if len(m) >= 2]
+            pairs = [list(c) for c in itertools.combinations(groups, 2)]
+            for combo in ([groups] if len(groups) > 2 else []) + pairs:
+                parts = self.alternating(parent, combo)
+                if parts:
+                    out.append(self.family(parent, parts, "numbered"))
             plain = [k for k in kids if _numbered(k) is None]
             if len(plain) < 2:
                 continue
@@ -343,13 +382,15 @@ def _override_namer(layers: LayersSpec) -> Callable[[str], str | None]:
 
 
 def _family_namer(family: LayerFamily) -> Callable[[str], str | None]:
-    depth, members = len(family.parent), set(family.members)
+    depth = len(family.parent)
+    layer_of = {child: "/".join((*family.parent, member))
+                for member, part in zip(family.members, family.parts, strict=True)
+                for child in part}
 
     def name_of(stack: str) -> str | None:
         comps = _components(stack)
-        if len(comps) > depth and tuple(comps[:depth]) == family.parent and \
-                comps[depth] in members:
-            return "/".join(comps[:depth + 1])
+        if len(comps) > depth and tuple(comps[:depth]) == family.parent:
+            return layer_of.get(comps[depth])
         return None
 
     return name_of
@@ -375,6 +416,17 @@ def _choose(scopes: _Scopes, total_weights: int, kind: str) -> LayerFamily:
     # no family of layers while siblings that repeat exist
     several = [f for f in valid if len(f.members) >= 2]
     best = _best(several or valid)
+    tangled = [f for f in candidates if not f.contiguous and len(f.members) >= 2
+               and f.weights_bytes > best.weights_bytes]
+    if tangled:  # the blocks' scopes interleave: a block called twice, or out of order
+        bad = _best(tangled)
+        raise LayerSegmentationError(
+            f"Ambiguous layer boundaries: {bad.describe(total_weights)} hold more weights than "
+            f"any family whose equations run in order, but their equations interleave (a "
+            f"block called twice, e.g. shared weights, or blocks called out of order). lwjax "
+            f"does not plan on the lesser {best.describe(total_weights)}. Each layer's work "
+            f"must be contiguous: name the layers with layers= (a callable can give a reused "
+            f"block's calls different names).")
     if total_weights and best.weights_bytes < _MIN_LAYER_SHARE * total_weights and \
             best.flops < _MIN_LAYER_SHARE * sum(scopes.flops):
         raise LayerSegmentationError(
@@ -641,7 +693,7 @@ def segment(traced: TracedModel, layers: LayersSpec = None) -> LayerGraph:
                              flops=sum(f for f, o in zip(scopes.flops, owner, strict=True)
                                        if o >= 0))
     else:
-        _refuse_outside(scopes, family, owner, total_weights)
+        _refuse_outside(scopes, family, owner, names, total_weights)
 
     n_params = len(sources)
     param_vars = jaxpr.invars[:n_params]
@@ -714,22 +766,45 @@ def segment(traced: TracedModel, layers: LayersSpec = None) -> LayerGraph:
                       family=family, total_weights_bytes=total_weights)
 
 
+def _merged_pattern(families: Sequence[LayerFamily]) -> str:
+    """One layers= pattern naming several families' layers: their parents with differing
+    scopes as '*' ('model/*/layers/*' for encoder and decoder), else their common parent."""
+    parents = [f.parent for f in families]
+    stem = os.path.commonprefix([p[0] for f in families for p in f.parts]) + "*"
+    if len({len(p) for p in parents}) == 1:
+        scopes = [c[0] if len(set(c)) == 1 else "*" for c in zip(*parents, strict=True)]
+        return "/".join((*scopes, stem))
+    common = os.path.commonprefix([list(p) for p in parents])
+    return "/".join((*common, "*"))
+
+
 def _refuse_outside(scopes: _Scopes, family: LayerFamily, owner: Sequence[int],
-                    total_weights: int) -> None:
-    """Most weights outside the layers while a repeated structure sits outside them too: the
-    discovery found the wrong family (e.g. numbered sub-modules inside one block)."""
-    outside = total_weights - family.weights_bytes
-    if not total_weights or outside <= _MAX_OUTSIDE_SHARE * total_weights:
+                    names: Sequence[str | None], total_weights: int) -> None:
+    """The layers found are not the model's blocks: most weights sit outside them while a
+    repeated structure sits there too (numbered sub-modules inside one block were found), a
+    large repeated structure sits outside (an encoder beside the decoder's layers), or the
+    equations between the layers, in no layer's scope, read much of the weights (blocks
+    called through a transform that hides their scopes, e.g. nnx.remat of a lambda)."""
+    if not total_weights:
         return
+    glue = scopes.weights([i for i, (o, n) in enumerate(zip(owner, names, strict=True))
+                           if o >= 0 and n is None])
+    if glue > _MAX_GLUE_SHARE * total_weights:
+        raise LayerSegmentationError(
+            f"The layers found, {family.describe(total_weights)}, are separated by equations "
+            f"outside any layer's scope that read {100 * glue / total_weights:.0f}% of the "
+            f"weights: blocks called through a transform that hides their scopes (nnx.remat "
+            f"or nnx.jit of a lambda, jax.checkpoint). Run each block call under "
+            f"`with jax.named_scope(f'layers_{{i}}'):`, or name the layers with layers=.")
+    outside = total_weights - family.weights_bytes
     elsewhere = [f for f in scopes.candidates() if f.contiguous and len(f.members) >= 2
-                 and all(owner[scopes.of[(*f.parent, m)][0]] < 0 for m in f.members)]
-    if elsewhere:
-        common = list(family.parent)
-        for f in elsewhere:
-            same = next((i for i, (x, y) in enumerate(zip(common, f.parent, strict=False))
-                         if x != y), min(len(common), len(f.parent)))
-            common = common[:same]
-        suggestion = "/".join((*common, "*"))
+                 and all(owner[scopes.first(f.parent, p[0])] < 0 for p in f.parts)]
+    inner = {id(f) for f in elsewhere for g in elsewhere if g is not f and any(
+        f.parent[:len(g.parent) + 1] == (*g.parent, c) for part in g.parts for c in part)}
+    elsewhere = [f for f in elsewhere if id(f) not in inner]  # not those nested in another
+    big = [f for f in elsewhere if f.weights_bytes >= _MIN_OUTSIDE_FAMILY * total_weights]
+    if elsewhere and (outside > _MAX_OUTSIDE_SHARE * total_weights or big):
+        suggestion = _merged_pattern([family, _best(big or elsewhere)])
         raise LayerSegmentationError(
             f"The layers found, {family.describe(total_weights)}, leave "
             f"{100 * outside / total_weights:.0f}% of the weights outside the layers (in the "

@@ -273,3 +273,108 @@ def test_linen_variables_that_do_not_fit_are_input_errors():
         lwjax.analyze(m, jax.tree.map(lambda a: a[..., :2], variables), x)
     with pytest.raises(InputError, match="variables missing"):
         lwjax.analyze(m, x)
+
+
+# ---- structures the discovery must not get wrong silently -----------------------------------
+
+class Alternating(nnx.Module):
+    """Two numbered kinds that run in turn: attns_i then mlps_i make layer i."""
+
+    def __init__(self, rngs):
+        self.attns = nnx.List([NNXBlock(rngs) for _ in range(4)])
+        self.mlps = nnx.List([nnx.Linear(16, 16, rngs=rngs) for _ in range(4)])
+
+    def __call__(self, x):
+        for a, m in zip(self.attns, self.mlps, strict=True):
+            x = m(a(x))
+        return x
+
+
+def test_alternating_kinds_pair_up_into_layers():
+    model, x = Alternating(nnx.Rngs(0)), jnp.ones((4, 8, 16))
+    report = lwjax.analyze(model, x)
+    assert [r.name for r in report.layers] == [f"attns_{i}+mlps_{i}" for i in range(4)]
+    assert len({r.footprint.weights_bytes for r in report.layers}) == 1
+    assert report.outside_weights_share == 0
+    sm = _run(model, x)
+    np.testing.assert_allclose(sm(x), model(x), atol=ATOL, rtol=RTOL)
+
+
+class Reuse(nn.Module):
+    def setup(self):
+        self.layers = [Block() for _ in range(2)]
+
+    def __call__(self, x):
+        return self.layers[0](self.layers[1](self.layers[0](x)))
+
+
+def test_a_block_called_twice_is_refused_not_split_inside():
+    m, x = Reuse(), jnp.ones((2, 16))
+    variables = m.init(jax.random.key(0), x)
+    with pytest.raises(LayerSegmentationError, match="called twice"):
+        lwjax.analyze(m, variables, x)
+
+
+class RematNNX(nnx.Module):
+    """Blocks called through nnx.remat of a lambda: the transform calls a copy of each block,
+    so lwjax's scopes do not reach them."""
+
+    def __init__(self, rngs):
+        self.embed = nnx.Linear(16, 16, rngs=rngs)
+        self.layers = nnx.List([NNXBlock(rngs) for _ in range(3)])
+        self.head = nnx.Linear(16, 16, rngs=rngs)
+
+    def __call__(self, x):
+        x = self.embed(x)
+        for block in self.layers:
+            x = nnx.remat(lambda m, y: m(y))(block, x)
+        return self.head(x)
+
+
+def test_blocks_hidden_by_a_transform_are_refused():
+    model, x = RematNNX(nnx.Rngs(0)), jnp.ones((2, 16))
+    with pytest.raises(LayerSegmentationError, match="nnx.remat"):
+        lwjax.analyze(model, x)
+
+
+class RematLinen(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        for i in range(3):
+            x = nn.remat(Block)(name=f"h_{i}")(x)
+        return x
+
+
+def test_linen_remat_blocks_are_found_inside_the_checkpoint():
+    m, x = RematLinen(), jnp.ones((4, 16))
+    variables = m.init(jax.random.key(0), x)
+    assert [r.name for r in lwjax.analyze(m, variables, x).layers] == [
+        f"RematLinen/h_{i}" for i in range(3)]
+    sm = _run(m, variables, x)
+    np.testing.assert_allclose(sm(x), m.apply(variables, x), atol=ATOL, rtol=RTOL)
+
+
+class Stack(nn.Module):
+    n: int
+
+    @nn.compact
+    def __call__(self, x):
+        for i in range(self.n):
+            x = Block(name=f"layers_{i}")(x)
+        return x
+
+
+class EncDec(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        memory = Stack(2, name="encoder")(x)
+        return Stack(3, name="decoder")(x + memory)
+
+
+def test_a_large_stack_outside_the_layers_is_refused_with_a_pattern_for_both():
+    m, x = EncDec(), jnp.ones((2, 16))
+    variables = m.init(jax.random.key(0), x)
+    with pytest.raises(LayerSegmentationError, match=r"layers='EncDec/\*/layers_\*'"):
+        lwjax.analyze(m, variables, x)
+    both = lwjax.analyze(m, variables, x, layers="EncDec/*/layers_*")
+    assert len(both.layers) == 5
