@@ -60,6 +60,7 @@ class LayerNumbers:
             the last stage after its ticks, so it is not part of any stage's tick time.
         signatures: per layer, a hash of its equations, shapes and dtypes: running the plan
             on a model whose layers differ is refused (``lwjax.plan_check``).
+        outer_signatures: the same for the prologue and the epilogue (embedding, head).
     """
 
     names: tuple[str, ...]
@@ -69,6 +70,7 @@ class LayerNumbers:
     costs_s: tuple[float, ...]
     epilogue_s: float = 0.0
     signatures: tuple[str, ...] = ()
+    outer_signatures: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -76,14 +76,24 @@ def check_plan(plan: Plan, graph: LayerGraph, device_ids: Sequence[int]) -> None
         raise ConfigError(f"the plan was made for another model: {differ}. Plan this model "
                           "again (lwjax.plan, or layerwise_shard without plan=).")
     signatures = tuple(plan.numbers.signatures)
-    if signatures:
-        mine = tuple(layer.signature for layer in graph.layers)
-        differ = [name for name, a, b in zip(found, signatures, mine, strict=True) if a != b]
-        if differ:
-            raise ConfigError(
-                f"the plan was made for layers of other shapes or dtypes: {len(differ)} of "
-                f"{len(found)} differ ({_span(differ)}) in their computation, e.g. a "
-                f"different sequence length, hidden size or dtype. Plan this model again.")
+    if len(signatures) != len(found) or len(plan.numbers.outer_signatures) != 2:
+        raise ConfigError(
+            "the plan carries no structural signatures of its layers (made by an older lwjax, "
+            "or edited), so lwjax cannot check that it was made for this model. Plan again "
+            "(lwjax.plan, or layerwise_shard without plan=) and save that plan.")
+    mine = tuple(layer.signature for layer in graph.layers)
+    differ = [name for name, a, b in zip(found, signatures, mine, strict=True) if a != b]
+    outer = [name for name, a, b in zip(("prologue (embedding)", "epilogue (head)"),
+                                        plan.numbers.outer_signatures,
+                                        graph.outer_signatures, strict=True) if a != b]
+    if differ or outer:
+        what = ", ".join(filter(None, [
+            f"{len(differ)} of {len(found)} layers ({_span(differ)})" if differ else "",
+            *outer]))
+        raise ConfigError(
+            f"the plan was made for a model of other shapes or dtypes: {what} differ in "
+            f"their computation (a different sequence length, hidden size, vocabulary, input "
+            f"dtype or microbatch size). Plan this model again.")
     start = 0
     for s in plan.stages:
         a, b = s.layer_range

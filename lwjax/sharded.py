@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import jax
 
 from lwjax.errors import InputError
@@ -45,6 +47,12 @@ class ShardedModel:
             raise InputError(f"missing keyword arguments {sorted(missing)} that the model was "
                              "traced with.")
         with_path, treedef = jax.tree_util.tree_flatten_with_path((tuple(args), arrays))
+        if treedef != t.arg_treedef and t.kind == "linen" and args and \
+                isinstance(args[0], Mapping):
+            raise InputError(
+                "the first call argument is a dict, like a linen module's variables: a "
+                "ShardedModel holds its weights already, so call it with the model's "
+                "arguments only, sm(*args, **kwargs), not sm(variables, *args).")
         if treedef != t.arg_treedef:
             raise InputError(
                 f"call arguments have structure {treedef}, but the model was traced with "

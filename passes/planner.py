@@ -125,7 +125,8 @@ def numbers_from(graph: LayerGraph, fp: GraphFootprint, costs_s: Sequence[float]
     return LayerNumbers(names=tuple(s.name for s in graph.layers), footprints=fp.layers,
                         prologue=fp.prologue, epilogue=fp.epilogue, costs_s=tuple(costs_s),
                         epilogue_s=epilogue_s,
-                        signatures=tuple(s.signature for s in graph.layers))
+                        signatures=tuple(s.signature for s in graph.layers),
+                        outer_signatures=graph.outer_signatures)
 
 
 # ---- one partition --------------------------------------------------------------------------

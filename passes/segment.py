@@ -177,6 +177,12 @@ class LayerGraph:
     def arg_vars(self) -> tuple[Var, ...]:
         return tuple(self.jaxpr.jaxpr.invars[len(self.params):])
 
+    @property
+    def outer_signatures(self) -> tuple[str, str]:
+        """Structural hashes of the prologue and the epilogue (embedding and head shapes,
+        dtypes of the inputs), so a plan can tell a model whose ends differ."""
+        return tuple(_signature(s.eqns, s.inputs) for s in (self.prologue, self.epilogue))
+
     def distinct_layers(self) -> dict[str, tuple[int, ...]]:
         """Signature -> indices of the layers that share it, in first-seen order."""
         groups: dict[str, list[int]] = defaultdict(list)
@@ -363,7 +369,21 @@ def _best(families: Sequence[LayerFamily]) -> LayerFamily:
 def _override_namer(layers: LayersSpec) -> Callable[[str], str | None]:
     """name stack -> layer name (or None) for a ``layers=`` pattern or callable."""
     if callable(layers):
-        return layers
+        def named(stack: str) -> str | None:
+            try:
+                name = layers(stack)
+            except Exception as e:  # noqa: BLE001 -- the user's callable, reported as such
+                raise LayerSegmentationError(
+                    f"the layers= callable raised {type(e).__name__}: {e} on the name stack "
+                    f"{stack!r}; it takes one name stack (str) and returns a layer name or "
+                    "None.") from e
+            if name is not None and not isinstance(name, str):
+                raise LayerSegmentationError(
+                    f"the layers= callable returned {name!r} for {stack!r}; return a layer "
+                    "name (str) or None.")
+            return name or None
+
+        return named
     if not isinstance(layers, str) or not _components(layers):
         raise LayerSegmentationError(
             f"layers= must be a scope pattern such as 'transformer/h/*' or a callable "

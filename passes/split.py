@@ -123,7 +123,8 @@ def split_numbers(graph: LayerGraph, fp: GraphFootprint, costs_s: Sequence[float
         footprints=tuple(one(s, f) for s, f in zip(graph.layers, fp.layers, strict=True)),
         prologue=one(graph.prologue, fp.prologue), epilogue=one(graph.epilogue, fp.epilogue),
         costs_s=tuple(costs_s), epilogue_s=epilogue_s,
-        signatures=tuple(s.signature for s in graph.layers))
+        signatures=tuple(s.signature for s in graph.layers),
+        outer_signatures=graph.outer_signatures)
 
 
 def split_levels(graph: LayerGraph, limit: int) -> tuple[int, ...]:

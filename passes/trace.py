@@ -443,6 +443,20 @@ def _trace(fn, params, args, kwargs, mode, microbatch_size, kind, cache_pos,
     except flax.errors.TraceContextError as e:  # an nnx.Rngs stream advanced in the call
         message = _RANDOM_MESSAGE.format(kind=kind, what="an nnx.Rngs stream advanced")
         raise TraceError(message) from e
+    except (flax.errors.InvalidRngError, flax.errors.ScopeCollectionNotFound) as e:
+        if "rng" in type(e).__name__.lower() or "rng" in str(e).lower():  # active dropout
+            what = str(e).split(" (https")[0]
+            raise TraceError(_RANDOM_MESSAGE.format(kind=kind, what=what)) from e
+        raise InputError(
+            f"the {kind} model's variables do not match it: {e} Pass the variables "
+            "module.init(...) made for this module (or loaded from its checkpoint), with "
+            "their collections ('params', ...) at the top.") from e
+    except flax.errors.ModifyScopeVariableError as e:  # e.g. BatchNorm in training mode
+        raise TraceError(
+            f"the {kind} model updates its variables during the call ({e}), e.g. BatchNorm "
+            "batch statistics in training mode: a pipeline runs the model in inference mode. "
+            "Call it in inference mode (use_running_average=True, train=False, or the "
+            "model's equivalent).") from e
     except flax.errors.FlaxError as e:  # linen variables that do not fit the module
         raise InputError(
             f"the {kind} model's variables do not match it: {e} Pass the variables "

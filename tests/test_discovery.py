@@ -6,6 +6,7 @@ equations, fused differently by XLA).
 """
 
 import dataclasses
+import json
 
 import flax.linen as nn
 import jax
@@ -16,7 +17,13 @@ from flax import nnx
 
 import lwjax
 from lwjax import models
-from lwjax.errors import ConfigError, DeviceError, InputError, LayerSegmentationError
+from lwjax.errors import (
+    ConfigError,
+    DeviceError,
+    InputError,
+    LayerSegmentationError,
+    TraceError,
+)
 from lwjax.models import configs
 
 ATOL = RTOL = 1e-5
@@ -59,6 +66,8 @@ def test_unnumbered_linen_blocks_are_the_layers():
     sm = _run(m, variables, x)
     assert sum((s.layers for s in sm.plan.stages), ()) == tuple(f"GreekModel/{g}" for g in GREEK)
     np.testing.assert_allclose(sm(x), m.apply(variables, x), atol=ATOL, rtol=RTOL)
+    with pytest.raises(InputError, match=r"sm\(\*args, \*\*kwargs\), not sm\(variables"):
+        sm(variables, x)
 
 
 class GPT2(nn.Module):
@@ -243,6 +252,16 @@ def test_a_plan_for_another_model_or_call_is_refused(dense):
     broken = dataclasses.replace(planned, stages=planned.stages[:-1])
     with pytest.raises(ConfigError, match="cover every layer"):
         lwjax.layerwise_shard(model, tokens, plan=broken)
+    # the ends count too: another vocabulary, or tokens of another dtype
+    bigger_vocab = models.build(dataclasses.replace(cfg, vocab_size=cfg.vocab_size * 2),
+                                rngs=nnx.Rngs(0))
+    with pytest.raises(ConfigError, match="prologue.*epilogue"):
+        lwjax.layerwise_shard(bigger_vocab, tokens, plan=planned)
+    # a plan without signatures (older, or edited) cannot be checked: refused
+    unsigned = json.loads(planned.to_json())
+    del unsigned["numbers"]["signatures"]
+    with pytest.raises(ConfigError, match="no structural signatures"):
+        lwjax.layerwise_shard(model, tokens, plan=lwjax.Plan.from_json(json.dumps(unsigned)))
 
 
 # ---- errors from tracing, in the user's terms -----------------------------------------------
@@ -378,3 +397,39 @@ def test_a_large_stack_outside_the_layers_is_refused_with_a_pattern_for_both():
         lwjax.analyze(m, variables, x)
     both = lwjax.analyze(m, variables, x, layers="EncDec/*/layers_*")
     assert len(both.layers) == 5
+
+
+class TrainModeBatchNorm(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        for i in range(2):
+            x = nn.BatchNorm(use_running_average=False, name=f"h_{i}")(x)
+        return x
+
+
+def test_a_call_that_updates_variables_or_draws_rngs_says_so():
+    m, x = TrainModeBatchNorm(), jnp.ones((4, 8))
+    variables = m.init(jax.random.key(0), x)
+    with pytest.raises(TraceError, match="updates its variables.*inference mode"):
+        lwjax.analyze(m, variables, x)
+
+    class Dropping(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            for i in range(2):
+                x = nn.Dropout(0.5, deterministic=False, name=f"h_{i}")(nn.Dense(8)(x))
+            return x
+
+    d = Dropping()
+    params = d.init({"params": jax.random.key(0), "dropout": jax.random.key(1)}, x)
+    with pytest.raises(TraceError, match="draws random numbers.*dropout"):
+        lwjax.analyze(d, params, x)
+
+
+def test_a_layers_callable_that_misbehaves_is_reported():
+    m, x = GreekModel(), jnp.ones((4, 8))
+    variables = m.init(jax.random.key(0), x)
+    with pytest.raises(LayerSegmentationError, match="returned 3.*str"):
+        lwjax.analyze(m, variables, x, layers=lambda stack: 3)
+    with pytest.raises(LayerSegmentationError, match="callable raised TypeError"):
+        lwjax.analyze(m, variables, x, layers=lambda stack, other: stack)
