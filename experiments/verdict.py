@@ -203,10 +203,13 @@ def summary(name: str, fitted: bool, need: dict, most_tokens: dict) -> list[str]
     head = ("a plan fits 16 x H100 (see above)" if fitted else
             "no plan fits 16 x H100, at 50 MiB or at 37.5 MiB, with any strategy lwjax has "
             "(split, compression up to int4-75%, microbatch down to one sequence)")
+    fp16_need = (f"needs at least {fp16.fewest_devices} devices ({fp16.fewest_stages} stages "
+                 f"x tp {fp16.fewest_tp})" if fp16.fewest_devices is not None else
+                 "fits on no number of devices (a layer's weights that the split rule keeps "
+                 "whole, e.g. q and k once the heads are split, exceed the capacity)")
     return [
         f"VERDICT ({name}, projected): {head}.",
-        f"  weights resident (activations streamed through HBM): FP16 needs at least "
-        f"{fp16.fewest_devices} devices ({fp16.fewest_stages} stages x tp {fp16.fewest_tp}); "
+        f"  weights resident (activations streamed through HBM): FP16 {fp16_need}; "
         f"int4-75% needs {best.fewest_devices} ({persist.fewest_devices} at the 37.5 MiB "
         f"persisting limit).",
         f"  everything resident: no number of devices, because a device keeps the layer's whole "

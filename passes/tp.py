@@ -26,6 +26,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Collection, Iterable
 
 import numpy as np
@@ -98,6 +99,13 @@ def split_weight_bytes(graph: LayerGraph, seg: Segment, tp: int) -> tuple[int, i
 
 # ---- mixed axes -------------------------------------------------------------------------------
 
+@functools.lru_cache(maxsize=16)
+def _groups_of(jaxpr):
+    """``axis_groups`` once per program: the planner asks per segment and per tp, and the
+    answer depends on neither (the program is immutable; cached by identity)."""
+    return axis_groups(jaxpr)
+
+
 def mixed_axes(graph: LayerGraph, params: Iterable[int] | None = None, *,
                hidden: int | None = None) -> dict[int, frozenset[int]]:
     """For each parameter index (default: all), the axes tied to a dimension the model moves
@@ -109,7 +117,7 @@ def mixed_axes(graph: LayerGraph, params: Iterable[int] | None = None, *,
         {0: frozenset(), 1: frozenset({2}), 2: frozenset({2}), ...}
     """
     indices = range(len(graph.params)) if params is None else params
-    groups = axis_groups(graph.jaxpr.jaxpr)
+    groups = _groups_of(graph.jaxpr.jaxpr)
     variables = graph.param_vars
     return {i: frozenset(a for a, size in enumerate(graph.params[i].shape)
                          if size != hidden and groups.mixed(variables[i], a))
