@@ -230,6 +230,11 @@ def _plan_graph(model, args, kwargs, *, devices, num_devices, hardware, cache_by
         raise InputError(f"the first argument has shape {tuple(shape)}: an empty batch. Pass at "
                          "least one example (the leading axis is the batch).")
     if given is not None:
+        if microbatches is not None and _whole(microbatches) != given.microbatches:
+            raise ConfigError(
+                f"microbatches={microbatches!r} but the given plan runs "
+                f"{given.microbatches}; a plan runs as it is: drop microbatches=, or plan "
+                "again with it.")
         graph = graph_at(check_plan_batch(given, batch))
         check_plan(given, graph, ids)
         if run and objs is not None:

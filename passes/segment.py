@@ -460,7 +460,7 @@ def _choose(scopes: _Scopes, total_weights: int, kind: str) -> LayerFamily:
 
 
 def _listing(families, skip, total_weights: int, most: int = 4) -> str:
-    others = sorted((f for f in families if f is not skip),
+    others = sorted((f for f in families if f is not skip and len(f.members) >= 2),
                     key=lambda f: -f.weights_bytes)[:most]
     return "; ".join(f.describe(total_weights) for f in others) or "none"
 

@@ -240,6 +240,8 @@ def test_a_plan_for_another_model_or_call_is_refused(dense):
     longer = jnp.zeros((4, wider.seq_len), jnp.int32)
     with pytest.raises(ConfigError, match="other shapes or dtypes"):
         lwjax.layerwise_shard(models.build(wider, rngs=nnx.Rngs(0)), longer, plan=planned)
+    with pytest.raises(ConfigError, match="microbatches=4 but the given plan runs 2"):
+        lwjax.layerwise_shard(model, tokens, microbatches=4, plan=planned)
     with pytest.raises(InputError, match="batch 4.*batch is 8"):
         lwjax.layerwise_shard(model, jnp.concatenate([tokens, tokens]), plan=planned)
     with pytest.raises(DeviceError, match="not in devices="):
