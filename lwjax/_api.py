@@ -21,7 +21,8 @@ from lwjax.passes.compression import Compression
 from lwjax.passes.footprint import AttentionAssumption
 from lwjax.passes.lower import lower
 from lwjax.passes.planner import device_id
-from lwjax.passes.segment import LayerGraph, LayersSpec, segment
+from lwjax.passes.discovery import LayersSpec
+from lwjax.passes.segment import LayerGraph, segment
 from lwjax.passes.strategies import STRATEGIES, Target, search_plan
 from lwjax.passes.trace import Mode, trace
 from lwjax.plan import Objective, Plan, Residency
