@@ -18,10 +18,10 @@ from lwjax.passes import footprint as footprint_lib
 from lwjax.passes import schedules
 from lwjax.passes.backend import DEFAULT_BACKEND, Backend, check_runnable
 from lwjax.passes.compression import Compression
+from lwjax.passes.discovery import LayersSpec
 from lwjax.passes.footprint import AttentionAssumption
 from lwjax.passes.lower import lower
 from lwjax.passes.planner import device_id
-from lwjax.passes.discovery import LayersSpec
 from lwjax.passes.segment import LayerGraph, segment
 from lwjax.passes.strategies import STRATEGIES, Target, search_plan
 from lwjax.passes.trace import Mode, trace
