@@ -28,6 +28,11 @@ def check_plan_batch(plan: Plan, batch: int) -> int:
     if not isinstance(plan, Plan):
         raise ConfigError(f"plan= must be an lwjax.Plan (from lwjax.plan, Plan.replan or "
                           f"Plan.from_json); got a {type(plan).__name__}.")
+    for field in ("microbatches", "microbatch_size", "tp"):
+        value = getattr(plan, field)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"the plan's {field}={value!r} is not a positive integer (an "
+                              "edited plan?); plan again or correct it.")
     planned = plan.microbatches * plan.microbatch_size
     if planned != batch:
         raise InputError(
@@ -87,12 +92,12 @@ def check_plan(plan: Plan, graph: LayerGraph, device_ids: Sequence[int]) -> None
                                         plan.numbers.outer_signatures,
                                         graph.outer_signatures, strict=True) if a != b]
     if differ or outer:
-        what = ", ".join(filter(None, [
+        what = " and ".join(filter(None, [
             f"{len(differ)} of {len(found)} layers ({_span(differ)})" if differ else "",
             *outer]))
         raise ConfigError(
-            f"the plan was made for a model of other shapes or dtypes: {what} differ in "
-            f"their computation (a different sequence length, hidden size, vocabulary, input "
+            f"the plan was made for a model of other shapes or dtypes; what differs in its "
+            f"computation: {what} (a different sequence length, hidden size, vocabulary, input "
             f"dtype or microbatch size). Plan this model again.")
     start = 0
     for s in plan.stages:

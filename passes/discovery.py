@@ -308,7 +308,9 @@ def choose(scopes: Scopes, total_weights: int, kind: str) -> LayerFamily:
         raise LayerSegmentationError(
             f"No layers found in the {kind} model: none of its {len(scopes.eqns)} equations runs "
             f"under sibling scopes that repeat (numbered like h_0, h/0, block0, or unnumbered "
-            f"blocks computing the same thing). {HOW_TO_MARK}")
+            f"blocks computing the same thing). Blocks called through nnx.remat or nnx.jit of a "
+            f"function run on a copy of the module that lwjax's scopes do not reach: run "
+            f"each such call under jax.named_scope. {HOW_TO_MARK}")
     # a lone numbered scope ('GPT2', a class name ending in a digit, wrapping everything) is
     # no family of layers while siblings that repeat exist
     several = [f for f in valid if len(f.members) >= 2]
@@ -343,6 +345,15 @@ def _listing(families, skip, total_weights: int, most: int = 4) -> str:
 
 
 
+def _same_kind(f: LayerFamily, family: LayerFamily) -> bool:
+    """A one-member numbered family at the chosen family's depth with the same numbering
+    ('decoder/layers/0' beside 'encoder/layers/0..2'): a stack of one layer."""
+    if f.how != "numbered" or family.how != "numbered" or len(f.parent) != len(family.parent):
+        return False
+    mine, theirs = numbered(family.parts[0][0]), numbered(f.parts[0][0])
+    return mine is not None and theirs is not None and mine[0] == theirs[0]
+
+
 def _merged_pattern(families: Sequence[LayerFamily]) -> str:
     """One layers= pattern naming several families' layers: their parents with differing
     scopes as '*' ('model/*/layers/*' for encoder and decoder), else their common parent."""
@@ -367,6 +378,20 @@ def refuse_outside(scopes: Scopes, family: LayerFamily, owner: Sequence[int],
     glue = scopes.weights([i for i, (o, n) in enumerate(zip(owner, names, strict=True))
                            if o >= 0 and n is None])
     if glue > _MAX_GLUE_SHARE * total_weights:
+        glue_eqns = {i for i, (o, n) in enumerate(zip(owner, names, strict=True))
+                     if o >= 0 and n is None}
+        others = [f for f in scopes.candidates() if f.how == "numbered" and len(f.parts) >= 2
+                  and f.parent == family.parent and f.members != family.members
+                  and any(set(scopes.of[(*f.parent, p[0])]) & glue_eqns for p in f.parts)]
+        if others:
+            other = _best(others)
+            raise LayerSegmentationError(
+                f"The layers found, {family.describe(total_weights)}, interleave with "
+                f"{other.describe(total_weights)}, but the two do not pair up one to one in "
+                f"turn (unequal counts or a changing order), so lwjax cannot tell which belong "
+                f"together. Name the layers with a layers= callable mapping each name stack "
+                f"to its layer, e.g. lambda stack: ... returning 'layer_3' for both "
+                f"{family.parts[0][0]}-style and {other.parts[0][0]}-style scopes of block 3.")
         raise LayerSegmentationError(
             f"The layers found, {family.describe(total_weights)}, are separated by equations "
             f"outside any layer's scope that read {100 * glue / total_weights:.0f}% of the "
@@ -374,7 +399,8 @@ def refuse_outside(scopes: Scopes, family: LayerFamily, owner: Sequence[int],
             f"or nnx.jit of a lambda, jax.checkpoint). Run each block call under "
             f"`with jax.named_scope(f'layers_{{i}}'):`, or name the layers with layers=.")
     outside = total_weights - family.weights_bytes
-    elsewhere = [f for f in scopes.candidates() if f.contiguous and len(f.members) >= 2
+    elsewhere = [f for f in scopes.candidates() if f.contiguous
+                 and (len(f.members) >= 2 or _same_kind(f, family))
                  and all(owner[scopes.first(f.parent, p[0])] < 0 for p in f.parts)]
     inner = {id(f) for f in elsewhere for g in elsewhere if g is not f and any(
         f.parent[:len(g.parent) + 1] == (*g.parent, c) for part in g.parts for c in part)}

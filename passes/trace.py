@@ -244,6 +244,21 @@ def _module_scopes(module: nnx.Module):
                 cls.__call__ = orig
 
 
+def _refuse_updates(before: list, after) -> None:
+    """A call that writes a module's variables (BatchNorm statistics in training mode, a
+    counter) cannot be pipelined: each microbatch would see other statistics, and the
+    updates would be lost."""
+    new = jax.tree.leaves(after)
+    changed = [path_str(path) for (path, a), b in zip(before, new, strict=True) if a is not b]
+    if changed:
+        raise TraceError(
+            f"the nnx model writes its variables during the call ({', '.join(changed[:4])}"
+            f"{', ...' if len(changed) > 4 else ''}), e.g. BatchNorm batch statistics in "
+            "training mode: a pipeline would compute other statistics per microbatch and lose "
+            "the updates. Trace it in inference mode: model.eval() (or "
+            "use_running_average=True).")
+
+
 def _is_transformers(model) -> bool:
     """A ``transformers`` Flax model (``FlaxPreTrainedModel``): a linen ``module`` with its
     ``params``, called as ``model(*args, params=...)``."""
@@ -334,8 +349,14 @@ def trace(
 
         def fn(p, *a, **k):
             m = nnx.merge(graphdef, rng_state, p)
+            # non-parameter variables (batch statistics, counters) must come out unchanged;
+            # parameters are not checked: a transform (nnx.remat) hands them back re-traced
+            stats = nnx.Not(nnx.Param)
+            before = jax.tree_util.tree_flatten_with_path(nnx.state(m, stats))[0]
             with _module_scopes(m):
-                return m(*a, **k)
+                out = m(*a, **k)
+            _refuse_updates(before, nnx.state(m, stats))
+            return out
 
         return _trace(fn, state, args, kwargs, mode, microbatch_size, "nnx", None,
                       scoped_by_lwjax=True, unbatched=unbatched, batched=batched)

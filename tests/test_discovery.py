@@ -435,3 +435,65 @@ def test_a_layers_callable_that_misbehaves_is_reported():
         lwjax.analyze(m, variables, x, layers=lambda stack: 3)
     with pytest.raises(LayerSegmentationError, match="callable raised TypeError"):
         lwjax.analyze(m, variables, x, layers=lambda stack, other: stack)
+
+
+class TrainModeNNX(nnx.Module):
+    def __init__(self, rngs):
+        self.layers = nnx.List([NNXBlock(rngs) for _ in range(2)])
+        self.norm = nnx.BatchNorm(16, rngs=rngs)
+
+    def __call__(self, x):
+        for block in self.layers:
+            x = self.norm(block(x))
+        return x
+
+
+def test_nnx_batch_statistics_in_training_mode_are_refused():
+    model, x = TrainModeNNX(nnx.Rngs(0)), jnp.ones((4, 16))
+    with pytest.raises(TraceError, match=r"writes its variables.*model\.eval\(\)"):
+        lwjax.layerwise_shard(model, x, devices=jax.devices()[:2])
+    model.eval()  # running averages: no statistics change, the pipeline equals the model
+    sm = _run(model, x, devices=2)
+    np.testing.assert_allclose(sm(x), model(x), atol=ATOL, rtol=RTOL)
+
+
+class Unpaired(nnx.Module):
+    """Two numbered kinds that interleave but do not pair one to one: a0 m0 a1 m1 a2 m2 a3."""
+
+    def __init__(self, rngs):
+        self.attns = nnx.List([NNXBlock(rngs) for _ in range(4)])
+        self.mlps = nnx.List([NNXBlock(rngs) for _ in range(3)])
+
+    def __call__(self, x):
+        for a, m in zip(self.attns, self.mlps, strict=False):
+            x = m(a(x))
+        return self.attns[3](x)
+
+
+def test_interleaved_kinds_that_do_not_pair_up_say_so():
+    model, x = Unpaired(nnx.Rngs(0)), jnp.ones((2, 16))
+    with pytest.raises(LayerSegmentationError, match="do not pair up one to one"):
+        lwjax.analyze(model, x)
+
+
+class EncDec31(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        memory = Stack(3, name="encoder")(x)
+        return Stack(1, name="decoder")(x + memory)
+
+
+def test_a_one_layer_stack_beside_the_layers_is_refused():
+    m, x = EncDec31(), jnp.ones((2, 16))
+    variables = m.init(jax.random.key(0), x)
+    with pytest.raises(LayerSegmentationError, match=r"layers='EncDec31/\*/layers_\*'"):
+        lwjax.analyze(m, variables, x)
+    assert len(lwjax.analyze(m, variables, x, layers="EncDec31/*/layers_*").layers) == 4
+
+
+def test_an_edited_plan_with_impossible_counts_is_refused(dense):
+    cfg, model, tokens, _ = dense
+    planned = lwjax.plan(model, tokens, devices=jax.devices()[:4], microbatches=2,
+                         cache_bytes=BIG, objective="bottleneck", allow=())
+    with pytest.raises(ConfigError, match="microbatches=0 is not a positive integer"):
+        lwjax.layerwise_shard(model, tokens, plan=dataclasses.replace(planned, microbatches=0))
