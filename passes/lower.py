@@ -49,9 +49,8 @@ from lwjax.errors import InputError
 from lwjax.passes import schedules
 from lwjax.passes.collectives import StageView, check
 from lwjax.passes.segment import LayerGraph, Segment
+from lwjax.passes.storage import AXIS, SlotStorage, SplitStorage
 from lwjax.passes.tp import split_axes
-
-AXIS = "stage"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,131 +91,6 @@ def _pack(values: Sequence, slots: Sequence[Slot], sizes: dict[str, int]) -> dic
 def _unpack(bufs: dict, slots: Sequence[Slot]) -> list:
     return [jax.lax.slice_in_dim(bufs[s.dtype], s.offset, s.offset + s.size).reshape(s.shape)
             for s in slots]
-
-
-class SlotStorage:
-    """tp = 1: each weight in a slot of its own, a [S, n] array sharded over "stage", so a
-    stage reads it as a reshape of its local [1, n] row -- a bitcast, no per-tick copy.
-
-    Slots are keyed by (dtype, element count): stage s's j-th weight of n elements goes to
-    slot j of that key, so stages with the same kinds of layers share slots (an embedding
-    and a head of equal size share one). A stage with fewer weights of a key leaves its row
-    of the extra slot zero; those padding rows are never read.
-    """
-
-    def __init__(self, stage_params: Sequence[tuple[int, ...]], param_vars):
-        self.where: list[list[tuple[tuple[str, int], int, tuple[int, ...]]]] = []
-        counts_max: dict[tuple[str, int], int] = {}
-        for params in stage_params:
-            counts: dict[tuple[str, int], int] = {}
-            where = []
-            for i in params:
-                aval = param_vars[i].aval
-                key = (np.dtype(aval.dtype).name, int(np.prod(aval.shape, dtype=np.int64)))
-                where.append((key, counts.get(key, 0), tuple(aval.shape)))
-                counts[key] = counts.get(key, 0) + 1
-            for key, n in counts.items():
-                counts_max[key] = max(counts_max.get(key, 0), n)
-            self.where.append(where)
-        self.slots = [(key, j) for key in sorted(counts_max) for j in range(counts_max[key])]
-        self._index = {slot: n for n, slot in enumerate(self.slots)}
-
-    def specs(self):
-        return [P(AXIS) for _ in self.slots]
-
-    def unpack(self, local, s: int) -> list:
-        return [local[self._index[key, j]].reshape(shape) for key, j, shape in self.where[s]]
-
-    def abstract(self, mesh: Mesh, num_stages: int) -> list:
-        """``place``'s arrays as ShapeDtypeStructs (same shapes and shardings)."""
-        sharding = NamedSharding(mesh, P(AXIS))
-        return [jax.ShapeDtypeStruct((num_stages, size), dt, sharding=sharding)
-                for (dt, size), _ in self.slots]
-
-    def place(self, mesh: Mesh, stage_values: Sequence[list]) -> list:
-        devices = mesh.devices.ravel()
-        rows: list[list] = [[] for _ in self.slots]
-        for s, values in enumerate(stage_values):
-            mine = {(key, j): x for (key, j, _), x in zip(self.where[s], values, strict=True)}
-            for n, (key, j) in enumerate(self.slots):
-                dt, size = key
-                if (key, j) in mine:
-                    row = jax.device_put(mine[key, j], devices[s]).reshape(1, size)
-                else:
-                    row = jax.device_put(np.zeros((1, size), dt), devices[s])
-                rows[n].append(row)
-        sharding = NamedSharding(mesh, P(AXIS))
-        return [jax.make_array_from_single_device_arrays((len(stage_values), key[1]), sharding,
-                                                         rows[n])
-                for n, (key, _) in enumerate(self.slots)]
-
-
-class SplitStorage:
-    """tp > 1: weights grouped by (shape, dtype) into [S, k, *shape] arrays sharded over
-    "stage" and, along the axis ``passes.tp.split_axes`` picks, over "tp"; XLA's SPMD
-    partitioner splits each stage's equations accordingly (tp is an automatic axis).
-
-    ``stage_axes[s]`` maps each of stage s's parameters to its split axis (or None)."""
-
-    def __init__(self, stage_params, param_vars, stage_axes: Sequence[dict[int, int | None]]):
-        self.where: list[list[tuple[tuple, int]]] = []
-        self.groups: dict[tuple, int] = {}
-        for s, params in enumerate(stage_params):
-            counts: dict[tuple, int] = {}
-            where = []
-            for i in params:
-                aval = param_vars[i].aval
-                axis = stage_axes[s][i]
-                key = (tuple(aval.shape), np.dtype(aval.dtype).name, axis)
-                where.append((key, counts.get(key, 0)))
-                counts[key] = counts.get(key, 0) + 1
-            for key, n in counts.items():
-                self.groups[key] = max(self.groups.get(key, 0), n)
-            self.where.append(where)
-        self.keys = sorted(self.groups, key=str)
-
-    def _spec(self, key) -> P:
-        shape, _, axis = key
-        dims = [None] * len(shape)
-        if axis is not None:
-            dims[axis] = "tp"
-        return P(AXIS, None, *dims)
-
-    def specs(self):
-        return [P(AXIS) for _ in self.keys]
-
-    def unpack(self, local, s: int) -> list:
-        index = {k: n for n, k in enumerate(self.keys)}
-        return [local[index[key]][0, j] for key, j in self.where[s]]
-
-    def abstract(self, mesh: Mesh, num_stages: int) -> list:
-        """``place``'s arrays as ShapeDtypeStructs (same shapes and shardings)."""
-        return [jax.ShapeDtypeStruct((num_stages, self.groups[key], *key[0]), key[1],
-                                     sharding=NamedSharding(mesh, self._spec(key)))
-                for key in self.keys]
-
-    def place(self, mesh: Mesh, stage_values: Sequence[list]) -> list:
-        out = []
-        for key in self.keys:
-            shape, dt, _ = key
-            k = self.groups[key]
-            full = (len(stage_values), k, *shape)
-
-            def build(index, key=key, k=k, shape=shape, dt=dt):
-                s0 = index[0].start or 0
-                s1 = index[0].stop if index[0].stop is not None else len(stage_values)
-                rows = []
-                for s in range(s0, s1):
-                    slot = [np.zeros(shape, dt)] * k
-                    for (kk, j), x in zip(self.where[s], stage_values[s], strict=True):
-                        if kk == key:
-                            slot[j] = np.asarray(x)
-                    rows.append(np.stack(slot))
-                return np.stack(rows)[(slice(None), *index[1:])]
-
-            out.append(jax.make_array_from_callback(full, NamedSharding(mesh, self._spec(key)),
-                                                    build))
-        return out
 
 
 @dataclasses.dataclass(frozen=True)
