@@ -15,6 +15,7 @@ from lwjax.passes.footprint import Footprint
 
 MIB = 2**20
 Residency = Literal["all", "weights"]
+PlanMode = Literal["prefill", "decode"]
 Objective = Literal["bottleneck", "step"]
 OBJECTIVES: tuple[str, ...] = ("step", "bottleneck")
 
@@ -110,7 +111,7 @@ class Plan:
     compression: str
     microbatches: int
     microbatch_size: int
-    mode: str
+    mode: PlanMode
     residency: Residency
     attention: str
     strategy: str

@@ -174,6 +174,9 @@ def _check_consistent(plan: Plan) -> None:
         if len(getattr(n, name)) != count:
             raise _fail(f"numbers.{name}", f"has {len(getattr(n, name))} entries but "
                                            f"numbers.names has {count}")
+    for name in ("microbatches", "microbatch_size", "tp", "capacity_bytes"):
+        if getattr(plan, name) < 1:
+            raise _fail(name, f"is {getattr(plan, name)}; expected a positive integer")
     if not plan.stages:
         raise _fail("stages", "is empty; a plan has at least one stage")
     stop = 0

@@ -109,6 +109,9 @@ def test_from_json_names_mistyped_fields(edit, says):
     (lambda d: d["numbers"]["costs_s"].pop(), "numbers.costs_s has 3 entries but numbers.names "
                                               "has 4"),
     (lambda d: d["stages"].pop(), "stages ends at layer 3; numbers.names has 4 layers"),
+    (lambda d: d.update(microbatches=0), "microbatches is 0; expected a positive integer"),
+    (lambda d: d.update(tp=-1), "tp is -1; expected a positive integer"),
+    (lambda d: d.update(mode="junk"), "mode is \"junk\" (a string); expected one of 'prefill'"),
 ])
 def test_from_json_checks_stages_against_the_numbers(edit, says):
     assert says in _error(_edited(_plan(), edit))
