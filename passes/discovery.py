@@ -43,6 +43,9 @@ _MAX_OUTSIDE_SHARE = 0.5
 # scope, reading this share of the weights (blocks whose scopes a transform hid).
 _MIN_OUTSIDE_FAMILY = 0.2
 _MAX_GLUE_SHARE = 0.25
+# Weights of another numbered kind read between the layers, above this share: the two kinds
+# interleave without pairing up (the layers would be lopsided).
+_MIN_UNPAIRED_SHARE = 0.05
 LayersSpec = str | Callable[[str], "str | None"] | None
 HOW_TO_MARK = (
     "Name the layers with layers= (a scope pattern such as layers='transformer/h/*', or a "
@@ -375,23 +378,24 @@ def refuse_outside(scopes: Scopes, family: LayerFamily, owner: Sequence[int],
     called through a transform that hides their scopes, e.g. nnx.remat of a lambda)."""
     if not total_weights:
         return
-    glue = scopes.weights([i for i, (o, n) in enumerate(zip(owner, names, strict=True))
-                           if o >= 0 and n is None])
+    glue_eqns = [i for i, (o, n) in enumerate(zip(owner, names, strict=True))
+                 if o >= 0 and n is None]
+    glue = scopes.weights(glue_eqns)
+    # glue under another numbered kind beside the layers: the kinds interleave but do not
+    # pair up (4 attns and 3 mlps, or two attns per mlp), so the layers would be lopsided
+    others = [f for f in scopes.candidates() if f.how == "numbered" and len(f.parts) >= 2
+              and f.parent == family.parent and f.members != family.members
+              and any(set(scopes.of[(*f.parent, p[0])]) & set(glue_eqns) for p in f.parts)]
+    if others and glue > _MIN_UNPAIRED_SHARE * total_weights:
+        other = _best(others)
+        raise LayerSegmentationError(
+            f"The layers found, {family.describe(total_weights)}, interleave with "
+            f"{other.describe(total_weights)}, but the two do not pair up one to one in turn "
+            f"(unequal counts, a changing order, or two of one kind per layer), so lwjax "
+            f"cannot tell which belong together. Name the layers with a layers= callable "
+            f"mapping each name stack to its layer (e.g. returning 'block_3' for the "
+            f"{family.parts[0][0]}-style and {other.parts[0][0]}-style scopes of block 3).")
     if glue > _MAX_GLUE_SHARE * total_weights:
-        glue_eqns = {i for i, (o, n) in enumerate(zip(owner, names, strict=True))
-                     if o >= 0 and n is None}
-        others = [f for f in scopes.candidates() if f.how == "numbered" and len(f.parts) >= 2
-                  and f.parent == family.parent and f.members != family.members
-                  and any(set(scopes.of[(*f.parent, p[0])]) & glue_eqns for p in f.parts)]
-        if others:
-            other = _best(others)
-            raise LayerSegmentationError(
-                f"The layers found, {family.describe(total_weights)}, interleave with "
-                f"{other.describe(total_weights)}, but the two do not pair up one to one in "
-                f"turn (unequal counts or a changing order), so lwjax cannot tell which belong "
-                f"together. Name the layers with a layers= callable mapping each name stack "
-                f"to its layer, e.g. lambda stack: ... returning 'layer_3' for both "
-                f"{family.parts[0][0]}-style and {other.parts[0][0]}-style scopes of block 3.")
         raise LayerSegmentationError(
             f"The layers found, {family.describe(total_weights)}, are separated by equations "
             f"outside any layer's scope that read {100 * glue / total_weights:.0f}% of the "

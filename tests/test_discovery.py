@@ -497,3 +497,33 @@ def test_an_edited_plan_with_impossible_counts_is_refused(dense):
                          cache_bytes=BIG, objective="bottleneck", allow=())
     with pytest.raises(ConfigError, match="microbatches=0 is not a positive integer"):
         lwjax.layerwise_shard(model, tokens, plan=dataclasses.replace(planned, microbatches=0))
+
+
+class TwoToOne(nnx.Module):
+    """Two attns per mlp (attn, attn, mlp, ...): the kinds interleave without pairing."""
+
+    def __init__(self, rngs):
+        self.attns = nnx.List([NNXBlock(rngs) for _ in range(6)])
+        self.mlps = nnx.List([nnx.Linear(16, 16, rngs=rngs) for _ in range(3)])
+
+    def __call__(self, x):
+        for j, m in enumerate(self.mlps):
+            x = m(self.attns[2 * j + 1](self.attns[2 * j](x)))
+        return x
+
+
+def test_two_kinds_in_a_two_to_one_ratio_are_refused_not_lopsided():
+    model, x = TwoToOne(nnx.Rngs(0)), jnp.ones((2, 16))
+    with pytest.raises(LayerSegmentationError, match="do not pair up"):
+        lwjax.analyze(model, x)
+    # the callable the message asks for: one layer per mlp and its two attns
+    def block(stack):
+        head = stack.split("/")[0]
+        kind, _, i = head.rpartition("_")
+        if kind == "attns":
+            return f"block_{int(i) // 2}"
+        return f"block_{i}" if kind == "mlps" else None
+    report = lwjax.analyze(model, x, layers=block)
+    assert [r.name for r in report.layers] == ["block_0", "block_1", "block_2"]
+    sm = _run(model, x, layers=block)
+    np.testing.assert_allclose(sm(x), model(x), atol=ATOL, rtol=RTOL)
