@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import functools
 import hashlib
 import itertools
 import os
@@ -204,6 +205,11 @@ class Scopes:
             return None
         return [tuple(groups[g][j] for g in turn) for j in range(n)]
 
+    @functools.cached_property
+    def families(self) -> tuple[LayerFamily, ...]:
+        """``candidates()``, computed once (the choice and each refusal read them)."""
+        return tuple(self.candidates())
+
     def candidates(self) -> list[LayerFamily]:
         """Numbered sibling families (any signatures: a model may alternate block kinds) and
         runs of two or more consecutive unnumbered siblings with equal signatures."""
@@ -299,7 +305,7 @@ def family_namer(family: LayerFamily) -> Callable[[str], str | None]:
 def choose(scopes: Scopes, total_weights: int, kind: str) -> LayerFamily:
     """The best contiguous family; refuses a segmentation that would leave most of the model
     outside the layers while a repeated structure sits there."""
-    candidates = scopes.candidates()
+    candidates = scopes.families
     valid = [f for f in candidates if f.contiguous]
     if not valid:
         if candidates:
@@ -383,7 +389,7 @@ def refuse_outside(scopes: Scopes, family: LayerFamily, owner: Sequence[int],
     glue = scopes.weights(glue_eqns)
     # glue under another numbered kind beside the layers: the kinds interleave but do not
     # pair up (4 attns and 3 mlps, or two attns per mlp), so the layers would be lopsided
-    others = [f for f in scopes.candidates() if f.how == "numbered" and len(f.parts) >= 2
+    others = [f for f in scopes.families if f.how == "numbered" and len(f.parts) >= 2
               and f.parent == family.parent and f.members != family.members
               and any(set(scopes.of[(*f.parent, p[0])]) & set(glue_eqns) for p in f.parts)]
     if others and glue > _MIN_UNPAIRED_SHARE * total_weights:
@@ -403,7 +409,7 @@ def refuse_outside(scopes: Scopes, family: LayerFamily, owner: Sequence[int],
             f"or nnx.jit of a lambda, jax.checkpoint). Run each block call under "
             f"`with jax.named_scope(f'layers_{{i}}'):`, or name the layers with layers=.")
     outside = total_weights - family.weights_bytes
-    elsewhere = [f for f in scopes.candidates() if f.contiguous
+    elsewhere = [f for f in scopes.families if f.contiguous
                  and (len(f.members) >= 2 or _same_kind(f, family))
                  and all(owner[scopes.first(f.parent, p[0])] < 0 for p in f.parts)]
     inner = {id(f) for f in elsewhere for g in elsewhere if g is not f and any(

@@ -248,8 +248,9 @@ def _refuse_updates(before: list, after) -> None:
     """A call that writes a module's variables (BatchNorm statistics in training mode, a
     counter) cannot be pipelined: each microbatch would see other statistics, and the
     updates would be lost."""
-    new = jax.tree.leaves(after)
-    changed = [path_str(path) for (path, a), b in zip(before, new, strict=True) if a is not b]
+    new = {path_str(path): x for path, x in jax.tree_util.tree_flatten_with_path(after)[0]}
+    old = {path_str(path): x for path, x in before}
+    changed = [p for p in dict.fromkeys([*old, *new]) if old.get(p) is not new.get(p)]
     if changed:
         raise TraceError(
             f"the nnx model writes its variables during the call ({', '.join(changed[:4])}"
