@@ -149,7 +149,11 @@ class Plan:
     @property
     def outside_weights_share(self) -> float:
         """Share of the weight bytes in the prologue and epilogue (embedding, head): what the
-        partition cannot spread over stages."""
+        partition cannot spread over stages.
+
+        Example:
+            >>> f"{plan.outside_weights_share:.1%} of the weights sit outside the layers"
+        """
         n = self.numbers
         outside = n.prologue.weights_bytes + n.epilogue.weights_bytes
         total = outside + sum(f.weights_bytes for f in n.footprints)

@@ -24,6 +24,10 @@ def check_plan_batch(plan: Plan, batch: int) -> int:
     Raises:
         ConfigError: ``plan`` is not a Plan.
         InputError: the batch differs from the plan's M x microbatch size.
+
+    Example:
+        >>> check_plan_batch(plan, 8)   # a plan of 4 microbatches of 2
+        2
     """
     if not isinstance(plan, Plan):
         raise ConfigError(f"plan= must be an lwjax.Plan (from lwjax.plan, Plan.replan or "
@@ -66,6 +70,9 @@ def check_plan(plan: Plan, graph: LayerGraph, device_ids: Sequence[int]) -> None
         ConfigError: the plan is for decode or counts on compression; its layers, shapes or
             dtypes differ from the model's; its stages do not cover the layers in order.
         DeviceError: a device of the plan is not among ``device_ids``, or is used twice.
+
+    Example:
+        >>> check_plan(Plan.from_json(saved), graph, [d.id for d in jax.devices()])
     """
     if plan.mode != "prefill":
         raise ConfigError(f"the plan was made for mode={plan.mode!r}; layerwise_shard runs the "
