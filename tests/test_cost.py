@@ -299,26 +299,157 @@ def test_decode_block_cost_by_hand():
     assert c2.flops == 4 * 2 * b * d * 2 * h + 3 * 2 * b * d * 64 + 2 * 2 * b * 2 * h * length
 
 
-def test_project_decode_by_hand():
+def _decode_time(c, *, on_chip=True):
+    return cost.layer_time(c, ROUND, weights_on_chip=on_chip, dtype="float32").total_s
+
+
+def test_embedding_and_head_cost_by_hand():
+    cfg = models.configs.tiny_dense()  # D=64 V=256, float32
+    e = cost.embedding_cost(cfg, tokens=3)  # a gather: 3 rows of 64 read, 3 written
+    assert (e.flops, e.weight_bytes, e.activation_bytes) == (0.0, 4 * 3 * 64, 4 * 3 * 64)
+    h = cost.head_cost(cfg, tokens=3, tp=2)  # vocab split: 128 columns per device
+    assert h.flops == 2 * 3 * 64 * 128
+    assert h.weight_bytes == 4 * (64 * 128 + 64)  # head columns + the final-norm scale
+    assert h.activation_bytes == 4 * 3 * (64 + 128)  # normed input read, logits written
+    with pytest.raises(ConfigError, match="tp=3 does not divide vocab_size=256"):
+        cost.head_cost(cfg, tokens=1, tp=3)
+
+
+def test_ring_decode_by_hand():
+    # tiny_dense with batch 8, S = 4 stages of one block, tp = 1, KV cache of 64 positions,
+    # prompt of 16; ROUND holds every weight in L2.
     cfg = dataclasses.replace(models.configs.tiny_dense(), batch_size=8)
-    length, mb = 64, 2
-    act = mb * cfg.hidden_size * 4
-    block = cost.layer_time(cost.decode_block_cost(cfg, batch_size=mb, cache_len=length),
-                            ROUND, weights_on_chip=True, dtype="float32").total_s
-    # M = 4 microbatches over S = 2 stages: a sequence's next token every max(M, S) = 4 ticks
-    p = cost.project_decode(cfg, ROUND, [1, 3], 1, 4, cache_len=length)
-    tick = 3 * block + cost.transfer_time(act, ROUND)
-    assert p.tick_s == pytest.approx(tick)
-    assert p.tpot_ms == pytest.approx(4 * tick * 1e3)
-    assert p.tps == pytest.approx(8 / (4 * tick))
-    assert p.kv_bytes_per_device == 3 * 2 * 8 * length * cfg.num_heads * cfg.head_dim * 4
-    # M = 1 < S = 4: the whole batch crosses four stages per token
-    q = cost.project_decode(cfg, ROUND, [1, 1, 1, 1], 1, 1, cache_len=length)
-    assert q.tpot_ms == pytest.approx(4 * q.tick_s * 1e3)
+    length, prompt = 64, 16
+    for m, period, bubble in ((2, 4, 0.5), (4, 4, 0.0), (8, 8, 0.0)):
+        mb = 8 // m
+        block = _decode_time(cost.decode_block_cost(cfg, batch_size=mb, cache_len=length))
+        embed = _decode_time(cost.embedding_cost(cfg, tokens=mb))
+        head = _decode_time(cost.head_cost(cfg, tokens=mb))
+        p = cost.project_decode(cfg, ROUND, [1] * 4, 1, m, cache_len=length, prompt_len=prompt)
+        assert (p.schedule, p.period_ticks, p.bubble) == ("ring", period, bubble)
+        # embedding on stage 0, final norm + head + argmax on stage 3, inside the tick
+        assert p.stage_s == pytest.approx((block + embed, block, block, block + head))
+        assert p.transfer_s == pytest.approx(1e-6 + mb * 64 * 4 / 100e9)
+        tick = block + head + p.transfer_s
+        assert p.tick_s == pytest.approx(tick)
+        assert p.outside_s == 0.0
+        assert p.tpot_ms == pytest.approx(period * tick * 1e3)
+        assert p.tps == pytest.approx(8 / (period * tick))
+        # prefill: M + S - 1 GPipe ticks at prompt length; the head on the last position only
+        pre_block = _decode_time(cost.block_cost(cfg, batch_size=mb, seq_len=prompt))
+        pre_head = _decode_time(cost.head_cost(cfg, tokens=mb))
+        pre_tick = pre_block + pre_head + 1e-6 + mb * prompt * 64 * 4 / 100e9
+        assert p.prefill_ms == pytest.approx((m + 3) * pre_tick * 1e3)
+        assert (p.cache_len, p.prompt_len) == (length, prompt)
+        assert p.kv_bytes_per_device == 2 * 8 * length * 4 * 16 * 4  # one layer, all 8 seqs
+    # The head's bytes by hand for M = 4 (mb = 2): 2*2*64*256 FLOPs at 10 TFLOP/s = 6.5536
+    # ns; 65,792 weight bytes on chip + 2,560 activation bytes: max(2560 / 2e12,
+    # 68,352 / 10e12) = 6.8352 ns -> memory bound.
+    assert _decode_time(cost.head_cost(cfg, tokens=2)) == pytest.approx(6.8352e-9)
+    # cache_len defaults to the prompt, which defaults to seq_len
+    assert cost.project_decode(cfg, ROUND, [4], 1, 1, prompt_len=40).cache_len == 40
+    assert cost.project_decode(cfg, ROUND, [4], 1, 1).cache_len == cfg.seq_len
+
+
+def test_gpipe_decode_by_hand():
+    # TP=2 x PP=2 over tiny_dense (batch 8): M + S - 1 ticks per token, embedding and head
+    # after the pipeline on every device.
+    cfg = dataclasses.replace(models.configs.tiny_dense(), batch_size=8)
+    length = 64
+    d, s = 64, 4
+    embed = _decode_time(cost.embedding_cost(cfg, tokens=8)) + cost.allreduce_time(
+        s * 8 * d, 2, ROUND)  # every device embeds all 8 tokens, vocab-parallel
+    head = (cost.transfer_time(s * 4 * d, ROUND)  # last stage sends 4 of 8 rows to stage 0
+            + _decode_time(cost.head_cost(cfg, tokens=4, tp=2))  # B / pp = 4 sequences
+            + cost.allreduce_time(8 * 4, 2, ROUND))  # argmax (value, index) over tp
+    for m in (2, 4, 8):
+        mb = 8 // m
+        block = _decode_time(cost.decode_block_cost(cfg, batch_size=mb, cache_len=length, tp=2))
+        stage = 2 * (block + 2 * cost.allreduce_time(s * mb * d, 2, ROUND))
+        p = cost.project_decode(cfg, ROUND, [2, 2], 2, m, cache_len=length, schedule="gpipe")
+        assert (p.period_ticks, p.bubble) == (m + 1, pytest.approx(1 / (m + 1)))
+        assert p.bubble == pytest.approx(cost.bubble_fraction(2, m))
+        assert p.stage_s == pytest.approx((stage, stage))
+        tick = stage + cost.transfer_time(s * mb * d, ROUND)
+        assert p.tick_s == pytest.approx(tick)
+        assert p.outside_s == pytest.approx(embed + head)
+        assert p.tpot_ms == pytest.approx(((m + 1) * tick + embed + head) * 1e3)
+        assert p.tps == pytest.approx(8 / ((m + 1) * tick + embed + head))
+        assert p.kv_bytes_per_device == 2 * 2 * 8 * length * 2 * 16 * 4  # 2 layers, 2 heads
+
+
+def test_ring_beats_gpipe_when_every_stage_is_busy():
+    # Equal stage times: at M >= S the ring's period is M ticks, GPipe's M + S - 1.
+    for stages in range(2, 9):
+        for m in range(stages, 3 * stages):
+            ring = cost.DECODE_SCHEDULES["ring"].period_ticks(stages, m)
+            gpipe = cost.DECODE_SCHEDULES["gpipe"].period_ticks(stages, m)
+            assert (ring, gpipe) == (m, m + stages - 1)
+    cfg = dataclasses.replace(models.configs.tiny_dense(), batch_size=8)
+    for m in (4, 8):
+        ring = cost.project_decode(cfg, ROUND, [1] * 4, 1, m, schedule="ring")
+        gpipe = cost.project_decode(cfg, ROUND, [1] * 4, 1, m, schedule="gpipe")
+        assert ring.tps > gpipe.tps
+        assert ring.tpot_ms < gpipe.tpot_ms
+
+
+def test_decode_weights_leave_l2_when_a_device_holds_too_much():
+    # A cache one byte over a block: the middle stages keep their block in L2; stage 0 also
+    # holds the embedding table and stage 3 the head, so both read from HBM.
+    cfg = models.configs.tiny_dense()
+    c = cost.decode_block_cost(cfg, batch_size=1)
+    head, embed = cost.head_cost(cfg, tokens=1), cost.embedding_cost(cfg, tokens=1)
+    p = cost.project_decode(cfg, ROUND, [1] * 4, 1, 4, cache_bytes=c.weight_bytes + 1)
+    on, off = _decode_time(c), _decode_time(c, on_chip=False)
+    assert p.stage_s == pytest.approx((
+        off + _decode_time(embed, on_chip=False), on, on, off + _decode_time(head, on_chip=False)
+    ))
+
+
+def test_project_decode_keeps_its_old_call_and_checks_input():
+    cfg = dataclasses.replace(models.configs.tiny_dense(), batch_size=8)
+    p = cost.project_decode(cfg, ROUND, [1, 3], 1, 4, cache_len=64)  # positional, as before
+    assert p.schedule == "ring" and p.layers_per_stage == (1, 3) and p.tp == 1
+    assert p.tpot_ms == pytest.approx(4 * p.tick_s * 1e3)
+    assert "ring decode" in p.summary()
+    with pytest.raises(ConfigError, match="schedule='1f1b' is not one of"):
+        cost.project_decode(cfg, ROUND, [4], 1, 1, schedule="1f1b")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="divisor of batch_size"):
         cost.project_decode(cfg, ROUND, [4], 1, 3)
     with pytest.raises(ConfigError, match="num_layers"):
         cost.project_decode(cfg, ROUND, [1, 1], 1, 2)
+    with pytest.raises(ConfigError, match="prompt_len"):
+        cost.project_decode(cfg, ROUND, [4], 1, 1, prompt_len=0)
+
+
+def test_decode_comparison_picks_the_best_microbatches():
+    cfg = dataclasses.replace(models.configs.tiny_dense(), batch_size=8)
+    lw, base = cost.project_decode_comparison(cfg, ROUND, tp=2, pp=2, cache_len=64)
+    for record, stages, tp, schedule in ((lw, [1] * 4, 1, "ring"), (base, [2, 2], 2, "gpipe")):
+        brute = [cost.project_decode(cfg, ROUND, stages, tp, m, cache_len=64, schedule=schedule)
+                 for m in (1, 2, 4, 8)]
+        best = min(brute, key=lambda p: p.tpot_ms)
+        assert record == cost.DecodeComparison.of(record.method, ROUND, best)
+        assert (record.schedule, record.tp, record.layers_per_stage) == (
+            schedule, tp, tuple(stages))
+        assert record.tps == pytest.approx(8 / (record.tpot_ms / 1e3))
+        assert record.tpot_ms == pytest.approx(
+            record.period_ticks * record.tick_ms + record.outside_ms)
+    assert (lw.method, base.method) == ("layerwise", "tp_pp")
+    assert "tokens/s" in lw.summary()
+    with pytest.raises(ConfigError, match="divides"):
+        cost.project_decode_comparison(cfg, ROUND, tp=2, pp=2, microbatch_counts=[3])
+
+
+def test_seed_decode_comparison_layouts():
+    # The seed layouts: 16 one-block stages vs TP=8 x PP=2; memory bound, the ring's best M is
+    # S (no bubble, fewest weight reads).
+    for cfg in (models.configs.seed_dense(), models.configs.seed_moe()):
+        lw, base = cost.project_decode_comparison(cfg, hardware.H100_SXM)
+        assert (lw.layers_per_stage, lw.tp, lw.microbatches, lw.bubble) == ((1,) * 16, 1, 16, 0)
+        assert (base.layers_per_stage, base.tp) == ((8, 8), 8)
+        assert cfg.batch_size % base.microbatches == 0
+        assert lw.kv_bytes_per_device == base.kv_bytes_per_device  # 1 layer x 32 heads = 8 x 4
 
 
 # ---- hardware ------------------------------------------------------------------------------
