@@ -87,3 +87,8 @@ class UnknownPresetError(LwjaxError, KeyError):
 
     def __str__(self) -> str:  # KeyError quotes its message; show it as written.
         return str(self.args[0]) if self.args else ""
+
+
+class CacheLayoutError(LwjaxError):
+    """A KV-cache leaf cannot stay on one stage: a stage reads it but its update needs values
+    that only another stage has (generation keeps every cache leaf where it is used)."""

@@ -58,13 +58,16 @@ def _span(names: Sequence[str]) -> str:
     return "none" if not names else names[0] if len(names) == 1 else f"{names[0]}..{names[-1]}"
 
 
-def check_plan(plan: Plan, graph: LayerGraph, device_ids: Sequence[int]) -> None:
+def check_plan(plan: Plan, graph: LayerGraph, device_ids: Sequence[int],
+               mode: str = "prefill") -> None:
     """Refuses a plan that was not made for this model and these devices.
 
     Args:
         plan: the plan to run.
         graph: the model segmented at the plan's microbatch size.
         device_ids: ids of the devices available to run it.
+        mode: what will run it: "prefill" (``layerwise_shard``) or "decode"
+            (``layerwise_generate``).
 
     Raises:
         ConfigError: the plan is for decode or counts on compression; its layers, shapes or
@@ -74,9 +77,11 @@ def check_plan(plan: Plan, graph: LayerGraph, device_ids: Sequence[int]) -> None
     Example:
         >>> check_plan(Plan.from_json(saved), graph, [d.id for d in jax.devices()])
     """
-    if plan.mode != "prefill":
-        raise ConfigError(f"the plan was made for mode={plan.mode!r}; layerwise_shard runs the "
-                          "forward pass (prefill). Plan with mode='prefill'.")
+    if plan.mode != mode:
+        runner = "layerwise_shard runs the forward pass" if mode == "prefill" else \
+            "layerwise_generate decodes"
+        raise ConfigError(f"the plan was made for mode={plan.mode!r}; {runner} ({mode}). "
+                          f"Plan with mode={mode!r}.")
     if plan.compression != "none":
         raise ConfigError(
             f"the plan counts on compression={plan.compression!r}, but layerwise_shard runs "

@@ -1,0 +1,401 @@
+"""``layerwise_generate``: greedy text generation through the layer-wise pipeline, each
+stage's KV caches resident on its device (trace -> segment -> footprint -> partition ->
+``passes/generate.py``).
+
+Example:
+    >>> g = lwjax.layerwise_generate(model, prompt, max_new_tokens=32, microbatches=4)
+    >>> new = g(prompt)              # [B, 32] int32 == models.generate(model, prompt, 32)
+    >>> print(g.summary())           # the plan (decode mode: KV counted) and the schedule
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lwjax._api import _capacity, _devices, _hardware, _microbatches, _whole
+from lwjax.causal_lm import CausalLM, causal_lm
+from lwjax.errors import ConfigError, DeviceError, InfeasiblePlanError, InputError
+from lwjax.hardware import HardwareSpec
+from lwjax.models.transformer import check_tokens
+from lwjax.passes.backend import check_runnable
+from lwjax.passes.discovery import LayersSpec
+from lwjax.passes.footprint import Footprint, GraphFootprint, footprint
+from lwjax.passes.generate import GenerationProgram, lower_generate
+from lwjax.passes.planner import epilogue_time, layer_times, numbers_from, plan_from_numbers
+from lwjax.passes.segment import LayerGraph, segment
+from lwjax.passes.trace import TracedModel, _trace
+from lwjax.plan import Objective, Plan
+from lwjax.plan_check import check_plan, check_plan_batch
+
+
+def trace_step(lm: CausalLM, batch: int, length: int, cache_len: int,
+               mode: str) -> TracedModel:
+    """Traces ``lm.step`` on ``length`` new tokens per sequence against a cache of
+    ``cache_len`` positions, followed by the greedy pick of the next token: ``(params,
+    tokens [batch, length], cache, positions [batch, length]) -> (next token [batch], cache)``.
+
+    Example:
+        >>> t = trace_step(causal_lm(model), 2, 1, 32, "decode")
+        >>> sum(t.cache_args)   # lwjax's models: K and V per layer, and the length
+        9
+    """
+    cache = jax.eval_shape(lambda: lm.init_cache(batch, cache_len))
+    tokens = jax.ShapeDtypeStruct((batch, length), jnp.int32)
+
+    def step(params, tokens_BT, cache_in, positions_BT):
+        logits, cache_out = lm.step(params, tokens_BT, cache_in, positions_BT)
+        if jax.tree.structure(cache_out) != jax.tree.structure(cache_in):
+            raise ConfigError(
+                f"{lm.name}'s step returns a cache of another structure than it was given "
+                f"({jax.tree.structure(cache_out)} vs {jax.tree.structure(cache_in)}); "
+                "return the updated cache in the structure init_cache makes.")
+        if getattr(logits, "ndim", 0) != 3 or logits.shape[:2] != tokens_BT.shape:
+            raise ConfigError(f"{lm.name}'s step returns logits of shape "
+                              f"{getattr(logits, 'shape', None)}; expected [batch, tokens, "
+                              f"vocab] = [{tokens_BT.shape[0]}, {tokens_BT.shape[1]}, V].")
+        return jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), cache_out
+
+    return _trace(step, lm.params, (tokens, cache, tokens), {}, mode, None, lm.kind, 1,
+                  scoped_by_lwjax=lm.kind == "nnx")
+
+
+def _cache_fills(lm: CausalLM, batch: int, cache_len: int) -> list:
+    """The value each cache leaf starts at (``init_cache`` fills every leaf with one value:
+    zeros, a position counter at 0)."""
+    leaves_with_path = jax.tree_util.tree_flatten_with_path(
+        jax.jit(lambda: lm.init_cache(batch, cache_len))())[0]
+    fills = []
+    for path, leaf in leaves_with_path:
+        flat = np.asarray(leaf).ravel()
+        if flat.size and not (flat == flat[0]).all():
+            raise ConfigError(
+                f"{lm.name}.init_cache fills cache leaf {jax.tree_util.keystr(path)} with "
+                "differing values; lwjax starts every leaf from one value (zeros, a counter).")
+        fills.append(flat[0].item() if flat.size else 0)
+    return fills
+
+
+def _combined_numbers(prefill: LayerGraph, decode: LayerGraph, hw: HardwareSpec,
+                      num_microbatches: int, attention: str):
+    """Per layer, what a stage holds across the whole generation: weights, the caches of all
+    M groups (decode's KV bytes x M), and the larger of the prefill and decode transient
+    peaks; times are decode's (what every token pays)."""
+    fps = [footprint(g, None, attention=attention, backend=hw.kind) for g in (prefill, decode)]
+
+    def both(p: Footprint, d: Footprint) -> Footprint:
+        return dataclasses.replace(
+            d, activation_bytes=max(p.activation_bytes, d.activation_bytes),
+            buffer_bytes=max(p.buffer_bytes, d.buffer_bytes),
+            kv_cache_bytes=d.kv_cache_bytes * num_microbatches,
+            unknown_primitives=tuple(sorted({*p.unknown_primitives, *d.unknown_primitives})))
+
+    pre, dec = fps
+    fp = GraphFootprint(prologue=both(pre.prologue, dec.prologue),
+                        layers=tuple(both(p, d) for p, d in zip(pre.layers, dec.layers,
+                                                                strict=True)),
+                        epilogue=both(pre.epilogue, dec.epilogue),
+                        compression=dec.compression, backend=dec.backend)
+    costs = layer_times(decode, hw, weights_on_chip=True)
+    return numbers_from(decode, fp, costs, epilogue_time(decode, hw, weights_on_chip=True))
+
+
+class Generator:
+    """A model generating text through a layer-wise pipeline: weights and KV caches placed on
+    their stages once, one compiled program per (batch, prompt length, shortest prompt, N).
+
+    Attributes:
+        plan: the Plan it runs (mode "decode": each stage's footprint counts its layers' KV
+            caches for all M groups, and the larger of the prefill and decode peaks).
+        max_new_tokens: N, new tokens per sequence and call.
+        prompt_shape: (B, T) of the prompts it takes (right-padded to T).
+        cache_len: KV-cache positions per sequence (T + N).
+        compile_seconds: measured compile time of each program, keyed by the shortest prompt.
+
+    Example:
+        >>> g = lwjax.layerwise_generate(model, prompt, max_new_tokens=8)
+        >>> g(prompt).shape
+        (4, 8)
+    """
+
+    def __init__(self, lm: CausalLM, plan: Plan, decode: LayerGraph, devices, *,
+                 prompt_shape, max_new_tokens, cache_len, eos_id, pad_id, layers):
+        self.lm, self.plan, self._decode, self._layers = lm, plan, decode, layers
+        self.prompt_shape, self.max_new_tokens, self.cache_len = prompt_shape, max_new_tokens, \
+            cache_len
+        self.eos_id, self.pad_id = eos_id, pad_id
+        by_id = {d.id: d for d in devices}
+        self._devices = [by_id[s.devices[0]] for s in plan.stages]
+        self._fills = _cache_fills(lm, plan.microbatch_size, cache_len)
+        self._programs: dict[int, GenerationProgram] = {}
+        self.compile_seconds: dict[int, float] = {}
+        first = self.program(prompt_shape[1])
+        self.params = first.place_params(decode.traced.params)
+        self.caches = first.empty_caches()
+
+    def program(self, prefill_len: int) -> GenerationProgram:
+        """The program for calls whose shortest prompt is ``prefill_len`` (built once)."""
+        if prefill_len not in self._programs:
+            mb = self.plan.microbatch_size
+            prefill = segment(trace_step(self.lm, mb, prefill_len, self.cache_len, "prefill"),
+                              self._layers)
+            self._programs[prefill_len] = lower_generate(
+                prefill, self._decode, [s.layer_range for s in self.plan.stages],
+                self._devices, self.plan.microbatches, prompt_len=self.prompt_shape[1],
+                max_new_tokens=self.max_new_tokens, cache_fills=self._fills,
+                eos_id=self.eos_id, pad_id=self.pad_id)
+        return self._programs[prefill_len]
+
+    def _inputs(self, prompt, lengths, attention_mask):
+        check_tokens(prompt, "Generator(prompt)", name="prompt")
+        if tuple(prompt.shape) != self.prompt_shape:
+            raise InputError(
+                f"prompt has shape {tuple(prompt.shape)}, but this generator was built for "
+                f"{self.prompt_shape} (batch, prompt length); right-pad prompts to length "
+                f"{self.prompt_shape[1]} and pass lengths=, or call layerwise_generate again.")
+        lengths_B = _lengths(prompt, lengths, attention_mask)
+        prompt = np.asarray(prompt, np.int32)
+        if attention_mask is not None:  # left-padded rows move their tokens to the front
+            mask = np.asarray(attention_mask).astype(bool)
+            prompt = np.stack([np.concatenate([row[m], np.zeros((~m).sum(), np.int32)])
+                               for row, m in zip(prompt, mask, strict=True)])
+        m, mb = self.plan.microbatches, self.plan.microbatch_size
+        return (prompt.reshape(m, mb, -1), lengths_B.reshape(m, mb).astype(np.int32),
+                int(lengths_B.min()))
+
+    def __call__(self, prompt, lengths=None, attention_mask=None) -> jax.Array:
+        """The new tokens [B, N] (int32) for ``prompt`` [B, T].
+
+        Args:
+            prompt: int tokens [B, T], right-padded when prompts differ in length.
+            lengths: each sequence's prompt length [B] (default: T for every sequence).
+            attention_mask: instead of ``lengths``, a [B, T] 0/1 mask of the real tokens (a
+                contiguous run per row; left padding is moved to the right).
+
+        Returns:
+            [B, N] int32: each sequence's greedy continuation, as it would get alone; after
+            ``eos_id`` the tokens are ``pad_id``.
+        """
+        prompt_MBT, lengths_MB, shortest = self._inputs(prompt, lengths, attention_mask)
+        prog = self.program(shortest)
+        if shortest not in self.compile_seconds:
+            start = time.perf_counter()
+            prog.fn.lower(self.params, prog.abstract_caches(), prompt_MBT, lengths_MB).compile()
+            self.compile_seconds[shortest] = time.perf_counter() - start
+        stacked, self.caches = prog.fn(self.params, self.caches, prompt_MBT, lengths_MB)
+        return prog.new_tokens(stacked)
+
+    def lower(self, prompt, lengths=None) -> jax.stages.Lowered:
+        """The ``jax.stages.Lowered`` program for these prompts."""
+        prompt_MBT, lengths_MB, shortest = self._inputs(prompt, lengths, None)
+        return self.program(shortest).fn.lower(self.params, self.caches, prompt_MBT, lengths_MB)
+
+    def compile(self, prompt, lengths=None) -> jax.stages.Compiled:
+        """``lower(...).compile()``: e.g. ``.memory_analysis()`` per device."""
+        return self.lower(prompt, lengths).compile()
+
+    def kv_cache_bytes(self) -> dict[int, dict[str, int]]:
+        """Per device id, measured from the placed cache arrays: ``allocated`` (the bytes of
+        its shards) and ``own`` (its stage's own leaves for all M groups; the rest of
+        ``allocated`` pads a stage with fewer cache leaves than the largest one)."""
+        prog = next(iter(self._programs.values()))
+        m = self.plan.microbatches
+        out = {}
+        for s, stage in enumerate(self.plan.stages):
+            dev = self._devices[s]
+            allocated = sum(sh.data.nbytes for c in self.caches for sh in c.addressable_shards
+                            if sh.device == dev)
+            own = sum(m * prog.cache_leaves[j].nbytes for j in prog.cache_slots.where[s])
+            out[stage.devices[0]] = {"allocated": allocated, "own": own}
+        return out
+
+    def schedule(self) -> str:
+        """The decode schedule in words: ticks, period, bubble."""
+        s, m = len(self.plan.stages), self.plan.microbatches
+        period = max(m, s)
+        bubble = 1 - m / period
+        return (f"ring decode: {s} stages, M={m} groups of {self.plan.microbatch_size} "
+                f"sequences; a token every {period} ticks per sequence (period max(M, S)); "
+                f"bubble {100 * bubble:.0f}%"
+                + ("" if m >= s else f" (M < S: raise microbatches to {s} to remove it)")
+                + f"; prefill: GPipe, {m + s - 1} ticks")
+
+    def summary(self) -> str:
+        return f"{self.plan.summary()}\n{self.schedule()}"
+
+    def __repr__(self) -> str:
+        return f"Generator(\n{self.summary()}\n)"
+
+
+def _lengths(prompt, lengths, attention_mask) -> np.ndarray:
+    b, t = prompt.shape
+    if lengths is not None and attention_mask is not None:
+        raise InputError("pass lengths= or attention_mask=, not both.")
+    if attention_mask is not None:
+        mask = np.asarray(attention_mask)
+        if mask.shape != (b, t) or not np.isin(mask, (0, 1)).all():
+            raise InputError(f"attention_mask must be 0/1 of the prompt's shape {(b, t)}; got "
+                             f"{mask.dtype} {mask.shape}.")
+        edges = np.abs(np.diff(np.pad(mask.astype(np.int8), ((0, 0), (1, 1))), axis=1)).sum(1)
+        if (edges != 2).any():
+            row = int(np.argmax(edges != 2))
+            raise InputError(f"attention_mask row {row} is not one run of ones (padding on the "
+                             "left or on the right, at least one real token).")
+        return mask.sum(1).astype(np.int64)
+    if lengths is None:
+        return np.full((b,), t, np.int64)
+    arr = np.asarray(lengths)
+    if arr.shape != (b,) or not np.issubdtype(arr.dtype, np.integer):
+        raise InputError(f"lengths must be {b} integers (one prompt length per sequence); got "
+                         f"{arr.dtype} {arr.shape}.")
+    if (arr < 1).any() or (arr > t).any():
+        bad = int(np.argmax((arr < 1) | (arr > t)))
+        raise InputError(f"lengths[{bad}] = {int(arr[bad])} is outside 1..{t} (the prompt "
+                         "array's length); every sequence needs at least one prompt token.")
+    return arr.astype(np.int64)
+
+
+def _token_id(value, name: str) -> int | None:
+    if value is None:
+        return None
+    count = _whole(value)
+    if count is None or count < 0:
+        raise InputError(f"{name} must be a non-negative integer token id or None, got "
+                         f"{value!r}.")
+    return count
+
+
+def layerwise_generate(
+    model,
+    prompt,
+    *,
+    max_new_tokens: int,
+    devices=None,
+    hardware: HardwareSpec | str | None = None,
+    cache_bytes: int | None = None,
+    microbatches: int | None = None,
+    plan: Plan | None = None,
+    eos_id: int | None = None,
+    pad_id: int | None = None,
+    cache_len: int | None = None,
+    objective: Objective = "step",
+    layers: LayersSpec = None,
+) -> Generator:
+    """Greedy generation through a layer-wise pipeline: the step traced twice (prefill,
+    decode), segmented, planned in decode mode (weights + all groups' KV caches + the larger
+    transient peak per stage), lowered into one program whose ring of stages decodes every
+    token on the devices (``passes/generate.py``).
+
+    Args:
+        model: an lwjax model (or NNX module with ``init_cache`` / ``decode_step``), a
+            ``transformers`` Flax causal LM, or an ``lwjax.CausalLM``.
+        prompt: example int tokens [B, T]; calls take this shape (right-padded).
+        max_new_tokens: N >= 1 new tokens per sequence.
+        devices: jax devices (default: all of ``jax.devices()``).
+        hardware: HardwareSpec or preset name (default: from the devices' platform).
+        cache_bytes: on-chip capacity per device (default: the hardware's L2 size).
+        microbatches: M groups of sequences in flight (default: the largest divisor of B
+            up to the number of devices); M >= the number of stages leaves no bubble.
+        plan: run this Plan (made with mode="decode" for this model and batch) as it is.
+        eos_id: a token id that ends a sequence, or None.
+        pad_id: the token after a sequence's ``eos_id`` (default: ``eos_id``).
+        cache_len: KV-cache positions per sequence (default and minimum: T + N - 1 ... T + N).
+        objective: "step" or "bottleneck" (see ``lwjax.plan``).
+        layers: name the layers when discovery cannot decide (see ``lwjax.analyze``).
+
+    Returns:
+        Generator; ``g(prompt)`` returns the new tokens [B, N].
+
+    Raises:
+        InputError: a prompt that is not [B, T] integers, N < 1, a cache too short for the
+            prompt and N, more positions than the model has.
+        InfeasiblePlanError: the weights, caches and peaks do not fit the devices.
+
+    Example:
+        >>> g = layerwise_generate(model, prompt, max_new_tokens=32, microbatches=4)
+        >>> (g(prompt) == models.generate(model, prompt, 32)).all()
+        Array(True, dtype=bool)
+    """
+    lm = causal_lm(model)
+    check_tokens(prompt, "layerwise_generate(model, prompt)", name="prompt")
+    n_new = _whole(max_new_tokens)
+    if n_new is None or n_new < 1:
+        raise InputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}.")
+    eos, pad = _token_id(eos_id, "eos_id"), _token_id(pad_id, "pad_id")
+    pad = pad if pad is not None else eos if eos is not None else 0
+    batch, prompt_len = (int(x) for x in prompt.shape)
+    if batch < 1 or prompt_len < 1:
+        raise InputError(f"prompt has shape {(batch, prompt_len)}: pass at least one sequence "
+                         "of at least one token.")
+    need = prompt_len + n_new
+    if cache_len is None:
+        cache_len = need
+    elif _whole(cache_len) is None or _whole(cache_len) < need - 1:
+        raise InputError(
+            f"cache_len={cache_len!r} holds fewer positions than the prompt ({prompt_len}) "
+            f"plus {n_new} new tokens need ({need - 1} written); raise cache_len to {need} or "
+            "shorten the prompt or max_new_tokens.")
+    cache_len = int(cache_len)
+    if lm.max_positions is not None and max(cache_len, need - 1) > lm.max_positions:
+        raise InputError(
+            f"{lm.name} has {lm.max_positions} positions, but a prompt of {prompt_len} plus "
+            f"{n_new} new tokens needs a cache of {cache_len}; shorten the prompt or "
+            f"max_new_tokens (at most {lm.max_positions - prompt_len} new tokens here).")
+    if devices is None:
+        devices = jax.devices()
+    objs, ids = _devices(devices, None)
+    if objs is None:
+        raise DeviceError("layerwise_generate runs on jax devices: pass devices=jax.devices(), "
+                          "not device ids.")
+    hw = _hardware(hardware, objs)
+    attention = "fused" if hw.kind == "gpu" else "as_traced"
+
+    def graphs(mb: int) -> tuple[LayerGraph, LayerGraph]:
+        pre = segment(trace_step(lm, mb, prompt_len, cache_len, "prefill"), layers)
+        dec = segment(trace_step(lm, mb, 1, cache_len, "decode"), layers)
+        if [s.name for s in pre.layers] != [s.name for s in dec.layers]:
+            raise ConfigError(
+                f"{lm.name}'s prefill and decode steps have different layers "
+                f"({len(pre.layers)} vs {len(dec.layers)}: {pre.layers[0].name}.. vs "
+                f"{dec.layers[0].name}..); name them with layers=.")
+        return pre, dec
+
+    if plan is not None:
+        if plan.mode != "decode":
+            raise ConfigError(f"the plan was made for mode={plan.mode!r}; generation needs a "
+                              "plan made by layerwise_generate (mode='decode').")
+        mb = check_plan_batch(plan, batch)
+        pre, dec = graphs(mb)
+        check_plan(plan, dec, ids, mode="decode")
+        if plan.tp != 1:
+            raise ConfigError(f"the plan splits stages over tp={plan.tp} devices; generation "
+                              "runs one device per stage. Plan again with more cache_bytes or "
+                              "fewer layers per device.")
+    else:
+        m = _microbatches(batch, microbatches, len(ids))
+        mb = batch // m
+        pre, dec = graphs(mb)
+        check_runnable(dec, objs[0].platform)
+        numbers = _combined_numbers(pre, dec, hw, m, attention)
+        capacity = _capacity(cache_bytes, hw, False)
+        try:
+            plan = plan_from_numbers(
+                numbers, capacity_bytes=capacity, device_ids=ids, hardware=hw.name,
+                compression="none", microbatches=m, microbatch_size=mb, mode="decode",
+                attention=attention, objective=objective, model=lm.name,
+                concurrency=hw.num_cores if hw.kind == "cpu" else None)
+        except InfeasiblePlanError as e:
+            e.args = (f"{e} (Generation: each stage holds its layers' KV caches for all "
+                      f"{batch} sequences, {cache_len} positions each.)",)
+            raise
+    return Generator(lm, plan, dec, objs, prompt_shape=(batch, prompt_len),
+                     max_new_tokens=n_new, cache_len=cache_len, eos_id=eos, pad_id=pad,
+                     layers=layers)
+
+
+__all__: Sequence[str] = ("Generator", "layerwise_generate", "trace_step")

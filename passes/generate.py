@@ -1,0 +1,518 @@
+"""Pass 6 for generation: a prefill LayerGraph, a decode LayerGraph and stage ranges -> one
+jitted SPMD program that generates N tokens per sequence with KV caches resident on their
+stage.
+
+Both graphs trace the same step, ``(params, tokens [mb, T], cache, positions [mb, T]) ->
+(next token [mb], cache)`` (``lwjax/causal_lm.py``), at the prompt's length and at one token;
+the next token is the greedy argmax of the last position's logits, so the LM head's logits
+never leave the last stage. The program runs over ``Mesh(devices, ("stage",))``:
+
+- **Weights** as in the forward pipeline (``passes/storage.py``'s ``SlotStorage``): stage s
+  holds only its own, read as bitcasts.
+- **KV caches**: every cache leaf belongs to the stages whose segments read or write it (a
+  layer's K and V: that layer's stage; a counter such as lwjax's ``length``, read by every
+  layer: every stage, each advancing its own copy with the equations that update it). Leaves
+  sit in slots ``[S, M, n]`` sharded over "stage" -- one row per group of sequences -- that
+  live on their device for the whole generation: a tick reads its group's row, the stage's
+  equations update it, the tick writes it back in place (the slots are donated loop
+  carries). Caches are never gathered or sent.
+- **Prefill**: a GPipe pass over the M groups (M + S - 1 ticks) on the prompt's first P0
+  tokens (the shortest prompt); the last stage's epilogue picks each group's first token.
+- **Decode ring**: the last stage sends each token back to stage 0 with the same
+  ``ppermute`` that moves activations (a ring: s -> s + 1, S - 1 -> 0), with the group it
+  belongs to. At tick t stage s works on step k, group g of ``t - s = k * P + g``, period
+  P = max(M, S): with M >= S no stage idles after the first S ticks; with M < S every
+  token waits S - M ticks for its group's turn. Stage 0 keeps a per-group token buffer.
+- **Prompts of different lengths**: steps at positions below a sequence's own length feed its
+  prompt token instead of the predicted one (teacher forcing), so every sequence gets the
+  tokens it would get alone; its first new token is the prediction at its own length.
+  ``eos_id`` ends a sequence: later tokens are ``pad_id``.
+- **Outputs**: the last stage writes each prediction into ``[M, mb, N]`` int32 tokens; every
+  device holds that small array (B x N x 4 bytes), nothing output-sized from the vocabulary.
+
+Example:
+    >>> prog = lower_generate(prefill_graph, decode_graph, ranges=((0, 2), (2, 4)),
+    ...                       devices=jax.devices()[:2], num_microbatches=2, ...)
+    >>> tokens, caches = prog.fn(prog.place_params(leaves), prog.empty_caches(), prompt, lengths)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from lwjax._compat import Literal as JaxLiteral
+from lwjax._compat import Var
+from lwjax.errors import CacheLayoutError
+from lwjax.passes.lower import _eval, _layout, _pack, _param_values, _unpack, _zeros
+from lwjax.passes.segment import LayerGraph, Segment
+from lwjax.passes.storage import AXIS, SlotStorage
+
+TOKENS, CACHE, POSITIONS = 0, 1, 2  # the step's positional arguments
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheLeaf:
+    """One leaf of the model's cache and the stages that keep a copy of it."""
+
+    index: int
+    path: str
+    shape: tuple[int, ...]
+    dtype: str
+    fill: float | int
+    stages: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
+
+
+@dataclasses.dataclass(frozen=True)
+class _Update:
+    """How a stage gets a held leaf's new value: from its own equations (``var``), from
+    equations it repeats on its copy (``eqns`` then ``var``), or unchanged (``var`` None)."""
+
+    slot: int
+    leaf: int
+    var: Var | None
+    eqns: tuple = ()
+    const: object = None
+
+
+@dataclasses.dataclass(frozen=True)
+class _StagePhase:
+    """What stage s runs in one phase (prefill or decode)."""
+
+    segments: tuple[Segment, ...]
+    params: tuple[int, ...]
+    carry_in: tuple[Var, ...]
+    carry_out: tuple[Var, ...]
+    updates: tuple[_Update, ...]
+
+
+class CacheSlots:
+    """Stage s's cache leaves in slots ``[S, M, n]`` sharded over "stage" (one row per
+    group), keyed by (dtype, element count) as ``SlotStorage`` keys weights."""
+
+    def __init__(self, leaves: Sequence[CacheLeaf], num_stages: int):
+        self.where: list[dict[int, int]] = []  # per stage: leaf index -> slot
+        counts_max: dict[tuple[str, int], int] = {}
+        per_stage: list[list[tuple[int, tuple[str, int], int]]] = []
+        for s in range(num_stages):
+            counts: dict[tuple[str, int], int] = {}
+            mine = []
+            for leaf in leaves:
+                if s in leaf.stages:
+                    key = (leaf.dtype, int(np.prod(leaf.shape, dtype=np.int64)))
+                    mine.append((leaf.index, key, counts.get(key, 0)))
+                    counts[key] = counts.get(key, 0) + 1
+            for key, n in counts.items():
+                counts_max[key] = max(counts_max.get(key, 0), n)
+            per_stage.append(mine)
+        self.slots = [(key, j) for key in sorted(counts_max) for j in range(counts_max[key])]
+        index = {slot: n for n, slot in enumerate(self.slots)}
+        self.where = [{leaf: index[key, j] for leaf, key, j in mine} for mine in per_stage]
+        # per stage and slot: the fill value of the leaf it holds (0 for a padding row)
+        fills = np.zeros((num_stages, len(self.slots)), np.float64)
+        by_index = {leaf.index: leaf for leaf in leaves}
+        for s, where in enumerate(self.where):
+            for leaf, slot in where.items():
+                fills[s, slot] = by_index[leaf].fill
+        self.fills = fills
+
+    def slot_bytes(self, num_groups: int) -> list[int]:
+        return [num_groups * size * np.dtype(dt).itemsize for (dt, size), _ in self.slots]
+
+
+@dataclasses.dataclass
+class GenerationProgram:
+    """The lowered generation program and what it needs to run.
+
+    ``fn(placed_params, caches, prompt [M, mb, T], lengths [M, mb]) -> (tokens [S * M, mb, N],
+    caches)``; ``caches`` are donated and come back updated (``empty_caches`` makes the first
+    ones). ``tokens`` of the last stage are the new tokens (``new_tokens``).
+    """
+
+    mesh: Mesh
+    storage: SlotStorage
+    cache_slots: CacheSlots
+    cache_leaves: tuple[CacheLeaf, ...]
+    num_stages: int
+    num_microbatches: int
+    microbatch_size: int
+    prefill_len: int
+    prompt_len: int
+    max_new_tokens: int
+    decode_steps: int
+    period: int
+    fn: object
+    _graph: LayerGraph
+    _stage_params: tuple[tuple[int, ...], ...]
+
+    @property
+    def ticks(self) -> tuple[int, int]:
+        """(prefill ticks, decode ticks) of one call."""
+        s, m = self.num_stages, self.num_microbatches
+        return m + s - 1, (self.decode_steps * self.period + s - 1) if self.decode_steps else 0
+
+    def place_params(self, param_leaves: Sequence):
+        values = _param_values(self._graph, param_leaves)
+        return self.storage.place(self.mesh, [[values[i] for i in params]
+                                              for params in self._stage_params])
+
+    def abstract_caches(self) -> list:
+        sharding = NamedSharding(self.mesh, P(AXIS))
+        return [jax.ShapeDtypeStruct((self.num_stages, self.num_microbatches, size), dt,
+                                     sharding=sharding)
+                for (dt, size), _ in self.cache_slots.slots]
+
+    def empty_caches(self) -> list:
+        """The cache slots, allocated on their devices (the program fills them)."""
+        out = []
+        for a in self.abstract_caches():
+            out.append(jax.jit(lambda a=a: jnp.zeros(a.shape, a.dtype),
+                               out_shardings=a.sharding)())
+        return out
+
+    def new_tokens(self, stacked) -> jax.Array:
+        """The last stage's [M, mb, N] tokens from ``fn``'s [S * M, mb, N], as [B, N], taken
+        where they were written (no gather)."""
+        m, last = self.num_microbatches, self.num_stages - 1
+        shard = next(sh for sh in stacked.addressable_shards
+                     if (sh.index[0].start or 0) <= last * m < (sh.index[0].stop or
+                                                                 self.num_stages * m))
+        data = shard.data
+        return data.reshape(data.shape[0] * data.shape[1], data.shape[2])
+
+
+def _cache_leaves(graphs: Sequence[LayerGraph], ranges, fills) -> tuple[CacheLeaf, ...]:
+    """Each cache leaf and the stages that read or write it in either graph."""
+    first = graphs[0]
+    paths = [p for p, c in zip(first.traced.arg_paths, first.traced.cache_args, strict=True) if c]
+    avals = [a for a, c in zip(first.traced.args, first.traced.cache_args, strict=True) if c]
+    stages = [set() for _ in paths]
+    for graph in graphs:
+        cache_vars = _cache_vars(graph)
+        outs = graph.jaxpr.jaxpr.outvars[1:]
+        stage_of = _stage_of_segment(graph, ranges)
+        index = {v: j for j, v in enumerate(cache_vars)}
+        for k, seg in enumerate(graph.segments):
+            for v in seg.cache_inputs:
+                stages[index[v]].add(stage_of[k])
+            defined = {v for e in seg.eqns for v in e.outvars}
+            for j, o in enumerate(outs):
+                if isinstance(o, Var) and o in defined:
+                    stages[j].add(stage_of[k])
+    return tuple(CacheLeaf(j, paths[j].split("/", 2)[-1], tuple(avals[j].shape),
+                           np.dtype(avals[j].dtype).name, fills[j], tuple(sorted(stages[j])))
+                 for j in range(len(paths)))
+
+
+def _cache_vars(graph: LayerGraph) -> list[Var]:
+    return [v for v, c in zip(graph.arg_vars, graph.traced.cache_args, strict=True) if c]
+
+
+def _stage_of_segment(graph: LayerGraph, ranges) -> list[int]:
+    """Segment index (prologue 0, layer i at i + 1, epilogue last) -> its stage."""
+    out = [0]
+    for s, (start, stop) in enumerate(ranges):
+        out.extend([s] * (stop - start))
+    return [*out, len(ranges) - 1]
+
+
+def _cuts(graph: LayerGraph, ranges, token_var: Var) -> list[tuple[Var, ...]]:
+    """Values live across each stage boundary but the last. The new token counts as made by
+    stage 0 (only it knows it); cache outputs are no model outputs here: each stage keeps its
+    own, so only values later segments read cross a cut."""
+    segs = graph.segments
+    defined_at = {v: k for k, seg in enumerate(segs) for e in seg.eqns for v in e.outvars}
+    defined_at[token_var] = 0
+    read_at: dict = {}
+    for k, seg in enumerate(segs):
+        for v in seg.inputs:
+            read_at.setdefault(v, []).append(k)
+    cuts = []
+    for _, stop in ranges[:-1]:
+        cuts.append(tuple(v for v, k in defined_at.items()
+                          if k <= stop and any(r > stop for r in read_at.get(v, ()))))
+    return cuts
+
+
+def _closure(graph: LayerGraph, var: Var, available: set) -> tuple | None:
+    """The equations that compute ``var`` from ``available`` values (in order), or None
+    when it needs anything else (another stage's activations or weights)."""
+    producer = {v: e for seg in graph.segments for e in seg.eqns for v in e.outvars}
+    eqns: list = []
+    done: set = set()
+
+    def visit(v) -> bool:
+        if isinstance(v, JaxLiteral) or v in available or v in done:
+            return True
+        e = producer.get(v)
+        if e is None or not all(visit(x) for x in e.invars):
+            return False
+        if not any(o in done for o in e.outvars):
+            eqns.append(e)
+        done.update(e.outvars)
+        return True
+
+    return tuple(eqns) if visit(var) else None
+
+
+def _phase(graph: LayerGraph, ranges, leaves, slots: CacheSlots, stage_params, name: str
+           ) -> list[_StagePhase]:
+    segs, num_stages = graph.segments, len(ranges)
+    token_var = graph.arg_vars[0]
+    cuts = _cuts(graph, ranges, token_var)
+    cache_vars = _cache_vars(graph)
+    outs = graph.jaxpr.jaxpr.outvars[1:]
+    consts = set(graph.jaxpr.jaxpr.constvars)
+    param_vars = graph.param_vars
+    out = []
+    for s, (start, stop) in enumerate(ranges):
+        stage_segs = list(segs[start + 1: stop + 1])
+        if s == 0:
+            stage_segs.insert(0, graph.prologue)
+        if s == num_stages - 1:
+            stage_segs.append(graph.epilogue)
+        carry_in = cuts[s - 1] if s > 0 else ()
+        available = consts | {param_vars[i] for i in stage_params[s]} | set(carry_in) | {
+            v for v, c in zip(graph.arg_vars, graph.traced.cache_args, strict=True) if not c}
+        available |= {cache_vars[j] for j in slots.where[s]}
+        available |= {v for seg in stage_segs for e in seg.eqns for v in e.outvars}
+        updates = []
+        for j, slot in slots.where[s].items():
+            o = outs[j]
+            if isinstance(o, JaxLiteral):
+                updates.append(_Update(slot, j, None, const=o.val))
+                continue
+            if o is cache_vars[j]:
+                updates.append(_Update(slot, j, None))
+                continue
+            eqns = _closure(graph, o, available)
+            if eqns is None:
+                raise CacheLayoutError(
+                    f"cache leaf {leaves[j].path!r} {list(leaves[j].shape)} is read on stage "
+                    f"{s} but its {name} update needs values of other stages (its layer "
+                    f"writes it from activations there). A stage can only keep caches it "
+                    "updates itself: give the leaf one owner layer, or plan with fewer stages.")
+            updates.append(_Update(slot, j, o, eqns))
+        out.append(_StagePhase(segments=tuple(stage_segs), params=stage_params[s],
+                               carry_in=carry_in,
+                               carry_out=cuts[s] if s < num_stages - 1 else (),
+                               updates=tuple(updates)))
+    return out
+
+
+
+@dataclasses.dataclass(frozen=True)
+class _Eqns:
+    """Equations a stage repeats on its own copy of a cache leaf (``_eval`` binds them)."""
+
+    eqns: tuple
+    name: str = "cache_update"
+    kind: str = "layer"
+
+
+def lower_generate(
+    prefill: LayerGraph,
+    decode: LayerGraph,
+    ranges: Sequence[tuple[int, int]],
+    devices: Sequence,
+    num_microbatches: int,
+    *,
+    prompt_len: int,
+    max_new_tokens: int,
+    cache_fills: Sequence,
+    eos_id: int | None,
+    pad_id: int,
+) -> GenerationProgram:
+    """Builds the generation program for stages covering layer ``ranges``.
+
+    Args:
+        prefill: the step traced at the microbatch size and P0 tokens (P0: the tokens every
+            sequence of a call has, its shortest prompt).
+        decode: the step traced at the microbatch size and one token.
+        ranges: per stage, the (start, stop) layer indices it runs.
+        devices: one device per stage.
+        num_microbatches: M groups of sequences in flight.
+        prompt_len: T, the prompt array's length (prompts are right-padded to it).
+        max_new_tokens: N.
+        cache_fills: per cache leaf, the value ``init_cache`` fills it with.
+        eos_id: a token that ends a sequence, or None.
+        pad_id: what follows a sequence's eos_id.
+
+    Returns:
+        GenerationProgram.
+    """
+    num_stages, m, n_new = len(ranges), num_microbatches, max_new_tokens
+    mesh = Mesh(np.array(list(devices)[:num_stages]), (AXIS,))
+    leaves = _cache_leaves((prefill, decode), ranges, cache_fills)
+    slots = CacheSlots(leaves, num_stages)
+    stage_params = []
+    for start, stop in ranges:
+        segs = [*decode.segments[start + 1: stop + 1], *prefill.segments[start + 1: stop + 1]]
+        if start == 0:
+            segs += [decode.prologue, prefill.prologue]
+        if stop == len(decode.layers):
+            segs += [decode.epilogue, prefill.epilogue]
+        stage_params.append(tuple(sorted({i for seg in segs for i in seg.params})))
+    storage = SlotStorage(stage_params, decode.param_vars)
+    mb = decode.traced.batch_size
+    prefill_len = int(prefill.traced.args[TOKENS].shape[1])
+    decode_steps = prompt_len - prefill_len + n_new - 1
+    period = max(m, num_stages)
+    message = jax.ShapeDtypeStruct((mb + 2,), jnp.int32)  # a token per sequence, group, valid
+    msg_slots, msg_sizes = _layout([message])
+
+    def branches_for(graph: LayerGraph, name: str):
+        phase = _phase(graph, ranges, leaves, slots, stage_params, name)
+        sizes = dict(msg_sizes)
+        for st in phase:
+            for dt, n in _layout([v.aval for v in st.carry_out])[1].items():
+                sizes[dt] = max(sizes.get(dt, 0), n)
+        jaxpr = graph.jaxpr.jaxpr
+        consts = dict(zip(jaxpr.constvars, graph.jaxpr.consts, strict=True))
+        cache_vars = _cache_vars(graph)
+        token_var, positions_var = graph.arg_vars[0], graph.arg_vars[-1]
+        token_out = jaxpr.outvars[0]
+        layouts = [_layout([v.aval for v in st.carry_out])[0] for st in phase]
+
+        def branch_for(s: int, st: _StagePhase):
+            def branch(recv, rows, tokens, positions, params, group, valid):
+                env = dict(consts)
+                env.update(zip((graph.param_vars[i] for i in st.params),
+                               storage.unpack(params, s), strict=True))
+                env[token_var], env[positions_var] = tokens, positions
+                for j, slot in slots.where[s].items():
+                    env[cache_vars[j]] = rows[slot].reshape(leaves[j].shape)
+                if s > 0:
+                    env.update(zip(st.carry_in, _unpack(recv, layouts[s - 1]), strict=True))
+                _eval(st.segments, env, s)
+                rows = list(rows)
+                for u in st.updates:
+                    if u.const is not None:
+                        rows[u.slot] = jnp.full_like(rows[u.slot], u.const)
+                    elif u.var is not None:
+                        if u.eqns:
+                            _eval((_Eqns(u.eqns),), env, s)
+                        rows[u.slot] = jnp.ravel(env[u.var]).astype(rows[u.slot].dtype)
+                if s < num_stages - 1:
+                    return _pack([env[v] for v in st.carry_out], layouts[s], sizes), rows
+                tok = (jnp.full((mb,), token_out.val) if isinstance(token_out, JaxLiteral)
+                       else env[token_out])
+                msg = jnp.concatenate([tok.astype(jnp.int32).reshape(mb),
+                                       jnp.stack([group, valid.astype(jnp.int32)])])
+                return _pack([msg], msg_slots, sizes), rows
+
+            return branch
+
+        def idle(recv, rows, tokens, positions, params, group, valid):
+            return _zeros(sizes), list(rows)
+
+        return [branch_for(s, st) for s, st in enumerate(phase)] + [idle], sizes
+
+    pre_branches, pre_sizes = branches_for(prefill, "prefill")
+    dec_branches, dec_sizes = branches_for(decode, "decode")
+    ring = [(i, (i + 1) % num_stages) for i in range(num_stages)]
+    fills = slots.fills
+    last = num_stages - 1
+
+    def per_device(params, caches, prompt_MBT, lengths_MB):
+        stage = jax.lax.axis_index(AXIS)
+        is_first, is_last = stage == 0, stage == last
+        # every call starts from init_cache's values (the slots are reused across calls)
+        caches = [jnp.full_like(c, jnp.asarray(fills[:, n], c.dtype)[stage])
+                  for n, c in enumerate(caches)]
+        tokbuf = jnp.zeros((m, mb), jnp.int32)
+        out = jnp.full((m, mb, n_new), pad_id, jnp.int32)
+        done = jnp.zeros((m, mb), bool)
+
+        def receive(recv, tokbuf):
+            """Stage 0 stores a token the last stage sent (for its group's next step)."""
+            msg = _unpack(recv, msg_slots)[0]
+            stored = jax.lax.dynamic_update_index_in_dim(tokbuf, msg[:mb], msg[mb], 0)
+            return jnp.where(is_first & (msg[mb + 1] == 1), stored, tokbuf)
+
+        def record(msg, q, out, done):
+            """The last stage writes the prediction for position q of each sequence of the
+            message's group at index q - length (when 0 <= q - length < N)."""
+            tok, g = msg[:mb], msg[mb]
+            idx = q - lengths_MB[g]
+            finished = done[g]
+            hit = (idx >= 0) & (idx < n_new)
+            row = jnp.where(hit[:, None] & (jnp.arange(n_new)[None] == idx[:, None]),
+                            jnp.where(finished, pad_id, tok)[:, None], out[g])
+            if eos_id is not None:
+                finished = finished | (hit & (tok == eos_id))
+            keep = is_last & (msg[mb + 1] == 1)
+            out = jnp.where(keep, jax.lax.dynamic_update_index_in_dim(out, row, g, 0), out)
+            done = jnp.where(keep, jax.lax.dynamic_update_index_in_dim(done, finished, g, 0),
+                             done)
+            return out, done
+
+        def tick(branches, is_prefill: bool):
+            def run(state, t):
+                recv, caches, tokbuf, out, done = state
+                tokbuf = receive(recv, tokbuf)
+                u = t - stage
+                if is_prefill:
+                    k, g, valid = jnp.int32(-1), u, (u >= 0) & (u < m)
+                else:
+                    k, g = u // period, u % period
+                    valid = (u >= 0) & (k < decode_steps) & (g < m)
+                g = jnp.clip(g, 0, m - 1).astype(jnp.int32)
+                prompt_BT = prompt_MBT[g]
+                if is_prefill:
+                    tokens = prompt_BT[:, :prefill_len]
+                    positions = jnp.broadcast_to(jnp.arange(prefill_len, dtype=jnp.int32),
+                                                 (mb, prefill_len))
+                    q = jnp.int32(prefill_len)
+                else:
+                    p = (prefill_len + k).astype(jnp.int32)
+                    given = jax.lax.dynamic_index_in_dim(
+                        prompt_BT, jnp.clip(p, 0, prompt_len - 1), 1, keepdims=False)
+                    tokens = jnp.where(p < lengths_MB[g], given, tokbuf[g])[:, None]
+                    positions = jnp.full((mb, 1), p, jnp.int32)
+                    q = p + 1
+                rows = [jax.lax.dynamic_index_in_dim(c[0], g, 0, keepdims=False) for c in caches]
+                sent, rows = jax.lax.switch(jnp.where(valid, stage, num_stages), branches, recv,
+                                            rows, tokens, positions, params, g, valid)
+                caches = [jax.lax.dynamic_update_index_in_dim(c[0], r, g, 0)[None]
+                          for c, r in zip(caches, rows, strict=True)]
+                out, done = record(_unpack(sent, msg_slots)[0], q, out, done)
+                if num_stages > 1:
+                    sent = {dt: jax.lax.ppermute(x, AXIS, ring) for dt, x in sent.items()}
+                return (sent, caches, tokbuf, out, done), None
+
+            return run
+
+        state = (_zeros(pre_sizes), caches, tokbuf, out, done)
+        state, _ = jax.lax.scan(tick(pre_branches, True), state, jnp.arange(m + num_stages - 1))
+        if decode_steps > 0:
+            recv, *rest = state
+            # the last group's first token is still in flight: carry it into the decode ring
+            state = (_pack(_unpack(recv, msg_slots), msg_slots, dec_sizes), *rest)
+            state, _ = jax.lax.scan(tick(dec_branches, False), state,
+                                    jnp.arange(decode_steps * period + num_stages - 1))
+        _, caches, _, out, _ = state
+        return out, caches
+
+    sharded = jax.shard_map(
+        per_device, mesh=mesh,
+        in_specs=(storage.specs(), [P(AXIS) for _ in slots.slots], P(), P()),
+        out_specs=(P(AXIS), [P(AXIS) for _ in slots.slots]),
+        axis_names={AXIS}, check_vma=False)
+    return GenerationProgram(
+        mesh=mesh, storage=storage, cache_slots=slots, cache_leaves=leaves,
+        num_stages=num_stages, num_microbatches=m, microbatch_size=mb,
+        prefill_len=prefill_len, prompt_len=prompt_len, max_new_tokens=n_new,
+        decode_steps=decode_steps, period=period,
+        fn=jax.jit(sharded, donate_argnums=(1,)), _graph=decode,
+        _stage_params=tuple(stage_params))
