@@ -496,3 +496,10 @@ def _describe(
         f"embedding: vocab over {TP!r}; LM head: {head}; both replicated over {PP!r} and run "
         f"outside the shard_map; logits P({head_batch_axis!r}, None, {TP!r})"
     )
+
+
+# Generation baselines live in their own module, which imports this one's helpers; the import
+# sits last so that those helpers exist when it runs.
+from lwjax.baselines_generate import GenerationBaseline as GenerationBaseline  # noqa: E402
+from lwjax.baselines_generate import single_device_generate as single_device_generate  # noqa: E402
+from lwjax.baselines_generate import tp_pp_generate as tp_pp_generate  # noqa: E402
