@@ -11,6 +11,10 @@ from lwjax import models as models
 from lwjax._api import analyze as analyze
 from lwjax._api import layerwise_shard as layerwise_shard
 from lwjax._api import plan as plan
+from lwjax.causal_lm import CausalLM as CausalLM
+from lwjax.causal_lm import causal_lm as causal_lm
+from lwjax.generate import Generator as Generator
+from lwjax.generate import layerwise_generate as layerwise_generate
 from lwjax.passes.compression import Compression as Compression
 from lwjax.passes.footprint import Footprint as Footprint
 from lwjax.passes.partition import partition_layers as partition_layers

@@ -96,10 +96,18 @@ def _combined_numbers(prefill: LayerGraph, decode: LayerGraph, hw: HardwareSpec,
             unknown_primitives=tuple(sorted({*p.unknown_primitives, *d.unknown_primitives})))
 
     pre, dec = fps
-    fp = GraphFootprint(prologue=both(pre.prologue, dec.prologue),
+    # a cache leaf the layers read too (lwjax's position counter) is counted with them once
+    in_layers = {v for seg in decode.layers for v in seg.cache_inputs}
+
+    def outer(p: Footprint, d: Footprint, seg) -> Footprint:
+        own = sum(int(np.prod(v.aval.shape)) * v.aval.dtype.itemsize
+                  for v in seg.cache_inputs if v not in in_layers)
+        return dataclasses.replace(both(p, d), kv_cache_bytes=own * num_microbatches)
+
+    fp = GraphFootprint(prologue=outer(pre.prologue, dec.prologue, decode.prologue),
                         layers=tuple(both(p, d) for p, d in zip(pre.layers, dec.layers,
                                                                 strict=True)),
-                        epilogue=both(pre.epilogue, dec.epilogue),
+                        epilogue=outer(pre.epilogue, dec.epilogue, decode.epilogue),
                         compression=dec.compression, backend=dec.backend)
     costs = layer_times(decode, hw, weights_on_chip=True)
     return numbers_from(decode, fp, costs, epilogue_time(decode, hw, weights_on_chip=True))

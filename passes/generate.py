@@ -427,9 +427,10 @@ def lower_generate(
     def per_device(params, caches, prompt_MBT, lengths_MB):
         stage = jax.lax.axis_index(AXIS)
         is_first, is_last = stage == 0, stage == last
-        # every call starts from init_cache's values (the slots are reused across calls)
-        caches = [jnp.full_like(c, jnp.asarray(fills[:, n], c.dtype)[stage])
-                  for n, c in enumerate(caches)]
+        # Every call starts from init_cache's values: a prefill tick reads its group's rows
+        # as the fill values, not from the slots (reused across calls), and writes them back.
+        fill_rows = [jnp.full(c.shape[2:], jnp.asarray(fills[:, n], c.dtype)[stage])
+                     for n, c in enumerate(caches)]
         tokbuf = jnp.zeros((m, mb), jnp.int32)
         out = jnp.full((m, mb, n_new), pad_id, jnp.int32)
         done = jnp.zeros((m, mb), bool)
@@ -482,6 +483,8 @@ def lower_generate(
                     positions = jnp.full((mb, 1), p, jnp.int32)
                     q = p + 1
                 rows = [jax.lax.dynamic_index_in_dim(c[0], g, 0, keepdims=False) for c in caches]
+                if is_prefill:  # a fresh cache; idle ticks keep the row they write back
+                    rows = [jnp.where(valid, f, r) for f, r in zip(fill_rows, rows, strict=True)]
                 sent, rows = jax.lax.switch(jnp.where(valid, stage, num_stages), branches, recv,
                                             rows, tokens, positions, params, g, valid)
                 caches = [jax.lax.dynamic_update_index_in_dim(c[0], r, g, 0)[None]

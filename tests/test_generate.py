@@ -1,0 +1,197 @@
+"""layerwise_generate: greedy tokens equal the model's own generation (lwjax's dense and MoE
+models, a transformers family), mixed prompt lengths and eos, stage-resident KV caches, one
+compile per shape, and bad inputs."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import lwjax
+from lwjax import models
+from lwjax.errors import ConfigError, InputError
+
+NEW = 32
+
+
+def _model(kind: str, num_layers: int):
+    cfg = models.configs.tiny_dense() if kind == "dense" else models.configs.tiny_moe()
+    cfg = dataclasses.replace(cfg, dtype=jnp.float32, num_layers=num_layers)
+    return models.build(cfg, rngs=nnx.Rngs(0)), cfg
+
+
+@pytest.fixture(scope="module")
+def dense16():
+    return _model("dense", 16)
+
+
+@pytest.fixture(scope="module")
+def moe16():
+    return _model("moe", 16)
+
+
+def _prompt(cfg, batch=4, length=8, seed=1):
+    return jax.random.randint(jax.random.key(seed), (batch, length), 0, cfg.vocab_size,
+                              jnp.int32)
+
+
+def _check_equal(model, cfg, num_devices, microbatches):
+    prompt = _prompt(cfg)
+    g = lwjax.layerwise_generate(model, prompt, max_new_tokens=NEW,
+                                 devices=jax.devices()[:num_devices], microbatches=microbatches,
+                                 objective="bottleneck", cache_bytes=2**30)
+    got = np.asarray(g(prompt))
+    want = np.asarray(models.generate(model, prompt, NEW))
+    assert got.shape == (4, NEW) and got.dtype == np.int32
+    np.testing.assert_array_equal(got, want)
+    # one layer per stage up to the device count (the bottleneck objective)
+    assert len(g.plan.stages) == min(num_devices, cfg.num_layers)
+    assert g.plan.mode == "decode" and g.plan.microbatches == microbatches
+    return g
+
+
+# One representative per model and device count in the default run; the second M is slow.
+@pytest.mark.parametrize("num_devices,microbatches", [
+    (1, 2), (2, 2), (5, 4), (16, 4),
+    pytest.param(1, 4, marks=pytest.mark.slow), pytest.param(2, 1, marks=pytest.mark.slow),
+    pytest.param(5, 2, marks=pytest.mark.slow), pytest.param(16, 2, marks=pytest.mark.slow),
+])
+def test_dense_equals_models_generate(dense16, num_devices, microbatches):
+    _check_equal(*dense16, num_devices, microbatches)
+
+
+@pytest.mark.parametrize("num_devices,microbatches", [
+    (2, 2), (16, 4),
+    pytest.param(1, 2, marks=pytest.mark.slow), pytest.param(5, 4, marks=pytest.mark.slow),
+    pytest.param(1, 4, marks=pytest.mark.slow), pytest.param(2, 1, marks=pytest.mark.slow),
+    pytest.param(5, 2, marks=pytest.mark.slow), pytest.param(16, 2, marks=pytest.mark.slow),
+])
+def test_moe_equals_models_generate(moe16, num_devices, microbatches):
+    _check_equal(*moe16, num_devices, microbatches)
+
+
+def test_kv_caches_stay_on_their_stage_and_compile_once():
+    model, cfg = _model("dense", 4)
+    prompt = _prompt(cfg, batch=8, length=6)
+    g = lwjax.layerwise_generate(model, prompt, max_new_tokens=5, devices=jax.devices()[:4],
+                                 microbatches=4, objective="bottleneck")
+    cache_len = 6 + 5
+    # by hand: one layer per stage, K and V [B, cache_len, N, H] float32, plus the model's
+    # int32 position counter (a copy per stage, per group)
+    kv = 2 * 8 * cache_len * cfg.num_heads * cfg.head_dim * 4
+    counter = 4 * 4
+    measured = g.kv_cache_bytes()
+    assert measured == {d: {"allocated": kv + counter, "own": kv + counter} for d in range(4)}
+    # the plan counts the same KV bytes for each stage (all 4 groups)
+    for stage in g.plan.stages:
+        assert stage.footprint.kv_cache_bytes == kv + counter
+    # every cache shard lives on its stage's device; nothing is replicated
+    for c in g.caches:
+        assert c.sharding.spec == jax.sharding.PartitionSpec("stage")
+    first = g(prompt)
+    prog = g.program(6)
+    again = g(prompt)  # the donated caches come back, and nothing recompiles
+    np.testing.assert_array_equal(first, again)
+    assert prog.fn._cache_size() == 1
+    assert set(g.compile_seconds) == {6} and g.compile_seconds[6] > 0
+
+
+def test_mixed_lengths_and_left_padding_give_each_sequence_its_own_tokens():
+    model, cfg = _model("dense", 4)
+    prompt = np.asarray(_prompt(cfg, length=8))
+    lengths = np.array([8, 3, 5, 1])
+    g = lwjax.layerwise_generate(model, prompt, max_new_tokens=10, devices=jax.devices()[:4],
+                                 microbatches=2, objective="bottleneck")
+    got = np.asarray(g(prompt, lengths=lengths))
+    for i, n in enumerate(lengths):
+        alone = np.asarray(models.generate(model, jnp.asarray(prompt[i:i + 1, :n]), 10))[0]
+        np.testing.assert_array_equal(got[i], alone)
+    # the same prompts left-padded, with an attention mask
+    left = np.zeros_like(prompt)
+    mask = np.zeros_like(prompt)
+    for i, n in enumerate(lengths):
+        left[i, 8 - n:], mask[i, 8 - n:] = prompt[i, :n], 1
+    np.testing.assert_array_equal(np.asarray(g(left, attention_mask=mask)), got)
+
+
+def test_eos_ends_a_sequence():
+    model, cfg = _model("dense", 4)
+    prompt = _prompt(cfg)
+    plain = np.asarray(models.generate(model, prompt, 10))
+    eos = int(plain[0, 3])
+    g = lwjax.layerwise_generate(model, prompt, max_new_tokens=10, devices=jax.devices()[:2],
+                                 microbatches=2, eos_id=eos, pad_id=0, objective="bottleneck")
+    got = np.asarray(g(prompt))
+    for row, ref in zip(got, plain, strict=True):
+        hits = np.flatnonzero(ref == eos)
+        end = hits[0] + 1 if hits.size else len(ref)
+        np.testing.assert_array_equal(row[:end], ref[:end])
+        assert (row[end:] == 0).all()
+    assert (got[0, 4:] == 0).all()
+
+
+def test_transformers_gpt2_equals_its_own_greedy_generation():
+    from transformers import FlaxGPT2LMHeadModel, GPT2Config
+
+    cfg = GPT2Config(n_layer=4, n_embd=32, n_head=2, vocab_size=97, n_positions=64,
+                     bos_token_id=1, eos_token_id=2, initializer_range=0.3)
+    model = FlaxGPT2LMHeadModel(cfg, seed=0)
+    prompt = jax.random.randint(jax.random.key(1), (4, 6), 3, 97, jnp.int32)
+    want = model.generate(prompt, max_new_tokens=12, do_sample=False, eos_token_id=None,
+                          pad_token_id=2).sequences[:, 6:]
+    g = lwjax.layerwise_generate(model, prompt, max_new_tokens=12, devices=jax.devices()[:4],
+                                 microbatches=2, objective="bottleneck")
+    np.testing.assert_array_equal(np.asarray(g(prompt)), np.asarray(want))
+    assert len(g.plan.stages) == 4
+    leaves = g.program(6).cache_leaves
+    # each layer's cached_key / cached_value / cache_index sits on that layer's stage only
+    for leaf in leaves:
+        layer = int(leaf.path.split("/")[2])
+        assert leaf.stages == (layer,), leaf
+    # the position limit is the model's
+    with pytest.raises(InputError, match="64 positions"):
+        lwjax.layerwise_generate(model, prompt, max_new_tokens=60, devices=jax.devices()[:2])
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(max_new_tokens=0), InputError, "max_new_tokens must be a positive integer"),
+    (dict(max_new_tokens=2.5), InputError, "max_new_tokens"),
+    (dict(max_new_tokens=4, cache_len=5), InputError, "cache_len=5 holds fewer positions"),
+    (dict(max_new_tokens=4, eos_id=-1), InputError, "eos_id must be a non-negative"),
+    (dict(max_new_tokens=4, microbatches=3), InputError, "does not divide into 3"),
+])
+def test_bad_arguments(kwargs, error, match):
+    model, cfg = _model("dense", 2)
+    with pytest.raises(error, match=match):
+        lwjax.layerwise_generate(model, _prompt(cfg), devices=jax.devices()[:2], **kwargs)
+
+
+def test_bad_prompts():
+    model, cfg = _model("dense", 2)
+    with pytest.raises(InputError, match="prompt must be integers"):
+        lwjax.layerwise_generate(model, jnp.zeros((4, 8)), max_new_tokens=2)
+    g = lwjax.layerwise_generate(model, _prompt(cfg), max_new_tokens=2,
+                                 devices=jax.devices()[:2])
+    with pytest.raises(InputError, match=r"built for \(4, 8\)"):
+        g(_prompt(cfg, length=9))
+    with pytest.raises(InputError, match=r"lengths\[1\] = 9 is outside 1..8"):
+        g(_prompt(cfg), lengths=[8, 9, 1, 1])
+    with pytest.raises(InputError, match="not one run of ones"):
+        g(_prompt(cfg), attention_mask=np.array([[1, 0, 1, 1, 1, 1, 1, 1]] * 4))
+    with pytest.raises(ConfigError, match="mode='prefill'"):
+        lwjax.layerwise_generate(model, _prompt(cfg), max_new_tokens=2,
+                                 plan=lwjax.plan(model, _prompt(cfg), num_devices=2))
+
+
+def test_given_plan_runs_as_is(dense16):
+    model, cfg = _model("dense", 4)
+    prompt = _prompt(cfg)
+    g = lwjax.layerwise_generate(model, prompt, max_new_tokens=4, devices=jax.devices()[:4],
+                                 microbatches=2, objective="bottleneck")
+    p = lwjax.Plan.from_json(g.plan.to_json()).replan(exclude_devices=[1])
+    g2 = lwjax.layerwise_generate(model, prompt, max_new_tokens=4, plan=p)
+    np.testing.assert_array_equal(np.asarray(g2(prompt)), np.asarray(g(prompt)))
+    assert 1 not in {d for s in g2.plan.stages for d in s.devices}
