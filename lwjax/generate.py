@@ -113,6 +113,24 @@ def _combined_numbers(prefill: LayerGraph, decode: LayerGraph, hw: HardwareSpec,
     return numbers_from(decode, fp, costs, epilogue_time(decode, hw, weights_on_chip=True))
 
 
+def _plan_at(lm, graphs, batch, m, ids, hw, capacity, attention, objective, cache_len):
+    """The plan with M groups, and the prefill and decode graphs it was made from."""
+    mb = batch // m
+    pre, dec = graphs(mb)
+    numbers = _combined_numbers(pre, dec, hw, m, attention)
+    try:
+        plan = plan_from_numbers(
+            numbers, capacity_bytes=capacity, device_ids=ids, hardware=hw.name,
+            compression="none", microbatches=m, microbatch_size=mb, mode="decode",
+            attention=attention, objective=objective, model=lm.name,
+            concurrency=hw.num_cores if hw.kind == "cpu" else None)
+    except InfeasiblePlanError as e:
+        e.args = (f"{e} (Generation: each stage holds its layers' KV caches for all "
+                  f"{batch} sequences, {cache_len} positions each.)",)
+        raise
+    return plan, pre, dec
+
+
 class Generator:
     """A model generating text through a layer-wise pipeline: weights and KV caches placed on
     their stages once, one compiled program per (batch, prompt length, shortest prompt, N).
@@ -307,8 +325,9 @@ def layerwise_generate(
         devices: jax devices (default: all of ``jax.devices()``).
         hardware: HardwareSpec or preset name (default: from the devices' platform).
         cache_bytes: on-chip capacity per device (default: the hardware's L2 size).
-        microbatches: M groups of sequences in flight (default: the largest divisor of B
-            up to the number of devices); M >= the number of stages leaves no bubble.
+        microbatches: M groups of sequences in flight (default: the fewest groups, a
+            divisor of B, that cover the planned stages: M >= S leaves the ring no bubble,
+            and more groups only add ticks).
         plan: run this Plan (made with mode="decode" for this model and batch) as it is.
         eos_id: a token id that ends a sequence, or None.
         pad_id: the token after a sequence's ``eos_id`` (default: ``eos_id``).
@@ -385,22 +404,25 @@ def layerwise_generate(
                               "runs one device per stage. Plan again with more cache_bytes or "
                               "fewer layers per device.")
     else:
-        m = _microbatches(batch, microbatches, len(ids))
-        mb = batch // m
-        pre, dec = graphs(mb)
-        check_runnable(dec, objs[0].platform)
-        numbers = _combined_numbers(pre, dec, hw, m, attention)
         capacity = _capacity(cache_bytes, hw, False)
-        try:
-            plan = plan_from_numbers(
-                numbers, capacity_bytes=capacity, device_ids=ids, hardware=hw.name,
-                compression="none", microbatches=m, microbatch_size=mb, mode="decode",
-                attention=attention, objective=objective, model=lm.name,
-                concurrency=hw.num_cores if hw.kind == "cpu" else None)
-        except InfeasiblePlanError as e:
-            e.args = (f"{e} (Generation: each stage holds its layers' KV caches for all "
-                      f"{batch} sequences, {cache_len} positions each.)",)
-            raise
+        m = _microbatches(batch, microbatches, len(ids))
+        tried: dict[int, tuple] = {}
+        while m not in tried:
+            try:
+                tried[m] = _plan_at(lm, graphs, batch, m, ids, hw, capacity, attention,
+                                    objective, cache_len)
+            except InfeasiblePlanError:
+                if not tried:
+                    raise
+                break  # fewer, larger groups do not fit: keep the plan before
+            plan, pre, dec = tried[m]
+            if microbatches is not None:
+                break
+            # the ring decodes without a bubble when M >= S; more groups than stages only
+            # add ticks: take the fewest groups that cover the stages
+            s = len(plan.stages)
+            m = min((d for d in range(s, batch + 1) if batch % d == 0), default=batch)
+        check_runnable(dec, objs[0].platform)
     return Generator(lm, plan, dec, objs, prompt_shape=(batch, prompt_len),
                      max_new_tokens=n_new, cache_len=cache_len, eos_id=eos, pad_id=pad,
                      layers=layers)

@@ -311,6 +311,25 @@ def _phase(graph: LayerGraph, ranges, leaves, slots: CacheSlots, stage_params, n
 
 
 
+def _to_bytes(bufs: dict) -> jax.Array:
+    """Per-dtype carry buffers as one uint8 buffer (one ppermute instead of one per dtype)."""
+    return jnp.concatenate([jax.lax.bitcast_convert_type(bufs[dt], jnp.uint8).reshape(-1)
+                            if np.dtype(dt).itemsize > 1 else
+                            jax.lax.bitcast_convert_type(bufs[dt], jnp.uint8)
+                            for dt in sorted(bufs)])
+
+
+def _from_bytes(wire: jax.Array, like: dict) -> dict:
+    out, offset = {}, 0
+    for dt in sorted(like):
+        n, size = like[dt].shape[0], np.dtype(dt).itemsize
+        chunk = wire[offset:offset + n * size]
+        out[dt] = jax.lax.bitcast_convert_type(
+            chunk.reshape(n, size) if size > 1 else chunk, np.dtype(dt))
+        offset += n * size
+    return out
+
+
 @dataclasses.dataclass(frozen=True)
 class _Eqns:
     """Equations a stage repeats on its own copy of a cache leaf (``_eval`` binds them)."""
@@ -490,8 +509,8 @@ def lower_generate(
                 caches = [jax.lax.dynamic_update_index_in_dim(c[0], r, g, 0)[None]
                           for c, r in zip(caches, rows, strict=True)]
                 out, done = record(_unpack(sent, msg_slots)[0], q, out, done)
-                if num_stages > 1:
-                    sent = {dt: jax.lax.ppermute(x, AXIS, ring) for dt, x in sent.items()}
+                if num_stages > 1:  # one collective per tick: every dtype as bytes
+                    sent = _from_bytes(jax.lax.ppermute(_to_bytes(sent), AXIS, ring), sent)
                 return (sent, caches, tokbuf, out, done), None
 
             return run
