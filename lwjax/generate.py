@@ -245,11 +245,18 @@ class Generator:
         s, m = len(self.plan.stages), self.plan.microbatches
         period = max(m, s)
         bubble = 1 - m / period
+        ends = [st.est_time_s + (self.plan.numbers.epilogue_s if st.index == s - 1 else 0.0)
+                for st in self.plan.stages]
+        tick = max(ends)
+        slow = self.plan.stages[ends.index(tick)]
         return (f"ring decode: {s} stages, M={m} groups of {self.plan.microbatch_size} "
                 f"sequences; a token every {period} ticks per sequence (period max(M, S)); "
                 f"bubble {100 * bubble:.0f}%"
                 + ("" if m >= s else f" (M < S: raise microbatches to {s} to remove it)")
-                + f"; prefill: GPipe, {m + s - 1} ticks")
+                + f"; prefill: GPipe, {m + s - 1} ticks\n"
+                f"projected TPOT: {period} ticks x {tick * 1e3:.3f} ms (stage {slow.index}, "
+                f"epilogue included) = {period * tick * 1e3:.3f} ms; not measured, transfers "
+                "and per-tick dispatch excluded")
 
     def summary(self) -> str:
         return f"{self.plan.summary()}\n{self.schedule()}"

@@ -15,6 +15,10 @@ from lwjax.plan import Plan
 class ShardedModel:
     """The model's pipeline program with its weights placed, one stage per device.
 
+    Calling it returns the model's outputs spread over the stages' devices, each holding a
+    piece (along the batch when the stage count divides the microbatch, else along the axis
+    with the most pieces: ``passes/outputs.py``): no device holds an output-sized block.
+
     Attributes:
         plan: the Plan it runs.
         program: the lowered PipelineProgram.
@@ -23,6 +27,8 @@ class ShardedModel:
     Example:
         >>> sm = lwjax.layerwise_shard(model, tokens, cache_bytes=2**20)
         >>> logits = sm(tokens)      # equals model(tokens)
+        >>> logits.sharding.spec     # e.g. 4 stages, microbatches of 4 rows: 2 rows each
+        P('stage',)
     """
 
     def __init__(self, plan: Plan, program: PipelineProgram, traced: TracedModel,
@@ -74,6 +80,7 @@ class ShardedModel:
         return leaves
 
     def __call__(self, *args, **kwargs):
+        """The model's outputs, spread over the stages' devices (``PipelineProgram.outputs``)."""
         return self.program(self.params, *self._leaves(args, kwargs))
 
     def lower(self, *args, **kwargs) -> jax.stages.Lowered:

@@ -13,7 +13,8 @@ The program runs over ``Mesh(devices, ("stage",))``, one device per stage:
   after it, e.g. the residual stream and the positions the prologue computed -- are packed
   into per-dtype carry buffers (padded to the largest cut) and moved to the next stage with
   ``lax.ppermute``, outside the switch.
-- **Microbatches**: batch-shaped arguments are split [M, B/M, ...] and the graph is traced at
+- **Microbatches**: batch-shaped arguments are split into M microbatches of B/M rows (rows
+  interleaved when an output is cut along the batch: "Outputs") and the graph is traced at
   the microbatch size; a schedule (``passes/schedules.py``, GPipe by default) decides which
   microbatch each stage runs at each tick.
 - **Split stages** (tp > 1): the mesh is ("stage", "tp") with "tp" automatic; weights are
@@ -22,8 +23,16 @@ The program runs over ``Mesh(devices, ("stage",))``, one device per stage:
   would hang, so ``lower`` compiles the program (the first call reuses the compilation) and
   refuses such a program with ``SplitError`` before anything runs (``passes/collectives.py``).
 - **Outputs**: the last stage keeps each microbatch's final carry (what the epilogue reads);
-  after the loop it runs the epilogue (final norm, LM head) over the M microbatches and
-  writes the model's outputs once -- no stage carries [mb, T, vocab] slots through the ticks.
+  after the loop it runs the epilogue (final norm, LM head) once per microbatch -- no stage
+  carries [mb, T, vocab] slots through the ticks -- and spreads each microbatch's outputs over
+  the stages as it makes them (``passes/outputs.py``): each output is cut along one axis (the
+  batch when S divides the microbatch, else the axis with the most parts) and stage
+  S - parts + i keeps piece i, so a device holds 1/parts of the outputs, not all of them
+  (shard_map's outputs are uniform: an output only the last stage kept would take an
+  output-sized block on every device). The program returns each output sharded over "stage"
+  along that axis; cutting the batch over M > 1 microbatches interleaves them, so that each
+  stage's piece is a contiguous block of the call's batch. With tp > 1 every device of a stage
+  holds its stage's piece whole.
 
 Example:
     >>> prog = lower(graph, ranges=((0, 2), (2, 4)), devices=jax.devices()[:2],
@@ -48,6 +57,16 @@ from lwjax._compat import Var, bind_eqn
 from lwjax.errors import InputError
 from lwjax.passes import schedules
 from lwjax.passes.collectives import StageView, check
+from lwjax.passes.outputs import (
+    OutputSplit,
+    assemble,
+    batch_view,
+    held_result,
+    held_zeros,
+    microbatch_view,
+    output_splits,
+    spread,
+)
 from lwjax.passes.segment import LayerGraph, Segment
 from lwjax.passes.storage import AXIS, SlotStorage, SplitStorage
 from lwjax.passes.tp import split_axes
@@ -138,8 +157,10 @@ class PipelineProgram:
 
     Call ``program(placed_params, *arg_leaves)`` with ``placed_params`` from
     ``place_params``; arguments are the full-batch leaves in the traced order. ``fn`` is the
-    jitted SPMD program; it returns every stage's output slots stacked [S, M, mb, ...]
-    (sharded over "stage"), of which ``outputs`` keeps the last stage's.
+    jitted SPMD program; it returns each model output sharded over "stage" along
+    ``output_splits[i].axis`` (module docstring, "Outputs"): the model's own array when
+    ``parts`` is the stage count, else one padded with a zero block per stage before the
+    last ``parts``, which ``outputs`` drops. A device's result is its piece, nothing more.
     """
 
     graph: LayerGraph
@@ -149,26 +170,26 @@ class PipelineProgram:
     num_microbatches: int
     schedule: str
     fn: Callable
+    output_splits: tuple[OutputSplit, ...]
 
     def __call__(self, placed_params, *arg_leaves):
-        """Runs the program; outputs are the model's, on the last stage's (first) device."""
+        """Runs the program; outputs are the model's, each spread over the stages' devices
+        (``outputs``)."""
         return self.outputs(self.fn(placed_params, *arg_leaves))
 
-    def outputs(self, stacked) -> object:
-        """The model's outputs from ``fn``'s per-stage results [S, M, mb, ...]: the last
-        stage's shard, taken where it was computed (no gather), as [M * mb, ...]. Under an
-        outer ``jax.jit`` the slice is part of that program instead."""
-        last = len(self.stages) - 1
-        flat = []
-        for o in stacked:
-            if isinstance(o, jax.core.Tracer):
-                data = o[last]
-            else:
-                shard = next(sh for sh in o.addressable_shards
-                             if (sh.index[0].start or 0) <= last < (sh.index[0].stop or len(
-                                 self.stages)))
-                data = shard.data[0]
-            flat.append(data.reshape(data.shape[0] * data.shape[1], *data.shape[2:]))
+    def outputs(self, results) -> object:
+        """The model's outputs, in its tree, from ``fn``'s results (``passes.outputs.assemble``):
+        ``fn``'s arrays where every stage holds a piece; else the last ``parts`` stages'
+        pieces, where they lie, as one array over their devices (a slice under an outer
+        ``jax.jit``).
+
+        Example:
+            >>> logits = program.outputs(program.fn(placed, tokens))
+            >>> {s.data.shape for s in logits.addressable_shards}  # 4 stages, 2 x 4 rows
+            {(2, 16, 256)}
+        """
+        flat = [assemble(o, sp, self.mesh)
+                for o, sp in zip(results, self.output_splits, strict=True)]
         return jax.tree.unflatten(self.graph.traced.out_treedef, flat)
 
     def place_params(self, param_leaves: Sequence):
@@ -279,6 +300,14 @@ def lower(
     out_avals = [v.aval for v in jaxpr.outvars]
     m = num_microbatches
     last = num_stages - 1
+    for a in out_avals:
+        if not a.shape or (m > 1 and a.shape[0] != graph.traced.batch_size):
+            raise InputError(
+                f"model output of shape {tuple(a.shape)} has no leading batch axis of size "
+                f"{graph.traced.batch_size}; a pipeline can only return per-example outputs. "
+                "Return batch-leading arrays, or use one microbatch."
+            )
+    splits, interleave = output_splits(out_avals, num_stages, m)
 
     def stage_env(s: int, params, mb_args) -> dict:
         env = dict(consts)
@@ -314,7 +343,8 @@ def lower(
     perm = [(i, i + 1) for i in range(num_stages - 1)]
 
     def microbatch(mb_args_all, mb) -> list:
-        return [jax.lax.dynamic_index_in_dim(a, mb, 0, keepdims=False) if b else a
+        """Microbatch ``mb`` of each argument (interleaved: ``passes/outputs.py``)."""
+        return [microbatch_view(a, mb) if b else a
                 for a, b in zip(mb_args_all, batch_shaped, strict=True)]
 
     def per_device(params, *mb_args_all):
@@ -334,41 +364,43 @@ def lower(
         ticks = sched.output_ticks(num_stages, m)
         finals = {dt: f[ticks] for dt, f in finals.items()}
 
-        # The epilogue (final norm, LM head) runs after the loop, on the last stage only: its
-        # outputs are written once per microbatch, not carried through every tick.
-        def run_epilogue():
-            return jax.lax.map(lambda x: epilogue(params, x[0], microbatch(mb_args_all, x[1])),
-                               (finals, jnp.arange(m)))
+        # The epilogue (final norm, LM head) runs after the loop, on the last stage only, one
+        # microbatch at a time: its outputs are written once, not carried through every tick,
+        # and each microbatch's are spread over the stages as soon as they exist, so no
+        # device holds all of them.
+        def emit(held, x):
+            final, k = x
+            outs = jax.lax.cond(
+                stage == last,
+                lambda: epilogue(params, final, microbatch(mb_args_all, k)),
+                lambda: [jnp.zeros(a.shape, a.dtype) for a in out_avals])
+            if tp > 1:  # whole pieces on every tp device of a stage, as the model returns
+                outs = [jax.lax.with_sharding_constraint(o, NamedSharding(mesh, P()))
+                        for o in outs]
+            return [spread(o, h, sp, k, num_stages)
+                    for o, h, sp in zip(outs, held, splits, strict=True)], None
 
-        def no_outputs():
-            return [jnp.zeros((m, *a.shape), a.dtype) for a in out_avals]
-
-        outs = jax.lax.cond(stage == last, run_epilogue, no_outputs)
-        outs = [o[None] for o in outs]
-        if tp > 1:  # whole outputs on every tp device of the last stage, as the model returns
+        held = [held_zeros(a, sp, m, interleave) for a, sp in zip(out_avals, splits, strict=True)]
+        held, _ = jax.lax.scan(emit, held, (finals, jnp.arange(m)))
+        outs = [held_result(h) for h in held]
+        if tp > 1:
             outs = [jax.lax.with_sharding_constraint(o, NamedSharding(mesh, P())) for o in outs]
         return outs
 
     sharded = jax.shard_map(
         per_device, mesh=mesh,
         in_specs=(storage.specs(), *[P() for _ in arg_vars]),
-        out_specs=[P(AXIS) for _ in out_avals], axis_names={AXIS}, check_vma=False,
+        out_specs=[sp.spec() for sp in splits], axis_names={AXIS}, check_vma=False,
     )
 
     def program(packed_params, *arg_leaves):
-        split = [a.reshape(m, a.shape[0] // m, *a.shape[1:]) if b else a
+        split = [batch_view(a, m, interleave) if b else a
                  for a, b in zip(arg_leaves, batch_shaped, strict=True)]
         return sharded(packed_params, *split)
 
-    for a in out_avals:
-        if not a.shape or (m > 1 and a.shape[0] != graph.traced.batch_size):
-            raise InputError(
-                f"model output of shape {tuple(a.shape)} has no leading batch axis of size "
-                f"{graph.traced.batch_size}; a pipeline can only return per-example outputs. "
-                "Return batch-leading arrays, or use one microbatch."
-            )
     prog = PipelineProgram(graph=graph, mesh=mesh, stages=tuple(stages), storage=storage,
-                           num_microbatches=m, schedule=schedule, fn=jax.jit(program))
+                           num_microbatches=m, schedule=schedule, fn=jax.jit(program),
+                           output_splits=splits)
     if tp > 1:
         verify_split(prog, tp)
     return prog

@@ -36,7 +36,7 @@ def test_readme_own_model_example_runs():
     imports."""
     usage = README.split("## Usage", 1)[1].split("\n## ", 1)[0]
     blocks = re.findall(r"```python\n(.*?)```", usage, re.S)
-    assert len(blocks) == 2
+    assert len(blocks) == 3
     namespace: dict = {}
     exec(compile("import jax, jax.numpy as jnp, numpy as np, lwjax\n" + blocks[1],
                  "README.md", "exec"), namespace)
@@ -53,3 +53,14 @@ def test_fresh_clone_section_is_two_commands():
     assert commands == ["pip install -e . && python experiments/demo.py",
                         "pip install -e '.[test]' && python -m pytest -q"]
     assert "experiments/out/ (git-ignored)" in block
+
+
+def test_readme_generation_example_runs():
+    """The third Usage block (layerwise_generate, mixed lengths, the baseline) runs."""
+    usage = README.split("## Usage", 1)[1].split("\n## ", 1)[0]
+    block = re.findall(r"```python\n(.*?)```", usage, re.S)[2]
+    namespace: dict = {}
+    exec(compile(block, "README.md", "exec"), namespace)
+    g = namespace["g"]
+    assert len(g.plan.stages) == 4 and g.plan.mode == "decode"
+    assert namespace["short"].shape == (8, 16)
