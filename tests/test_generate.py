@@ -195,3 +195,25 @@ def test_given_plan_runs_as_is(dense16):
     g2 = lwjax.layerwise_generate(model, prompt, max_new_tokens=4, plan=p)
     np.testing.assert_array_equal(np.asarray(g2(prompt)), np.asarray(g(prompt)))
     assert 1 not in {d for s in g2.plan.stages for d in s.devices}
+
+
+def test_a_causal_lm_built_by_hand_takes_the_same_route():
+    """The generic contract: params, step(params, tokens, cache, positions), init_cache."""
+    model, cfg = _model("dense", 4)
+    graphdef, state = nnx.split(model)
+    lm = lwjax.CausalLM(
+        params=state,
+        step=lambda p, t, c, pos: nnx.merge(graphdef, p).decode_step(t, c),
+        init_cache=model.init_cache, name="by hand")
+    prompt = _prompt(cfg)
+    g = lwjax.layerwise_generate(lm, prompt, max_new_tokens=6, devices=jax.devices()[:2],
+                                 objective="bottleneck", cache_bytes=2**30)
+    np.testing.assert_array_equal(np.asarray(g(prompt)),
+                                  np.asarray(models.generate(model, prompt, 6)))
+    assert len(g.plan.stages) == 2
+
+
+def test_a_model_without_a_cache_step_is_refused():
+    with pytest.raises(lwjax.errors.TraceError, match="init_cache"):
+        lwjax.layerwise_generate(nnx.Linear(4, 4, rngs=nnx.Rngs(0)), jnp.zeros((2, 3), jnp.int32),
+                                 max_new_tokens=2)
