@@ -11,7 +11,10 @@ Steps (each prints as it starts):
    resident -- ``plan_seed_dense.png``;
 5. dense and MoE, layer-wise vs TP=8 x PP=2, measured on this machine (CPU) and projected
    for 16 x H100 -- ``throughput-quick.md`` and ``throughput-quick.png`` (``--full``: the
-   full sizes, ``throughput.md`` / ``.png``).
+   full sizes, ``throughput.md`` / ``.png``);
+6. generation: layer-wise ring decode vs TP=8 x PP=2 (and one device), TPOT and tokens/s,
+   measured and projected, beside the seeds' TPOT claims -- ``decode-quick.md`` /
+   ``.png`` (``--full``: ``decode.md`` / ``.png``); the demo prints the summary and Table 1.
 
 The files go to ``experiments/out/``, which git ignores, so the demo leaves the checkout as
 it was. ``--write-results`` regenerates the committed copies in ``experiments/results/``
@@ -83,6 +86,23 @@ def plan_figure(path: pathlib.Path) -> str:
     return plan.summary()
 
 
+def decode_summary(out: pathlib.Path, full: bool) -> str:
+    """Runs ``experiments/decode.py`` (``--quick`` sizes unless ``full``), writes its report
+    and figure to ``out`` and returns the short version: the goal's summary and Table 1."""
+    sys.modules.setdefault("decode", _load("decode"))  # decode_report imports it by this name
+    decode, report = sys.modules["decode"], _load("decode_report")
+    measured, projected = decode.run(decode.FULL if full else decode.QUICK)
+    suffix = "" if full else "-quick"
+    command = "python experiments/decode.py" + ("" if full else " --quick")
+    path = _common.write_results(f"decode{suffix}.md",
+                                 report.markdown(measured, projected, command, quick=not full),
+                                 out)
+    report.figure(measured, projected, out / f"decode{suffix}.png")
+    return "\n".join([*report.summary_lines(measured, projected), "",
+                      report.headline_table(measured), "",
+                      f"full report: {path.relative_to(HERE.parent)}"])
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--full", action="store_true", help="throughput at the full sizes")
@@ -96,7 +116,7 @@ def main(argv=None) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
     def step(k: int, title: str) -> None:
-        print(f"\n[{k}/5] {title}  (t = {time.perf_counter() - start:.0f} s)", flush=True)
+        print(f"\n[{k}/6] {title}  (t = {time.perf_counter() - start:.0f} s)", flush=True)
 
     step(1, "Seed configurations (computed from abstract models, no weights allocated)")
     print(seed_table())
@@ -118,6 +138,10 @@ def main(argv=None) -> None:
 
     step(5, "Throughput: layer-wise vs TP=8 x PP=2 (measured on this CPU, projected for H100)")
     _load("throughput").main(([] if a.full else ["--quick"]) + write)
+
+    step(6, "Decode: layer-wise ring vs TP=8 x PP=2 generating text (measured on this CPU, "
+            "projected for H100)")
+    print(decode_summary(out, a.full))
 
     print(f"\ndone in {time.perf_counter() - start:.0f} s; results in "
           f"{out.relative_to(HERE.parent)}/")

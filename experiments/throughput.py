@@ -462,12 +462,14 @@ DECODE_MICROBATCHES = (1, 2, 8, 16, 32, 128)
 
 def decode_projections(name: str, hw: hardware.HardwareSpec = PROJECTED_ON,
                        counts: Sequence[int] = DECODE_MICROBATCHES) -> dict:
-    """(method, M) -> DecodeProjection: TP x PP and one layer per stage, KV cache of seq_len."""
+    """(method, M) -> DecodeProjection: TP x PP decoding with GPipe per token (what
+    ``baselines.tp_pp_generate`` runs) and one layer per stage decoding in a ring (what
+    ``lwjax.layerwise_generate`` runs), KV cache of seq_len."""
     cfg = getattr(models.configs, name)()
-    layouts = {"baseline": ([cfg.num_layers // PP] * PP, TP),
-               "layerwise": ([1] * cfg.num_layers, 1)}
-    return {(method, m): cost.project_decode(cfg, hw, stages, tp, m)
-            for method, (stages, tp) in layouts.items()
+    layouts = {"baseline": ([cfg.num_layers // PP] * PP, TP, "gpipe"),
+               "layerwise": ([1] * cfg.num_layers, 1, "ring")}
+    return {(method, m): cost.project_decode(cfg, hw, stages, tp, m, schedule=schedule)
+            for method, (stages, tp, schedule) in layouts.items()
             for m in counts if cfg.batch_size % m == 0}
 
 
@@ -694,11 +696,14 @@ def report(tables: Sequence[tuple[str, Sequence[Measured]]], breakdowns: Sequenc
         "a 2-stage one 11%.\n\n" + microbatch_sweep(),
         "### Table 2c: projected decode (TPOT), seed dimensions",
         f"One decode step: every sequence of the batch gains one token, attending over a KV "
-        f"cache of seq_len = 10,000 positions (`cost.project_decode`: blocks only, weights "
-        f"from HBM -- no layer fits the L2 -- and the KV cache from HBM; {PROJECTED_ON.name}). "
-        "A microbatch's token crosses the S stages in S ticks and its next token waits for "
-        "its turn at stage 0, every M ticks: TPOT = max(M, S) ticks. Decode is not pipelined "
-        "by lwjax's runtime yet, so nothing here is measured.\n\n" + decode_table(),
+        f"cache of seq_len = 10,000 positions (`cost.project_decode`: weights from HBM -- no "
+        f"layer fits the L2 -- and the KV cache from HBM; embedding and LM head included; "
+        f"{PROJECTED_ON.name}). Layer-wise decodes in a ring (`lwjax.layerwise_generate`): a "
+        "microbatch's token crosses the S stages in S ticks and its next token waits for its "
+        "turn at stage 0, every M ticks: TPOT = max(M, S) ticks. TP x PP decodes with a GPipe "
+        "pass per token (`baselines.tp_pp_generate`): TPOT = M + S - 1 ticks plus the "
+        "embedding and head over all devices. Measured decode: `experiments/decode.py` "
+        "(`decode.md`).\n\n" + decode_table(),
         "### What lwjax's planner says at these dimensions",
         "\n".join(f"- {n}: {planner_verdict(n)}" for n in ("seed_dense", "seed_moe")),
     ]
