@@ -53,27 +53,19 @@ from jax.sharding import PartitionSpec as P
 from lwjax._compat import Literal as JaxLiteral
 from lwjax._compat import Var
 from lwjax.errors import CacheLayoutError
+from lwjax.passes.kv_slots import (
+    CacheLeaf,
+    CacheSlots,
+    cache_arg_vars,
+    cache_leaves,
+    find_patch,
+    patch_specs,
+)
 from lwjax.passes.lower import _eval, _layout, _pack, _param_values, _unpack, _zeros
 from lwjax.passes.segment import LayerGraph, Segment
 from lwjax.passes.storage import AXIS, SlotStorage
 
-TOKENS, CACHE, POSITIONS = 0, 1, 2  # the step's positional arguments
-
-
-@dataclasses.dataclass(frozen=True)
-class CacheLeaf:
-    """One leaf of the model's cache and the stages that keep a copy of it."""
-
-    index: int
-    path: str
-    shape: tuple[int, ...]
-    dtype: str
-    fill: float | int
-    stages: tuple[int, ...]
-
-    @property
-    def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
+TOKENS = 0  # the step's positional arguments: tokens, cache, positions
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,52 +90,6 @@ class _StagePhase:
     carry_out: tuple[Var, ...]
     updates: tuple[_Update, ...]
     patches: dict  # leaf index -> its dynamic_update_slice equation (``_patch``)
-
-
-def _patch(segments, cache_var: Var, out_var):
-    """The equation that makes a cache leaf's new value when it is ``dynamic_update_slice(
-    leaf, update, *index)`` (a K/V write): a decode tick then writes only ``update`` into the
-    slot, instead of the group's whole row."""
-    for seg in segments:
-        for e in seg.eqns:
-            if e.outvars[0] is out_var:
-                ok = e.primitive.name == "dynamic_update_slice" and e.invars[0] is cache_var
-                return e if ok else None
-    return None
-
-
-class CacheSlots:
-    """Stage s's cache leaves in slots ``[S, M, n]`` sharded over "stage" (one row per
-    group), keyed by (dtype, element count) as ``SlotStorage`` keys weights."""
-
-    def __init__(self, leaves: Sequence[CacheLeaf], num_stages: int):
-        self.where: list[dict[int, int]] = []  # per stage: leaf index -> slot
-        counts_max: dict[tuple[str, int], int] = {}
-        per_stage: list[list[tuple[int, tuple[str, int], int]]] = []
-        for s in range(num_stages):
-            counts: dict[tuple[str, int], int] = {}
-            mine = []
-            for leaf in leaves:
-                if s in leaf.stages:
-                    key = (leaf.dtype, int(np.prod(leaf.shape, dtype=np.int64)))
-                    mine.append((leaf.index, key, counts.get(key, 0)))
-                    counts[key] = counts.get(key, 0) + 1
-            for key, n in counts.items():
-                counts_max[key] = max(counts_max.get(key, 0), n)
-            per_stage.append(mine)
-        self.slots = [(key, j) for key in sorted(counts_max) for j in range(counts_max[key])]
-        index = {slot: n for n, slot in enumerate(self.slots)}
-        self.where = [{leaf: index[key, j] for leaf, key, j in mine} for mine in per_stage]
-        # per stage and slot: the fill value of the leaf it holds (0 for a padding row)
-        fills = np.zeros((num_stages, len(self.slots)), np.float64)
-        by_index = {leaf.index: leaf for leaf in leaves}
-        for s, where in enumerate(self.where):
-            for leaf, slot in where.items():
-                fills[s, slot] = by_index[leaf].fill
-        self.fills = fills
-
-    def slot_bytes(self, num_groups: int) -> list[int]:
-        return [num_groups * size * np.dtype(dt).itemsize for (dt, size), _ in self.slots]
 
 
 @dataclasses.dataclass
@@ -207,41 +153,6 @@ class GenerationProgram:
         return data.reshape(data.shape[0] * data.shape[1], data.shape[2])
 
 
-def _cache_leaves(graphs: Sequence[LayerGraph], ranges, fills) -> tuple[CacheLeaf, ...]:
-    """Each cache leaf and the stages that read or write it in either graph."""
-    first = graphs[0]
-    paths = [p for p, c in zip(first.traced.arg_paths, first.traced.cache_args, strict=True) if c]
-    avals = [a for a, c in zip(first.traced.args, first.traced.cache_args, strict=True) if c]
-    stages = [set() for _ in paths]
-    for graph in graphs:
-        cache_vars = _cache_vars(graph)
-        outs = graph.jaxpr.jaxpr.outvars[1:]
-        stage_of = _stage_of_segment(graph, ranges)
-        index = {v: j for j, v in enumerate(cache_vars)}
-        for k, seg in enumerate(graph.segments):
-            for v in seg.cache_inputs:
-                stages[index[v]].add(stage_of[k])
-            defined = {v for e in seg.eqns for v in e.outvars}
-            for j, o in enumerate(outs):
-                if isinstance(o, Var) and o in defined:
-                    stages[j].add(stage_of[k])
-    return tuple(CacheLeaf(j, paths[j].split("/", 2)[-1], tuple(avals[j].shape),
-                           np.dtype(avals[j].dtype).name, fills[j], tuple(sorted(stages[j])))
-                 for j in range(len(paths)))
-
-
-def _cache_vars(graph: LayerGraph) -> list[Var]:
-    return [v for v, c in zip(graph.arg_vars, graph.traced.cache_args, strict=True) if c]
-
-
-def _stage_of_segment(graph: LayerGraph, ranges) -> list[int]:
-    """Segment index (prologue 0, layer i at i + 1, epilogue last) -> its stage."""
-    out = [0]
-    for s, (start, stop) in enumerate(ranges):
-        out.extend([s] * (stop - start))
-    return [*out, len(ranges) - 1]
-
-
 def _cuts(graph: LayerGraph, ranges, token_var: Var) -> list[tuple[Var, ...]]:
     """Values live across each stage boundary but the last. The new token counts as made by
     stage 0 (only it knows it); cache outputs are no model outputs here: each stage keeps its
@@ -286,7 +197,7 @@ def _phase(graph: LayerGraph, ranges, leaves, slots: CacheSlots, stage_params, n
     segs, num_stages = graph.segments, len(ranges)
     token_var = graph.arg_vars[0]
     cuts = _cuts(graph, ranges, token_var)
-    cache_vars = _cache_vars(graph)
+    cache_vars = cache_arg_vars(graph)
     outs = graph.jaxpr.jaxpr.outvars[1:]
     consts = set(graph.jaxpr.jaxpr.constvars)
     param_vars = graph.param_vars
@@ -305,7 +216,7 @@ def _phase(graph: LayerGraph, ranges, leaves, slots: CacheSlots, stage_params, n
         updates, patches = [], {}
         for j, slot in slots.where[s].items():
             o = outs[j]
-            e = _patch(stage_segs, cache_vars[j], o)
+            e = find_patch(stage_segs, cache_vars[j], o)
             if e is not None:
                 patches[j] = e
             if isinstance(o, JaxLiteral):
@@ -328,48 +239,6 @@ def _phase(graph: LayerGraph, ranges, leaves, slots: CacheSlots, stage_params, n
                                updates=tuple(updates), patches=patches))
     return out
 
-
-
-@dataclasses.dataclass(frozen=True)
-class _PatchSpec:
-    """A slot whose holders all write their leaf with one ``dynamic_update_slice`` of the same
-    update shape: decode ticks write ``update`` at ``index`` in the group's row of the slot
-    (viewed as [1, M, *leaf shape]), so the row is not copied back whole."""
-
-    leaf_shape: tuple[int, ...]
-    update_shape: tuple[int, ...]
-    dtype: str
-
-    def zeros(self):
-        return (jnp.zeros(self.update_shape, self.dtype),
-                jnp.zeros((len(self.leaf_shape),), jnp.int32))
-
-    def unchanged(self, row):
-        """What the row holds at index 0: writing it back changes nothing (idle ticks)."""
-        index = (0,) * len(self.leaf_shape)
-        return (jax.lax.dynamic_slice(row.reshape(self.leaf_shape), index, self.update_shape),
-                jnp.zeros((len(self.leaf_shape),), jnp.int32))
-
-    def write(self, slot, update_index, group):
-        update, index = update_index
-        view = slot.reshape(*slot.shape[:2], *self.leaf_shape)
-        start = (0, group, *(index[k] for k in range(len(self.leaf_shape))))
-        return jax.lax.dynamic_update_slice(view, update[None, None], start).reshape(slot.shape)
-
-
-def _patch_specs(phase: Sequence[_StagePhase], slots: CacheSlots,
-                 leaves: Sequence[CacheLeaf]) -> dict[int, _PatchSpec]:
-    """Slot -> _PatchSpec, for the slots whose every holder patches its leaf alike."""
-    holders: dict[int, list] = {}
-    for s, st in enumerate(phase):
-        for j, n in slots.where[s].items():
-            e = st.patches.get(j)
-            update = None if e is None else e.invars[1].aval
-            holders.setdefault(n, []).append(
-                None if update is None else (leaves[j].shape, tuple(update.shape),
-                                             np.dtype(leaves[j].dtype).name))
-    return {n: _PatchSpec(*specs[0]) for n, specs in holders.items()
-            if specs[0] is not None and all(x == specs[0] for x in specs)}
 
 
 def _to_bytes(bufs: dict) -> jax.Array:
@@ -433,7 +302,7 @@ def lower_generate(
     """
     num_stages, m, n_new = len(ranges), num_microbatches, max_new_tokens
     mesh = Mesh(np.array(list(devices)[:num_stages]), (AXIS,))
-    leaves = _cache_leaves((prefill, decode), ranges, cache_fills)
+    leaves = cache_leaves((prefill, decode), ranges, cache_fills)
     slots = CacheSlots(leaves, num_stages)
     stage_params = []
     for start, stop in ranges:
@@ -453,14 +322,14 @@ def lower_generate(
 
     def branches_for(graph: LayerGraph, name: str, patching: bool):
         phase = _phase(graph, ranges, leaves, slots, stage_params, name)
-        patch = _patch_specs(phase, slots, leaves) if patching else {}
+        patch = patch_specs(phase, slots, leaves) if patching else {}
         sizes = dict(msg_sizes)
         for st in phase:
             for dt, n in _layout([v.aval for v in st.carry_out])[1].items():
                 sizes[dt] = max(sizes.get(dt, 0), n)
         jaxpr = graph.jaxpr.jaxpr
         consts = dict(zip(jaxpr.constvars, graph.jaxpr.consts, strict=True))
-        cache_vars = _cache_vars(graph)
+        cache_vars = cache_arg_vars(graph)
         token_var, positions_var = graph.arg_vars[0], graph.arg_vars[-1]
         token_out = jaxpr.outvars[0]
         layouts = [_layout([v.aval for v in st.carry_out])[0] for st in phase]

@@ -1,0 +1,160 @@
+"""Where generation keeps a model's KV cache: each cache leaf on the stages that read or
+write it, in per-dtype slots with one row per group of sequences, and how a decode tick
+writes a leaf (the model's own ``dynamic_update_slice``, found in the jaxpr).
+
+Example:
+    >>> leaves = cache_leaves((prefill_graph, decode_graph), ranges, fills)
+    >>> slots = CacheSlots(leaves, num_stages=len(ranges))
+    >>> slots.where[0]          # stage 0: leaf index -> slot
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lwjax._compat import Var
+from lwjax.passes.segment import LayerGraph
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheLeaf:
+    """One leaf of the model's cache and the stages that keep a copy of it."""
+
+    index: int
+    path: str
+    shape: tuple[int, ...]
+    dtype: str
+    fill: float | int
+    stages: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
+
+
+class CacheSlots:
+    """Stage s's cache leaves in slots ``[S, M, n]`` sharded over "stage" (one row per
+    group), keyed by (dtype, element count) as ``SlotStorage`` keys weights."""
+
+    def __init__(self, leaves: Sequence[CacheLeaf], num_stages: int):
+        self.where: list[dict[int, int]] = []  # per stage: leaf index -> slot
+        counts_max: dict[tuple[str, int], int] = {}
+        per_stage: list[list[tuple[int, tuple[str, int], int]]] = []
+        for s in range(num_stages):
+            counts: dict[tuple[str, int], int] = {}
+            mine = []
+            for leaf in leaves:
+                if s in leaf.stages:
+                    key = (leaf.dtype, int(np.prod(leaf.shape, dtype=np.int64)))
+                    mine.append((leaf.index, key, counts.get(key, 0)))
+                    counts[key] = counts.get(key, 0) + 1
+            for key, n in counts.items():
+                counts_max[key] = max(counts_max.get(key, 0), n)
+            per_stage.append(mine)
+        self.slots = [(key, j) for key in sorted(counts_max) for j in range(counts_max[key])]
+        index = {slot: n for n, slot in enumerate(self.slots)}
+        self.where = [{leaf: index[key, j] for leaf, key, j in mine} for mine in per_stage]
+        # per stage and slot: the fill value of the leaf it holds (0 for a padding row)
+        fills = np.zeros((num_stages, len(self.slots)), np.float64)
+        by_index = {leaf.index: leaf for leaf in leaves}
+        for s, where in enumerate(self.where):
+            for leaf, slot in where.items():
+                fills[s, slot] = by_index[leaf].fill
+        self.fills = fills
+
+    def slot_bytes(self, num_groups: int) -> list[int]:
+        return [num_groups * size * np.dtype(dt).itemsize for (dt, size), _ in self.slots]
+
+
+def cache_leaves(graphs: Sequence[LayerGraph], ranges, fills) -> tuple[CacheLeaf, ...]:
+    """Each cache leaf and the stages that read or write it in either graph."""
+    first = graphs[0]
+    paths = [p for p, c in zip(first.traced.arg_paths, first.traced.cache_args, strict=True) if c]
+    avals = [a for a, c in zip(first.traced.args, first.traced.cache_args, strict=True) if c]
+    stages = [set() for _ in paths]
+    for graph in graphs:
+        cache_vars = cache_arg_vars(graph)
+        outs = graph.jaxpr.jaxpr.outvars[1:]
+        stage_of = stage_of_segment(graph, ranges)
+        index = {v: j for j, v in enumerate(cache_vars)}
+        for k, seg in enumerate(graph.segments):
+            for v in seg.cache_inputs:
+                stages[index[v]].add(stage_of[k])
+            defined = {v for e in seg.eqns for v in e.outvars}
+            for j, o in enumerate(outs):
+                if isinstance(o, Var) and o in defined:
+                    stages[j].add(stage_of[k])
+    return tuple(CacheLeaf(j, paths[j].split("/", 2)[-1], tuple(avals[j].shape),
+                           np.dtype(avals[j].dtype).name, fills[j], tuple(sorted(stages[j])))
+                 for j in range(len(paths)))
+
+
+def cache_arg_vars(graph: LayerGraph) -> list[Var]:
+    return [v for v, c in zip(graph.arg_vars, graph.traced.cache_args, strict=True) if c]
+
+
+def stage_of_segment(graph: LayerGraph, ranges) -> list[int]:
+    """Segment index (prologue 0, layer i at i + 1, epilogue last) -> its stage."""
+    out = [0]
+    for s, (start, stop) in enumerate(ranges):
+        out.extend([s] * (stop - start))
+    return [*out, len(ranges) - 1]
+
+
+def find_patch(segments, cache_var: Var, out_var):
+    """The equation that makes a cache leaf's new value when it is ``dynamic_update_slice(
+    leaf, update, *index)`` (a K/V write): a decode tick then writes only ``update`` into the
+    slot, instead of the group's whole row."""
+    for seg in segments:
+        for e in seg.eqns:
+            if e.outvars[0] is out_var:
+                ok = e.primitive.name == "dynamic_update_slice" and e.invars[0] is cache_var
+                return e if ok else None
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class PatchSpec:
+    """A slot whose holders all write their leaf with one ``dynamic_update_slice`` of the same
+    update shape: decode ticks write ``update`` at ``index`` in the group's row of the slot
+    (viewed as [1, M, *leaf shape]), so the row is not copied back whole."""
+
+    leaf_shape: tuple[int, ...]
+    update_shape: tuple[int, ...]
+    dtype: str
+
+    def zeros(self):
+        return (jnp.zeros(self.update_shape, self.dtype),
+                jnp.zeros((len(self.leaf_shape),), jnp.int32))
+
+    def unchanged(self, row):
+        """What the row holds at index 0: writing it back changes nothing (idle ticks)."""
+        index = (0,) * len(self.leaf_shape)
+        return (jax.lax.dynamic_slice(row.reshape(self.leaf_shape), index, self.update_shape),
+                jnp.zeros((len(self.leaf_shape),), jnp.int32))
+
+    def write(self, slot, update_index, group):
+        update, index = update_index
+        view = slot.reshape(*slot.shape[:2], *self.leaf_shape)
+        start = (0, group, *(index[k] for k in range(len(self.leaf_shape))))
+        return jax.lax.dynamic_update_slice(view, update[None, None], start).reshape(slot.shape)
+
+
+def patch_specs(phase: Sequence, slots: CacheSlots,
+                 leaves: Sequence[CacheLeaf]) -> dict[int, PatchSpec]:
+    """Slot -> _PatchSpec, for the slots whose every holder patches its leaf alike."""
+    holders: dict[int, list] = {}
+    for s, st in enumerate(phase):
+        for j, n in slots.where[s].items():
+            e = st.patches.get(j)
+            update = None if e is None else e.invars[1].aval
+            holders.setdefault(n, []).append(
+                None if update is None else (leaves[j].shape, tuple(update.shape),
+                                             np.dtype(leaves[j].dtype).name))
+    return {n: PatchSpec(*specs[0]) for n, specs in holders.items()
+            if specs[0] is not None and all(x == specs[0] for x in specs)}
