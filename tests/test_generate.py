@@ -156,6 +156,48 @@ def test_transformers_gpt2_equals_its_own_greedy_generation():
         lwjax.layerwise_generate(model, prompt, max_new_tokens=60, devices=jax.devices()[:2])
 
 
+def _hf(family: str):
+    import transformers as hf
+
+    small = dict(vocab_size=97, max_position_embeddings=64, initializer_range=0.3,
+                 eos_token_id=2, pad_token_id=0)
+    configs = {
+        "llama": (hf.LlamaConfig(num_hidden_layers=4, hidden_size=32, num_attention_heads=2,
+                                 num_key_value_heads=2, intermediate_size=64, **small),
+                  hf.FlaxLlamaForCausalLM),
+        "mistral": (hf.MistralConfig(num_hidden_layers=4, hidden_size=32, num_attention_heads=2,
+                                     num_key_value_heads=1, intermediate_size=64,
+                                     sliding_window=None, **small), hf.FlaxMistralForCausalLM),
+        "gpt_neo": (hf.GPTNeoConfig(num_layers=4, hidden_size=32, num_heads=2, window_size=8,
+                                    attention_types=[[["global", "local"], 2]], **small),
+                    hf.FlaxGPTNeoForCausalLM),
+        "opt": (hf.OPTConfig(num_hidden_layers=4, hidden_size=32, num_attention_heads=2,
+                             ffn_dim=64, word_embed_proj_dim=32, **small),
+                hf.FlaxOPTForCausalLM),
+    }
+    cfg, cls = configs[family]
+    return cls(cfg, seed=0)
+
+
+@pytest.mark.parametrize("family", ["llama", pytest.param("mistral", marks=pytest.mark.slow),
+                                    pytest.param("gpt_neo", marks=pytest.mark.slow),
+                                    pytest.param("opt", marks=pytest.mark.slow)])
+def test_transformers_families_with_eos_equal_their_own_generation(family):
+    """Their generate stops a sequence at the config's eos (2) and pads with 0: so does
+    lwjax with eos_id=2, pad_id=0 (the Llama prompt below hits eos in row 0)."""
+    model = _hf(family)
+    prompt = jax.random.randint(jax.random.key(1), (4, 6), 3, 97, jnp.int32)
+    want = np.asarray(model.generate(prompt, max_new_tokens=10, do_sample=False)
+                      .sequences[:, 6:])
+    g = lwjax.layerwise_generate(model, prompt, max_new_tokens=10, devices=jax.devices()[:4],
+                                 microbatches=2, objective="bottleneck", cache_bytes=2**30,
+                                 eos_id=2, pad_id=0)
+    np.testing.assert_array_equal(np.asarray(g(prompt)), want)
+    assert len(g.plan.stages) == 4
+    if family == "llama":
+        assert (want == 2).any()  # the eos path is exercised
+
+
 @pytest.mark.parametrize("kwargs,error,match", [
     (dict(max_new_tokens=0), InputError, "max_new_tokens must be a positive integer"),
     (dict(max_new_tokens=2.5), InputError, "max_new_tokens"),
