@@ -133,7 +133,10 @@ def _plan_at(lm, graphs, batch, m, ids, hw, capacity, attention, objective, cach
 
 class Generator:
     """A model generating text through a layer-wise pipeline: weights and KV caches placed on
-    their stages once, one compiled program per (batch, prompt length, shortest prompt, N).
+    their stages once. One compiled program per (batch, prompt length T, N) when every prompt
+    fills T; prompts of different lengths prefill the largest power of two no longer than the
+    shortest prompt and feed the rest token by token, so they add at most log2(T) + 1
+    programs however the lengths vary (``prefill_length``).
 
     Attributes:
         plan: the Plan it runs (mode "decode": each stage's footprint counts its layers' KV
@@ -141,7 +144,7 @@ class Generator:
         max_new_tokens: N, new tokens per sequence and call.
         prompt_shape: (B, T) of the prompts it takes (right-padded to T).
         cache_len: KV-cache positions per sequence (T + N).
-        compile_seconds: measured compile time of each program, keyed by the shortest prompt.
+        compile_seconds: measured compile time of each program, keyed by its prefill length.
 
     Example:
         >>> g = lwjax.layerwise_generate(model, prompt, max_new_tokens=8)
@@ -165,7 +168,7 @@ class Generator:
         self.caches = first.empty_caches()
 
     def program(self, prefill_len: int) -> GenerationProgram:
-        """The program for calls whose shortest prompt is ``prefill_len`` (built once)."""
+        """The program that prefills ``prefill_len`` tokens of every prompt (built once)."""
         if prefill_len not in self._programs:
             mb = self.plan.microbatch_size
             prefill = segment(trace_step(self.lm, mb, prefill_len, self.cache_len, "prefill"),
@@ -208,6 +211,7 @@ class Generator:
             ``eos_id`` the tokens are ``pad_id``.
         """
         prompt_MBT, lengths_MB, shortest = self._inputs(prompt, lengths, attention_mask)
+        shortest = prefill_length(shortest, self.prompt_shape[1])
         prog = self.program(shortest)
         if shortest not in self.compile_seconds:
             start = time.perf_counter()
@@ -219,6 +223,7 @@ class Generator:
     def lower(self, prompt, lengths=None) -> jax.stages.Lowered:
         """The ``jax.stages.Lowered`` program for these prompts."""
         prompt_MBT, lengths_MB, shortest = self._inputs(prompt, lengths, None)
+        shortest = prefill_length(shortest, self.prompt_shape[1])
         return self.program(shortest).fn.lower(self.params, self.caches, prompt_MBT, lengths_MB)
 
     def compile(self, prompt, lengths=None) -> jax.stages.Compiled:
@@ -263,6 +268,18 @@ class Generator:
 
     def __repr__(self) -> str:
         return f"Generator(\n{self.summary()}\n)"
+
+
+def prefill_length(shortest: int, prompt_len: int) -> int:
+    """Tokens a call prefills: all T when every prompt fills the array, else the largest
+    power of two no longer than the shortest prompt (the rest is fed token by token), so that
+    varying lengths compile at most log2(T) + 1 programs.
+
+    Example:
+        >>> prefill_length(8, 8), prefill_length(7, 8), prefill_length(3, 8)
+        (8, 4, 2)
+    """
+    return prompt_len if shortest == prompt_len else 1 << (int(shortest).bit_length() - 1)
 
 
 def _lengths(prompt, lengths, attention_mask) -> np.ndarray:

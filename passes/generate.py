@@ -20,7 +20,7 @@ never leave the last stage. The program runs over ``Mesh(devices, ("stage",))``:
   4x less time per tick than writing the row back, measured with 32 MiB of cache per
   device. Caches are never gathered or sent.
 - **Prefill**: a GPipe pass over the M groups (M + S - 1 ticks) on the prompt's first P0
-  tokens (the shortest prompt); the last stage's epilogue picks each group's first token.
+  tokens (at most the shortest prompt); the last stage's epilogue picks each group's first token.
 - **Decode ring**: the last stage sends each token back to stage 0 with the same
   ``ppermute`` that moves activations (a ring: s -> s + 1, S - 1 -> 0), with the group it
   belongs to. At tick t stage s works on step k, group g of ``t - s = k * P + g``, period
@@ -286,7 +286,7 @@ def lower_generate(
 
     Args:
         prefill: the step traced at the microbatch size and P0 tokens (P0: the tokens every
-            sequence of a call has, its shortest prompt).
+            sequence of a call has: at most its shortest prompt).
         decode: the step traced at the microbatch size and one token.
         ranges: per stage, the (start, stop) layer indices it runs.
         devices: one device per stage.

@@ -115,6 +115,10 @@ def test_mixed_lengths_and_left_padding_give_each_sequence_its_own_tokens():
     for i, n in enumerate(lengths):
         left[i, 8 - n:], mask[i, 8 - n:] = prompt[i, :n], 1
     np.testing.assert_array_equal(np.asarray(g(left, attention_mask=mask)), got)
+    # the shortest prompt (1) prefills 1 token; shortest 5 and 7 share the 4-token program
+    g(prompt, lengths=[8, 5, 7, 6])
+    g(prompt, lengths=[7, 7, 8, 8])
+    assert sorted(g.compile_seconds) == [1, 4]
 
 
 def test_eos_ends_a_sequence():
