@@ -465,6 +465,9 @@ def _device_list(devices: Sequence[jax.Device] | None, count: int) -> list[jax.D
         )
     seen: set = set()
     for d in devices:
+        if not hasattr(d, "platform"):
+            raise DeviceError(f"devices= holds {d!r}, not a jax device; pass jax devices "
+                              "(e.g. jax.devices()[:8]), not device ids.")
         if d in seen:
             raise DeviceError(f"Device {d} appears more than once in devices; pass distinct ones.")
         seen.add(d)

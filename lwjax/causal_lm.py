@@ -89,6 +89,11 @@ def causal_lm(model) -> CausalLM:
             max_len = _cache_length(cache)
             out = model(tokens_BT, attention_mask=jnp.ones((tokens_BT.shape[0], max_len), "i4"),
                         position_ids=positions_BT, params=params, past_key_values=cache)
+            if getattr(out, "logits", None) is None:
+                raise TraceError(
+                    f"{name} returns no logits (a base model without its LM head?); generate "
+                    "with its causal-LM class, e.g. FlaxGPT2LMHeadModel or "
+                    "FlaxLlamaForCausalLM.")
             return out.logits, out.past_key_values
 
         return CausalLM(params=model.params, step=hf_step, init_cache=model.init_cache,

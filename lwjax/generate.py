@@ -20,7 +20,14 @@ import numpy as np
 
 from lwjax._api import _capacity, _devices, _hardware, _microbatches, _whole
 from lwjax.causal_lm import CausalLM, causal_lm
-from lwjax.errors import ConfigError, DeviceError, InfeasiblePlanError, InputError
+from lwjax.errors import (
+    ConfigError,
+    DeviceError,
+    InfeasiblePlanError,
+    InputError,
+    LwjaxError,
+    TraceError,
+)
 from lwjax.hardware import HardwareSpec
 from lwjax.models.transformer import check_tokens
 from lwjax.passes.backend import check_runnable
@@ -35,7 +42,7 @@ from lwjax.plan_check import check_plan, check_plan_batch
 
 
 def trace_step(lm: CausalLM, batch: int, length: int, cache_len: int,
-               mode: str) -> TracedModel:
+               mode: str, info: dict | None = None) -> TracedModel:
     """Traces ``lm.step`` on ``length`` new tokens per sequence against a cache of
     ``cache_len`` positions, followed by the greedy pick of the next token: ``(params,
     tokens [batch, length], cache, positions [batch, length]) -> (next token [batch], cache)``.
@@ -45,7 +52,15 @@ def trace_step(lm: CausalLM, batch: int, length: int, cache_len: int,
         >>> sum(t.cache_args)   # lwjax's models: K and V per layer, and the length
         9
     """
-    cache = jax.eval_shape(lambda: lm.init_cache(batch, cache_len))
+    try:
+        cache = jax.eval_shape(lambda: lm.init_cache(batch, cache_len))
+    except LwjaxError:
+        raise
+    except Exception as e:  # noqa: BLE001 -- the model's own code: say what lwjax needs
+        raise TraceError(
+            f"{lm.name}.init_cache({batch}, {cache_len}) failed ({type(e).__name__}: {e}); "
+            "generation needs a causal LM with a KV cache (an encoder such as BERT has "
+            "none).") from e
     tokens = jax.ShapeDtypeStruct((batch, length), jnp.int32)
 
     def step(params, tokens_BT, cache_in, positions_BT):
@@ -59,6 +74,8 @@ def trace_step(lm: CausalLM, batch: int, length: int, cache_len: int,
             raise ConfigError(f"{lm.name}'s step returns logits of shape "
                               f"{getattr(logits, 'shape', None)}; expected [batch, tokens, "
                               f"vocab] = [{tokens_BT.shape[0]}, {tokens_BT.shape[1]}, V].")
+        if info is not None:
+            info["vocab"] = int(logits.shape[-1])
         return jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), cache_out
 
     return _trace(step, lm.params, (tokens, cache, tokens), {}, mode, None, lm.kind, 1,
@@ -125,8 +142,11 @@ def _plan_at(lm, graphs, batch, m, ids, hw, capacity, attention, objective, cach
             attention=attention, objective=objective, model=lm.name,
             concurrency=hw.num_cores if hw.kind == "cpu" else None)
     except InfeasiblePlanError as e:
-        e.args = (f"{e} (Generation: each stage holds its layers' KV caches for all "
-                  f"{batch} sequences, {cache_len} positions each.)",)
+        e.args = (f"{e} For generation: each stage holds its layers' weights as stored and "
+                  f"their KV caches for all {batch} sequences of {cache_len} positions, one "
+                  f"device per stage (no split, no compression): raise cache_bytes= (now "
+                  f"{capacity:,} bytes), add devices, or generate for fewer sequences or "
+                  "positions.",)
         raise
     return plan, pre, dec
 
@@ -153,11 +173,12 @@ class Generator:
     """
 
     def __init__(self, lm: CausalLM, plan: Plan, decode: LayerGraph, devices, *,
-                 prompt_shape, max_new_tokens, cache_len, eos_id, pad_id, layers):
+                 prompt_shape, max_new_tokens, cache_len, eos_id, pad_id, layers,
+                 vocab=None):
         self.lm, self.plan, self._decode, self._layers = lm, plan, decode, layers
         self.prompt_shape, self.max_new_tokens, self.cache_len = prompt_shape, max_new_tokens, \
             cache_len
-        self.eos_id, self.pad_id = eos_id, pad_id
+        self.eos_id, self.pad_id, self.vocab = eos_id, pad_id, vocab
         by_id = {d.id: d for d in devices}
         self._devices = [by_id[s.devices[0]] for s in plan.stages]
         self._fills = _cache_fills(lm, plan.microbatch_size, cache_len)
@@ -188,7 +209,13 @@ class Generator:
                 f"{self.prompt_shape} (batch, prompt length); right-pad prompts to length "
                 f"{self.prompt_shape[1]} and pass lengths=, or call layerwise_generate again.")
         lengths_B = _lengths(prompt, lengths, attention_mask)
-        prompt = np.asarray(prompt, np.int32)
+        prompt = np.asarray(prompt)
+        if self.vocab is not None and prompt.size and (prompt.min() < 0 or
+                                                       prompt.max() >= self.vocab):
+            bad = int(prompt.min() if prompt.min() < 0 else prompt.max())
+            raise InputError(f"prompt holds token {bad}, outside {self.lm.name}'s vocabulary "
+                             f"0..{self.vocab - 1}.")
+        prompt = prompt.astype(np.int32)
         if attention_mask is not None:  # left-padded rows move their tokens to the front
             mask = np.asarray(attention_mask).astype(bool)
             prompt = np.stack([np.concatenate([row[m], np.zeros((~m).sum(), np.int32)])
@@ -220,15 +247,15 @@ class Generator:
         stacked, self.caches = prog.fn(self.params, self.caches, prompt_MBT, lengths_MB)
         return prog.new_tokens(stacked)
 
-    def lower(self, prompt, lengths=None) -> jax.stages.Lowered:
+    def lower(self, prompt, lengths=None, attention_mask=None) -> jax.stages.Lowered:
         """The ``jax.stages.Lowered`` program for these prompts."""
-        prompt_MBT, lengths_MB, shortest = self._inputs(prompt, lengths, None)
+        prompt_MBT, lengths_MB, shortest = self._inputs(prompt, lengths, attention_mask)
         shortest = prefill_length(shortest, self.prompt_shape[1])
         return self.program(shortest).fn.lower(self.params, self.caches, prompt_MBT, lengths_MB)
 
-    def compile(self, prompt, lengths=None) -> jax.stages.Compiled:
+    def compile(self, prompt, lengths=None, attention_mask=None) -> jax.stages.Compiled:
         """``lower(...).compile()``: e.g. ``.memory_analysis()`` per device."""
-        return self.lower(prompt, lengths).compile()
+        return self.lower(prompt, lengths, attention_mask).compile()
 
     def kv_cache_bytes(self) -> dict[int, dict[str, int]]:
         """Per device id, measured from the placed cache arrays: ``allocated`` (the bytes of
@@ -314,9 +341,9 @@ def _token_id(value, name: str) -> int | None:
     if value is None:
         return None
     count = _whole(value)
-    if count is None or count < 0:
-        raise InputError(f"{name} must be a non-negative integer token id or None, got "
-                         f"{value!r}.")
+    if count is None or count < 0 or count >= 2**31:
+        raise InputError(f"{name} must be a non-negative integer token id (below 2**31) or "
+                         f"None, got {value!r}.")
     return count
 
 
@@ -386,7 +413,10 @@ def layerwise_generate(
     need = prompt_len + n_new
     if cache_len is None:
         cache_len = need
-    elif _whole(cache_len) is None or _whole(cache_len) < need - 1:
+    elif _whole(cache_len) is None or _whole(cache_len) < 1:
+        raise InputError(f"cache_len must be a positive integer number of positions (at "
+                         f"least {need - 1} here), got {cache_len!r}.")
+    elif _whole(cache_len) < need - 1:
         raise InputError(
             f"cache_len={cache_len!r} holds fewer positions than the prompt ({prompt_len}) "
             f"plus {n_new} new tokens need ({need - 1} written); raise cache_len to {need} or "
@@ -406,8 +436,10 @@ def layerwise_generate(
     hw = _hardware(hardware, objs)
     attention = "fused" if hw.kind == "gpu" else "as_traced"
 
+    info: dict = {}
+
     def graphs(mb: int) -> tuple[LayerGraph, LayerGraph]:
-        pre = segment(trace_step(lm, mb, prompt_len, cache_len, "prefill"), layers)
+        pre = segment(trace_step(lm, mb, prompt_len, cache_len, "prefill", info), layers)
         dec = segment(trace_step(lm, mb, 1, cache_len, "decode"), layers)
         if [s.name for s in pre.layers] != [s.name for s in dec.layers]:
             raise ConfigError(
@@ -417,12 +449,24 @@ def layerwise_generate(
         return pre, dec
 
     if plan is not None:
+        mb = check_plan_batch(plan, batch)
         if plan.mode != "decode":
             raise ConfigError(f"the plan was made for mode={plan.mode!r}; generation needs a "
                               "plan made by layerwise_generate (mode='decode').")
-        mb = check_plan_batch(plan, batch)
+        if microbatches is not None and _whole(microbatches) != plan.microbatches:
+            raise ConfigError(f"microbatches={microbatches!r} but the given plan runs "
+                              f"{plan.microbatches}; a plan runs as it is: drop microbatches=, "
+                              "or plan again with it.")
         pre, dec = graphs(mb)
-        check_plan(plan, dec, ids, mode="decode")
+        try:
+            check_plan(plan, dec, ids, mode="decode")
+        except ConfigError as e:
+            e.args = (f"{e} For generation the KV cache's length (here {cache_len} positions: "
+                      f"the prompt's {prompt_len} + max_new_tokens {n_new}, or cache_len=) is "
+                      "part of every layer's shapes: reuse a plan only with the prompt length, "
+                      "max_new_tokens and cache_len it was made with, from "
+                      "layerwise_generate(...).plan.",)
+            raise
         if plan.tp != 1:
             raise ConfigError(f"the plan splits stages over tp={plan.tp} devices; generation "
                               "runs one device per stage. Plan again with more cache_bytes or "
@@ -447,9 +491,21 @@ def layerwise_generate(
             s = len(plan.stages)
             m = min((d for d in range(s, batch + 1) if batch % d == 0), default=batch)
         check_runnable(dec, objs[0].platform)
+    vocab = info.get("vocab")
+    for name, token in (("eos_id", eos), ("pad_id", pad)):
+        if token is not None and vocab is not None and token >= vocab:
+            raise InputError(f"{name}={token} is not a token of {lm.name}'s vocabulary of "
+                             f"{vocab}; pass an id below {vocab}.")
+    abstract = [path for path, x in zip(dec.traced.param_paths, dec.traced.params, strict=True)
+                if isinstance(x, jax.ShapeDtypeStruct)]
+    if abstract:
+        raise ConfigError(
+            f"{lm.name}'s weights are abstract ({abstract[0]!r} is a ShapeDtypeStruct): "
+            "layerwise_generate places and runs them. Build the model with real weights "
+            "(models.build); plan an abstract one with lwjax.plan(..., mode='decode').")
     return Generator(lm, plan, dec, objs, prompt_shape=(batch, prompt_len),
                      max_new_tokens=n_new, cache_len=cache_len, eos_id=eos, pad_id=pad,
-                     layers=layers)
+                     layers=layers, vocab=vocab)
 
 
 __all__: Sequence[str] = ("Generator", "layerwise_generate", "trace_step")

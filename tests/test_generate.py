@@ -263,3 +263,44 @@ def test_a_model_without_a_cache_step_is_refused():
     with pytest.raises(lwjax.errors.TraceError, match="init_cache"):
         lwjax.layerwise_generate(nnx.Linear(4, 4, rngs=nnx.Rngs(0)), jnp.zeros((2, 3), jnp.int32),
                                  max_new_tokens=2)
+
+
+def test_models_generation_cannot_run_are_refused_with_what_to_use():
+    from transformers import BertConfig, FlaxBertModel, FlaxGPT2Model, GPT2Config
+
+    prompt = jnp.zeros((2, 4), jnp.int32)
+    bert = FlaxBertModel(BertConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=2,
+                                    intermediate_size=64, vocab_size=97), seed=0)
+    with pytest.raises(lwjax.errors.TraceError, match="encoder"):
+        lwjax.layerwise_generate(bert, prompt, max_new_tokens=2, devices=jax.devices()[:2])
+    base = FlaxGPT2Model(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=97), seed=0)
+    with pytest.raises(lwjax.errors.TraceError, match="LMHeadModel"):
+        lwjax.layerwise_generate(base, prompt, max_new_tokens=2, devices=jax.devices()[:2])
+    abstract = models.abstract(_model("dense", 2)[1])
+    with pytest.raises(ConfigError, match="abstract"):
+        lwjax.layerwise_generate(abstract, prompt, max_new_tokens=2, devices=jax.devices()[:2])
+
+
+def test_token_ids_and_plans_are_checked():
+    model, cfg = _model("dense", 2)
+    prompt = _prompt(cfg)
+    with pytest.raises(InputError, match="eos_id=256 is not a token"):
+        lwjax.layerwise_generate(model, prompt, max_new_tokens=2, eos_id=cfg.vocab_size,
+                                 devices=jax.devices()[:2])
+    with pytest.raises(InputError, match="eos_id must be"):
+        lwjax.layerwise_generate(model, prompt, max_new_tokens=2, eos_id=2**40)
+    with pytest.raises(InputError, match="cache_len must be a positive integer"):
+        lwjax.layerwise_generate(model, prompt, max_new_tokens=2, cache_len="x")
+    g = lwjax.layerwise_generate(model, prompt, max_new_tokens=3, devices=jax.devices()[:2],
+                                 microbatches=2)
+    with pytest.raises(InputError, match="token -1, outside"):
+        g(prompt.at[0, 0].set(-1))
+    with pytest.raises(ConfigError, match="must be an lwjax.Plan"):
+        lwjax.layerwise_generate(model, prompt, max_new_tokens=3, plan=g.plan.to_json())
+    with pytest.raises(ConfigError, match="KV cache's length"):
+        lwjax.layerwise_generate(model, prompt, max_new_tokens=5, plan=g.plan)
+    with pytest.raises(ConfigError, match="microbatches=4 but the given plan runs 2"):
+        lwjax.layerwise_generate(model, prompt, max_new_tokens=3, plan=g.plan, microbatches=4)
+    with pytest.raises(lwjax.errors.DeviceError, match="not device ids"):
+        lwjax.baselines.tp_pp_generate(model, prompt, max_new_tokens=3, devices=list(range(4)),
+                                       tp=2, pp=2)
