@@ -288,7 +288,18 @@ class Generator:
                 + f"; prefill: GPipe, {m + s - 1} ticks\n"
                 f"projected TPOT: {period} ticks x {tick * 1e3:.3f} ms (stage {slow.index}, "
                 f"epilogue included) = {period * tick * 1e3:.3f} ms; not measured, transfers "
-                "and per-tick dispatch excluded")
+                "and per-tick dispatch excluded" + self._padding_note())
+
+    def _padding_note(self) -> str:
+        """Where uneven stages make a device allocate more cache than its own layers'."""
+        padded = {d: b for d, b in self.kv_cache_bytes().items() if b["allocated"] > b["own"]}
+        if not padded:
+            return ""
+        worst = max(padded, key=lambda d: padded[d]["allocated"] - padded[d]["own"])
+        return (f"\nKV cache slots are padded to the largest stage's leaves on "
+                f"{len(padded)} device(s): device {worst} allocates "
+                f"{padded[worst]['allocated']:,} bytes for {padded[worst]['own']:,} of its own "
+                "(measured; even stages avoid it)")
 
     def summary(self) -> str:
         return f"{self.plan.summary()}\n{self.schedule()}"
