@@ -61,7 +61,15 @@ from lwjax.passes.kv_slots import (
     find_patch,
     patch_specs,
 )
-from lwjax.passes.lower import _eval, _layout, _pack, _param_values, _unpack, _zeros
+from lwjax.passes.lower import (
+    _eval,
+    _layout,
+    _pack,
+    _param_values,
+    _unpack,
+    _zeros,
+    cut_values,
+)
 from lwjax.passes.segment import LayerGraph, Segment
 from lwjax.passes.storage import AXIS, SlotStorage
 
@@ -153,24 +161,6 @@ class GenerationProgram:
         return data.reshape(data.shape[0] * data.shape[1], data.shape[2])
 
 
-def _cuts(graph: LayerGraph, ranges, token_var: Var) -> list[tuple[Var, ...]]:
-    """Values live across each stage boundary but the last. The new token counts as made by
-    stage 0 (only it knows it); cache outputs are no model outputs here: each stage keeps its
-    own, so only values later segments read cross a cut."""
-    segs = graph.segments
-    defined_at = {v: k for k, seg in enumerate(segs) for e in seg.eqns for v in e.outvars}
-    defined_at[token_var] = 0
-    read_at: dict = {}
-    for k, seg in enumerate(segs):
-        for v in seg.inputs:
-            read_at.setdefault(v, []).append(k)
-    cuts = []
-    for _, stop in ranges[:-1]:
-        cuts.append(tuple(v for v, k in defined_at.items()
-                          if k <= stop and any(r > stop for r in read_at.get(v, ()))))
-    return cuts
-
-
 def _closure(graph: LayerGraph, var: Var, available: set) -> tuple | None:
     """The equations that compute ``var`` from ``available`` values (in order), or None
     when it needs anything else (another stage's activations or weights)."""
@@ -196,7 +186,8 @@ def _phase(graph: LayerGraph, ranges, leaves, slots: CacheSlots, stage_params, n
            ) -> list[_StagePhase]:
     segs, num_stages = graph.segments, len(ranges)
     token_var = graph.arg_vars[0]
-    cuts = _cuts(graph, ranges, token_var)
+    # the new token is known on stage 0 only; cache outputs stay on their stages
+    cuts = cut_values(graph, ranges, outputs=(), first_stage_args=(token_var,))[:-1]
     cache_vars = cache_arg_vars(graph)
     outs = graph.jaxpr.jaxpr.outvars[1:]
     consts = set(graph.jaxpr.jaxpr.constvars)

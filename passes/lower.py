@@ -122,14 +122,25 @@ class StageLayout:
     carry_out: tuple[Var, ...]
 
 
-def cut_values(graph: LayerGraph, ranges: Sequence[tuple[int, int]]) -> list[tuple[Var, ...]]:
+def cut_values(graph: LayerGraph, ranges: Sequence[tuple[int, int]], *,
+               outputs: Sequence | None = None,
+               first_stage_args: Sequence[Var] = ()) -> list[tuple[Var, ...]]:
     """Values live across each stage's end (defined up to it, read after it): one tuple per
-    stage; the last one holds what the epilogue and the model's outputs read."""
+    stage; the last one holds what the epilogue and the model's outputs read.
+
+    Args:
+        graph: the segmented program.
+        ranges: per stage, its (start, stop) layers.
+        outputs: the values read after the last segment (default: the program's outputs;
+            generation keeps its cache outputs on their stages and passes none).
+        first_stage_args: arguments only the first stage has (generation's new token): they
+            cross cuts like values the prologue made; every other argument is everywhere.
+    """
     segs = graph.segments
     # segment index of the last segment of each stage (prologue is 0, layer i is i + 1)
     ends = [stop for _, stop in ranges]
-    arg_set = set(graph.arg_vars)
-    defined_at: dict = {}
+    arg_set = set(graph.arg_vars) - set(first_stage_args)
+    defined_at: dict = dict.fromkeys(first_stage_args, 0)
     for k, seg in enumerate(segs):
         for e in seg.eqns:
             for v in e.outvars:
@@ -138,7 +149,7 @@ def cut_values(graph: LayerGraph, ranges: Sequence[tuple[int, int]]) -> list[tup
     for k, seg in enumerate(segs):
         for v in seg.inputs:
             read_at.setdefault(v, []).append(k)
-    for v in graph.jaxpr.jaxpr.outvars:
+    for v in graph.jaxpr.jaxpr.outvars if outputs is None else outputs:
         if isinstance(v, Var):
             read_at.setdefault(v, []).append(len(segs))
     cuts = []
