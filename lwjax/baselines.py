@@ -153,14 +153,8 @@ class Baseline:
         return self.lower(tokens_BT).compile()
 
     def _check_tokens(self, tokens_BT: Any) -> None:
-        shape, dtype = getattr(tokens_BT, "shape", None), getattr(tokens_BT, "dtype", None)
-        if shape is None or tuple(shape) != self.tokens.shape or dtype != self.tokens.dtype:
-            got = f"{dtype} {tuple(shape)}" if shape is not None else type(tokens_BT).__name__
-            raise InputError(
-                f"This {self.name} baseline was built for tokens {self.tokens.dtype} "
-                f"{self.tokens.shape}, got {got}. Pass tokens of that shape and dtype, or build "
-                "another baseline with the new tokens as its example."
-            )
+        check_example(tokens_BT, self.tokens, f"This {self.name} baseline", "tokens",
+                      "baseline")
 
     def __repr__(self) -> str:
         return (
@@ -349,6 +343,26 @@ def _gpipe(block_graphdef: nnx.GraphDef, num_stages: int, num_microbatches: int)
         return out_MBTD
 
     return pipeline
+
+
+def check_example(x: Any, want: jax.ShapeDtypeStruct, what: str, noun: str, kind: str) -> None:
+    """InputError unless ``x`` has the shape and dtype a deployment was built for.
+
+    Example:
+        >>> check_example(jnp.zeros((2, 3)), jax.ShapeDtypeStruct((2, 3), jnp.int32),
+        ...               "This tp_pp baseline", "tokens", "baseline")
+        Traceback (most recent call last):
+        lwjax.errors.InputError: This tp_pp baseline was built for tokens int32 (2, 3), ...
+    """
+    shape, dtype = getattr(x, "shape", None), getattr(x, "dtype", None)
+    if shape is None or tuple(shape) != want.shape or dtype != want.dtype:
+        got = f"{dtype} {tuple(shape)}" if shape is not None else type(x).__name__
+        one = "prompt" if noun == "prompts" else noun
+        raise InputError(
+            f"{what} was built for {noun} {want.dtype} {want.shape}, got {got}. Pass "
+            f"{'a ' + one if one != noun else noun} of that shape and dtype, or build another "
+            f"{kind} with the new {one} as its example."
+        )
 
 
 def _place_params(model: nnx.Module, mesh: Mesh) -> dict[str, Any]:

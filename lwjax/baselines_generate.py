@@ -75,6 +75,7 @@ from lwjax.baselines import (
     _place_params,
     _positive,
     _token_shape,
+    check_example,
 )
 from lwjax.errors import ConfigError, InputError
 from lwjax.models.transformer import KVCache
@@ -170,14 +171,8 @@ class GenerationBaseline:
         return max(per_device.values())
 
     def _check_prompt(self, prompt_BT: Any) -> None:
-        shape, dtype = getattr(prompt_BT, "shape", None), getattr(prompt_BT, "dtype", None)
-        if shape is None or tuple(shape) != self.prompt.shape or dtype != self.prompt.dtype:
-            got = f"{dtype} {tuple(shape)}" if shape is not None else type(prompt_BT).__name__
-            raise InputError(
-                f"This {self.name} generator was built for prompts {self.prompt.dtype} "
-                f"{self.prompt.shape}, got {got}. Pass a prompt of that shape and dtype, or "
-                "build another generator with the new prompt as its example."
-            )
+        check_example(prompt_BT, self.prompt, f"This {self.name} generator", "prompts",
+                      "generator")
 
     def __repr__(self) -> str:
         return (
