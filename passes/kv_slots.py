@@ -19,6 +19,7 @@ import numpy as np
 
 from lwjax._compat import Var
 from lwjax.passes.segment import LayerGraph
+from lwjax.passes.storage import assign_slots, slot_key
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,23 +43,14 @@ class CacheSlots:
     group), keyed by (dtype, element count) as ``SlotStorage`` keys weights."""
 
     def __init__(self, leaves: Sequence[CacheLeaf], num_stages: int):
-        self.where: list[dict[int, int]] = []  # per stage: leaf index -> slot
-        counts_max: dict[tuple[str, int], int] = {}
-        per_stage: list[list[tuple[int, tuple[str, int], int]]] = []
-        for s in range(num_stages):
-            counts: dict[tuple[str, int], int] = {}
-            mine = []
-            for leaf in leaves:
-                if s in leaf.stages:
-                    key = (leaf.dtype, int(np.prod(leaf.shape, dtype=np.int64)))
-                    mine.append((leaf.index, key, counts.get(key, 0)))
-                    counts[key] = counts.get(key, 0) + 1
-            for key, n in counts.items():
-                counts_max[key] = max(counts_max.get(key, 0), n)
-            per_stage.append(mine)
-        self.slots = [(key, j) for key in sorted(counts_max) for j in range(counts_max[key])]
+        held = [[leaf for leaf in leaves if s in leaf.stages] for s in range(num_stages)]
+        self.slots, assigned = assign_slots([[slot_key(leaf.dtype, leaf.shape) for leaf in row]
+                                             for row in held])
         index = {slot: n for n, slot in enumerate(self.slots)}
-        self.where = [{leaf: index[key, j] for leaf, key, j in mine} for mine in per_stage]
+        # per stage: leaf index -> slot
+        self.where: list[dict[int, int]] = [
+            {leaf.index: index[slot] for leaf, slot in zip(row, slots, strict=True)}
+            for row, slots in zip(held, assigned, strict=True)]
         # per stage and slot: the fill value of the leaf it holds (0 for a padding row)
         fills = np.zeros((num_stages, len(self.slots)), np.float64)
         by_index = {leaf.index: leaf for leaf in leaves}
@@ -66,9 +58,6 @@ class CacheSlots:
             for leaf, slot in where.items():
                 fills[s, slot] = by_index[leaf].fill
         self.fills = fills
-
-    def slot_bytes(self, num_groups: int) -> list[int]:
-        return [num_groups * size * np.dtype(dt).itemsize for (dt, size), _ in self.slots]
 
 
 def cache_leaves(graphs: Sequence[LayerGraph], ranges, fills) -> tuple[CacheLeaf, ...]:

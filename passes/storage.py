@@ -23,6 +23,37 @@ from jax.sharding import PartitionSpec as P
 AXIS = "stage"
 
 
+def slot_key(dtype, shape) -> tuple[str, int]:
+    """The slot key of an array: (dtype name, element count)."""
+    return np.dtype(dtype).name, int(np.prod(shape, dtype=np.int64))
+
+
+def assign_slots(stage_keys: Sequence[Sequence[tuple[str, int]]]
+                 ) -> tuple[list[tuple[tuple[str, int], int]], list[list[tuple[tuple, int]]]]:
+    """Slots shared by the stages: a stage's j-th array of a key goes to slot (key, j), so
+    there are as many slots of a key as the stage with the most such arrays holds.
+
+    Returns:
+        The slots, sorted by key, and per stage the (key, j) of each of its arrays.
+
+    Example:
+        >>> assign_slots([[("float32", 4), ("float32", 4)], [("float32", 4)]])[0]
+        [(('float32', 4), 0), (('float32', 4), 1)]
+    """
+    counts_max: dict[tuple[str, int], int] = {}
+    assigned = []
+    for keys in stage_keys:
+        counts: dict[tuple[str, int], int] = {}
+        row = []
+        for key in keys:
+            row.append((key, counts.get(key, 0)))
+            counts[key] = counts.get(key, 0) + 1
+        for key, n in counts.items():
+            counts_max[key] = max(counts_max.get(key, 0), n)
+        assigned.append(row)
+    return [(key, j) for key in sorted(counts_max) for j in range(counts_max[key])], assigned
+
+
 class SlotStorage:
     """tp = 1: each weight in a slot of its own, a [S, n] array sharded over "stage", so a
     stage reads it as a reshape of its local [1, n] row -- a bitcast, no per-tick copy.
@@ -34,20 +65,12 @@ class SlotStorage:
     """
 
     def __init__(self, stage_params: Sequence[tuple[int, ...]], param_vars):
-        self.where: list[list[tuple[tuple[str, int], int, tuple[int, ...]]]] = []
-        counts_max: dict[tuple[str, int], int] = {}
-        for params in stage_params:
-            counts: dict[tuple[str, int], int] = {}
-            where = []
-            for i in params:
-                aval = param_vars[i].aval
-                key = (np.dtype(aval.dtype).name, int(np.prod(aval.shape, dtype=np.int64)))
-                where.append((key, counts.get(key, 0), tuple(aval.shape)))
-                counts[key] = counts.get(key, 0) + 1
-            for key, n in counts.items():
-                counts_max[key] = max(counts_max.get(key, 0), n)
-            self.where.append(where)
-        self.slots = [(key, j) for key in sorted(counts_max) for j in range(counts_max[key])]
+        avals = [[param_vars[i].aval for i in params] for params in stage_params]
+        self.slots, assigned = assign_slots([[slot_key(a.dtype, a.shape) for a in row]
+                                             for row in avals])
+        self.where: list[list[tuple[tuple[str, int], int, tuple[int, ...]]]] = [
+            [(key, j, tuple(a.shape)) for (key, j), a in zip(slots, row, strict=True)]
+            for slots, row in zip(assigned, avals, strict=True)]
         self._index = {slot: n for n, slot in enumerate(self.slots)}
 
     def specs(self):
