@@ -222,6 +222,25 @@ def add_output_flags(parser) -> None:
     parser.add_argument("--no-write", action="store_true", help="print only, write nothing")
 
 
+def parse_measured_args(doc: str, argv: Sequence[str] | None, quick_help: str,
+                        num_devices: int):
+    """The arguments of a measuring experiment (``--quick``, ``--repeats``, the output flags),
+    after checking that JAX has ``num_devices`` devices; logs the machine line."""
+    import argparse
+
+    import jax
+
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help=quick_help)
+    ap.add_argument("--repeats", type=int, default=None)
+    add_output_flags(ap)
+    args = ap.parse_args(argv)
+    if len(jax.devices()) < num_devices:
+        raise SystemExit(f"needs {num_devices} devices, found {len(jax.devices())}")
+    step(f"machine: {machine_line()}")
+    return args
+
+
 def output_dir(write_results: bool) -> pathlib.Path:
     """``RESULTS`` (committed) with ``--write-results``, else ``OUT`` (git-ignored).
 

@@ -42,7 +42,6 @@ import _common  # noqa: E402
 
 _common.use_cpu_devices(16)  # before anything touches a device; under pytest conftest did
 
-import argparse  # noqa: E402
 import dataclasses  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable, Sequence  # noqa: E402
@@ -467,14 +466,7 @@ def run(scale: Scale, kinds: Sequence[str] = ("dense", "moe"),
 def main(argv: Sequence[str] | None = None) -> str:
     import decode_report
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="small sizes, a reduced sweep")
-    ap.add_argument("--repeats", type=int, default=None)
-    _common.add_output_flags(ap)
-    a = ap.parse_args(argv)
-    if len(jax.devices()) < NUM_DEVICES:
-        raise SystemExit(f"needs {NUM_DEVICES} devices, found {len(jax.devices())}")
-    _common.step(f"machine: {_common.machine_line()}")
+    a = _common.parse_measured_args(__doc__, argv, "small sizes, a reduced sweep", NUM_DEVICES)
     scale = QUICK if a.quick else FULL
     measured, projected = run(scale, repeats=a.repeats)
     text = decode_report.markdown(measured, projected, _common.command_line(SCRIPT, argv),

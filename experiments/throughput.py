@@ -32,7 +32,6 @@ import _common  # noqa: E402
 
 _common.use_cpu_devices(16)  # before anything touches a device; under pytest conftest did
 
-import argparse  # noqa: E402
 import dataclasses  # noqa: E402
 import functools  # noqa: E402
 import time  # noqa: E402
@@ -764,14 +763,8 @@ def measure_scale(scale: Scale, kinds: Sequence[str], repeats: int,
 
 
 def main(argv: Sequence[str] | None = None) -> str:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="small sizes, 5 repeats, fewer extras")
-    ap.add_argument("--repeats", type=int, default=None)
-    _common.add_output_flags(ap)
-    a = ap.parse_args(argv)
-    if len(jax.devices()) < NUM_DEVICES:
-        raise SystemExit(f"needs {NUM_DEVICES} devices, found {len(jax.devices())}")
-    _common.step(f"machine: {_common.machine_line()}")
+    a = _common.parse_measured_args(__doc__, argv, "small sizes, 5 repeats, fewer extras",
+                                    NUM_DEVICES)
     tables, breakdowns, vocab_check = [], [], []
     if a.quick:
         results, breakdowns = measure_scale(QUICK, ("dense", "moe"), a.repeats or QUICK.repeats,
