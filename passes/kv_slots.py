@@ -61,7 +61,12 @@ class CacheSlots:
 
 
 def cache_leaves(graphs: Sequence[LayerGraph], ranges, fills) -> tuple[CacheLeaf, ...]:
-    """Each cache leaf and the stages that read or write it in either graph."""
+    """Each cache leaf and the stages that read or write it in either graph.
+
+    Example:
+        >>> [leaf.stages for leaf in cache_leaves((pre, dec), [(0, 1), (1, 2)], fills)]
+        [(0,), (0,), (1,), (1,), (0, 1)]      # K, V of layer 0; of layer 1; the counter
+    """
     first = graphs[0]
     paths = [p for p, c in zip(first.traced.arg_paths, first.traced.cache_args, strict=True) if c]
     avals = [a for a, c in zip(first.traced.args, first.traced.cache_args, strict=True) if c]

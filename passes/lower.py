@@ -135,6 +135,10 @@ def cut_values(graph: LayerGraph, ranges: Sequence[tuple[int, int]], *,
             generation keeps its cache outputs on their stages and passes none).
         first_stage_args: arguments only the first stage has (generation's new token): they
             cross cuts like values the prologue made; every other argument is everywhere.
+
+    Example:
+        >>> [len(c) for c in cut_values(graph, [(0, 2), (2, 4)])]   # residual + positions
+        [2, 1]
     """
     segs = graph.segments
     # segment index of the last segment of each stage (prologue is 0, layer i is i + 1)

@@ -24,7 +24,12 @@ AXIS = "stage"
 
 
 def slot_key(dtype, shape) -> tuple[str, int]:
-    """The slot key of an array: (dtype name, element count)."""
+    """The slot key of an array: (dtype name, element count).
+
+    Example:
+        >>> slot_key(jnp.float32, (2, 3))
+        ('float32', 6)
+    """
     return np.dtype(dtype).name, int(np.prod(shape, dtype=np.int64))
 
 
