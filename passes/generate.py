@@ -295,8 +295,8 @@ def lower_generate(
         >>> prog = lower_generate(pre, dec, [(0, 2), (2, 4)], jax.devices()[:2], 2,
         ...                       prompt_len=8, max_new_tokens=4, cache_fills=fills,
         ...                       eos_id=None, pad_id=0)
-        >>> prog.ticks        # (prefill ticks, decode ticks): (3, 4 * 2 + 1)
-        (3, 9)
+        >>> prog.ticks        # prefill M + S - 1; decode 3 steps x period 2 + S - 1
+        (3, 7)
     """
     num_stages, m, n_new = len(ranges), num_microbatches, max_new_tokens
     mesh = Mesh(np.array(list(devices)[:num_stages]), (AXIS,))

@@ -65,7 +65,7 @@ def cache_leaves(graphs: Sequence[LayerGraph], ranges, fills) -> tuple[CacheLeaf
 
     Example:
         >>> [leaf.stages for leaf in cache_leaves((pre, dec), [(0, 1), (1, 2)], fills)]
-        [(0,), (0,), (1,), (1,), (0, 1)]      # K, V of layer 0; of layer 1; the counter
+        [(0,), (1,), (0,), (1,), (0, 1)]      # keys 0, 1; values 0, 1; the counter
     """
     first = graphs[0]
     paths = [p for p, c in zip(first.traced.arg_paths, first.traced.cache_args, strict=True) if c]
