@@ -123,6 +123,10 @@ def test_outputs_are_not_carried_through_the_ticks():
     sm = lwjax.layerwise_shard(model, tokens, devices=jax.devices()[:s], cache_bytes=BIG,
                                microbatches=m, objective="bottleneck")
     np.testing.assert_allclose(sm(tokens), model(tokens), atol=ATOL, rtol=RTOL)
+    # the stage count follows host_cpu()'s measured speeds: with the embedding folded into
+    # the first layer, the fewest stages at the smallest bottleneck may pair the layers
+    s = len(sm.plan.stages)
+    assert s in (4, 8)
     logits_per_microbatch = (8 // m) * cfg.seq_len * cfg.vocab_size * 4
     memory = sm.compile(tokens).memory_analysis()
     # per device: its 1/S of the outputs, temporaries well under one slot per tick
