@@ -120,13 +120,14 @@ def test_outputs_are_not_carried_through_the_ticks():
     model = models.build(cfg, rngs=nnx.Rngs(0))
     tokens = _tokens(cfg)
     m, s = 4, 8
+    # planned with H100 costs: the host CPU's speeds are measured at run time, and its
+    # bottleneck plan had 4, 5 or 8 stages; at H100 costs the embedding, folded into the
+    # first layer, sets the bottleneck and the fewest stages that meet it are 4
     sm = lwjax.layerwise_shard(model, tokens, devices=jax.devices()[:s], cache_bytes=BIG,
-                               microbatches=m, objective="bottleneck")
+                               microbatches=m, objective="bottleneck", hardware="h100")
     np.testing.assert_allclose(sm(tokens), model(tokens), atol=ATOL, rtol=RTOL)
-    # the stage count follows host_cpu()'s measured speeds: with the embedding folded into
-    # the first layer, the fewest stages at the smallest bottleneck may pair the layers
     s = len(sm.plan.stages)
-    assert s in (4, 8)
+    assert s == 4
     logits_per_microbatch = (8 // m) * cfg.seq_len * cfg.vocab_size * 4
     memory = sm.compile(tokens).memory_analysis()
     # per device: its 1/S of the outputs, temporaries well under one slot per tick
