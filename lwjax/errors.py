@@ -92,3 +92,14 @@ class UnknownPresetError(LwjaxError, KeyError):
 class CacheLayoutError(LwjaxError):
     """A KV-cache leaf cannot stay on one stage: a stage reads it but its update needs values
     that only another stage has (generation keeps every cache leaf where it is used)."""
+
+
+class LossError(LwjaxError, ValueError):
+    """A training loss function the pipeline cannot use: it does not return a float scalar,
+    or it fails on the model's outputs and the targets."""
+
+
+class OptimizerError(LwjaxError, ValueError):
+    """An optax optimizer whose state cannot be kept per stage: its update of one weight
+    depends on how the weights are grouped into arrays (per-array statistics, factored
+    moments, masks over the model's tree), so it cannot run on each stage's weight slots."""
