@@ -50,10 +50,12 @@ class Routing:
 
 @flax.struct.dataclass
 class MoEStats:
-    """Per-call routing statistics: load-balancing loss and dropped (token, choice) pairs."""
+    """Per-call routing statistics: load-balancing loss (over the batch, and per sequence)
+    and dropped (token, choice) pairs."""
 
     load_balancing_loss: jax.Array
     dropped: jax.Array
+    load_balancing_B: jax.Array
 
 
 def route(logits_BTE: jax.Array, k: int, capacity: int) -> Routing:
@@ -100,6 +102,22 @@ def load_balancing_loss(logits_BTE: jax.Array, expert_BTK: jax.Array) -> jax.Arr
     return e * jnp.sum(share_E * jnp.mean(probs, axis=(0, 1)))
 
 
+def sequence_balancing_loss(logits_BTE: jax.Array, expert_BTK: jax.Array) -> jax.Array:
+    """The Switch loss of each sequence on its own tokens, [B]: routing is per sequence
+    (module docstring), so balance is measured where it is enforced, and a batch's loss is
+    the mean of its sequences' -- a per-example loss, which a pipeline can split into
+    microbatches without changing it (the batch-wide ``load_balancing_loss`` cannot).
+
+    Example:
+        >>> sequence_balancing_loss(jnp.zeros((2, 4, 2)), jnp.zeros((2, 4, 1), jnp.int32))
+        Array([1., 1.], dtype=float32)
+    """
+    e = logits_BTE.shape[-1]
+    probs = jax.nn.softmax(logits_BTE.astype(jnp.float32), axis=-1)
+    share_BE = jnp.mean(jax.nn.one_hot(expert_BTK, e, dtype=jnp.float32), axis=(1, 2))
+    return e * jnp.sum(share_BE * jnp.mean(probs, axis=1), axis=-1)
+
+
 class MoEMLP(nnx.Module):
     """E gated-MLP experts (weights stacked on a leading expert axis) behind a learned router."""
 
@@ -128,5 +146,6 @@ class MoEMLP(nnx.Module):
         stats = MoEStats(
             load_balancing_loss=load_balancing_loss(logits_BTE, r.expert_BTK),
             dropped=jnp.sum(~r.kept_BTK).astype(jnp.int32),
+            load_balancing_B=sequence_balancing_loss(logits_BTE, r.expert_BTK),
         )
         return y_pad[:, :t], stats

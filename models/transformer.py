@@ -101,10 +101,13 @@ class Transformer(nnx.Module):
     def _run(self, tokens_BT, positions_T, cache: KVCache | None):
         x = self._embed(tokens_BT)
         keys, values, stats = [], [], []
+        aux_B = None  # running sum of the blocks' per-sequence balancing losses
         for i, block in enumerate(self.layers):
             with jax.named_scope(f"layers_{i}"):
                 kv = None if cache is None else (cache.keys[i], cache.values[i])
                 x, kv, s = block(x, positions_T, kv, None if cache is None else cache.length)
+                if s is not None:  # summed inside the block's scope: one [B] value crosses
+                    aux_B = s.load_balancing_B if aux_B is None else aux_B + s.load_balancing_B
             if kv is not None:
                 keys.append(kv[0])
                 values.append(kv[1])
@@ -115,12 +118,12 @@ class Transformer(nnx.Module):
         if cache is not None:
             new_cache = KVCache(tuple(keys), tuple(values),
                                 cache.length + jnp.int32(tokens_BT.shape[1]))
-        return logits, new_cache, stats
+        return logits, new_cache, stats, aux_B
 
     # -- public --------------------------------------------------------------------------
     def __call__(self, tokens_BT: jax.Array) -> jax.Array:
         check_tokens(tokens_BT, f"{type(self).__name__}(tokens)")
-        logits, _, _ = self._run(tokens_BT, jnp.arange(tokens_BT.shape[1]), None)
+        logits, _, _, _ = self._run(tokens_BT, jnp.arange(tokens_BT.shape[1]), None)
         return logits
 
     def init_cache(self, batch_size: int, max_len: int) -> KVCache:
@@ -164,7 +167,7 @@ class Transformer(nnx.Module):
 
     def _forward(self, tokens_BT: jax.Array, cache: KVCache):
         positions_T = cache.length + jnp.arange(tokens_BT.shape[1])
-        logits, cache, _ = self._run(tokens_BT, positions_T, cache)
+        logits, cache, _, _ = self._run(tokens_BT, positions_T, cache)
         return logits, cache
 
 
@@ -183,12 +186,31 @@ class MoETransformer(Transformer):
         counts (token, choice) pairs that exceeded expert capacity.
         """
         check_tokens(tokens_BT, f"{type(self).__name__}.with_stats(tokens)")
-        logits, _, stats = self._run(tokens_BT, jnp.arange(tokens_BT.shape[1]), None)
+        logits, _, stats, _ = self._run(tokens_BT, jnp.arange(tokens_BT.shape[1]), None)
         total = MoEStats(
             load_balancing_loss=jnp.mean(jnp.stack([s.load_balancing_loss for s in stats])),
             dropped=jnp.sum(jnp.stack([s.dropped for s in stats])),
+            load_balancing_B=jnp.mean(jnp.stack([s.load_balancing_B for s in stats]), axis=0),
         )
         return logits, total
+
+    def __call__(self, tokens_BT: jax.Array, with_aux: bool = False):
+        """Logits [B, T, V]; with ``with_aux=True``, ``(logits, aux_B)``: each sequence's
+        auxiliary loss, ``cfg.aux_loss_weight`` times its Switch load-balancing loss averaged
+        over the blocks (``moe.sequence_balancing_loss``).
+
+        This is how a model hands a training loss its auxiliary term through a pipeline: as a
+        per-example output, which splits into microbatches like the logits. A loss adds it::
+
+            def loss_fn(outputs, targets_BT):
+                logits, aux_B = outputs
+                return cross_entropy(logits, targets_BT) + aux_B.mean()
+        """
+        if not with_aux:
+            return super().__call__(tokens_BT)
+        check_tokens(tokens_BT, f"{type(self).__name__}(tokens, with_aux=True)")
+        logits, _, _, aux_B = self._run(tokens_BT, jnp.arange(tokens_BT.shape[1]), None)
+        return logits, aux_B * (self.cfg.aux_loss_weight / self.cfg.num_layers)
 
 
 def check_tokens(tokens, where: str, *, name: str = "tokens", shape: str = "[batch, seq]",
