@@ -228,6 +228,38 @@ class PipelineProgram:
         return [self.storage.abstract(self.mesh, len(self.stages)), *args]
 
 
+def carry_layout(cuts: Sequence[Sequence[Var]]
+                 ) -> tuple[list[tuple[Slot, ...]], dict[str, int]]:
+    """Per cut, where its values sit in the carry buffers; and the buffers' sizes per dtype
+    (the largest cut's, so every tick moves buffers of one shape)."""
+    carry_slots = [_layout([v.aval for v in cut])[0] for cut in cuts]
+    carry_sizes: dict[str, int] = {}
+    for cut in cuts:
+        for dt, n in _layout([v.aval for v in cut])[1].items():
+            carry_sizes[dt] = max(carry_sizes.get(dt, 0), n)
+    return carry_slots, carry_sizes
+
+
+def stage_layouts(graph: LayerGraph, ranges: Sequence[tuple[int, int]],
+                  cuts: Sequence[Sequence[Var]]) -> list[StageLayout]:
+    """Each stage's segments (the prologue on the first), parameters (the epilogue's on the
+    last) and incoming/outgoing cut values."""
+    segs = graph.segments
+    stages = []
+    for s, (start, stop) in enumerate(ranges):
+        stage_segs = segs[start + 1: stop + 1]
+        if s == 0:
+            stage_segs = (graph.prologue, *stage_segs)
+        params = tuple(dict.fromkeys(i for seg in stage_segs for i in seg.params))
+        if s == len(ranges) - 1:
+            params = tuple(dict.fromkeys((*params, *graph.epilogue.params)))
+        stages.append(StageLayout(
+            segments=tuple(stage_segs), params=params,
+            carry_in=cuts[s - 1] if s > 0 else (), carry_out=cuts[s],
+        ))
+    return stages
+
+
 def _param_values(graph: LayerGraph, leaves: Sequence) -> list:
     out = []
     for info in graph.params:
@@ -281,27 +313,10 @@ def lower(
         mesh = Mesh(np.array(devices), (AXIS,))
     else:
         mesh = Mesh(np.array(devices).reshape(num_stages, tp), (AXIS, "tp"))
-    segs = graph.segments
     cuts = cut_values(graph, ranges)  # cuts[-1]: what the epilogue and outputs read
-    carry_slots = [_layout([v.aval for v in cut])[0] for cut in cuts]
-    carry_sizes: dict[str, int] = {}
-    for cut in cuts:
-        for dt, n in _layout([v.aval for v in cut])[1].items():
-            carry_sizes[dt] = max(carry_sizes.get(dt, 0), n)
+    carry_slots, carry_sizes = carry_layout(cuts)
     param_vars = graph.param_vars
-
-    stages = []
-    for s, (start, stop) in enumerate(ranges):
-        stage_segs = segs[start + 1: stop + 1]
-        if s == 0:
-            stage_segs = (graph.prologue, *stage_segs)
-        params = tuple(dict.fromkeys(i for seg in stage_segs for i in seg.params))
-        if s == num_stages - 1:
-            params = tuple(dict.fromkeys((*params, *graph.epilogue.params)))
-        stages.append(StageLayout(
-            segments=tuple(stage_segs), params=params,
-            carry_in=cuts[s - 1] if s > 0 else (), carry_out=cuts[s],
-        ))
+    stages = stage_layouts(graph, ranges, cuts)
 
     if tp == 1:
         storage: SlotStorage | SplitStorage = SlotStorage([st.params for st in stages],

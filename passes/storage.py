@@ -81,6 +81,10 @@ class SlotStorage:
     def specs(self):
         return [P(AXIS) for _ in self.slots]
 
+    def slot_indices(self, s: int) -> list[int]:
+        """The slot (index into ``place``'s list) of each of stage s's weights, in order."""
+        return [self._index[key, j] for key, j, _ in self.where[s]]
+
     def unpack(self, local, s: int) -> list:
         return [local[self._index[key, j]].reshape(shape) for key, j, shape in self.where[s]]
 
