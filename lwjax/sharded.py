@@ -6,7 +6,9 @@ from collections.abc import Mapping
 
 import jax
 
-from lwjax.errors import InputError
+from lwjax import training
+from lwjax.errors import ConfigError, InputError
+from lwjax.passes import schedules
 from lwjax.passes.lower import PipelineProgram
 from lwjax.passes.trace import TracedModel, arg_label, path_str
 from lwjax.plan import Plan
@@ -90,6 +92,65 @@ class ShardedModel:
     def compile(self, *args, **kwargs) -> jax.stages.Compiled:
         """The ``jax.stages.Compiled`` pipeline program for these arguments."""
         return self.lower(*args, **kwargs).compile()
+
+    def value_and_grad(self, loss_fn, *, schedule: str = "gpipe"):
+        """A function ``(*args, *targets, **kwargs) -> (loss, grads)`` through the pipeline.
+
+        Args:
+            loss_fn: ``loss_fn(outputs, *targets)``: one microbatch's mean loss, a float
+                scalar, on the model's outputs (its output tree) and the targets' rows.
+            schedule: "gpipe" or "1f1b" (``passes.schedules.TRAIN_SCHEDULES``).
+
+        Returns:
+            The function. ``loss`` is the mean of ``loss_fn`` over the M microbatches (the
+            batch's loss for a per-example mean); ``grads`` has the structure of
+            ``nnx.state(model, nnx.Param)`` (NNX) or ``variables["params"]`` (linen), each
+            leaf on the device of its stage.
+
+        Raises:
+            LossError: ``loss_fn`` fails or does not return a float scalar.
+            InputError: a target is not batch-leading.
+
+        Example:
+            >>> loss, grads = sm.value_and_grad(loss_fn)(tokens, targets)
+        """
+        schedules.get_train(schedule)
+        return training.value_and_grad(self, loss_fn, schedule=schedule)
+
+    def train_step(self, loss_fn, optimizer, *, schedule: str = "gpipe"):
+        """A jitted optimizer step through the pipeline (``lwjax.training.TrainStep``):
+        ``state = step.init()``; ``state, loss = step(state, *args, *targets)``; each device
+        holds only its stage's weights, gradients and optimizer state.
+
+        Args:
+            loss_fn: as for ``value_and_grad``.
+            optimizer: an optax GradientTransformation that treats weights elementwise
+                (``lwjax.training.check_optimizer``).
+            schedule: "gpipe" or "1f1b".
+
+        Raises:
+            OptimizerError: the optimizer cannot run on per-stage weight slots.
+
+        Example:
+            >>> step = sm.train_step(loss_fn, optax.adamw(1e-3), schedule="1f1b")
+            >>> state = step.init()
+            >>> state, loss = step(state, tokens, targets)
+        """
+        schedules.get_train(schedule)
+        return training.TrainStep(self, loss_fn, optimizer, schedule)
+
+    def export_params(self, state=None):
+        """The weights in the model's own tree: this model's, or a training ``state``'s
+        (``nnx.update(model, sm.export_params(state))``; linen: the variables).
+
+        Example:
+            >>> nnx.update(model, sm.export_params(state))
+        """
+        if self.plan.tp > 1:
+            raise ConfigError("export_params reads one device per stage; this plan splits "
+                              f"stages over tp={self.plan.tp} devices.")
+        slots = self.params if state is None else state.params
+        return training.to_tree(self.program, self._traced, slots, grads=False)
 
     def __repr__(self) -> str:
         return f"ShardedModel(\n{self.plan.summary()}\n)"

@@ -93,6 +93,8 @@ class TracedModel:
         kind: "nnx" or "linen".
         static_kwargs: non-array keyword arguments, bound into ``fn``.
         scoped_by_lwjax: layer scopes were added from the module tree while tracing.
+        trainable: per parameter leaf, whether training updates it (NNX ``nnx.Param``s,
+            linen's "params" collection); empty: all of them.
     """
 
     closed_jaxpr: ClosedJaxpr
@@ -111,6 +113,7 @@ class TracedModel:
     kind: Literal["nnx", "linen", "transformers"]
     static_kwargs: dict = dataclasses.field(default_factory=dict)
     scoped_by_lwjax: bool = False
+    trainable: tuple[bool, ...] = ()
 
     @property
     def num_params(self) -> int:
@@ -339,7 +342,8 @@ def trace(
                 f"{type(model).__name__} is a linen module. Trace it in 'prefill' mode."
             )
         return _trace(lambda p, *a, **k: model.apply(p, *a, **k), variables, args, kwargs,
-                      mode, microbatch_size, "linen", None, unbatched=unbatched, batched=batched)
+                      mode, microbatch_size, "linen", None, unbatched=unbatched, batched=batched,
+                      is_trainable=lambda path: path.split("/")[0] == "params")
     if isinstance(model, nnx.Module):
         # RNG streams (nnx.Rngs, Dropout's keys and counts) are no weights: they are bound
         # into the traced function, and a call that draws from them is refused below.
@@ -359,8 +363,11 @@ def trace(
             _refuse_updates(before, nnx.state(m, stats))
             return out
 
+        params_only = {path_str(p) for p, _ in
+                       jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param))[0]}
         return _trace(fn, state, args, kwargs, mode, microbatch_size, "nnx", None,
-                      scoped_by_lwjax=True, unbatched=unbatched, batched=batched)
+                      scoped_by_lwjax=True, unbatched=unbatched, batched=batched,
+                      is_trainable=params_only.__contains__)
     raise TraceError(
         f"lwjax traces Flax NNX or linen modules and transformers' Flax models; got "
         f"{type(model).__name__}. Wrap a plain function in an nnx.Module, or pass a linen "
@@ -404,7 +411,8 @@ def _trace_decode(model, graphdef, rng_state, state, args, kwargs, cache_len,
 
 def _trace(fn, params, args, kwargs, mode, microbatch_size, kind, cache_pos,
            scoped_by_lwjax=False, unbatched: Sequence[int | str] = (),
-           batched: Sequence[int | str] = ()) -> TracedModel:
+           batched: Sequence[int | str] = (),
+           is_trainable: Callable[[str], bool] | None = None) -> TracedModel:
     array_kwargs, static_kwargs = _split_kwargs(kwargs)
     param_leaves, param_treedef = jax.tree.flatten(params)
     param_with_path = jax.tree_util.tree_flatten_with_path(params)[0]
@@ -529,4 +537,5 @@ def _trace(fn, params, args, kwargs, mode, microbatch_size, kind, cache_pos,
         kind=kind,
         static_kwargs=static_kwargs,
         scoped_by_lwjax=scoped_by_lwjax,
+        trainable=tuple(map(is_trainable, param_paths)) if is_trainable else (),
     )

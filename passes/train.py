@@ -88,13 +88,24 @@ class TrainProgram:
                                               for st in self.stages])
 
     def grad_parts(self) -> list[list[tuple[int, int]]]:
-        """Per graph parameter, the (stage, slot) of each stored copy: a tied weight read by
-        two stages has two, and its gradient is their sum."""
-        parts: list[list[tuple[int, int]]] = [[] for _ in self.graph.params]
-        for s, st in enumerate(self.stages):
-            for i, n in zip(st.params, self.storage.slot_indices(s), strict=True):
-                parts[i].append((s, n))
-        return parts
+        """Per graph parameter, the (stage, slot) of each stored copy (``weight_copies``)."""
+        return weight_copies(self.graph, self.stages, self.storage)
+
+
+def weight_copies(graph: LayerGraph, stages: Sequence[StageLayout], storage: SlotStorage
+                  ) -> list[list[tuple[int, int]]]:
+    """Per graph parameter, the (stage, slot) of each stored copy: a tied weight read by two
+    stages has two, and its gradient is the sum of their parts.
+
+    Example:
+        >>> weight_copies(graph, program.stages, program.storage)[0]   # tied embedding
+        [(0, 3), (3, 3)]
+    """
+    parts: list[list[tuple[int, int]]] = [[] for _ in graph.params]
+    for s, st in enumerate(stages):
+        for i, n in zip(st.params, storage.slot_indices(s), strict=True):
+            parts[i].append((s, n))
+    return parts
 
 
 def _microbatch(x, k):
