@@ -137,7 +137,6 @@ class Trainer:
         self.sm = sm
         traced = sm._traced
         self.traced = traced
-        self.num_args = len(jax.tree.unflatten(traced.arg_treedef, [0] * len(traced.args))[0])
         graph = sm.program.graph
         self.graph = graph
         trainable = traced.trainable or (True,) * len(traced.params)
@@ -168,11 +167,7 @@ class Trainer:
     def leaves(self, call_args: Sequence, kwargs: dict) -> list:
         """The program's arguments: the model's (checked like a forward call), then the
         targets' leaves."""
-        if len(call_args) <= self.num_args:
-            raise InputError(
-                f"pass the model's {self.num_args} argument(s) and then the targets; got "
-                f"{len(call_args)} positional argument(s).")
-        args, targets = call_args[:self.num_args], call_args[self.num_args:]
+        args, targets = split_call(self.sm, call_args)
         if jax.tree.structure(tuple(targets)) != self.target_treedef:
             raise InputError(f"targets have structure {jax.tree.structure(tuple(targets))}; "
                              f"the step was built for {self.target_treedef}.")
@@ -196,7 +191,9 @@ def to_tree(program, traced, slots: Sequence, *, grads: bool) -> Any:
         program: a PipelineProgram or TrainProgram (its stages, storage and mesh).
         traced: the TracedModel (the tree's structure).
         slots: arrays in ``program.storage``'s layout.
-        grads: gradients (sum the copies) or weights (take the first).
+        grads: gradients (sum the copies; each leaf stays on its stage's device) or
+            weights (the first copy; every leaf on the first stage's device, ready for
+            ``nnx.update`` and an unsharded call).
     """
     graph = program.graph
     parts = weight_copies(graph, program.stages, program.storage)
@@ -221,8 +218,21 @@ def to_tree(program, traced, slots: Sequence, *, grads: bool) -> Any:
         else:
             first = next(iter(got[0].devices()))
             leaves.append(jnp.stack([jax.device_put(got[j], first) for j in sorted(got)]))
+    if not grads:  # weights to load into the model: together on one device
+        leaves = [jax.device_put(x, devices[0]) for x in leaves]
     tree = jax.tree.unflatten(traced.param_treedef, leaves)
     return trainable_part(tree, traced.kind) if grads else tree
+
+
+def split_call(sm, call_args: Sequence) -> tuple[tuple, tuple]:
+    """``(*args, *targets)`` -> (the model's positional arguments, the targets)."""
+    traced = sm._traced
+    num_args = len(jax.tree.unflatten(traced.arg_treedef, [0] * len(traced.args))[0])
+    if len(call_args) <= num_args:
+        raise InputError(
+            f"pass the model's {num_args} positional argument(s) and then the targets; got "
+            f"{len(call_args)} positional argument(s).")
+    return tuple(call_args[:num_args]), tuple(call_args[num_args:])
 
 
 def trainable_part(tree, kind: str):
@@ -264,8 +274,7 @@ def value_and_grad(sm, loss_fn: Callable, *, schedule: str = "gpipe") -> Callabl
     cache: dict = {}
 
     def fn(*call_args, **kwargs):
-        targets = call_args[len(jax.tree.unflatten(sm._traced.arg_treedef,
-                                                   [0] * len(sm._traced.args))[0]):]
+        _, targets = split_call(sm, call_args)
         key = jax.tree.structure(tuple(targets))
         if key not in cache:
             cache[key] = Trainer(sm, loss_fn, schedule, targets)
@@ -302,9 +311,7 @@ class TrainStep:
         return TrainState(params=params, opt_state=opt_state, step=jnp.zeros((), jnp.int32))
 
     def _build(self, call_args: Sequence) -> Trainer:
-        num_args = len(jax.tree.unflatten(self.sm._traced.arg_treedef,
-                                          [0] * len(self.sm._traced.args))[0])
-        trainer = Trainer(self.sm, self.loss_fn, self.schedule, call_args[num_args:])
+        trainer = Trainer(self.sm, self.loss_fn, self.schedule, split_call(self.sm, call_args)[1])
         prog, optimizer = trainer.program, self.optimizer
         ties = [p for p in prog.grad_parts() if len(p) > 1]
         frozen = [(s, n) for i, parts in enumerate(prog.grad_parts())

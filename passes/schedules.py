@@ -148,6 +148,8 @@ class TickTable:
         for s in range(self.op.shape[1]):
             cells = [f"{_OP_LETTER[int(o)]}{int(m) if o else ''}".ljust(2)
                      for o, m in zip(self.op[:, s], self.mb[:, s], strict=True)]
+            while cells and cells[-1].strip() == ".":  # trailing idle ticks are not shown
+                cells.pop()
             rows.append(f"s{s}: " + " ".join(cells).rstrip())
         return "\n".join(rows)
 
