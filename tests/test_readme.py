@@ -36,7 +36,7 @@ def test_readme_own_model_example_runs():
     imports."""
     usage = README.split("## Usage", 1)[1].split("\n## ", 1)[0]
     blocks = re.findall(r"```python\n(.*?)```", usage, re.S)
-    assert len(blocks) == 3
+    assert len(blocks) == 4
     namespace: dict = {}
     exec(compile("import jax, jax.numpy as jnp, numpy as np, lwjax\n" + blocks[1],
                  "README.md", "exec"), namespace)
@@ -64,3 +64,15 @@ def test_readme_generation_example_runs():
     g = namespace["g"]
     assert len(g.plan.stages) == 4 and g.plan.mode == "decode"
     assert namespace["short"].shape == (8, 16)
+
+
+def test_readme_training_example_runs():
+    """The fourth Usage block (value_and_grad, train_step, export_params) runs after the
+    third's imports, and its gradients are the model's."""
+    usage = README.split("## Usage", 1)[1].split("\n## ", 1)[0]
+    block = re.findall(r"```python\n(.*?)```", usage, re.S)[3]
+    namespace: dict = {}
+    exec(compile("import jax, jax.numpy as jnp, numpy as np, lwjax\nfrom flax import nnx\n"
+                 "from lwjax import models\n" + block, "README.md", "exec"), namespace)
+    assert len(namespace["sm"].plan.stages) == 4
+    assert float(namespace["loss"]) < float(namespace["loss0"])   # three adamw steps later
