@@ -48,6 +48,11 @@ Layout of ``tp_pp``:
 Known costs a reader should weigh: GPipe's bubble ((pp - 1) / (M + pp - 1) of the ticks
 compute on zeros); the pipeline input (the embedded batch) is replicated over "pp".
 
+Training: ``Baseline.value_and_grad(loss_fn)`` and ``Baseline.train_step(loss_fn,
+optimizer)`` (``lwjax.baselines_train``). ``tp_pp`` differentiates its own forward with plain
+``jax.value_and_grad``, through the GPipe scan, with ``jax.checkpoint`` on each tick's stage;
+weights and optimizer state keep the layout above.
+
 Example:
     >>> import jax, jax.numpy as jnp
     >>> from flax import nnx
@@ -75,6 +80,8 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from jax.tree_util import DictKey
 
+from lwjax import baselines_train
+from lwjax.baselines_train import Differentiable, ModelTree, leaves_by_keys
 from lwjax.errors import ConfigError, DeviceError, InputError
 from lwjax.models.configs import DenseConfig, MoEConfig
 
@@ -128,17 +135,68 @@ class Baseline:
     layout: str
     _forward: Callable = dataclasses.field(repr=False)
     _tokens_sharding: NamedSharding = dataclasses.field(repr=False)
+    _differentiable: Differentiable | None = dataclasses.field(default=None, repr=False)
 
     def __call__(self, tokens_BT: jax.Array) -> jax.Array:
         """Logits [B, T, V] for tokens of the example's shape and dtype."""
         self._check_tokens(tokens_BT)
-        if _is_abstract(self.params):
-            raise ConfigError(
-                f"This {self.name} baseline was built from an abstract model (no weights); it "
-                "can .lower() and .compile() but not run. Build it from models.build(cfg, "
-                "rngs=...) to run it."
-            )
+        self._check_runnable()
         return self._forward(self.params, jax.device_put(tokens_BT, self._tokens_sharding))
+
+    def value_and_grad(
+        self, loss_fn: Callable, *, with_aux: bool = False
+    ) -> Callable[..., tuple[jax.Array, nnx.State]]:
+        """``f(tokens_BT, *targets) -> (loss, grads)`` through this deployment.
+
+        ``loss_fn(outputs, *targets)`` is the per-batch mean loss on the model's outputs:
+        logits [B, T, V], or ``(logits, aux_B)`` as ``model(tokens, with_aux=True)`` returns
+        them (MoE, ``with_aux=True``). With M microbatches the loss is the mean of
+        ``loss_fn`` over them; targets are batch-leading arrays split like the tokens.
+        ``grads`` has the structure of ``nnx.state(model, nnx.Param)`` and equals
+        ``jax.grad`` of the unsharded loss up to float rounding. ``tp_pp`` differentiates
+        through its GPipe scan with ``jax.checkpoint`` on each tick's stage (activations
+        inside a stage are rematerialised); see ``lwjax.baselines_train``.
+
+        Raises:
+            ConfigError: ``with_aux=True`` on a dense model.
+            InputError: tokens unlike the example's, or a target whose leading size is not
+                the batch.
+            LossError: ``loss_fn`` fails, or does not return a float scalar.
+
+        Example:
+            >>> def loss_fn(logits, targets_BT):
+            ...     return optax.softmax_cross_entropy_with_integer_labels(
+            ...         logits, targets_BT).mean()
+            >>> loss, grads = b.value_and_grad(loss_fn)(tokens, tokens)
+            >>> nnx.state(model, nnx.Param)["embed"].shape == grads["embed"].shape
+            True
+        """
+        return baselines_train.value_and_grad(self, loss_fn, with_aux=with_aux)
+
+    def train_step(
+        self, loss_fn: Callable, optimizer: Any, *, with_aux: bool = False
+    ) -> baselines_train.TrainStep:
+        """A jitted optimizer step: ``state, loss = step(state, tokens, *targets)``.
+
+        ``step.init()`` copies the weights into a ``TrainState(params, opt_state, step)``
+        kept in this baseline's layout and shardings (under ``tp_pp`` a device holds only
+        its stage's "tp" slice of the weights and of the optimizer's parameter-shaped
+        state); ``step.export_params(state)`` gives the weights in the model's own
+        ``nnx.State``. Loss and gradients as in ``value_and_grad``.
+
+        Args:
+            loss_fn: ``loss_fn(outputs, *targets)`` -> float scalar, as in ``value_and_grad``.
+            optimizer: an optax ``GradientTransformation``; it sees the baseline's layout
+                (``tp_pp``'s blocks stacked per stage), which elementwise optimizers such as
+                adamw do not notice.
+            with_aux: hand ``loss_fn`` ``(logits, aux_B)`` (MoE models).
+
+        Example:
+            >>> step = b.train_step(loss_fn, optax.adamw(1e-3))
+            >>> state, loss = step(step.init(), tokens, tokens)
+            >>> nnx.update(model, step.export_params(state))
+        """
+        return baselines_train.train_step(self, loss_fn, optimizer, with_aux=with_aux)
 
     def lower(self, tokens_BT: jax.Array | jax.ShapeDtypeStruct) -> jax.stages.Lowered:
         """The jitted program lowered for these tokens (arrays or ShapeDtypeStructs)."""
@@ -151,6 +209,14 @@ class Baseline:
     def compile(self, tokens_BT: jax.Array | jax.ShapeDtypeStruct) -> jax.stages.Compiled:
         """``lower(tokens).compile()``: e.g. ``.memory_analysis()`` or ``.as_text()``."""
         return self.lower(tokens_BT).compile()
+
+    def _check_runnable(self) -> None:
+        if _is_abstract(self.params):
+            raise ConfigError(
+                f"This {self.name} baseline was built from an abstract model (no weights); it "
+                "can .lower() and .compile() but not run. Build it from models.build(cfg, "
+                "rngs=...) to run it."
+            )
 
     def _check_tokens(self, tokens_BT: Any) -> None:
         check_example(tokens_BT, self.tokens, f"This {self.name} baseline", "tokens",
@@ -217,33 +283,16 @@ def tp_pp(
     mesh = Mesh(np.array(_device_list(devices, tp * pp)).reshape(pp, tp), (PP, TP))
 
     params = _place_params(model, mesh)
-    block_graphdef, _ = nnx.split(model.layers[0])
-    norm_graphdef, _ = nnx.split(model.final_norm)
-    last = pp - 1
-    pipeline = jax.shard_map(
-        _gpipe(block_graphdef, pp, num_microbatches),
-        mesh=mesh,
-        in_specs=(P(PP), P()),  # only "pp" is manual: the "tp" shardings ride along
-        out_specs=P(PP),
-        axis_names={PP},
-    )
+    graphdefs = (nnx.split(model.layers[0])[0], nnx.split(model.final_norm)[0])
     head_batch_axis = PP if batch % pp == 0 else None
-
-    def forward(params, tokens_BT):
-        b, t, d = *tokens_BT.shape, cfg.hidden_size
-        x_BTD = jnp.take(params["embed"], tokens_BT, axis=0)
-        # [M, B/M, T, D], replicated: stage 0 reads microbatch i at tick i.
-        x_MBTD = lax.with_sharding_constraint(
-            x_BTD.reshape(num_microbatches, b // num_microbatches, t, d), NamedSharding(mesh, P())
-        )
-        out_MBTD = pipeline(params["blocks"], x_MBTD)  # [pp * M, ...]: each stage's buffer
-        y_BTD = out_MBTD[last * num_microbatches :].reshape(b, t, d)  # the last stage's
-        y_BTD = lax.with_sharding_constraint(y_BTD, NamedSharding(mesh, P(head_batch_axis)))
-        y_BTD = nnx.merge(norm_graphdef, params["final_norm"])(y_BTD)
-        w_DV = params["embed"].T if cfg.tie_embeddings else params["lm_head"]
-        return y_BTD @ w_DV
-
+    forward = _tp_pp_forward(cfg, mesh, graphdefs, num_microbatches, head_batch_axis)
     forward = jax.jit(forward, out_shardings=NamedSharding(mesh, P(head_batch_axis, None, TP)))
+
+    def apply(params, tokens_BT, with_aux):
+        return _tp_pp_forward(
+            cfg, mesh, graphdefs, num_microbatches, head_batch_axis, with_aux=with_aux, remat=True
+        )(params, tokens_BT)
+
     return Baseline(
         name="tp_pp",
         mesh=mesh,
@@ -253,6 +302,12 @@ def tp_pp(
         layout=_describe(cfg, mesh, num_microbatches, batch, head_batch_axis),
         _forward=forward,
         _tokens_sharding=NamedSharding(mesh, P()),
+        _differentiable=Differentiable(
+            params=params,
+            apply=apply,
+            to_model=_stage_major_to_model(ModelTree.of(model), cfg.num_layers // pp),
+            has_aux=isinstance(cfg, MoEConfig),
+        ),
     )
 
 
@@ -283,9 +338,19 @@ def single_device(
     sharding = NamedSharding(mesh, P())
     graphdef, state = nnx.split(model)
     params = jax.tree.map(lambda a: _place(a, sharding), state)
+    trainable, rest = nnx.split_state(params, nnx.Param, ...)
+    model_tree = ModelTree.of(model)
 
     def forward(params, tokens_BT):
         return nnx.merge(graphdef, params)(tokens_BT)
+
+    def apply(trainable, tokens_BT, with_aux):
+        model = nnx.merge(graphdef, trainable, rest)
+        return model(tokens_BT, with_aux=True) if with_aux else model(tokens_BT)
+
+    def to_model(trainable):
+        leaves = leaves_by_keys(trainable)
+        return model_tree.build(lambda keys: leaves[keys])
 
     return Baseline(
         name="single_device",
@@ -296,53 +361,135 @@ def single_device(
         layout=f"all {cfg.num_layers} layers, embedding and head on {device}",
         _forward=jax.jit(forward, out_shardings=sharding),
         _tokens_sharding=sharding,
+        _differentiable=Differentiable(
+            params=trainable, apply=apply, to_model=to_model, has_aux=isinstance(cfg, MoEConfig)
+        ),
     )
 
 
 # ---- the pipeline ---------------------------------------------------------------------------
 
 
-def _gpipe(block_graphdef: nnx.GraphDef, num_stages: int, num_microbatches: int) -> Callable:
+def _tp_pp_forward(
+    cfg: DenseConfig,
+    mesh: Mesh,
+    graphdefs: tuple[nnx.GraphDef, nnx.GraphDef],
+    num_microbatches: int,
+    head_batch_axis: str | None,
+    *,
+    with_aux: bool = False,
+    remat: bool = False,
+) -> Callable:
+    """``forward(params, tokens_BT)``: embedding, the GPipe shard_map, final norm and head.
+
+    Returns logits [B, T, V]; with ``with_aux``, ``(logits, aux_B)`` scaled as the MoE model
+    scales it. ``remat`` checkpoints each tick's stage (for training).
+    """
+    block_graphdef, norm_graphdef = graphdefs
+    last = mesh.shape[PP] - 1
+    pipeline = jax.shard_map(
+        _gpipe(block_graphdef, mesh.shape[PP], num_microbatches, with_aux=with_aux, remat=remat),
+        mesh=mesh,
+        in_specs=(P(PP), P()),  # only "pp" is manual: the "tp" shardings ride along
+        out_specs=P(PP),
+        axis_names={PP},
+    )
+
+    def forward(params, tokens_BT):
+        b, t, d = *tokens_BT.shape, cfg.hidden_size
+        x_BTD = jnp.take(params["embed"], tokens_BT, axis=0)
+        # [M, B/M, T, D], replicated: stage 0 reads microbatch i at tick i.
+        x_MBTD = lax.with_sharding_constraint(
+            x_BTD.reshape(num_microbatches, b // num_microbatches, t, d), NamedSharding(mesh, P())
+        )
+        out_MBTD, aux_MB = pipeline(params["blocks"], x_MBTD)  # [pp * M, ...]: every stage's
+        y_BTD = out_MBTD[last * num_microbatches :].reshape(b, t, d)  # the last stage's
+        y_BTD = lax.with_sharding_constraint(y_BTD, NamedSharding(mesh, P(head_batch_axis)))
+        y_BTD = nnx.merge(norm_graphdef, params["final_norm"])(y_BTD)
+        w_DV = params["embed"].T if cfg.tie_embeddings else params["lm_head"]
+        if not with_aux:
+            return y_BTD @ w_DV
+        aux_B = aux_MB[last * num_microbatches :].reshape(b)
+        return y_BTD @ w_DV, aux_B * (cfg.aux_loss_weight / cfg.num_layers)
+
+    return forward
+
+
+def _gpipe(
+    block_graphdef: nnx.GraphDef,
+    num_stages: int,
+    num_microbatches: int,
+    *,
+    with_aux: bool = False,
+    remat: bool = False,
+) -> Callable:
     """The per-stage GPipe program (fill, steady state, drain) for ``shard_map`` over "pp".
 
     Each device gets its stage's blocks [1, L/pp, ...] and all microbatches x [M, B/M, T, D];
-    it returns [M, B/M, T, D], meaningful on the last stage only.
+    it returns ``(y [M, B/M, T, D], aux [M, B/M] or None)``, meaningful on the last stage only.
+    With ``with_aux`` every block adds its MoE ``load_balancing_B`` to a per-sequence sum
+    that travels with the activations, so the last stage holds the sum over all blocks in
+    the model's order. ``remat`` wraps each tick's stage in ``jax.checkpoint``.
     """
     last = num_stages - 1
     to_next_stage = [(s, s + 1) for s in range(last)]
 
-    def run_stage(stage_blocks, x_BTD):
-        positions_T = jnp.arange(x_BTD.shape[1])
+    def run_stage(stage_blocks, carry):
+        positions_T = jnp.arange(carry[0].shape[1])
 
-        def layer(x_BTD, block_state):
-            x_BTD, _, _ = nnx.merge(block_graphdef, block_state)(x_BTD, positions_T, None, None)
-            return x_BTD, None
+        def layer(carry, block_state):
+            x_BTD, aux_B = carry
+            x_BTD, _, stats = nnx.merge(block_graphdef, block_state)(x_BTD, positions_T, None, None)
+            return (x_BTD, aux_B + stats.load_balancing_B if with_aux else None), None
 
-        return lax.scan(layer, x_BTD, stage_blocks)[0]
+        return lax.scan(layer, carry, stage_blocks)[0]
+
+    if remat:  # the backward keeps each tick's stage input and recomputes the rest
+        run_stage = jax.checkpoint(run_stage, prevent_cse=False)
 
     def pipeline(blocks, x_MBTD):
         stage_blocks = jax.tree.map(lambda a: a[0], blocks)  # [1, L/pp, ...] -> [L/pp, ...]
         stage = lax.axis_index(PP)
+        m, mb = num_microbatches, x_MBTD.shape[1]
+        zero_aux = jnp.zeros((mb,), jnp.float32) if with_aux else None
 
         def tick(carry, t):
-            received_BTD, out_MBTD = carry
+            received, out = carry
             # Stage 0 starts microbatch t (ticks past M only drain); the others take what
             # the previous stage sent at the end of tick t - 1.
-            x_BTD = jnp.where(
-                stage == 0, x_MBTD[jnp.minimum(t, num_microbatches - 1)], received_BTD
-            )
-            y_BTD = run_stage(stage_blocks, x_BTD)
+            first = (x_MBTD[jnp.minimum(t, m - 1)], zero_aux)
+            x = jax.tree.map(lambda a, b: jnp.where(stage == 0, a, b), first, received)
+            y = run_stage(stage_blocks, x)
             # Microbatch t - last leaves the last stage at tick t. Earlier ticks write slot 0,
             # which tick `last` overwrites; other stages' buffers are never read.
-            slot = jnp.clip(t - last, 0, num_microbatches - 1)
-            out_MBTD = lax.dynamic_update_index_in_dim(out_MBTD, y_BTD, slot, 0)
-            return (lax.ppermute(y_BTD, PP, to_next_stage), out_MBTD), None
+            slot = jnp.clip(t - last, 0, m - 1)
+            out = jax.tree.map(lambda o, a: lax.dynamic_update_index_in_dim(o, a, slot, 0), out, y)
+            return (jax.tree.map(lambda a: lax.ppermute(a, PP, to_next_stage), y), out), None
 
-        init = lax.pcast((jnp.zeros_like(x_MBTD[0]), jnp.zeros_like(x_MBTD)), PP, to="varying")
-        (_, out_MBTD), _ = lax.scan(tick, init, jnp.arange(num_microbatches + last))
-        return out_MBTD
+        out_aux = None if zero_aux is None else jnp.zeros((m, mb), jnp.float32)
+        out = (jnp.zeros_like(x_MBTD), out_aux)
+        init = lax.pcast(((jnp.zeros_like(x_MBTD[0]), zero_aux), out), PP, to="varying")
+        (_, out), _ = lax.scan(tick, init, jnp.arange(m + last))
+        return out
 
     return pipeline
+
+
+def _stage_major_to_model(model_tree: ModelTree, layers_per_stage: int) -> Callable:
+    """``tp_pp``'s weights (blocks stacked [pp, L/pp, ...]) -> the model's ``nnx.State``."""
+
+    def to_model(params):
+        leaves = leaves_by_keys(params)
+
+        def leaf_for(keys):
+            if keys[0] == "layers":  # layer i is slot (i // L/pp, i % L/pp) of the stack
+                stage, slot = divmod(keys[1], layers_per_stage)
+                return leaves[("blocks", *keys[2:])][stage, slot]
+            return leaves[keys]
+
+        return model_tree.build(leaf_for)
+
+    return to_model
 
 
 def check_example(x: Any, want: jax.ShapeDtypeStruct, what: str, noun: str, kind: str) -> None:
