@@ -16,6 +16,7 @@ from lwjax.hardware import HardwareSpec
 from lwjax.passes import compression as compression_lib
 from lwjax.passes import footprint as footprint_lib
 from lwjax.passes import schedules
+from lwjax.passes import train_footprint as train_lib
 from lwjax.passes.backend import DEFAULT_BACKEND, Backend, check_runnable
 from lwjax.passes.compression import Compression
 from lwjax.passes.discovery import LayersSpec
@@ -25,7 +26,7 @@ from lwjax.passes.planner import device_id
 from lwjax.passes.segment import LayerGraph, segment
 from lwjax.passes.strategies import STRATEGIES, Target, search_plan
 from lwjax.passes.trace import Mode, trace
-from lwjax.plan import Objective, Plan, Residency
+from lwjax.plan import Objective, Plan, PlanMode, Residency
 from lwjax.plan_check import check_plan, check_plan_batch
 from lwjax.report import LayerReport, ModelReport
 from lwjax.sharded import ShardedModel
@@ -182,13 +183,20 @@ def _microbatches(batch: int, microbatches: int | None, num_devices: int) -> int
     return microbatches
 
 
-def _capacity(cache_bytes, hw: HardwareSpec, persisting: bool) -> int:
+def _capacity(cache_bytes, hw: HardwareSpec, persisting: bool,
+              train_devices: int | None = None) -> int:
+    """The capacity per device: ``cache_bytes``, else the persisting L2 when asked, else for
+    training (``train_devices``: the devices planned for) the device memory -- a training
+    stage keeps weights, gradients, optimizer state and activations there, not in L2; the
+    simulated devices of a CPU share its RAM, a share each -- else the L2."""
     if cache_bytes is None:
         if persisting:
             if hw.persisting_l2_bytes is None:
                 raise CapacityError(f"{hw.name} has no persisting-L2 limit; give the capacity "
                                     "with cache_bytes=.")
             return hw.persisting_l2_bytes
+        if train_devices is not None:
+            return hw.hbm_bytes // train_devices if hw.kind == "cpu" else hw.hbm_bytes
         return hw.l2_bytes
     count = _whole(cache_bytes)
     if count is None or count < 1:
@@ -202,19 +210,23 @@ def _capacity(cache_bytes, hw: HardwareSpec, persisting: bool) -> int:
 def _plan_graph(model, args, kwargs, *, devices, num_devices, hardware, cache_bytes,
                 compression, microbatches, mode, cache_len, residency, attention, persisting,
                 method, allow=(), objective="step", unbatched=(), batched=(), layers=None,
-                given: Plan | None = None, run: bool = False):
+                given: Plan | None = None, run: bool = False,
+                training: train_lib.Training | None = None):
     """Plans and returns ``(plan, graph at the plan's microbatch size, device objects or None,
     full batch)``. ``allow``: the edge-case strategies the search may use, in order
-    (``passes/strategies.py``); none by default."""
+    (``passes/strategies.py``); none by default. ``training``: with mode="train"."""
     objs, ids = _devices(devices, num_devices)
     hw = _hardware(hardware, objs)
-    capacity = _capacity(cache_bytes, hw, persisting)
+    capacity = _capacity(cache_bytes, hw, persisting, len(ids) if training else None)
     allow = () if allow is None else (allow,) if isinstance(allow, str) else tuple(allow)
+    if training is not None:  # training runs the weights uncompressed
+        allow = tuple(a for a in allow if a != "compress")
+    traced_mode = "prefill" if mode == "train" else mode  # training traces the forward
     graphs: dict[int, LayerGraph] = {}
 
     def graph_at(size: int) -> LayerGraph:  # a retrace per microbatch size, memoised
         if size not in graphs:
-            graphs[size] = segment(trace(model, *args, mode=mode, cache_len=cache_len,
+            graphs[size] = segment(trace(model, *args, mode=traced_mode, cache_len=cache_len,
                                          microbatch_size=size, unbatched=unbatched,
                                          batched=batched,
                                          **kwargs), layers)
@@ -225,8 +237,8 @@ def _plan_graph(model, args, kwargs, *, devices, num_devices, hardware, cache_by
     first = jax.tree.leaves((args[1:] if isinstance(model, nn.Module) else args)[:1])
     shape = getattr(first[0], "shape", None) if first else None
     batch = int(shape[0]) if shape else trace(
-        model, *args, mode=mode, cache_len=cache_len, unbatched=unbatched, batched=batched,
-        **kwargs).batch_size
+        model, *args, mode=traced_mode, cache_len=cache_len, unbatched=unbatched,
+        batched=batched, **kwargs).batch_size
     if batch < 1:
         raise InputError(f"the first argument has shape {tuple(shape)}: an empty batch. Pass at "
                          "least one example (the leading axis is the batch).")
@@ -249,7 +261,8 @@ def _plan_graph(model, args, kwargs, *, devices, num_devices, hardware, cache_by
     target = Target(hardware=hw, capacity_bytes=capacity, device_ids=ids, batch_size=batch,
                     microbatch_size=batch // m, compression=compression_lib.get(compression),
                     mode=mode, residency=residency, attention=attention, method=method,
-                    allow=allow, model=type(model).__name__, objective=objective)
+                    allow=allow, model=type(model).__name__, objective=objective,
+                    training=training)
     plan = search_plan(graph_at, target)
     return plan, graph_at(plan.microbatch_size), objs, batch
 
@@ -263,7 +276,7 @@ def plan(
     cache_bytes: int | None = None,
     compression: str | Compression | None = None,
     microbatches: int | None = None,
-    mode: Mode = "prefill",
+    mode: PlanMode = "prefill",
     cache_len: int | None = None,
     residency: Residency = "all",
     attention: AttentionAssumption | None = None,
@@ -274,6 +287,8 @@ def plan(
     unbatched: Sequence[int | str] = (),
     batched: Sequence[int | str] = (),
     layers: LayersSpec = None,
+    schedule: str | None = None,
+    optimizer=None,
     **kwargs,
 ) -> Plan:
     """Plans a layer-wise deployment: trace -> segment -> footprint -> cost -> partition.
@@ -291,11 +306,16 @@ def plan(
         devices: a list of jax devices or device ids.
         hardware: a HardwareSpec or preset name ("h100", "h200", "cpu"); default from the
             devices' platform (this machine's CPU when planning abstractly).
-        cache_bytes: on-chip capacity per device (default: the hardware's L2 size).
+        cache_bytes: on-chip capacity per device (default: the hardware's L2 size; for
+            mode="train" its device memory, ``hbm_bytes``, shared out among the devices on a
+            CPU).
         compression: None, a preset name, or an lwjax.Compression (the starting policy).
         microbatches: M (default: the largest divisor of the batch <= the device count);
             the "microbatch" strategy may raise it.
-        mode: "prefill" or "decode".
+        mode: "prefill", "decode" or "train" (a stage also holds gradients, optimizer state
+            and the stashed inputs of its microbatches in flight, and runs forward,
+            recompute and backward: ``passes/train_footprint.py``; "compress" is dropped from
+            ``allow``: training compressed weights is not supported).
         cache_len: decode: KV-cache positions.
         residency: "all" (weights + activations + buffers fit) or "weights".
         attention: "as_traced" or "fused" (default: fused on GPUs, as traced on CPUs).
@@ -311,12 +331,19 @@ def plan(
         batched: array arguments that are per-example, where lwjax cannot tell (see
             ``analyze``).
         layers: name the layers when discovery cannot decide (see ``analyze``).
+        schedule: mode="train": "gpipe" (default; stashes all M microbatches' stage inputs)
+            or "1f1b" (at most min(S, M)).
+        optimizer: mode="train": the optax GradientTransformation whose state is counted
+            (default ``optax.adamw(1e-3)``).
         **kwargs: further call arguments of the model.
 
     Returns:
         Plan.
 
     Raises:
+        ConfigError: an unknown schedule, an optimizer that is not an optax
+            GradientTransformation, mode="train" with compression or residency="weights", or
+            schedule= / optimizer= without mode="train".
         InfeasiblePlanError: nothing allowed fits; the message and the attributes
             ``min_devices``, ``min_capacity`` and ``min_compression`` say what would.
 
@@ -325,13 +352,37 @@ def plan(
         ...                jax.ShapeDtypeStruct((4, 16), jnp.int32), num_devices=4,
         ...                hardware="h100")
         >>> print(p.summary())
+        >>> t = lwjax.plan(models.abstract(models.configs.seed_dense()),
+        ...                jax.ShapeDtypeStruct((16, 10000), jnp.int32), num_devices=16,
+        ...                hardware="h100", mode="train", schedule="1f1b")
+        >>> t.schedule, t.optimizer, t.capacity_bytes
+        ('1f1b', 'optax.adamw(1e-3)', 80000000000)
     """
+    training = _training(mode, schedule, optimizer, compression, residency)
     return _plan_graph(model, args, kwargs, devices=devices, num_devices=num_devices,
                        hardware=hardware, cache_bytes=cache_bytes, compression=compression,
                        microbatches=microbatches, mode=mode, cache_len=cache_len,
                        residency=residency, attention=attention, persisting=persisting,
                        method=method, allow=allow, objective=objective,
-                       unbatched=unbatched, batched=batched, layers=layers)[0]
+                       unbatched=unbatched, batched=batched, layers=layers,
+                       training=training)[0]
+
+
+def _training(mode, schedule, optimizer, compression, residency) -> train_lib.Training | None:
+    """The training configuration of ``plan(mode="train", ...)``, checked before tracing."""
+    if mode != "train":
+        if schedule is not None or optimizer is not None:
+            raise ConfigError(f"schedule= and optimizer= plan training; pass mode='train' "
+                              f"(got mode={mode!r}).")
+        return None
+    training = train_lib.training(schedule, optimizer)
+    if compression_lib.get(compression).name != "none":
+        raise ConfigError(f"mode='train' with compression={compression!r}: training compressed "
+                          "weights is not supported; plan training with compression=None.")
+    if residency != "all":
+        raise ConfigError("mode='train' keeps weights, gradients, optimizer state and "
+                          "activations in device memory: plan with residency='all'.")
+    return training
 
 
 def layerwise_shard(

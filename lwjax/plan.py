@@ -8,14 +8,16 @@ numbers it carries, without retracing the model.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal
 
+from lwjax.passes.cost import TRAIN_TIME_FACTOR
 from lwjax.passes.footprint import Footprint
+from lwjax.passes.train_footprint import BACKWARD_FACTOR, TrainingNumbers
 
 MIB = 2**20
 Residency = Literal["all", "weights"]
-PlanMode = Literal["prefill", "decode"]
+PlanMode = Literal["prefill", "decode", "train"]
 Objective = Literal["bottleneck", "step"]
 OBJECTIVES: tuple[str, ...] = ("step", "bottleneck")
 
@@ -62,6 +64,8 @@ class LayerNumbers:
         signatures: per layer, a hash of its equations, shapes and dtypes: running the plan
             on a model whose layers differ is refused (``lwjax.plan_check``).
         outer_signatures: the same for the prologue and the epilogue (embedding, head).
+        training: a training plan's schedule, optimizer and per-stage optimizer bytes (None
+            unless mode="train"); ``footprints[i].stash_bytes`` is then one microbatch's.
     """
 
     names: tuple[str, ...]
@@ -72,6 +76,7 @@ class LayerNumbers:
     epilogue_s: float = 0.0
     signatures: tuple[str, ...] = ()
     outer_signatures: tuple[str, ...] = ()
+    training: TrainingNumbers | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,7 +90,7 @@ class Plan:
         compression: name of the compression policy used.
         microbatches: number of microbatches M.
         microbatch_size: sequences per microbatch.
-        mode: "prefill" or "decode".
+        mode: "prefill", "decode" or "train" (``schedule`` and ``optimizer`` say how).
         residency: "all" (weights, activations, buffers fit) or "weights" (weights + KV fit;
             activations stream through HBM).
         attention: the attention assumption of the footprints.
@@ -127,6 +132,16 @@ class Plan:
     @property
     def num_devices(self) -> int:
         return sum(s.tp for s in self.stages)
+
+    @property
+    def schedule(self) -> str | None:
+        """A training plan's pipeline schedule ("gpipe" or "1f1b"); None otherwise."""
+        return self.numbers.training.schedule if self.numbers.training else None
+
+    @property
+    def optimizer(self) -> str | None:
+        """A training plan's optimizer, by name; None otherwise."""
+        return self.numbers.training.optimizer if self.numbers.training else None
 
     @property
     def bottleneck(self) -> Stage:
@@ -184,17 +199,18 @@ class Plan:
             *[f"  - {n}" for n in self.notes],
             f"  - {100 * self.outside_weights_share:.1f}% of the weights are outside the layers "
             "(prologue on the first stage, epilogue on the last)",
-            f"{'stage':>5} {'layers':<{w_layers}} {'devices':<{w_ids}} {'weights':>10} "
-            f"{'activ.':>10} {'buffers':>9} {'kv':>9} {'fill %':>7} {'est ms':>9}",
+            *self._training_lines(),
+            f"{'stage':>5} {'layers':<{w_layers}} {'devices':<{w_ids}} "
+            + " ".join(f"{head:>{width}}" for head, width, _ in self._columns())
+            + f" {'fill %':>7} {'est ms':>9}",
         ]
         slow = self.bottleneck.index
         for s, span, id_list in zip(self.stages, spans, ids, strict=True):
-            f = s.footprint
             lines.append(
                 f"{s.index:>5} {span:<{w_layers}} {id_list:<{w_ids}} "
-                f"{f.weights_bytes / MIB:>10.2f} {f.activation_bytes / MIB:>10.2f} "
-                f"{f.buffer_bytes / MIB:>9.2f} {f.kv_cache_bytes / MIB:>9.2f} "
-                f"{100 * self.resident_bytes(s) / cap:>7.1f} {s.est_time_s * 1e3:>9.3f}"
+                + " ".join(f"{count(s.footprint) / MIB:>{width}.2f}"
+                           for _, width, count in self._columns())
+                + f" {100 * self.resident_bytes(s) / cap:>7.1f} {s.est_time_s * 1e3:>9.3f}"
                 + ("  <- bottleneck" if s.index == slow else ""))
         ticks = self.microbatches + len(self.stages) - 1
         epilogue = self.microbatches * self.numbers.epilogue_s
@@ -203,7 +219,8 @@ class Plan:
         lines += [
             "(MiB per device; fill % counts what the residency policy keeps on chip; est ms: "
             "projected roofline per microbatch, excluding the epilogue; not measured)",
-            f"projected GPipe step: {ticks} ticks x {self.bottleneck.est_time_s * 1e3:.3f} ms "
+            f"projected {_step_name(self.schedule)}: {ticks} ticks x "
+            f"{self.bottleneck.est_time_s * 1e3:.3f} ms "
             f"(stage {slow})"
             + (" [the stages share one host's cores: M x all stages' time instead]"
                if shared else "")
@@ -211,6 +228,33 @@ class Plan:
             f"= {self.step_time_s * 1e3:.3f} ms, transfers excluded",
         ]
         return "\n".join(lines)
+
+    def _columns(self) -> list[tuple[str, int, Callable[[Footprint], int]]]:
+        """The byte columns of ``summary``: (heading, width, bytes of a stage's footprint)."""
+        if self.mode == "train":
+            return [("weights", 10, lambda f: f.weights_bytes),
+                    ("grads", 10, lambda f: f.grad_bytes),
+                    ("opt state", 10, lambda f: f.optimizer_bytes),
+                    ("stash", 10, lambda f: f.stash_bytes),
+                    ("activ.", 10, lambda f: f.activation_bytes + f.buffer_bytes),
+                    ("backward", 10, lambda f: f.backward_bytes)]
+        return [("weights", 10, lambda f: f.weights_bytes),
+                ("activ.", 10, lambda f: f.activation_bytes),
+                ("buffers", 9, lambda f: f.buffer_bytes),
+                ("kv", 9, lambda f: f.kv_cache_bytes)]
+
+    def _training_lines(self) -> list[str]:
+        t = self.numbers.training
+        if t is None:
+            return []
+        return [
+            f"training: schedule={t.schedule}, optimizer={t.optimizer}; per stage: grads (the "
+            "parameters' dtypes), optimizer state (measured with optimizer.init), stash = "
+            f"{t.stash_slots(len(self.stages))} of M={self.microbatches} microbatches' stage "
+            "inputs (rematerialised), activ. = forward peak, backward = what one "
+            f"microbatch's recompute + backward keeps beyond it ({BACKWARD_FACTOR}x the "
+            f"forward peak per layer); est ms = forward + recompute + backward "
+            f"({TRAIN_TIME_FACTOR}x the forward)"]
 
     # -- serialisation -------------------------------------------------------------------
     def to_json(self) -> str:
@@ -286,6 +330,14 @@ def layer_span(layers: Sequence[str]) -> str:
     while shared < min(len(first), len(last)) - 1 and first[shared] == last[shared]:
         shared += 1
     return f"{layers[0]}..{'/'.join(last[shared:])}"
+
+
+def _step_name(schedule: str | None) -> str:
+    """How ``summary`` names the step: 'GPipe step' (inference), 'GPipe training step',
+    '1F1B training step' (the same tick count: 1F1B reorders the ticks, same bubble)."""
+    if schedule is None:
+        return "GPipe step"
+    return f"{'GPipe' if schedule == 'gpipe' else schedule.upper()} training step"
 
 
 def _count(n: int, noun: str) -> str:

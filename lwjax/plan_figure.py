@@ -20,6 +20,11 @@ PARTS = (
     ("activation_bytes", "activations", "#DD8452"),
     ("buffer_bytes", "buffers", "#55A868"),
     ("kv_cache_bytes", "KV cache", "#8172B3"),
+    # training (mode="train"); zero, so not drawn, otherwise
+    ("grad_bytes", "gradients", "#937860"),
+    ("optimizer_bytes", "optimizer state", "#DA8BC3"),
+    ("stash_bytes", "stashed inputs", "#8C8C8C"),
+    ("backward_bytes", "backward activations", "#CCB974"),
 )
 LOG_RATIO = 20  # log scale once a bar exceeds the capacity this many times
 

@@ -57,7 +57,14 @@ AttentionKernel = Literal["flash", "materialized"]
 
 # ---- one layer on one device ---------------------------------------------------------------
 
-
+# Training (mode="train"): a rematerialising pipeline stage runs, per microbatch and layer, the
+# forward (1x), the forward again in its backward tick (the recompute, 1x) and the backward
+# (2x: each forward matmul x @ W has two of the same size in the backward, dx = dy @ W^T and
+# dW = x^T @ dy): 1 + 1 + 2 = 4x the layer's forward roofline time. Elementwise work is taken
+# to follow the same ratio. Split stages' all-reduces run in the forward, again in the
+# recompute, and once on the cotangents in the backward: 3x.
+TRAIN_TIME_FACTOR = 4
+TRAIN_ALLREDUCE_FACTOR = 3
 
 
 @dataclasses.dataclass(frozen=True)

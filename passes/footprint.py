@@ -16,6 +16,8 @@
   copied and dies, an input or weight is copied as soon as it exists.
 - **kv_cache**: decode only, the KV-cache arrays the segment reads (updated in place, as with
   buffer donation).
+- **training** (gradients, optimizer state, stashed inputs, the backward's activations): zero
+  here; ``passes/train_footprint.py`` fills them in for ``mode="train"`` plans.
 
 Backend: the bytes are those the target backend holds (``backend="gpu"`` by default, or
 "cpu"; planning passes its hardware's kind). Where a backend multiplies 16-bit floats through
@@ -288,6 +290,13 @@ class Footprint:
         attention: how attention scores were counted.
         unknown_primitives: primitives charged by the default buffer rule.
         backend: the backend whose bytes these are ("gpu" or "cpu"; see the module docstring).
+        grad_bytes: training: gradients of its parameters (``passes/train_footprint.py``).
+        optimizer_bytes: training: optimizer state of its parameters.
+        stash_bytes: training: stage inputs kept for the backward -- one microbatch's in a
+            layer's footprint (``LayerNumbers``), all the stage stashes in a ``Stage``'s.
+        backward_bytes: training: what one microbatch's recompute + backward keeps beyond
+            the forward peak (the recomputed values the vjp saves, their cotangents); a
+            stage's backward differentiates all its layers at once, so these add up.
     """
 
     weights_bytes: int
@@ -297,14 +306,22 @@ class Footprint:
     attention: Attention = "none"
     unknown_primitives: tuple[str, ...] = ()
     backend: Backend = DEFAULT_BACKEND
+    grad_bytes: int = 0
+    optimizer_bytes: int = 0
+    stash_bytes: int = 0
+    backward_bytes: int = 0
 
     @property
     def total_bytes(self) -> int:
-        return self.weights_bytes + self.activation_bytes + self.buffer_bytes + self.kv_cache_bytes
+        return (self.weights_bytes + self.activation_bytes + self.buffer_bytes
+                + self.kv_cache_bytes + self.grad_bytes + self.optimizer_bytes
+                + self.stash_bytes + self.backward_bytes)
 
     def __add__(self, other: Footprint) -> Footprint:
-        """Footprint of two segments run one after the other on one device: weights and KV
-        caches add up, activations and buffers are transient (the larger one)."""
+        """Footprint of two segments run one after the other on one device: weights, KV
+        caches, gradients, optimizer state and the backward's saved values add up;
+        activations and buffers are transient (the larger one), and so is the stash (a stage
+        stashes its own input: the larger one bounds it)."""
         if self.backend != other.backend:
             raise ConfigError(f"Cannot add a {self.backend!r} footprint to a "
                               f"{other.backend!r} one; compute both for one backend.")
@@ -317,6 +334,10 @@ class Footprint:
             unknown_primitives=tuple(sorted(set(self.unknown_primitives)
                                             | set(other.unknown_primitives))),
             backend=self.backend,
+            grad_bytes=self.grad_bytes + other.grad_bytes,
+            optimizer_bytes=self.optimizer_bytes + other.optimizer_bytes,
+            stash_bytes=max(self.stash_bytes, other.stash_bytes),
+            backward_bytes=self.backward_bytes + other.backward_bytes,
         )
 
     def to_dict(self) -> dict:

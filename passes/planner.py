@@ -24,6 +24,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -31,7 +32,14 @@ import numpy as np
 from lwjax._compat import Jaxpr
 from lwjax.errors import ConfigError, DeviceError, InfeasiblePlanError
 from lwjax.hardware import HardwareSpec
-from lwjax.passes.cost import LayerCost, allreduce_time, cost_from_jaxpr, layer_time
+from lwjax.passes.cost import (
+    TRAIN_ALLREDUCE_FACTOR,
+    TRAIN_TIME_FACTOR,
+    LayerCost,
+    allreduce_time,
+    cost_from_jaxpr,
+    layer_time,
+)
 from lwjax.passes.footprint import Footprint, GraphFootprint, value_bytes
 from lwjax.passes.partition import min_stages, partition_layers
 from lwjax.passes.segment import LayerGraph, Segment
@@ -58,10 +66,12 @@ def segment_cost(graph: LayerGraph, seg: Segment) -> LayerCost:
 
 
 def layer_times(graph: LayerGraph, hw: HardwareSpec, *, weights_on_chip: bool,
-                tp: int = 1, seg_costs: dict[str, LayerCost] | None = None) -> tuple[float, ...]:
+                tp: int = 1, seg_costs: dict[str, LayerCost] | None = None,
+                train: bool = False) -> tuple[float, ...]:
     """Roofline seconds per layer per microbatch on one device, the prologue folded into the
     first layer. The epilogue is not folded into the last: the pipeline runs it after its
-    ticks (``epilogue_time``; ``step_time`` adds it M times).
+    ticks (``epilogue_time``; ``step_time`` adds it M times). ``train``: forward, recompute
+    and backward, ``cost.TRAIN_TIME_FACTOR`` x the forward.
 
     Split over ``tp`` devices (projected, an assumption of this planner): FLOPs and bytes /
     tp, plus Megatron's all-reduces of the residual -- two per layer (after attention, after
@@ -72,14 +82,15 @@ def layer_times(graph: LayerGraph, hw: HardwareSpec, *, weights_on_chip: bool,
         >>> layer_times(graph, hardware.H100_SXM, weights_on_chip=True, tp=2)[0] > 0
         True
     """
-    t = _segment_timer(graph, hw, weights_on_chip=weights_on_chip, tp=tp, seg_costs=seg_costs)
+    t = _segment_timer(graph, hw, weights_on_chip=weights_on_chip, tp=tp, seg_costs=seg_costs,
+                       train=train)
     times = [t(s) for s in graph.layers]
     times[0] += t(graph.prologue)
     return tuple(times)
 
 
 def epilogue_time(graph: LayerGraph, hw: HardwareSpec, *, weights_on_chip: bool, tp: int = 1,
-                  seg_costs: dict[str, LayerCost] | None = None) -> float:
+                  seg_costs: dict[str, LayerCost] | None = None, train: bool = False) -> float:
     """Roofline seconds of the epilogue (final norm, LM head) per microbatch on the last
     stage, as ``layer_times`` counts a layer.
 
@@ -87,12 +98,14 @@ def epilogue_time(graph: LayerGraph, hw: HardwareSpec, *, weights_on_chip: bool,
         >>> epilogue_time(graph, hardware.H100_SXM, weights_on_chip=True) > 0
         True
     """
-    t = _segment_timer(graph, hw, weights_on_chip=weights_on_chip, tp=tp, seg_costs=seg_costs)
+    t = _segment_timer(graph, hw, weights_on_chip=weights_on_chip, tp=tp, seg_costs=seg_costs,
+                       train=train)
     return t(graph.epilogue)
 
 
 def _segment_timer(graph: LayerGraph, hw: HardwareSpec, *, weights_on_chip: bool, tp: int,
-                   seg_costs: dict[str, LayerCost] | None) -> Callable[[Segment], float]:
+                   seg_costs: dict[str, LayerCost] | None,
+                   train: bool = False) -> Callable[[Segment], float]:
     dtype = graph.layers[0].outputs[0].aval.dtype if graph.layers[0].outputs else "float32"
     memo: dict[str, float] = {}
     seg_costs = {} if seg_costs is None else seg_costs
@@ -107,6 +120,9 @@ def _segment_timer(graph: LayerGraph, hw: HardwareSpec, *, weights_on_chip: bool
             seconds = layer_time(c, hw, weights_on_chip=weights_on_chip,
                                  dtype=str(dtype)).total_s
             reductions = 2 if seg.kind == "layer" else 1
+            if train:  # forward + recompute + backward (see cost.TRAIN_TIME_FACTOR)
+                seconds *= TRAIN_TIME_FACTOR
+                reductions *= TRAIN_ALLREDUCE_FACTOR
             memo[seg.signature] = seconds + reductions * allreduce_time(
                 _residual_bytes(seg), tp, hw)
         return memo[seg.signature]
@@ -135,8 +151,17 @@ def _peak(f: Footprint) -> int:
     return f.activation_bytes + f.buffer_bytes
 
 
-def stage_footprint(numbers: LayerNumbers, start: int, stop: int) -> Footprint:
-    """What a stage running layers [start, stop) holds per device.
+def _held(f: Footprint) -> int:
+    """Bytes that add up over a stage's layers: weights, KV caches; in training gradients,
+    optimizer state and the backward's saved values."""
+    return (f.weights_bytes + f.kv_cache_bytes + f.grad_bytes + f.optimizer_bytes
+            + f.backward_bytes)
+
+
+def stage_footprint(numbers: LayerNumbers, start: int, stop: int,
+                    num_stages: int | None = None) -> Footprint:
+    """What a stage running layers [start, stop) holds per device, in a pipeline of
+    ``num_stages`` (training: the stash slots depend on it; None: the most any count needs).
 
     Example:
         >>> stage_footprint(numbers, 0, 2).weights_bytes   # prologue + layers 0 and 1
@@ -149,23 +174,34 @@ def stage_footprint(numbers: LayerNumbers, start: int, stop: int) -> Footprint:
     total = parts[0]
     for f in parts[1:]:
         total = total + f
+    t = numbers.training
+    if t is not None:  # a stage stashes several microbatches' inputs and one optimizer count
+        total = dataclasses.replace(
+            total, stash_bytes=t.stash_slots(num_stages) * total.stash_bytes,
+            optimizer_bytes=total.optimizer_bytes + t.optimizer_shared_bytes)
     return total
 
 
-def partition_inputs(numbers: LayerNumbers, capacity_bytes: int,
-                     residency: Residency) -> tuple[list[int], int, int]:
-    """Additive sizes, the capacity left for them, and the transient peak reserved.
+def partition_inputs(numbers: LayerNumbers, capacity_bytes: int, residency: Residency,
+                     num_stages: int | None = None) -> tuple[list[int], int, int]:
+    """Additive sizes, the capacity left for them, and the transient peak reserved. A
+    training plan also reserves the stash of a pipeline of ``num_stages`` (None: the most any
+    count needs) and the optimizer state every stage holds once.
 
     Example:
         >>> sizes, room, reserve = partition_inputs(numbers, 2**20, "all")
     """
-    sizes = [f.weights_bytes + f.kv_cache_bytes for f in numbers.footprints]
-    sizes[0] += numbers.prologue.weights_bytes + numbers.prologue.kv_cache_bytes
-    sizes[-1] += numbers.epilogue.weights_bytes + numbers.epilogue.kv_cache_bytes
+    sizes = [_held(f) for f in numbers.footprints]
+    sizes[0] += _held(numbers.prologue)
+    sizes[-1] += _held(numbers.epilogue)
+    segments = (numbers.prologue, *numbers.footprints, numbers.epilogue)
     reserve = 0
     if residency == "all":
-        reserve = max(_peak(f) for f in (numbers.prologue, *numbers.footprints,
-                                          numbers.epilogue))
+        reserve = max(_peak(f) for f in segments)
+    t = numbers.training
+    if t is not None:
+        reserve += t.stash_slots(num_stages) * max(f.stash_bytes for f in segments) \
+            + t.optimizer_shared_bytes
     return sizes, capacity_bytes - reserve, reserve
 
 
@@ -217,19 +253,13 @@ def plan_from_numbers(
         dup = sorted({d for d in device_ids if device_ids.count(d) > 1})
         raise DeviceError(f"Duplicate devices {dup} in the device list; list each device once.")
     groups = [device_ids[k * tp:(k + 1) * tp] for k in range(len(device_ids) // tp)]
-    sizes, room, reserve = partition_inputs(numbers, capacity_bytes, residency)
     if not groups:
         raise infeasible(
             f"A stage split over tp={tp} devices needs {tp} devices; only {len(device_ids)} "
             f"are available. Add devices or plan with a smaller tp.",
             capacity=capacity_bytes, min_devices=tp, tp=tp)
-    if room <= 0:
-        raise _activations_exceed(capacity_bytes, reserve, microbatch_size, tp)
-    try:
-        ranges = partition_layers(sizes, numbers.costs_s, room, len(groups), method=method,
-                                  names=list(numbers.names))
-    except InfeasiblePlanError as e:
-        raise _with_reserve(e, reserve, len(device_ids), tp) from None
+    ranges, sizes, room = _fit(numbers, capacity_bytes, residency, len(groups), method,
+                               microbatch_size, len(device_ids), tp)
     if objective == "step":
         shortest = _shortest_step(sizes, numbers, room, len(ranges), microbatches, method,
                                   concurrency)
@@ -242,7 +272,8 @@ def plan_from_numbers(
             ranges = shortest
     stages = tuple(
         Stage(index=k, layers=numbers.names[a:b], layer_range=(a, b), devices=groups[k],
-              footprint=stage_footprint(numbers, a, b), est_time_s=sum(numbers.costs_s[a:b]))
+              footprint=stage_footprint(numbers, a, b, len(ranges)),
+              est_time_s=sum(numbers.costs_s[a:b]))
         for k, (a, b) in enumerate(ranges)
     )
     return Plan(stages=stages, capacity_bytes=capacity_bytes, hardware=hardware,
@@ -251,6 +282,34 @@ def plan_from_numbers(
                 attention=attention, strategy=strategy, notes=tuple(notes), numbers=numbers,
                 device_pool=device_ids, tp=tp, model=model, objective=objective,
                 concurrency=concurrency, method=method)
+
+
+def _fit(numbers: LayerNumbers, capacity_bytes: int, residency: Residency, most: int,
+         method: str, microbatch_size: int, num_devices: int,
+         tp: int) -> tuple[tuple[tuple[int, int], ...], list[int], int]:
+    """The partition into at most ``most`` stages, with the additive sizes and the room it
+    was made for. A training plan's reserve can shrink with fewer stages (1F1B stashes
+    min(S, M) inputs), so when ``most`` stages do not fit, fewer are tried, each count whose
+    reserve is smaller; the error is the one for ``most``.
+    """
+    first, last_reserve = None, None
+    for k in range(most, 0, -1) if numbers.training else (most,):
+        sizes, room, reserve = partition_inputs(numbers, capacity_bytes, residency, k)
+        if reserve == last_reserve:
+            continue  # at most k + 1 stages with the same reserve already covered k
+        last_reserve = reserve
+        if room <= 0:
+            first = first or _activations_exceed(capacity_bytes, reserve, microbatch_size, tp,
+                                                 training=numbers.training is not None)
+            continue
+        try:
+            ranges = partition_layers(sizes, numbers.costs_s, room, k, method=method,
+                                      names=list(numbers.names))
+            return ranges, sizes, room
+        except InfeasiblePlanError as e:
+            first = first or _with_reserve(e, reserve, num_devices, tp,
+                                           training=numbers.training is not None)
+    raise first
 
 
 def _shortest_step(sizes, numbers: LayerNumbers, room: int, most: int, microbatches: int,
@@ -307,8 +366,16 @@ def _percent(fraction: float) -> str:
 
 
 def _activations_exceed(capacity: int, reserve: int, microbatch_size: int,
-                        tp: int = 1) -> InfeasiblePlanError:
+                        tp: int = 1, training: bool = False) -> InfeasiblePlanError:
     split = f" split over tp={tp} devices" if tp > 1 else ""
+    if training:
+        return infeasible(
+            f"A training stage{split} reserves {fmt_bytes(reserve)} per device at microbatch "
+            f"{microbatch_size} (the largest forward activation peak of one layer, the "
+            "stashed stage inputs of the microbatches in flight, the optimizer's shared "
+            f"state), at or above the capacity {fmt_bytes(capacity)} before any weight is "
+            "placed. Shrink the microbatch, use schedule='1f1b' (fewer microbatches stashed), "
+            "or raise cache_bytes.", capacity=capacity, reserve_bytes=reserve, tp=tp)
     return infeasible(
         f"The largest activation + buffer peak of one layer{split} is {fmt_bytes(reserve)} per "
         f"device at microbatch {microbatch_size}, at or above the capacity {fmt_bytes(capacity)} "
@@ -318,17 +385,23 @@ def _activations_exceed(capacity: int, reserve: int, microbatch_size: int,
 
 
 def _with_reserve(e: InfeasiblePlanError, reserve: int, devices: int,
-                  tp: int = 1) -> InfeasiblePlanError:
+                  tp: int = 1, training: bool = False) -> InfeasiblePlanError:
     """Restates the partitioner's error in whole-device bytes (weights + the reserved peak)."""
     capacity = e.capacity + reserve
     per = f" per device (split over tp={tp})" if tp > 1 else ""
     if e.layer_index is not None:
         need = e.layer_bytes + reserve
+        held, peak, options = ("weights/KV", "activation/buffer peak", "compress its weights, "
+                               "shrink the microbatch, or plan with residency='weights'")
+        if training:
+            held, peak, options = (
+                "weights, gradients, optimizer state and backward activations", "forward "
+                "activation peak, stashed stage inputs and shared optimizer state", "shrink the "
+                "microbatch, or use schedule='1f1b' (fewer microbatches stashed)")
         msg = (f"Layer {e.layer_name!r} (index {e.layer_index}) needs {fmt_bytes(need)}{per}: "
-               f"{e.layer_bytes:,} of weights/KV + {reserve:,} of activation/buffer peak, "
+               f"{e.layer_bytes:,} of {held} + {reserve:,} of {peak}, "
                f"more than the capacity {fmt_bytes(capacity)}. No number of stages can hold it: "
-               "split the layer over devices, compress its weights, shrink the microbatch, or "
-               "plan with residency='weights'.")
+               f"split the layer over devices, {options}.")
         min_cap, min_dev = need, None
     else:
         min_cap, min_dev = e.min_capacity + reserve, e.min_stages * tp
@@ -336,8 +409,9 @@ def _with_reserve(e: InfeasiblePlanError, reserve: int, devices: int,
         msg = (f"The layers need at least {e.min_stages} stages of {fmt_bytes(capacity)}{per} but "
                f"only {counted(devices, 'device')}{groups} were given. Use at least {min_dev} "
                "devices, "
-               f"or a capacity of at least {fmt_bytes(min_cap)} for {devices}; compression or a "
-               "smaller microbatch also lowers the need.")
+               f"or a capacity of at least {fmt_bytes(min_cap)} for {devices}; "
+               + ("a smaller microbatch or schedule='1f1b' also lowers the need." if training
+                  else "compression or a smaller microbatch also lowers the need."))
     fields = {k: v for k, v in vars(e).items()}
     fields.update(capacity=capacity, min_capacity=min_cap, reserve_bytes=reserve,
                   min_devices=min_dev, tp=tp)

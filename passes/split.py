@@ -31,7 +31,10 @@ def split_footprint(f: Footprint, *, split_weights_bytes: int, largest_input_byt
       (replicated: norm scales, quantisation scales, weights no dimension of which divides);
     - KV cache and buffers: ``ceil(bytes / tp)`` (split by heads, like the work);
     - activations: ``max(ceil(f.activation_bytes / tp), largest_input_bytes)``: the inner
-      activations split, but the segment's [B, T, D] input stays whole on every device.
+      activations split, but the segment's [B, T, D] input stays whole on every device;
+    - training: gradients and optimizer state split as the weights do (their split share
+      ``split_weights_bytes / weights_bytes``), the backward's activations ``ceil(/ tp)``, and
+      the stash -- the stage's [B, T, D] input -- stays whole.
 
     Args:
         f: the segment's footprint on one device.
@@ -53,12 +56,20 @@ def split_footprint(f: Footprint, *, split_weights_bytes: int, largest_input_byt
     if not 0 <= split_weights_bytes <= f.weights_bytes:
         raise ConfigError(f"split_weights_bytes={split_weights_bytes} must lie in "
                           f"[0, {f.weights_bytes}] (the segment's weights).")
+
+    def like_weights(nbytes: int) -> int:
+        split = nbytes * split_weights_bytes // f.weights_bytes if f.weights_bytes else 0
+        return _ceil_div(split, tp) + nbytes - split
+
     return dataclasses.replace(
         f,
-        weights_bytes=_ceil_div(split_weights_bytes, tp) + f.weights_bytes - split_weights_bytes,
+        weights_bytes=like_weights(f.weights_bytes),
         activation_bytes=max(_ceil_div(f.activation_bytes, tp), largest_input_bytes),
         buffer_bytes=_ceil_div(f.buffer_bytes, tp),
         kv_cache_bytes=_ceil_div(f.kv_cache_bytes, tp),
+        grad_bytes=like_weights(f.grad_bytes),
+        optimizer_bytes=like_weights(f.optimizer_bytes),
+        backward_bytes=_ceil_div(f.backward_bytes, tp),
     )
 
 

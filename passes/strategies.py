@@ -55,6 +55,7 @@ from lwjax.passes.planner import (
 )
 from lwjax.passes.segment import LayerGraph
 from lwjax.passes.split import heads_split, split_levels, split_numbers
+from lwjax.passes.train_footprint import Training, train_footprint, training_numbers
 from lwjax.plan import OBJECTIVES, LayerNumbers, Objective, Plan, Residency
 
 MIB = 2**20
@@ -76,7 +77,7 @@ class Target:
         batch_size: the full batch.
         microbatch_size: the requested microbatch (divides ``batch_size``).
         compression: the requested compression policy.
-        mode: "prefill" or "decode".
+        mode: "prefill", "decode" or "train".
         residency: "all" or "weights".
         attention: "as_traced" or "fused".
         method: "optimal" or "greedy" (``partition_layers``).
@@ -85,6 +86,7 @@ class Target:
         objective: "bottleneck" or "step" (how the stage count is chosen; see
             ``planner.plan_from_numbers``). On a CPU the simulated devices share
             ``hardware.num_cores`` cores, which the step objective accounts for.
+        training: how a mode="train" plan trains (schedule, optimizer); None otherwise.
     """
 
     hardware: HardwareSpec
@@ -100,6 +102,7 @@ class Target:
     allow: tuple[str, ...] = ()
     model: str = ""
     objective: Objective = "bottleneck"
+    training: Training | None = None
 
     @property
     def concurrency(self) -> int | None:
@@ -115,6 +118,17 @@ class Target:
                               f"{self.objective!r}.")
         if self.residency not in ("all", "weights"):
             raise ConfigError(f"residency must be 'all' or 'weights', got {self.residency!r}.")
+        if (self.mode == "train") != (self.training is not None):
+            raise ConfigError(f"mode={self.mode!r} with training={self.training!r}: a Target "
+                              "trains exactly when mode='train' (give training= then).")
+        if self.training is not None:
+            if self.compression.name != "none" or "compress" in self.allow:
+                raise ConfigError("mode='train' plans uncompressed weights: training "
+                                  "compressed weights is not supported; plan with "
+                                  "compression=None and allow without 'compress'.")
+            if self.residency != "all":
+                raise ConfigError("mode='train' keeps weights, gradients, optimizer state and "
+                                  "activations in device memory: plan with residency='all'.")
         if not self.device_ids or self.capacity_bytes < 1 or self.microbatch_size < 1:
             raise ConfigError(f"Target needs devices, capacity_bytes >= 1 and microbatch_size "
                               f">= 1; got {len(self.device_ids)} devices, {self.capacity_bytes}"
@@ -221,6 +235,7 @@ class _Search:
         self._seg_costs: dict = {}
         self._numbers: dict = {}
         self._weights_fit: dict = {}
+        self._optimizer_bytes: dict = {}  # by parameter shapes, for every microbatch size
         self.tried = 0
         self.considered = 0
         base = graph_at(target.microbatch_size)
@@ -244,29 +259,41 @@ class _Search:
 
     def fp(self, mb: int, comp: Compression) -> GraphFootprint:
         if (mb, comp) not in self._fp:
-            self._fp[mb, comp] = footprint(self.graph_at(mb), comp, attention=self.t.attention,
-                                           backend=self.t.hardware.kind)
+            fp = footprint(self.graph_at(mb), comp, attention=self.t.attention,
+                           backend=self.t.hardware.kind)
+            if self.t.training is not None:
+                fp = train_footprint(self.graph_at(mb), fp, self.t.training,
+                                     self._optimizer_bytes)
+            self._fp[mb, comp] = fp
         return self._fp[mb, comp]
 
     def numbers(self, mb: int, comp: Compression, tp: int) -> LayerNumbers:
         if (mb, comp, tp) not in self._numbers:
             graph = self.graph_at(mb)
+            t = self.t
             if (mb, tp) not in self._costs:
-                times = dict(graph=graph, hw=self.t.hardware, weights_on_chip=True, tp=tp,
-                             seg_costs=self._seg_costs.setdefault(mb, {}))
+                # A training stage's weights live in HBM unless the capacity is on chip.
+                on_chip = t.training is None or t.capacity_bytes <= t.hardware.l2_bytes
+                times = dict(graph=graph, hw=t.hardware, weights_on_chip=on_chip, tp=tp,
+                             seg_costs=self._seg_costs.setdefault(mb, {}),
+                             train=t.training is not None)
                 self._costs[mb, tp] = layer_times(**times), epilogue_time(**times)
             costs, epilogue_s = self._costs[mb, tp]
-            self._numbers[mb, comp, tp] = split_numbers(graph, self.fp(mb, comp), costs, tp,
-                                                        epilogue_s)
+            numbers = split_numbers(graph, self.fp(mb, comp), costs, tp, epilogue_s)
+            if t.training is not None:
+                numbers = dataclasses.replace(
+                    numbers, training=training_numbers(t.training, t.batch_size // mb))
+            self._numbers[mb, comp, tp] = numbers
         return self._numbers[mb, comp, tp]
 
     def weights_fit(self, comp: Compression, tp: int) -> bool:
         """A bound that needs no retrace: do the weights alone fit at (comp, tp)?"""
         if (comp, tp) not in self._weights_fit:
             nums = self.numbers(self.t.microbatch_size, comp, tp)
-            sizes = [f.weights_bytes for f in nums.footprints]
-            sizes[0] += nums.prologue.weights_bytes
-            sizes[-1] += nums.epilogue.weights_bytes
+            # weights (and a training plan's gradients and optimizer state)
+            sizes = [_weights_etc(f) for f in nums.footprints]
+            sizes[0] += _weights_etc(nums.prologue)
+            sizes[-1] += _weights_etc(nums.epilogue)
             cap = self.t.capacity_bytes
             self._weights_fit[comp, tp] = max(sizes) <= cap and \
                 min_stages(sizes, cap) <= self.n // tp
@@ -397,18 +424,19 @@ def _nothing_fits(s: _Search, first: InfeasiblePlanError) -> InfeasiblePlanError
     parts = [devices, f"a capacity of at least {fmt_bytes(need.min_capacity_bytes)} per device on "
              f"{n} devices (tp={need.min_capacity_tp}, {at})"]
     min_comp = None
-    if "compress" not in t.allow:
+    if "compress" not in t.allow and t.training is None:
         for c in ESCALATION_POLICIES[1:]:
             if _weights(s.fp(mb, c)) < _weights(s.fp(mb, t.compression)) and any(
                     isinstance(s.attempt(mb, c, tp), Plan) for tp in s.tps):
                 min_comp = c.name
                 parts.append(f"compression {c.name} (not allowed here: add 'compress' to allow)")
                 break
-    if t.residency == "all" and any(
+    if t.residency == "all" and t.training is None and any(
             isinstance(s.attempt(mb, c, tp, residency="weights"), Plan)
             for c in s.comps for tp in s.tps):
         parts.append("or residency='weights' (activations streamed through HBM)")
-    missing = [k for k in STRATEGIES if k not in t.allow]
+    missing = [k for k in STRATEGIES if k not in t.allow
+               and not (k == "compress" and t.training)]  # training runs uncompressed
     total = len(s.tps) * len(s.comps) * len(s.mbs)
     tried = (f"split tp {'/'.join(map(str, s.tps))} x compression "
              f"{' -> '.join(c.name for c in s.comps)} x microbatch "
@@ -428,6 +456,10 @@ def _nothing_fits(s: _Search, first: InfeasiblePlanError) -> InfeasiblePlanError
 
 # ---- helpers --------------------------------------------------------------------------------
 
+
+
+def _weights_etc(f) -> int:
+    return f.weights_bytes + f.grad_bytes + f.optimizer_bytes
 
 
 def _weights(fp: GraphFootprint) -> int:
