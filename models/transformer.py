@@ -98,16 +98,18 @@ class Transformer(nnx.Module):
             w = self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
             return x_BTD @ w
 
-    def _run(self, tokens_BT, positions_T, cache: KVCache | None):
+    def _run(self, tokens_BT, positions_T, cache: KVCache | None, with_aux: bool = False):
         x = self._embed(tokens_BT)
         keys, values, stats = [], [], []
-        aux_B = None  # running sum of the blocks' per-sequence balancing losses
+        # with_aux: a running sum of the blocks' per-sequence balancing losses, added inside
+        # each block's scope so that every block is alike and one [B] value crosses stages
+        aux_B = jnp.zeros((tokens_BT.shape[0],), jnp.float32) if with_aux else None
         for i, block in enumerate(self.layers):
             with jax.named_scope(f"layers_{i}"):
                 kv = None if cache is None else (cache.keys[i], cache.values[i])
                 x, kv, s = block(x, positions_T, kv, None if cache is None else cache.length)
-                if s is not None:  # summed inside the block's scope: one [B] value crosses
-                    aux_B = s.load_balancing_B if aux_B is None else aux_B + s.load_balancing_B
+                if with_aux:
+                    aux_B = aux_B + s.load_balancing_B
             if kv is not None:
                 keys.append(kv[0])
                 values.append(kv[1])
@@ -209,7 +211,8 @@ class MoETransformer(Transformer):
         if not with_aux:
             return super().__call__(tokens_BT)
         check_tokens(tokens_BT, f"{type(self).__name__}(tokens, with_aux=True)")
-        logits, _, _, aux_B = self._run(tokens_BT, jnp.arange(tokens_BT.shape[1]), None)
+        logits, _, _, aux_B = self._run(tokens_BT, jnp.arange(tokens_BT.shape[1]), None,
+                                        with_aux=True)
         return logits, aux_B * (self.cfg.aux_loss_weight / self.cfg.num_layers)
 
 
