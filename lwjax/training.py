@@ -308,7 +308,9 @@ class TrainStep:
         shapes = jax.eval_shape(self.optimizer.init, params)
         out = jax.tree.map(lambda a: sharding if a.ndim == 2 else replicated, shapes)
         opt_state = jax.jit(self.optimizer.init, out_shardings=out)(params)
-        return TrainState(params=params, opt_state=opt_state, step=jnp.zeros((), jnp.int32))
+        # placed as the step returns it, so the second call does not compile again
+        count = jax.device_put(jnp.zeros((), jnp.int32), replicated)
+        return TrainState(params=params, opt_state=opt_state, step=count)
 
     def _build(self, call_args: Sequence) -> Trainer:
         trainer = Trainer(self.sm, self.loss_fn, self.schedule, split_call(self.sm, call_args)[1])
