@@ -53,8 +53,6 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
-from jax.sharding import NamedSharding  # noqa: E402
-from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import lwjax  # noqa: E402
 from lwjax import models  # noqa: E402
@@ -257,10 +255,6 @@ def build_pipeline(scale: Scale, seed: int, tokens):
                            f"{scale.stages}: {sm.plan.summary()}")
     step = sm.train_step(loss_fn, optimizer(scale), schedule=scale.schedule)
     state = step.init()
-    # The step returns its counter replicated over the mesh; an init() that leaves it
-    # uncommitted on one device makes the second call compile the step again (a no-op once
-    # init() places it so).
-    state = state.replace(step=jax.device_put(state.step, NamedSharding(sm.program.mesh, P())))
     return sm, step, state, time.perf_counter() - start
 
 
