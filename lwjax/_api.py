@@ -434,7 +434,8 @@ def layerwise_shard(
         layers: name the layers when discovery cannot decide (see ``analyze``).
         plan: run this Plan (from ``lwjax.plan``, ``Plan.replan`` or ``Plan.from_json``) as
             it is, without planning: its layers, microbatches and devices. It must have been
-            made for this model (same layers, shapes and dtypes) and batch, for prefill,
+            made for this model (same layers, shapes and dtypes) and batch, for prefill or
+            training (``mode="train"``: ``train_step`` then uses its schedule),
             uncompressed; ``devices`` must hold its device ids. The planning options
             (``cache_bytes``, ``microbatches``, ``allow``, ...) are then ignored.
         **kwargs: further call arguments (arrays are microbatched when batch-shaped).

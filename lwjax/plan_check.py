@@ -66,7 +66,8 @@ def check_plan(plan: Plan, graph: LayerGraph, device_ids: Sequence[int],
         plan: the plan to run.
         graph: the model segmented at the plan's microbatch size.
         device_ids: ids of the devices available to run it.
-        mode: what will run it: "prefill" (``layerwise_shard``) or "decode"
+        mode: what will run it: "prefill" (``layerwise_shard``, which also runs training
+            plans: their stages run the forward pass too) or "decode"
             (``layerwise_generate``).
 
     Raises:
@@ -77,7 +78,7 @@ def check_plan(plan: Plan, graph: LayerGraph, device_ids: Sequence[int],
     Example:
         >>> check_plan(Plan.from_json(saved), graph, [d.id for d in jax.devices()])
     """
-    if plan.mode != mode:
+    if plan.mode != mode and not (plan.mode == "train" and mode == "prefill"):
         runner = "layerwise_shard runs the forward pass" if mode == "prefill" else \
             "layerwise_generate decodes"
         raise ConfigError(f"the plan was made for mode={plan.mode!r}; {runner} ({mode}). "

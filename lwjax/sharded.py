@@ -93,13 +93,27 @@ class ShardedModel:
         """The ``jax.stages.Compiled`` pipeline program for these arguments."""
         return self.lower(*args, **kwargs).compile()
 
-    def value_and_grad(self, loss_fn, *, schedule: str = "gpipe"):
+    def _schedule(self, schedule: str | None) -> str:
+        """The training schedule: a training plan's own unless asked (and then the same)."""
+        planned = self.plan.schedule if self.plan.mode == "train" else None
+        if schedule is None:
+            return planned or "gpipe"
+        schedules.get_train(schedule)
+        if planned is not None and schedule != planned:
+            raise ConfigError(
+                f"the plan was made for training with schedule={planned!r}, whose stash it "
+                f"counted; schedule={schedule!r} would stash differently. Plan again with "
+                f"schedule={schedule!r}, or leave schedule= out.")
+        return schedule
+
+    def value_and_grad(self, loss_fn, *, schedule: str | None = None):
         """A function ``(*args, *targets, **kwargs) -> (loss, grads)`` through the pipeline.
 
         Args:
             loss_fn: ``loss_fn(outputs, *targets)``: one microbatch's mean loss, a float
                 scalar, on the model's outputs (its output tree) and the targets' rows.
-            schedule: "gpipe" or "1f1b" (``passes.schedules.TRAIN_SCHEDULES``).
+            schedule: "gpipe" or "1f1b" (``passes.schedules.TRAIN_SCHEDULES``); default:
+                a training plan's (``lwjax.plan(..., mode="train")``), else "gpipe".
 
         Returns:
             The function. ``loss`` is the mean of ``loss_fn`` over the M microbatches (the
@@ -114,10 +128,9 @@ class ShardedModel:
         Example:
             >>> loss, grads = sm.value_and_grad(loss_fn)(tokens, targets)
         """
-        schedules.get_train(schedule)
-        return training.value_and_grad(self, loss_fn, schedule=schedule)
+        return training.value_and_grad(self, loss_fn, schedule=self._schedule(schedule))
 
-    def train_step(self, loss_fn, optimizer, *, schedule: str = "gpipe"):
+    def train_step(self, loss_fn, optimizer, *, schedule: str | None = None):
         """A jitted optimizer step through the pipeline (``lwjax.training.TrainStep``):
         ``state = step.init()``; ``state, loss = step(state, *args, *targets)``; each device
         holds only its stage's weights, gradients and optimizer state.
@@ -126,7 +139,7 @@ class ShardedModel:
             loss_fn: as for ``value_and_grad``.
             optimizer: an optax GradientTransformation that treats weights elementwise
                 (``lwjax.training.check_optimizer``).
-            schedule: "gpipe" or "1f1b".
+            schedule: "gpipe" or "1f1b" (default: as for ``value_and_grad``).
 
         Raises:
             OptimizerError: the optimizer cannot run on per-stage weight slots.
@@ -136,8 +149,23 @@ class ShardedModel:
             >>> state = step.init()
             >>> state, loss = step(state, tokens, targets)
         """
-        schedules.get_train(schedule)
-        return training.TrainStep(self, loss_fn, optimizer, schedule)
+        return training.TrainStep(self, loss_fn, optimizer, self._schedule(schedule))
+
+    def load_params(self, state) -> None:
+        """Runs the model with a training state's weights from now on: ``sm(tokens)`` then
+        gives the trained model's outputs (the arrays are copied, so later steps, which
+        donate their state, do not touch them).
+
+        Example:
+            >>> state, loss = step(state, tokens, targets)
+            >>> sm.load_params(state)
+            >>> logits = sm(held_out_tokens)
+        """
+        if [(p.shape, p.dtype) for p in state.params] != \
+                [(p.shape, p.dtype) for p in self.params]:
+            raise InputError("the state's weight slots differ from this model's: load a "
+                             "state made by this ShardedModel's train_step.")
+        self.params = [p.copy() for p in state.params]
 
     def export_params(self, state=None):
         """The weights in the model's own tree: this model's, or a training ``state``'s

@@ -172,9 +172,11 @@ def test_three_adamw_steps_equal_single_device_training():
     for arrays in (state.params, mu):
         for a in arrays:
             assert {tuple(s.data.shape) for s in a.addressable_shards} == {(1, a.shape[1])}
-    # the trained weights load back into the model
+    # the trained weights load back into the model, and into the pipeline
     nnx.update(model, step.export_params(state))
     np.testing.assert_allclose(np.asarray(model(tokens)), np.asarray(ref(tokens)), atol=1e-4)
+    sm.load_params(state)
+    np.testing.assert_allclose(np.asarray(sm(tokens)), np.asarray(ref(tokens)), atol=1e-4)
 
 
 def test_export_params_round_trips_the_model():
@@ -227,6 +229,8 @@ def test_optimizers_that_cannot_run_per_stage_are_refused(optimizer, match):
 
 
 @pytest.mark.parametrize("optimizer", [optax.sgd(0.1, momentum=0.9), optax.adamw(1e-3),
+                                       optax.adamw(1e-4), optax.adamw(
+                                           optax.warmup_cosine_decay_schedule(0, 1e-3, 5, 50)),
                                        optax.lion(1e-4), optax.chain(
                                            optax.clip_by_global_norm(1.0), optax.adam(1e-3))])
 def test_elementwise_optimizers_pass_the_check(optimizer):
@@ -237,3 +241,15 @@ def test_not_an_optimizer_is_refused(small):
     sm, _, _ = small
     with pytest.raises(ConfigError, match="GradientTransformation"):
         sm.train_step(cross_entropy, "adam")
+
+
+def test_a_training_plan_runs_with_its_own_schedule():
+    _, model, tokens, targets = _model("dense", num_layers=2)
+    p = lwjax.plan(model, tokens, devices=jax.devices()[:2], mode="train", schedule="1f1b",
+                   microbatches=2, objective="bottleneck", hardware="h100", allow=())
+    assert p.mode == "train" and p.schedule == "1f1b"
+    sm = lwjax.layerwise_shard(model, tokens, devices=jax.devices(), plan=p)
+    step = sm.train_step(cross_entropy, optax.sgd(0.1))
+    assert step.schedule == "1f1b"
+    with pytest.raises(ConfigError, match="schedule='1f1b', whose stash it counted"):
+        sm.train_step(cross_entropy, optax.sgd(0.1), schedule="gpipe")
