@@ -103,3 +103,8 @@ class OptimizerError(LwjaxError, ValueError):
     """An optax optimizer whose state cannot be kept per stage: its update of one weight
     depends on how the weights are grouped into arrays (per-array statistics, factored
     moments, masks over the model's tree), so it cannot run on each stage's weight slots."""
+
+
+class CompressionError(LwjaxError, ValueError):
+    """A compression the model's weights cannot take (e.g. 2:4 sparsity over a dimension
+    that groups of 4 do not divide), or a compressed deployment that cannot run as asked."""
