@@ -385,6 +385,13 @@ def _training(mode, schedule, optimizer, compression, residency) -> train_lib.Tr
     return training
 
 
+def planned_compression(plan: Plan, asked: str | Compression | None) -> Compression:
+    """The policy a plan counted on: the one asked for, or the preset the "compress"
+    strategy escalated to (``Plan.compression`` names it)."""
+    policy = compression_lib.get(asked)
+    return policy if policy.name == plan.compression else compression_lib.get(plan.compression)
+
+
 def layerwise_shard(
     model,
     *args,
@@ -416,12 +423,15 @@ def layerwise_shard(
         microbatches: M to start from (the batch must divide into M); the "microbatch"
             strategy in allow= may raise it when a stage does not fit -- pin it with
             allow=("split",).
-        compression: footprint policy for planning (weights run as stored).
+        compression: None, a preset name ("int8", "int4", "int8-2:4", "int4-75%", ...) or
+            an ``lwjax.Compression``: matmul weights are stored compressed on their stage
+            and decoded inside it (``passes/codec.py``); the plan counts the stored bytes.
         residency: "all" or "weights" (see ``plan``).
         schedule: pipeline schedule name (``passes.schedules.SCHEDULES``).
         allow: edge-case strategies when the plan does not fit: "split" (stages over tp
-            devices, lowered to a "tp" mesh axis) and "microbatch". Not "compress": the
-            pipeline runs the weights as stored, so a plan may not count on compression.
+            devices, lowered to a "tp" mesh axis), "microbatch", and "compress" (the next
+            presets of ``compression.ESCALATION``, stored and run compressed; not with
+            split stages).
         objective: "step" or "bottleneck" (see ``plan``).
         unbatched: array arguments passed whole to every microbatch although their leading
             size is the batch (a [T, T] mask when T equals the batch): positional indices or
@@ -435,8 +445,8 @@ def layerwise_shard(
         plan: run this Plan (from ``lwjax.plan``, ``Plan.replan`` or ``Plan.from_json``) as
             it is, without planning: its layers, microbatches and devices. It must have been
             made for this model (same layers, shapes and dtypes) and batch, for prefill or
-            training (``mode="train"``: ``train_step`` then uses its schedule),
-            uncompressed; ``devices`` must hold its device ids. The planning options
+            training (``mode="train"``: ``train_step`` then uses its schedule); a compressed
+            plan runs compressed; ``devices`` must hold its device ids. The planning options
             (``cache_bytes``, ``microbatches``, ``allow``, ...) are then ignored.
         **kwargs: further call arguments (arrays are microbatched when batch-shaped).
 
@@ -452,9 +462,6 @@ def layerwise_shard(
         devices = jax.devices()
     allow = (allow,) if isinstance(allow, str) else tuple(allow or ())
     schedules.get(schedule)  # an unknown name fails here, before tracing and planning
-    if "compress" in allow:
-        raise ConfigError("layerwise_shard runs the weights as stored, so allow= may not "
-                          "include 'compress'; plan compressed deployments with lwjax.plan.")
     plan_, graph, objs, batch = _plan_graph(
         model, args, kwargs, devices=devices, num_devices=None, hardware=hardware,
         cache_bytes=cache_bytes, compression=compression, microbatches=microbatches,
@@ -467,5 +474,6 @@ def layerwise_shard(
     by_id = {d.id: d for d in objs}
     stage_devices = [by_id[i] for s in plan_.stages for i in s.devices]
     program = lower(graph, [s.layer_range for s in plan_.stages], stage_devices,
-                    plan_.microbatches, schedule=schedule, tp=plan_.tp)
+                    plan_.microbatches, schedule=schedule, tp=plan_.tp,
+                    compression=planned_compression(plan_, compression))
     return ShardedModel(plan_, program, graph.traced, batch)

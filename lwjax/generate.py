@@ -18,7 +18,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lwjax._api import _capacity, _devices, _hardware, _microbatches, _whole
+from lwjax._api import (
+    _capacity,
+    _devices,
+    _hardware,
+    _microbatches,
+    _whole,
+    planned_compression,
+)
 from lwjax.causal_lm import CausalLM, causal_lm
 from lwjax.errors import (
     ConfigError,
@@ -30,7 +37,9 @@ from lwjax.errors import (
 )
 from lwjax.hardware import HardwareSpec
 from lwjax.models.transformer import check_tokens
+from lwjax.passes import compression as compression_lib
 from lwjax.passes.backend import check_runnable
+from lwjax.passes.compression import Compression
 from lwjax.passes.discovery import LayersSpec
 from lwjax.passes.footprint import Footprint, GraphFootprint, footprint
 from lwjax.passes.generate import GenerationProgram, lower_generate
@@ -99,11 +108,13 @@ def _cache_fills(lm: CausalLM, batch: int, cache_len: int) -> list:
 
 
 def _combined_numbers(prefill: LayerGraph, decode: LayerGraph, hw: HardwareSpec,
-                      num_microbatches: int, attention: str):
+                      num_microbatches: int, attention: str,
+                      compression: Compression | None = None):
     """Per layer, what a stage holds across the whole generation: weights, the caches of all
     M groups (decode's KV bytes x M), and the larger of the prefill and decode transient
     peaks; times are decode's (what every token pays)."""
-    fps = [footprint(g, None, attention=attention, backend=hw.kind) for g in (prefill, decode)]
+    fps = [footprint(g, compression, attention=attention, backend=hw.kind)
+           for g in (prefill, decode)]
 
     def both(p: Footprint, d: Footprint) -> Footprint:
         return dataclasses.replace(
@@ -130,21 +141,23 @@ def _combined_numbers(prefill: LayerGraph, decode: LayerGraph, hw: HardwareSpec,
     return numbers_from(decode, fp, costs, epilogue_time(decode, hw, weights_on_chip=True))
 
 
-def _plan_at(lm, graphs, batch, m, ids, hw, capacity, attention, objective, cache_len):
+def _plan_at(lm, graphs, batch, m, ids, hw, capacity, attention, objective, cache_len,
+             compression: Compression):
     """The plan with M groups, and the prefill and decode graphs it was made from."""
     mb = batch // m
     pre, dec = graphs(mb)
-    numbers = _combined_numbers(pre, dec, hw, m, attention)
+    numbers = _combined_numbers(pre, dec, hw, m, attention, compression)
     try:
         plan = plan_from_numbers(
             numbers, capacity_bytes=capacity, device_ids=ids, hardware=hw.name,
-            compression="none", microbatches=m, microbatch_size=mb, mode="decode",
+            compression=compression.name, microbatches=m, microbatch_size=mb, mode="decode",
             attention=attention, objective=objective, model=lm.name,
             concurrency=hw.num_cores if hw.kind == "cpu" else None)
     except InfeasiblePlanError as e:
         e.args = (f"{e} For generation: each stage holds its layers' weights as stored and "
                   f"their KV caches for all {batch} sequences of {cache_len} positions, one "
-                  f"device per stage (no split, no compression): raise cache_bytes= (now "
+                  f"device per stage (no split; compression={compression.name!r}): raise "
+                  f"cache_bytes= (now "
                   f"{capacity:,} bytes), add devices, or generate for fewer sequences or "
                   "positions.",)
         raise
@@ -174,8 +187,9 @@ class Generator:
 
     def __init__(self, lm: CausalLM, plan: Plan, decode: LayerGraph, devices, *,
                  prompt_shape, max_new_tokens, cache_len, eos_id, pad_id, layers,
-                 vocab=None):
+                 vocab=None, compression: Compression | None = None):
         self.lm, self.plan, self._decode, self._layers = lm, plan, decode, layers
+        self.compression = compression
         self.prompt_shape, self.max_new_tokens, self.cache_len = prompt_shape, max_new_tokens, \
             cache_len
         self.eos_id, self.pad_id, self.vocab = eos_id, pad_id, vocab
@@ -198,7 +212,7 @@ class Generator:
                 prefill, self._decode, [s.layer_range for s in self.plan.stages],
                 self._devices, self.plan.microbatches, prompt_len=self.prompt_shape[1],
                 max_new_tokens=self.max_new_tokens, cache_fills=self._fills,
-                eos_id=self.eos_id, pad_id=self.pad_id)
+                eos_id=self.eos_id, pad_id=self.pad_id, compression=self.compression)
         return self._programs[prefill_len]
 
     def _inputs(self, prompt, lengths, attention_mask):
@@ -373,6 +387,7 @@ def layerwise_generate(
     cache_len: int | None = None,
     objective: Objective = "step",
     layers: LayersSpec = None,
+    compression: str | Compression | None = None,
 ) -> Generator:
     """Greedy generation through a layer-wise pipeline: the step traced twice (prefill,
     decode), segmented, planned in decode mode (weights + all groups' KV caches + the larger
@@ -396,6 +411,10 @@ def layerwise_generate(
         cache_len: KV-cache positions per sequence (default and minimum: T + N - 1 ... T + N).
         objective: "step" or "bottleneck" (see ``lwjax.plan``).
         layers: name the layers when discovery cannot decide (see ``lwjax.analyze``).
+        compression: None, a preset name ("int8", "int4", "int8-2:4", ...) or an
+            ``lwjax.Compression``: matmul weights stored compressed on their stage and
+            decoded inside it (``passes/codec.py``); the plan counts the stored bytes. A
+            given ``plan=`` runs with the compression it was made with.
 
     Returns:
         Generator; ``g(prompt)`` returns the new tokens [B, N].
@@ -489,7 +508,7 @@ def layerwise_generate(
         while m not in tried:
             try:
                 tried[m] = _plan_at(lm, graphs, batch, m, ids, hw, capacity, attention,
-                                    objective, cache_len)
+                                    objective, cache_len, compression_lib.get(compression))
             except InfeasiblePlanError:
                 if not tried:
                     raise
@@ -516,7 +535,8 @@ def layerwise_generate(
             "(models.build); plan an abstract one with lwjax.plan(..., mode='decode').")
     return Generator(lm, plan, dec, objs, prompt_shape=(batch, prompt_len),
                      max_new_tokens=n_new, cache_len=cache_len, eos_id=eos, pad_id=pad,
-                     layers=layers, vocab=vocab)
+                     layers=layers, vocab=vocab,
+                     compression=planned_compression(plan, compression))
 
 
 __all__: Sequence[str] = ("Generator", "layerwise_generate", "trace_step")

@@ -71,7 +71,7 @@ def check_plan(plan: Plan, graph: LayerGraph, device_ids: Sequence[int],
             (``layerwise_generate``).
 
     Raises:
-        ConfigError: the plan is for decode or counts on compression; its layers, shapes or
+        ConfigError: the plan is for another mode; its layers, shapes or
             dtypes differ from the model's; its stages do not cover the layers in order.
         DeviceError: a device of the plan is not among ``device_ids``, or is used twice.
 
@@ -83,11 +83,6 @@ def check_plan(plan: Plan, graph: LayerGraph, device_ids: Sequence[int],
             "layerwise_generate decodes"
         raise ConfigError(f"the plan was made for mode={plan.mode!r}; {runner} ({mode}). "
                           f"Plan with mode={mode!r}.")
-    if plan.compression != "none":
-        raise ConfigError(
-            f"the plan counts on compression={plan.compression!r}, but layerwise_shard runs "
-            "the weights as stored, so the stages would hold more than planned. Plan without "
-            "compression (compression=None, allow without 'compress').")
     found = tuple(layer.name for layer in graph.layers)
     if tuple(plan.numbers.names) != found:
         differ = _names_differ(plan.numbers.names, found)

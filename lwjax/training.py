@@ -197,22 +197,32 @@ def to_tree(program, traced, slots: Sequence, *, grads: bool) -> Any:
         traced: the TracedModel (the tree's structure).
         slots: arrays in ``program.storage``'s layout.
         grads: gradients (sum the copies; each leaf stays on its stage's device) or
-            weights (the first copy; every leaf on the first stage's device, ready for
-            ``nnx.update`` and an unsharded call).
+            weights (as the first stage holding each reads it, compressed weights decoded;
+            every leaf on the first stage's device, ready for ``nnx.update`` and an
+            unsharded call).
     """
     graph = program.graph
-    parts = weight_copies(graph, program.stages, program.storage)
     devices = program.mesh.devices.ravel()
     pieces: dict[int, dict] = {}
-    for i, info in enumerate(graph.params):
-        rows = []
-        for s, n in parts[i] if grads else parts[i][:1]:
-            shard = next(sh for sh in slots[n].addressable_shards if sh.device == devices[s])
-            rows.append(shard.data[0].reshape(info.shape))
-        value = rows[0]
-        for r in rows[1:]:
-            value = value + jax.device_put(r, next(iter(value.devices())))
-        pieces.setdefault(info.source, {})[info.slice_index] = value
+    if grads:
+        parts = weight_copies(graph, program.stages, program.storage)
+        for i, info in enumerate(graph.params):
+            rows = []
+            for s, n in parts[i]:
+                shard = next(sh for sh in slots[n].addressable_shards
+                             if sh.device == devices[s])
+                rows.append(shard.data[0].reshape(info.shape))
+            value = rows[0]
+            for r in rows[1:]:
+                value = value + jax.device_put(r, next(iter(value.devices())))
+            pieces.setdefault(info.source, {})[info.slice_index] = value
+    else:  # each stage's weights as its branch reads them (compressed ones decoded)
+        for s, st in enumerate(program.stages):
+            local = [next(sh.data for sh in a.addressable_shards if sh.device == devices[s])
+                     for a in slots]
+            for i, value in zip(st.params, program.storage.unpack(local, s), strict=True):
+                info = graph.params[i]
+                pieces.setdefault(info.source, {}).setdefault(info.slice_index, value)
     leaves = []
     for k, x in enumerate(traced.params):
         got = pieces.get(k)

@@ -70,6 +70,8 @@ from lwjax.passes.lower import (
     _zeros,
     cut_values,
 )
+from lwjax.passes.codec import build_codecs
+from lwjax.passes.compression import Compression
 from lwjax.passes.segment import LayerGraph, Segment
 from lwjax.passes.storage import AXIS, SlotStorage
 
@@ -272,6 +274,7 @@ def lower_generate(
     cache_fills: Sequence,
     eos_id: int | None,
     pad_id: int,
+    compression: Compression | None = None,
 ) -> GenerationProgram:
     """Builds the generation program for stages covering layer ``ranges``.
 
@@ -287,6 +290,8 @@ def lower_generate(
         cache_fills: per cache leaf, the value ``init_cache`` fills it with.
         eos_id: a token that ends a sequence, or None.
         pad_id: what follows a sequence's eos_id.
+        compression: store matmul weights compressed (``passes/codec.py``), decoded in
+            each stage's branch.
 
     Returns:
         GenerationProgram.
@@ -310,7 +315,8 @@ def lower_generate(
         if stop == len(decode.layers):
             segs += [decode.epilogue, prefill.epilogue]
         stage_params.append(tuple(sorted({i for seg in segs for i in seg.params})))
-    storage = SlotStorage(stage_params, decode.param_vars)
+    codecs = build_codecs(decode, compression) if compression is not None else None
+    storage = SlotStorage(stage_params, decode.param_vars, codecs)
     mb = decode.traced.batch_size
     prefill_len = int(prefill.traced.args[TOKENS].shape[1])
     decode_steps = prompt_len - prefill_len + n_new - 1

@@ -54,8 +54,10 @@ from jax.sharding import PartitionSpec as P
 
 from lwjax._compat import Literal as JaxLiteral
 from lwjax._compat import Var, bind_eqn
-from lwjax.errors import InputError
+from lwjax.errors import CompressionError, InputError
 from lwjax.passes import schedules
+from lwjax.passes.codec import build_codecs
+from lwjax.passes.compression import Compression
 from lwjax.passes.collectives import StageView, check
 from lwjax.passes.outputs import (
     OutputSplit,
@@ -292,6 +294,7 @@ def lower(
     num_microbatches: int,
     schedule: str = "gpipe",
     tp: int = 1,
+    compression: Compression | None = None,
 ) -> PipelineProgram:
     """Builds the pipeline program for stages covering layer ``ranges`` (half-open).
 
@@ -302,6 +305,8 @@ def lower(
         num_microbatches: M; the call's batch is M times the traced batch.
         schedule: a name in ``passes.schedules.SCHEDULES``.
         tp: devices per stage; > 1 splits every stage's layers over a "tp" mesh axis.
+        compression: store matmul weights compressed (``passes/codec.py``): each device
+            holds its stage's compressed bytes and decodes them inside its branch.
 
     Returns:
         PipelineProgram.
@@ -318,9 +323,15 @@ def lower(
     param_vars = graph.param_vars
     stages = stage_layouts(graph, ranges, cuts)
 
+    codecs = build_codecs(graph, compression) if compression is not None else None
+    if tp > 1 and codecs is not None and any(c is not None for c in codecs):
+        raise CompressionError(
+            f"compression={compression.name!r} with stages split over tp={tp} devices: "
+            "compressed weights run on unsplit stages only. Plan with more capacity or "
+            "without 'split' in allow=.")
     if tp == 1:
         storage: SlotStorage | SplitStorage = SlotStorage([st.params for st in stages],
-                                                          param_vars)
+                                                          param_vars, codecs)
     else:
         storage = SplitStorage([st.params for st in stages], param_vars,
                                _stage_axes(graph, stages, tp))

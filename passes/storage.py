@@ -20,6 +20,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from lwjax.passes.codec import ParamCodec
+
 AXIS = "stage"
 
 
@@ -69,8 +71,13 @@ class SlotStorage:
     of the extra slot zero; those padding rows are never read.
     """
 
-    def __init__(self, stage_params: Sequence[tuple[int, ...]], param_vars):
-        avals = [[param_vars[i].aval for i in params] for params in stage_params]
+    def __init__(self, stage_params: Sequence[tuple[int, ...]], param_vars,
+                 codecs: Sequence[ParamCodec | None] | None = None):
+        self.codecs = list(codecs) if codecs is not None else [None] * len(param_vars)
+        self.stage_params = [tuple(params) for params in stage_params]
+        # a stage's stored arrays: each weight's own, or its codec's (values, indices, scales)
+        avals = [[a for i in params for a in self._stored_avals(i, param_vars)]
+                 for params in stage_params]
         self.slots, assigned = assign_slots([[slot_key(a.dtype, a.shape) for a in row]
                                              for row in avals])
         self.where: list[list[tuple[tuple[str, int], int, tuple[int, ...]]]] = [
@@ -78,15 +85,44 @@ class SlotStorage:
             for slots, row in zip(assigned, avals, strict=True)]
         self._index = {slot: n for n, slot in enumerate(self.slots)}
 
+    def _stored_avals(self, i: int, param_vars) -> list:
+        codec = self.codecs[i]
+        return [param_vars[i].aval] if codec is None else codec.stored_avals()
+
+    def _counts(self, s: int) -> list[int]:
+        """How many stored arrays each of stage s's weights has."""
+        return [1 if self.codecs[i] is None else len(self.codecs[i].stored_avals())
+                for i in self.stage_params[s]]
+
     def specs(self):
         return [P(AXIS) for _ in self.slots]
 
     def slot_indices(self, s: int) -> list[int]:
-        """The slot (index into ``place``'s list) of each of stage s's weights, in order."""
+        """The slot (index into ``place``'s list) of each of stage s's weights, in order
+        (uncompressed storage: one slot per weight)."""
         return [self._index[key, j] for key, j, _ in self.where[s]]
 
+    def own_bytes(self, s: int) -> int:
+        """Bytes of stage s's own stored arrays (its rows of its slots; padding excluded)."""
+        return sum(int(np.prod(shape, dtype=np.int64)) * np.dtype(key[0]).itemsize
+                   for key, _, shape in self.where[s])
+
     def unpack(self, local, s: int) -> list:
-        return [local[self._index[key, j]].reshape(shape) for key, j, shape in self.where[s]]
+        """Stage s's weights from its local rows: reshapes (bitcasts), then each codec's
+        ``decode`` for compressed weights."""
+        stored = [local[self._index[key, j]].reshape(shape) for key, j, shape in self.where[s]]
+        out = []
+        for i, n in zip(self.stage_params[s], self._counts(s), strict=True):
+            arrays, stored = stored[:n], stored[n:]
+            out.append(arrays[0] if self.codecs[i] is None else self.codecs[i].decode(arrays))
+        return out
+
+    def encode(self, s: int, values: Sequence) -> list:
+        """Stage s's stored arrays from its weights (codecs encode; others as they are)."""
+        out = []
+        for i, x in zip(self.stage_params[s], values, strict=True):
+            out.extend([x] if self.codecs[i] is None else self.codecs[i].encode(x))
+        return out
 
     def abstract(self, mesh: Mesh, num_stages: int) -> list:
         """``place``'s arrays as ShapeDtypeStructs (same shapes and shardings)."""
@@ -98,7 +134,10 @@ class SlotStorage:
         devices = mesh.devices.ravel()
         rows: list[list] = [[] for _ in self.slots]
         for s, values in enumerate(stage_values):
-            mine = {(key, j): x for (key, j, _), x in zip(self.where[s], values, strict=True)}
+            if devices[s].process_index != jax.process_index():
+                continue  # multi-process: each process places its own devices' rows
+            stored = self.encode(s, values)
+            mine = {(key, j): x for (key, j, _), x in zip(self.where[s], stored, strict=True)}
             for n, (key, j) in enumerate(self.slots):
                 dt, size = key
                 if (key, j) in mine:
