@@ -327,8 +327,8 @@ def test_bad_inputs(moe):
     with pytest.raises(InfeasiblePlanError, match=r"Layer 'layers_\d'.*No number of stages"):
         lwjax.layerwise_shard(model, tokens, devices=devs[:4], cache_bytes=3 * 2**20 // 4,
                               microbatches=1, allow=())
-    with pytest.raises(lwjax.errors.ConfigError, match="compress"):
-        lwjax.layerwise_shard(model, tokens, devices=devs[:4], allow=("compress",))
+    with pytest.raises(lwjax.errors.UnknownPresetError, match="'int3'.*int8"):
+        lwjax.layerwise_shard(model, tokens, devices=devs[:4], compression="int3")
 
 
 def test_no_layers_is_an_error():
