@@ -147,7 +147,7 @@ class SlotStorage:
                 rows[n].append(row)
         sharding = NamedSharding(mesh, P(AXIS))
         return [jax.make_array_from_single_device_arrays((len(stage_values), key[1]), sharding,
-                                                         rows[n])
+                                                         rows[n], dtype=key[0])
                 for n, (key, _) in enumerate(self.slots)]
 
 
