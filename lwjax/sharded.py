@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 
 import jax
 
-from lwjax import training
+from lwjax import recompress as recompress_lib
+from lwjax import distributed, training
 from lwjax.errors import ConfigError, InputError
 from lwjax.passes import schedules
 from lwjax.passes.lower import PipelineProgram
@@ -34,12 +36,14 @@ class ShardedModel:
     """
 
     def __init__(self, plan: Plan, program: PipelineProgram, traced: TracedModel,
-                 batch_size: int):
+                 batch_size: int, params: list | None = None):
         self.plan = plan
         self.program = program
-        self.params = program.place_params(traced.params)
+        distributed.agree(_layout(plan), "plan")  # multi-process: the same program
+        self.params = program.place_params(traced.params) if params is None else params
         self._traced = traced
         self._batch_size = batch_size
+        self.recompressed: recompress_lib.Recompressed | None = None
 
     def _leaves(self, args, kwargs) -> list:
         t = self._traced
@@ -82,8 +86,12 @@ class ShardedModel:
         return leaves
 
     def __call__(self, *args, **kwargs):
-        """The model's outputs, spread over the stages' devices (``PipelineProgram.outputs``)."""
-        return self.program(self.params, *self._leaves(args, kwargs))
+        """The model's outputs, spread over the stages' devices (``PipelineProgram.outputs``);
+        in a multi-process run each process holds the pieces on its own devices
+        (``lwjax.distributed.gather`` gives every process the whole value)."""
+        leaves = self._leaves(args, kwargs)
+        with distributed.peer_guard():
+            return self.program(self.params, *leaves)
 
     def lower(self, *args, **kwargs) -> jax.stages.Lowered:
         """The ``jax.stages.Lowered`` pipeline program for these arguments."""
@@ -151,6 +159,26 @@ class ShardedModel:
         """
         return training.TrainStep(self, loss_fn, optimizer, self._schedule(schedule))
 
+    def recompress(self, compression, stages=None) -> ShardedModel:
+        """This model with the weights of ``stages`` (default: all) stored under a stronger
+        ``compression``, re-encoded on their own devices from what they hold (no host
+        transfer); the new program is compiled before it returns. ``.recompressed`` on the
+        result times the parts (``lwjax.recompress.Recompressed``); its plan's stage weight
+        bytes are the new stored bytes.
+
+        Args:
+            compression: a preset name or an ``lwjax.Compression``.
+            stages: stage indices to re-encode (None: every stage).
+
+        Example:
+            >>> smaller = sm.recompress("int4", stages=[0])
+            >>> smaller.recompressed.total_s
+        """
+        plan, program, params, record = recompress_lib.recompress(self, compression, stages)
+        out = ShardedModel(plan, program, self._traced, self._batch_size, params=params)
+        out.recompressed = record
+        return out
+
     def load_params(self, state) -> None:
         """Runs the model with a training state's weights from now on: ``sm(tokens)`` then
         gives the trained model's outputs (the arrays are copied, so later steps, which
@@ -182,3 +210,9 @@ class ShardedModel:
 
     def __repr__(self) -> str:
         return f"ShardedModel(\n{self.plan.summary()}\n)"
+
+
+def _layout(plan: Plan) -> str:
+    """What the program depends on: stages (layers, devices), microbatches, tp."""
+    return json.dumps({"stages": [[list(s.layer_range), list(s.devices)] for s in plan.stages],
+                       "microbatches": plan.microbatches, "tp": plan.tp})

@@ -295,6 +295,7 @@ def lower(
     schedule: str = "gpipe",
     tp: int = 1,
     compression: Compression | None = None,
+    codecs: Sequence | None = None,
 ) -> PipelineProgram:
     """Builds the pipeline program for stages covering layer ``ranges`` (half-open).
 
@@ -307,6 +308,8 @@ def lower(
         tp: devices per stage; > 1 splits every stage's layers over a "tp" mesh axis.
         compression: store matmul weights compressed (``passes/codec.py``): each device
             holds its stage's compressed bytes and decodes them inside its branch.
+        codecs: per graph parameter, its codec (``passes.codec.ParamCodec``) or None,
+            instead of ``compression``'s (a recompressed model mixes policies by stage).
 
     Returns:
         PipelineProgram.
@@ -323,10 +326,12 @@ def lower(
     param_vars = graph.param_vars
     stages = stage_layouts(graph, ranges, cuts)
 
-    codecs = build_codecs(graph, compression) if compression is not None else None
+    if codecs is None and compression is not None:
+        codecs = build_codecs(graph, compression)
     if tp > 1 and codecs is not None and any(c is not None for c in codecs):
         raise CompressionError(
-            f"compression={compression.name!r} with stages split over tp={tp} devices: "
+            f"compressed weights ({getattr(compression, 'name', 'codecs')}) with stages split "
+            f"over tp={tp} devices: "
             "compressed weights run on unsplit stages only. Plan with more capacity or "
             "without 'split' in allow=.")
     if tp == 1:

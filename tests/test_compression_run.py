@@ -165,3 +165,28 @@ def test_bad_compression_is_refused():
         lwjax.layerwise_shard(odd_model, tokens, devices=jax.devices()[:2], microbatches=2,
                               compression="int8-2:4", objective="bottleneck",
                               cache_bytes=2**30, hardware="h100", allow=())
+
+
+def test_recompress_reencodes_on_the_devices_and_runs():
+    cfg, model, tokens = _model(num_layers=4)
+    sm = lwjax.layerwise_shard(model, tokens, devices=jax.devices()[:4], microbatches=4,
+                               compression="int8", objective="bottleneck", cache_bytes=2**30,
+                               hardware="h100", allow=())
+    smaller = sm.recompress("int4-75%", stages=[2, 3])
+    r = smaller.recompressed
+    assert r.stages == (2, 3) and smaller.plan.compression == "int8; int4-75% on stages [2, 3]"
+    assert r.bytes_after[:2] == r.bytes_before[:2]
+    assert all(a < b for a, b in zip(r.bytes_after[2:], r.bytes_before[2:], strict=True))
+    assert [s.footprint.weights_bytes for s in smaller.plan.stages] == list(r.bytes_after)
+    assert min(r.reencode_s, r.encoder_compile_s, r.compile_s) > 0
+    # stages 0 and 1 keep their int8 weights bit for bit; 2 and 3 run what was re-encoded
+    before, after = sm.export_params(), smaller.export_params()
+    layers = lambda tree, i: jax.tree.leaves(tree["layers"][i])  # noqa: E731
+    for a, b in zip(layers(before, 1), layers(after, 1), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    decoded = models.build(cfg, rngs=nnx.Rngs(0))
+    nnx.update(decoded, after)
+    np.testing.assert_allclose(np.asarray(smaller(tokens)), np.asarray(decoded(tokens)),
+                               atol=1e-5)
+    with pytest.raises(lwjax.errors.InputError, match=r"stages=\[7\].*0\.\.3"):
+        sm.recompress("int4", stages=[7])
