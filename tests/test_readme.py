@@ -36,7 +36,7 @@ def test_readme_own_model_example_runs():
     imports."""
     usage = README.split("## Usage", 1)[1].split("\n## ", 1)[0]
     blocks = re.findall(r"```python\n(.*?)```", usage, re.S)
-    assert len(blocks) == 4
+    assert len(blocks) == 5
     namespace: dict = {}
     exec(compile("import jax, jax.numpy as jnp, numpy as np, lwjax\n" + blocks[1],
                  "README.md", "exec"), namespace)
@@ -76,3 +76,17 @@ def test_readme_training_example_runs():
                  "from lwjax import models\n" + block, "README.md", "exec"), namespace)
     assert len(namespace["sm"].plan.stages) == 4
     assert float(namespace["loss"]) < float(namespace["loss0"])   # three adamw steps later
+
+
+def test_readme_compression_example_runs():
+    """The fifth Usage block (compressed forward, recompress, compressed generation) runs."""
+    usage = README.split("## Usage", 1)[1].split("\n## ", 1)[0]
+    block = re.findall(r"```python\n(.*?)```", usage, re.S)[4]
+    namespace: dict = {}
+    exec(compile("import dataclasses, jax, jax.numpy as jnp, numpy as np, lwjax\n"
+                 "from flax import nnx\nfrom lwjax import models\n" + block, "README.md",
+                 "exec"), namespace)
+    small, smaller = namespace["small"], namespace["smaller"]
+    assert small.plan.compression == "int8-2:4" and len(small.plan.stages) == 4
+    assert smaller.recompressed.bytes_after[3] < smaller.recompressed.bytes_before[3]
+    assert namespace["g"].plan.compression == "int8"
