@@ -27,6 +27,13 @@ in float32 by its producer (twice its traced bytes, from the producer to the dot
 weight gets a float32 copy from the segment's start to the dot, and the result is stored in
 float32 until its last reader. ``Footprint.backend`` says which backend the bytes are for.
 
+Compressed weights (``passes/codec.py``) reach their dot decoded: on XLA:CPU (measured, jax
+0.10.2) the decode is a loop fusion of its own that writes the dense weight -- in float32 if
+the dot takes float32 copies -- which the scheduler hoists to the segment's start, as it does
+the float32 copies of weights, so it is a copy from the start to the dot (buffer bytes). A
+GPU's bytes leave it out: unmeasured, and XLA:GPU can fuse a dequantising convert into its
+gemm (``DECODE_MATERIALISED``).
+
 Attention: with ``implementation="xla"`` (or on CPU) the scores [B, N, T, S] are
 materialised by a dot_general between two activations; a fused kernel (cuDNN / Pallas custom
 call) keeps them on chip. ``Footprint.attention`` says which the estimate used. Planning for a
@@ -43,6 +50,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections import defaultdict
 from collections.abc import Callable
 from typing import Literal
@@ -56,6 +64,9 @@ from lwjax.passes import compression as compression_lib
 from lwjax.passes.backend import DEFAULT_BACKEND, Backend
 from lwjax.passes.compression import Compression
 from lwjax.passes.segment import LayerGraph, Segment
+
+# Backends on which decoding a compressed weight writes the dense weight before its dot.
+DECODE_MATERIALISED: dict[str, bool] = {"cpu": True, "gpu": False}
 
 Attention = Literal["materialized", "fused", "none"]
 AttentionAssumption = Literal["as_traced", "fused"]
@@ -83,6 +94,8 @@ bitcast_convert_type pjit jit closed_call core_call custom_jvp_call custom_vjp_c
 custom_vjp_call_jaxpr checkpoint remat scan while cond optimization_barrier
 sharding_constraint
 """.split())
+# Primitives that pass a weight on to its matmul as another view of it.
+_VIEWS = ("transpose", "reshape", "convert_element_type", "copy")
 FUSED_ATTENTION = ("dot_product_attention", "cudnn", "flash", "pallas_call", "mosaic",
                    "custom_call")
 
@@ -363,7 +376,7 @@ def output_channels(graph: LayerGraph) -> dict[int, int]:
     channels: dict[int, int] = {}
     for e in graph.jaxpr.jaxpr.eqns:
         ins = [alias.get(v, v) if isinstance(v, Var) else v for v in e.invars]
-        if e.primitive.name in ("transpose", "reshape", "convert_element_type", "copy") and \
+        if e.primitive.name in _VIEWS and \
                 isinstance(ins[0], Var) and ins[0] in index:
             alias[e.outvars[0]] = ins[0]
         if e.primitive.name == "dot_general":
@@ -431,8 +444,11 @@ def segment_footprint(graph: LayerGraph, seg: Segment, policy: Compression,
     # except the copies of dot operands (layout, and the backend's float32 copies of 16-bit
     # dots), which live where XLA makes them (``_operand_copies``).
     unknown: set[str] = set()
+    decoded = _decoded_weights(graph, seg, policy, channels) \
+        if DECODE_MATERIALISED[backend] else frozenset()
     held, charge = _workspace_schedule(eqns, unknown, backend, skip=region | in_place,
-                                       keep={*live["outputs"], *live["live_through"]})
+                                       keep={*live["outputs"], *live["live_through"]},
+                                       decoded=decoded)
     for k, v in lse.items():
         charge[k] += v
     with_workspace = peak_live_bytes(eqns, **live, held=held, backend=backend,
@@ -449,8 +465,21 @@ def segment_footprint(graph: LayerGraph, seg: Segment, policy: Compression,
     )
 
 
+def _decoded_weights(graph: LayerGraph, seg: Segment, policy: Compression,
+                     channels: dict[int, int]) -> frozenset:
+    """The segment's weights stored compressed (read by a matmul, and quantised or made
+    sparse under ``policy``, as ``passes.codec.build_codecs`` picks them)."""
+    out = set()
+    for i in seg.params:
+        path = graph.params[i].path
+        sparse = policy.sparsity is not None and re.search(policy.sparse_params, path)
+        if i in channels and (policy.weight_bits is not None or sparse):
+            out.add(graph.param_vars[i])
+    return frozenset(out)
+
+
 def _operand_copies(eqns, backend: Backend, skip=frozenset(), keep=frozenset(),
-                    layout: bool = True) -> tuple[dict, dict[int, int]]:
+                    layout: bool = True, decoded=frozenset()) -> tuple[dict, dict[int, int]]:
     """The copies of dot operands a backend makes: bytes of the values it stores other than
     as traced (``held``), and the copy bytes charged at each equation (by id).
 
@@ -470,11 +499,18 @@ def _operand_copies(eqns, backend: Backend, skip=frozenset(), keep=frozenset(),
       of weights to the start of the program).
 
     ``keep``: values that outlive the equations (outputs), so never only a dot's operand.
+    ``decoded``: weights stored compressed; their decode writes the dense weight (the dot's
+    float32 copy where it takes one), so they are copied even when the dot could read them.
     A dot whose 16-bit result the backend keeps in float32 holds that result at float32 size.
     """
     held: dict = {}
     charge = {id(e): 0 for e in eqns}
     defined = {v: i for i, e in enumerate(eqns) for v in e.outvars}
+    decoded = set(decoded)
+    for e in eqns:  # a decoded weight reshaped / transposed / converted is decoded too
+        if e.primitive.name in _VIEWS and isinstance(e.invars[0], Var) and \
+                e.invars[0] in decoded:
+            decoded.update(e.outvars)
     readers: dict = defaultdict(int)
     for e in eqns:
         for v in e.invars:
@@ -498,7 +534,7 @@ def _operand_copies(eqns, backend: Backend, skip=frozenset(), keep=frozenset(),
                 continue
             f32 = how.operands_f32 and np.dtype(v.aval.dtype) in backend_lib.HALF_DTYPES
             moved = layout and bool(batch) and tuple(batch) != tuple(range(len(batch)))
-            if not (f32 or moved):
+            if not (f32 or moved or v in decoded):
                 continue
             copy = backend_lib.f32_bytes(v) if f32 else value_bytes(v)
             src = eqns[defined[v]] if v in defined else None
@@ -517,11 +553,11 @@ def _operand_copies(eqns, backend: Backend, skip=frozenset(), keep=frozenset(),
 
 
 def _workspace_schedule(eqns, unknown: set[str], backend: Backend, skip=frozenset(),
-                        keep=frozenset()) -> tuple[dict, dict[int, int]]:
+                        keep=frozenset(), decoded=frozenset()) -> tuple[dict, dict[int, int]]:
     """Workspace bytes charged at each equation (by id) -- buffer rules, and the operand
     copies of dots (``_operand_copies``) -- with the bytes of values held other than as
     traced."""
-    held, charge = _operand_copies(eqns, backend, skip, keep)
+    held, charge = _operand_copies(eqns, backend, skip, keep, decoded=decoded)
     for e in eqns:
         if e.primitive.name != "dot_general":
             charge[id(e)] += _buffer_bytes(e, unknown)
