@@ -195,8 +195,13 @@ class ParamCodec:
             moved = list(view)
             moved.append(moved.pop(self.contract[-1]))
             groups = (*moved[:-1], moved[-1] // 4)
-            onehot = jax.nn.one_hot(index.reshape(*groups, k), 4, dtype=jnp.float32)
-            dense = jnp.sum(onehot * values.reshape(*groups, k)[..., None], axis=-2)
+            index = index.reshape(*groups, k)
+            values = values.reshape(*groups, k)
+            # each kept value to its position: a select per kept slot, summed over the k
+            # slots -- XLA fuses this into one pass (a one-hot product would materialise
+            # a [groups, k, 4] temporary, k times the dense weight)
+            dense = sum(jnp.where(index[..., m, None] == jnp.arange(4), values[..., m, None],
+                                  0.0) for m in range(k))
             v = self._ungrouped(dense)
         else:
             v = values.reshape(view)

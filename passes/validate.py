@@ -21,11 +21,9 @@ Remaining gaps, by cause:
   models): four score-sized float32 buffers live two at a time are placed in three slots.
   ``peak=True`` also reads XLA's peak of live buffers (``xla_live_peak_bytes``), which has
   no packing gaps; the estimate follows that one within a few percent.
-- 2:4 sparse weights: ``ParamCodec.decode`` expands each group as ``sum(one_hot * values)``;
-  XLA:CPU materialises that [groups, 2, 4] float32 product (twice the dense weight) and fuses
-  the sum into the dot, so XLA holds one dense weight per sparse weight more than the
-  estimate counts (int8-2:4, tiny models: 0.58-0.71 of XLA's total; int8, int4 and int4-75%
-  agree within 5%).
+- Compressed weights: the layer takes the stored arrays and decodes them inside; XLA:CPU
+  writes each decoded weight as a fusion of its own (the footprint counts it as a copy).
+  int8, int4, int8-2:4 and int4-75% agree within 5% on the tiny models.
 - Small layers are dominated by weights, so totals agree closely; large-sequence layers are
   dominated by activations, where the differences above show most.
 

@@ -7,14 +7,9 @@ validation allows (tests/test_analysis.py). XLA:CPU writes each decoded weight a
 its own, hoisted to the layer's start; the footprint counts it as a copy (buffer bytes).
 Measured (jax 0.10.2, float32): 0.996-1.041 of XLA's total for int8, int4 and int4-75%.
 
-int8-2:4's total is a known gap (strict xfail): ``ParamCodec.decode`` expands 2:4 groups as
-``sum(one_hot(index) * values)``, and XLA:CPU materialises the [groups, 2, 4] float32 product
-(twice the dense weight) and fuses the sum into the dot, so XLA holds one dense weight more
-per sparse weight than the estimate: 0.59-0.71 of XLA's total (tiny_dense prefill 246,464 vs
-346,080 bytes). Expanding each kept value with an elementwise select instead
-(``sum(where(index[..., m, None] == arange(4), values[..., m, None], 0) for m in range(k))``,
-bit-identical) leaves only the dense weight: 1.000 (dense) and 0.996-1.037 (MoE). At 1:4 the
-product is the dense weight's size, so int4-75% agrees either way.
+int8-2:4 agreed only to 0.59-0.71 while ``ParamCodec.decode`` expanded 2:4 groups as
+``sum(one_hot(index) * values)`` (XLA:CPU materialised the [groups, 2, 4] product, twice the
+dense weight); it now selects each kept value into place, which XLA fuses into one pass.
 """
 
 import dataclasses
@@ -63,10 +58,7 @@ def test_xla_arguments_are_the_stored_bytes(name, preset, mode):
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("preset", [
-    "int8", "int4", "int4-75%",
-    pytest.param("int8-2:4", marks=pytest.mark.xfail(
-        strict=True, reason="codec.decode's one_hot product for 2:4 is twice the dense "
-                            "weight on XLA:CPU (module docstring)"))])
+    "int8", "int4", "int4-75%", "int8-2:4"])
 @pytest.mark.parametrize("name", MODELS)
 def test_compressed_estimate_within_10_percent_of_xla(name, preset, mode):
     row = _row(name, mode, preset)
