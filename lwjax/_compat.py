@@ -19,6 +19,7 @@ __all__ = [
     "Literal",
     "Var",
     "bind_eqn",
+    "distributed_client",
     "innermost_scope",
     "jaxprs_in_params",
     "name_stack_of",
@@ -65,6 +66,15 @@ def roofline_rules() -> dict:
             "lwjax was written for jax 0.10.2 and lwjax/_compat.py needs updating."
         )
     return rules
+
+
+def distributed_client():
+    """The coordination-service client ``jax.distributed.initialize`` made (its key-value
+    store), or None in a single-process run. jax 0.10.2 keeps it in
+    ``jax._src.distributed.global_state``; there is no public accessor."""
+    from jax._src import distributed
+
+    return distributed.global_state.client
 
 
 def _ctx(eqn):

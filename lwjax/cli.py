@@ -1,4 +1,5 @@
-"""Command line: ``lwjax plan`` prints the plan for a preset model on a hardware preset.
+"""Command line: ``lwjax plan`` prints the plan for a preset model on a hardware preset;
+``lwjax launch -n 2 -- python script.py`` starts a multi-process run (``lwjax/launch.py``).
 
 The model is abstract (``models.abstract``: no weights allocated) and its inputs are
 ``jax.ShapeDtypeStruct`` of the config's batch and sequence length, so planning a seed-size
@@ -76,6 +77,9 @@ def _parser() -> argparse.ArgumentParser:
                         "none (default: split,compress,microbatch)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument("--figure", default=None, metavar="PNG", help="also write a figure")
+    sub.add_parser("launch", add_help=False,
+                   help="start a multi-process run on this machine: launch -n 2 -- python "
+                        "script.py (lwjax launch --help)")
     return parser
 
 
@@ -193,12 +197,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv: arguments without the program name (default: ``sys.argv[1:]``).
 
     Returns:
-        0 on success, 1 when no plan fits, 2 for bad arguments.
+        0 on success, 1 when no plan fits, 2 for bad arguments; ``launch``: see
+        ``lwjax.launch.main``.
 
     Example:
         >>> main(["plan", "--model", "tiny-dense", "--devices", "4"])
         0
     """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["launch"]:  # its own parser: everything after -- is the command
+        from lwjax import launch
+
+        return launch.main(argv[1:])
     try:
         args = _parser().parse_args(argv)
     except SystemExit as e:  # argparse: --help exits 0, bad arguments 2

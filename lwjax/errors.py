@@ -108,3 +108,18 @@ class OptimizerError(LwjaxError, ValueError):
 class CompressionError(LwjaxError, ValueError):
     """A compression the model's weights cannot take (e.g. 2:4 sparsity over a dimension
     that groups of 4 do not divide), or a compressed deployment that cannot run as asked."""
+
+
+class PeerLostError(LwjaxError):
+    """Another process of a multi-process run stopped: it died, stopped answering heartbeats
+    (``lwjax.distributed``), or failed with an error of its own. The pipeline cannot go on
+    without its stages' devices; the run has to be restarted (or replanned without them).
+
+    Attributes:
+        processes: the lost process indices.
+        reasons: per lost process, what was seen ("no heartbeat for 3.1 s", "failed:
+            ValueError: ...", "the coordination service does not answer").
+    """
+
+    processes: tuple[int, ...] = ()
+    reasons: tuple[str, ...] = ()

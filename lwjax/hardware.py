@@ -295,7 +295,7 @@ def _measure(l2_bytes: int) -> tuple[float, float, float]:
     import jax
     import jax.numpy as jnp
 
-    device = jax.devices("cpu")[0]
+    device = jax.local_devices(backend="cpu")[0]  # this process's own, in multi-process runs
     # Memory: x + 1 over a buffer far larger than L2 reads and writes every byte once.
     n = _BANDWIDTH_BUFFER_BYTES // 4
     x = jax.device_put(jnp.ones((n,), jnp.float32), device)
@@ -322,9 +322,11 @@ def host_cpu() -> HardwareSpec:
     ``lscpu``); if none is readable this raises instead of guessing. Memory bandwidth
     (``x + 1`` over a 256 MiB buffer), cache bandwidth (a loop over half the L2) and f32
     matmul FLOP/s (1024^3) are medians of 5 runs of short jax benchmarks on the first CPU
-    device, about a second in all, once per process. The bf16 and int8 peaks are set to the
-    measured f32 figure (not measured separately). Simulated CPU devices share RAM, so the
-    link bandwidth is the memory bandwidth and the link latency is taken as 0 (not measured).
+    device, about a second in all, once per process (in a multi-process run process 0
+    measures and the others take its figures, ``lwjax.distributed.shared``). The bf16 and
+    int8 peaks are set to the measured f32 figure (not measured separately). Simulated CPU
+    devices share RAM, so the link bandwidth is the memory bandwidth and the link latency is
+    taken as 0 (not measured).
 
     Example:
         >>> spec = host_cpu()
@@ -333,7 +335,11 @@ def host_cpu() -> HardwareSpec:
     """
     sizes, source = _cache_sizes()
     l2_bytes, l3_bytes = sizes[2], sizes.get(3)
-    memory_bw, cache_bw, flops = _measure(l2_bytes)
+    from lwjax import distributed
+
+    # every process of a multi-process run plans with process 0's figures, so plans agree
+    memory_bw, cache_bw, flops = json.loads(
+        distributed.shared("host_cpu", lambda: json.dumps(_measure(l2_bytes))))
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     caveat = ""
     if l3_bytes is not None and l3_bytes >= _BANDWIDTH_BUFFER_BYTES // 2:

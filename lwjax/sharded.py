@@ -7,8 +7,8 @@ from collections.abc import Mapping
 
 import jax
 
-from lwjax import recompress as recompress_lib
 from lwjax import distributed, training
+from lwjax import recompress as recompress_lib
 from lwjax.errors import ConfigError, InputError
 from lwjax.passes import schedules
 from lwjax.passes.lower import PipelineProgram

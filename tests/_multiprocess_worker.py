@@ -1,0 +1,148 @@
+"""One process of a multi-process test (``tests/test_multiprocess.py``), started by
+
+    python -m lwjax.launch -n 2 --cpu-devices 8 -- \
+        python tests/_multiprocess_worker.py CASE OUT WEIGHTS [WEIGHTS4]
+
+Cases (WEIGHTS: a 16-layer model and tokens, WEIGHTS4: a 4-layer one, from ``save_model``):
+
+- ``forward``: layerwise_shard of the 16-layer model, one stage per device over both
+  processes' 16 devices; then train_step of the 4-layer model on 4 stages, devices 6, 7
+  (process 0) and 2048, 2049 (process 1).
+- ``train16``: train_step of the 16-layer model on the 16 stages.
+- ``generate``: layerwise_generate of the 16-layer model.
+- ``peer``: the 4-stage pipeline of the 4-layer model (WEIGHTS), called until a peer is
+  killed; ``fail``: the same, but process 1 raises once it has run.
+
+Each process writes what it saw to ``OUT/<case>_<process id>.npz`` / ``.json``; ``peer`` and
+``fail`` write ``OUT/ready_<process id>`` (its pid) once the pipeline has run.
+"""
+
+import dataclasses
+import json
+import os
+import pathlib
+import sys
+import time
+
+from lwjax import distributed
+
+RUN = distributed.initialize()  # first: before anything touches JAX
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from flax import nnx  # noqa: E402
+
+import lwjax  # noqa: E402
+from lwjax import models  # noqa: E402
+from lwjax.models import configs  # noqa: E402
+
+SHARD = {"cache_bytes": 2**30, "microbatches": 8, "objective": "bottleneck"}
+TRAIN_STEPS = 3
+PEER_SECONDS = 120  # a survivor still running after this fails the test instead of hanging
+
+
+def config(num_layers: int = 16):
+    return dataclasses.replace(configs.tiny_dense(), num_layers=num_layers)
+
+
+def save_model(path: pathlib.Path, model, tokens) -> None:
+    """Writes the model's weights and the tokens, so that the processes need not build the
+    model again (seconds per process on a loaded CI machine)."""
+    leaves = jax.tree.leaves(nnx.state(model))
+    np.savez(path, tokens=tokens, layers=len(model.layers),
+             **{f"w{i}": np.asarray(x) for i, x in enumerate(leaves)})
+
+
+def load_model(path: pathlib.Path):
+    """``save_model``'s model (on an abstract shell: nothing is drawn) and tokens."""
+    data = np.load(path)
+    graphdef, state = nnx.split(models.abstract(config(int(data["layers"]))))
+    leaves, treedef = jax.tree.flatten(state)
+    state = jax.tree.unflatten(treedef, [data[f"w{i}"] for i in range(len(leaves))])
+    return nnx.merge(graphdef, state), data["tokens"]
+
+
+def across_processes():
+    """Devices 6, 7 (process 0) and 2048, 2049 (process 1): 4 stages over both processes."""
+    return jax.devices()[6:10]
+
+
+def loss_fn(logits, targets):
+    return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+
+
+def train_losses(sm, tokens) -> list[float]:
+    step = sm.train_step(loss_fn, optax.adamw(1e-3))
+    state = step.init()
+    losses = []
+    for _ in range(TRAIN_STEPS):
+        state, loss = step(state, tokens, tokens)
+        losses.append(float(distributed.gather(loss)))
+    return losses
+
+
+def forward(out: pathlib.Path, me: int, weights: pathlib.Path, weights4: pathlib.Path) -> None:
+    model, tokens = load_model(weights)
+    sm = lwjax.layerwise_shard(model, tokens, devices=jax.devices(), **SHARD)
+    logits = sm(tokens)
+    local = sorted(int(sh.device.id) for sh in logits.addressable_shards)
+    whole = distributed.gather(logits)
+    model4, tokens4 = load_model(weights4)
+    sm4 = lwjax.layerwise_shard(model4, tokens4, devices=across_processes(), **SHARD)
+    np.savez(out / f"forward_{me}.npz", logits=whole,
+             losses=np.array(train_losses(sm4, tokens4)))
+    (out / f"forward_{me}.json").write_text(json.dumps({
+        "stages": [list(s.devices) for s in sm.plan.stages],
+        "train_stages": [list(s.devices) for s in sm4.plan.stages],
+        "local_devices": sorted(int(d.id) for d in jax.local_devices()),
+        "output_devices": local,
+        "process_count": jax.process_count(),
+    }))
+
+
+def train16(out: pathlib.Path, me: int, weights: pathlib.Path) -> None:
+    model, tokens = load_model(weights)
+    sm = lwjax.layerwise_shard(model, tokens, devices=jax.devices(), **SHARD)
+    np.savez(out / f"train16_{me}.npz", losses=np.array(train_losses(sm, tokens)))
+
+
+def generate(out: pathlib.Path, me: int, weights: pathlib.Path) -> None:
+    model, tokens = load_model(weights)
+    prompt = tokens[:, :8]
+    g = lwjax.layerwise_generate(model, prompt, max_new_tokens=4, devices=jax.devices(),
+                                 microbatches=16, cache_bytes=2**30, objective="bottleneck")
+    new = distributed.gather(g(prompt))
+    np.savez(out / f"generate_{me}.npz", new_tokens=new)
+    (out / f"generate_{me}.json").write_text(json.dumps(
+        {"stages": [list(s.devices) for s in g.plan.stages]}))
+
+
+def peer(out: pathlib.Path, me: int, weights: pathlib.Path, fail: bool = False) -> None:
+    model, tokens = load_model(weights)
+    sm = lwjax.layerwise_shard(model, tokens, devices=across_processes(), **SHARD)
+    sm(tokens).block_until_ready()
+    (out / f"ready_{me}").write_text(str(os.getpid()))
+    if fail and me == 1:
+        raise ValueError("process 1 fails on purpose")
+    end = time.monotonic() + PEER_SECONDS
+    while time.monotonic() < end:
+        sm(tokens).block_until_ready()
+    sys.exit(3)
+
+
+def main() -> None:
+    case, out, *weights = sys.argv[1:]
+    if RUN is None or jax.process_count() != 2:
+        sys.exit("run under `python -m lwjax.launch -n 2 --cpu-devices 8 -- ...`")
+    me = jax.process_index()
+    paths = [pathlib.Path(w) for w in weights]
+    if case in ("peer", "fail"):
+        peer(pathlib.Path(out), me, *paths, fail=case == "fail")
+    else:
+        {"forward": forward, "train16": train16, "generate": generate}[case](
+            pathlib.Path(out), me, *paths)
+
+
+if __name__ == "__main__":
+    main()
