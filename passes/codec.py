@@ -211,6 +211,32 @@ class ParamCodec:
         return self._from_view(v.astype(self.dtype))
 
 
+@dataclasses.dataclass(frozen=True)
+class Encoded:
+    """A compressed weight inside a stage, decoded where an equation first reads it
+    (``passes.lower._eval``): decoding every weight at the start of a stage would let
+    XLA hold all of its decoded weights at once."""
+
+    codec: ParamCodec
+    arrays: tuple
+
+    def decode_after(self, anchor):
+        """The weight, decoded after ``anchor`` (another operand of the equation that reads
+        it) exists, so that XLA does not move every decode to the stage's start."""
+        arrays = list(self.arrays)
+        if anchor is not None:
+            # (byte | 1) & 1 is 1 for any byte of the anchor, NaN and inf included, but XLA
+            # does not fold it: the decode now waits for the anchor (an optimization_barrier
+            # is gone before XLA:CPU schedules, and the decoded weights of a whole stage
+            # were live at once: 3x the temporary bytes on an 8-layer int8 model)
+            first = jnp.ravel(anchor)[:1]
+            byte = first.astype(jnp.uint8) if first.dtype == jnp.bool_ else \
+                jax.lax.bitcast_convert_type(first, jnp.uint8).reshape(-1)[:1]
+            one = (byte | 1) & 1
+            arrays[-1] = arrays[-1] * one.astype(arrays[-1].dtype)
+        return self.codec.decode(arrays)
+
+
 def _pack(x, bits: int):
     """Unsigned ``bits``-bit integers (int32) -> uint8, 8 // bits per byte, low bits first."""
     per = 8 // bits

@@ -342,7 +342,7 @@ def lower_generate(
             def branch(recv, rows, tokens, positions, params, group, valid):
                 env = dict(consts)
                 env.update(zip((graph.param_vars[i] for i in st.params),
-                               storage.unpack(params, s), strict=True))
+                               storage.unpack(params, s, lazy=True), strict=True))
                 env[token_var], env[positions_var] = tokens, positions
                 for j, slot in slots.where[s].items():
                     env[cache_vars[j]] = rows[slot].reshape(leaves[j].shape)

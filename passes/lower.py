@@ -56,7 +56,7 @@ from lwjax._compat import Literal as JaxLiteral
 from lwjax._compat import Var, bind_eqn
 from lwjax.errors import CompressionError, InputError
 from lwjax.passes import schedules
-from lwjax.passes.codec import build_codecs
+from lwjax.passes.codec import Encoded, build_codecs
 from lwjax.passes.compression import Compression
 from lwjax.passes.collectives import StageView, check
 from lwjax.passes.outputs import (
@@ -282,9 +282,21 @@ def _eval(segs: Sequence[Segment], env: dict, stage: int) -> None:
         for seg in segs:
             with jax.named_scope(seg.name) if seg.kind != "layer" else contextlib.nullcontext():
                 for eqn in seg.eqns:
-                    outs = bind_eqn(eqn, [v.val if isinstance(v, JaxLiteral) else env[v]
-                                          for v in eqn.invars])
+                    ins = [v.val if isinstance(v, JaxLiteral) else env[v] for v in eqn.invars]
+                    if any(isinstance(x, Encoded) for x in ins):
+                        _decode_operands(eqn, ins, env)
+                    outs = bind_eqn(eqn, ins)
                     env.update(zip(eqn.outvars, outs, strict=True))
+
+
+def _decode_operands(eqn, ins: list, env: dict) -> None:
+    """Decodes the compressed weights ``eqn`` reads, after its other operand (the layer's
+    activation) exists, and keeps the decoded weights in ``env`` for later readers."""
+    anchor = next((x for x in ins if not isinstance(x, Encoded) and hasattr(x, "shape")),
+                  None)
+    for k, (v, x) in enumerate(zip(eqn.invars, ins, strict=True)):
+        if isinstance(x, Encoded):
+            ins[k] = env[v] = x.decode_after(anchor)
 
 
 def lower(
@@ -357,8 +369,8 @@ def lower(
 
     def stage_env(s: int, params, mb_args) -> dict:
         env = dict(consts)
-        env.update(zip((param_vars[i] for i in stages[s].params), storage.unpack(params, s),
-                       strict=True))
+        env.update(zip((param_vars[i] for i in stages[s].params),
+                       storage.unpack(params, s, lazy=True), strict=True))
         env.update(zip(arg_vars, mb_args, strict=True))
         return env
 

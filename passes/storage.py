@@ -20,7 +20,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from lwjax.passes.codec import ParamCodec
+from lwjax.passes.codec import Encoded, ParamCodec
 
 AXIS = "stage"
 
@@ -107,14 +107,17 @@ class SlotStorage:
         return sum(int(np.prod(shape, dtype=np.int64)) * np.dtype(key[0]).itemsize
                    for key, _, shape in self.where[s])
 
-    def unpack(self, local, s: int) -> list:
+    def unpack(self, local, s: int, lazy: bool = False) -> list:
         """Stage s's weights from its local rows: reshapes (bitcasts), then each codec's
-        ``decode`` for compressed weights."""
+        ``decode`` for compressed weights -- or, ``lazy``, an ``Encoded`` that the stage's
+        equations decode where they first read it (``passes.lower._eval``)."""
         stored = [local[self._index[key, j]].reshape(shape) for key, j, shape in self.where[s]]
         out = []
         for i, n in zip(self.stage_params[s], self._counts(s), strict=True):
             arrays, stored = stored[:n], stored[n:]
-            out.append(arrays[0] if self.codecs[i] is None else self.codecs[i].decode(arrays))
+            codec = self.codecs[i]
+            out.append(arrays[0] if codec is None else
+                       Encoded(codec, tuple(arrays)) if lazy else codec.decode(arrays))
         return out
 
     def encode(self, s: int, values: Sequence) -> list:
@@ -185,7 +188,7 @@ class SplitStorage:
     def specs(self):
         return [P(AXIS) for _ in self.keys]
 
-    def unpack(self, local, s: int) -> list:
+    def unpack(self, local, s: int, lazy: bool = False) -> list:
         index = {k: n for n, k in enumerate(self.keys)}
         return [local[index[key]][0, j] for key, j in self.where[s]]
 
