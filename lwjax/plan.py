@@ -227,6 +227,14 @@ class Plan:
             + f" + epilogue {self.microbatches} x {self.numbers.epilogue_s * 1e3:.3f} ms "
             f"= {self.step_time_s * 1e3:.3f} ms, transfers excluded",
         ]
+        if self.schedule == "1f1b":  # lockstep ticks: see passes/train_cost.py
+            backward = (TRAIN_TIME_FACTOR - 1) / TRAIN_TIME_FACTOR * self.bottleneck.est_time_s
+            lockstep = 2 * ticks * backward + epilogue
+            lines.append(
+                f"1F1B in one SPMD program runs in lockstep: its steady ticks mix forwards and "
+                f"backwards, so each lasts a backward: about {2 * ticks} ticks x "
+                f"{backward * 1e3:.3f} ms + epilogue = {lockstep * 1e3:.3f} ms (GPipe: the "
+                "line above); 1F1B saves stash memory, not time")
         return "\n".join(lines)
 
     def _columns(self) -> list[tuple[str, int, Callable[[Footprint], int]]]:
