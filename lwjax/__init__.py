@@ -5,6 +5,7 @@ The public surface re-exports only; code lives in small modules under ``lwjax``,
 """
 
 from lwjax import baselines as baselines
+from lwjax import distributed as distributed
 from lwjax import errors as errors
 from lwjax import hardware as hardware
 from lwjax import models as models

@@ -24,12 +24,13 @@ activations through gloo, GPU hosts through NCCL; lwjax adds no transport of its
   collective raised when that error is not caught. Whatever its main thread is doing (a
   collective whose peer died may never return: seen with gloo on CPU), the process exits
   with status 75 at most ``exit_seconds`` after the loss was found, so within
-  ``Timeouts.bound_seconds`` of the death (6.5 s for a 2 s heartbeat, measured 6-7 s in
-  tests/test_multiprocess.py; 20.5 s by default). JAX's own heartbeat is set longer, as a backstop
-  (when it fires, JAX aborts the process). Losing process 0, which hosts the coordination
-  service, is the one case lwjax cannot word: JAX aborts the other processes at once
-  ("Terminating process because the JAX distributed service detected fatal errors");
-  ``lwjax launch`` then names process 0 in its summary.
+  ``Timeouts.bound_seconds`` of the death (6.5 s for a 2 s heartbeat, measured 2.9-6.0 s in
+  tests/test_multiprocess.py's scenario; 20.5 s by default). JAX's own heartbeat is set
+  longer, as a backstop (when it fires, JAX aborts the process). A process done with its
+  work waits at exit, still watching, for the others to finish. Losing process 0, which
+  hosts the coordination service, is the one case lwjax cannot word: JAX aborts the other
+  processes at once ("Terminating process because the JAX distributed service detected
+  fatal errors"); ``lwjax launch`` then names process 0 in its summary.
 
 Example:
     >>> from lwjax import distributed
@@ -151,21 +152,35 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
 
 
 def gather(tree):
-    """Every array's whole value as numpy, on every process (``jax.experimental.
-    multihost_utils.process_allgather``): a collective, so every process must call it.
-    Arrays a process holds whole (and numpy) pass through ``np.asarray``.
+    """Every array's whole value as numpy, on every process: a collective, so every process
+    must call it, on the same arrays. Arrays over devices of every process go through
+    ``jax.experimental.multihost_utils.process_allgather``; arrays that some process holds no
+    piece of (a plan whose stages all sit on other processes) are assembled from what each
+    process holds (each sends an array of the full shape); numpy passes through.
 
     Example:
         >>> logits = lwjax.distributed.gather(sm(tokens))   # [B, S, V] numpy everywhere
     """
+    return jax.tree.map(_whole, tree)
+
+
+def _whole(x):
     from jax.experimental import multihost_utils
 
-    def whole(x):
-        if isinstance(x, jax.Array) and not x.is_fully_addressable:
-            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    if not isinstance(x, jax.Array) or jax.process_count() == 1:
         return np.asarray(x)
-
-    return jax.tree.map(whole, tree)
+    # decided on what every process sees alike (not is_fully_addressable): all take one path
+    holders = {d.process_index for d in x.sharding.device_set}
+    if holders == set(range(jax.process_count())):
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    value, held = np.zeros(x.shape, x.dtype), np.zeros(x.shape, bool)
+    for shard in x.addressable_shards:
+        value[shard.index], held[shard.index] = np.asarray(shard.data), True
+    values, helds = multihost_utils.process_allgather((value, held))  # [processes, ...]
+    out = np.zeros(x.shape, x.dtype)
+    for v, h in zip(values, helds, strict=True):
+        out[h] = v[h]
+    return out
 
 
 def lost_processes() -> tuple[int, ...]:

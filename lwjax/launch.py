@@ -35,8 +35,15 @@ _POLL_SECONDS = 0.05
 _KILL_AFTER_SECONDS = 5.0  # SIGTERM first, SIGKILL this much later
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad argument on one line (no usage dump) and exits 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog=PROG, description="Start the processes of a multi-process lwjax run on this "
         "machine: %(prog)s -n 2 [options] -- COMMAND [ARGS...]")
     p.add_argument("-n", "--num-processes", type=int, required=True,
@@ -115,7 +122,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         >>> main(["-n", "2", "--", sys.executable, "-c", "pass"])
         0
     """
-    args = _parser().parse_args(argv)
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as e:  # --help exits 0, bad arguments 2
+        return int(e.code or 0)
     command = list(args.command)
     if command and command[0] == "--":
         command = command[1:]

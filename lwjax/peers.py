@@ -253,7 +253,7 @@ class Watch:
                 where.append(f"devices {_ranges(devices[p])}")
             role = ", the coordinator" if p == 0 else ""
             parts.append(f"process {p} of {n}{role} ({'; '.join(where) or 'never seen'}): "
-                         f"{reason}")
+                         f"{reason.rstrip('.')}")
         err = PeerLostError(
             f"process {self.run.process_id} lost a peer: {'; '.join(parts)}. The pipeline's "
             f"stages on its devices are gone, so this run cannot go on: this process exits "
@@ -290,6 +290,17 @@ class Watch:
         with contextlib.suppress(Exception):
             self._beat()
 
+    def wait_for_peers(self) -> None:
+        """Returns when every peer is done ("exited"), one is lost, or ``shutdown_seconds``
+        have passed (then JAX's exit barrier decides)."""
+        end = time.monotonic() + self.timeouts.shutdown_seconds
+        while not self.lost and time.monotonic() < end:
+            with self.lock:
+                done = all(self.info.get(p, {}).get("state") == "exited" for p in self.peers)
+            if done:
+                return
+            time.sleep(self.timeouts.beat_seconds / 2)
+
 
 def _excepthook(exc_type, exc, tb) -> None:
     """An uncaught error in a multi-process run: a lost peer's shows as PeerLostError and the
@@ -314,13 +325,18 @@ def _excepthook(exc_type, exc, tb) -> None:
 
 
 def _at_exit() -> None:
+    """A process done with its work waits, still watching, until every peer is done too:
+    one that fails meanwhile ends it with status 75 here, rather than at JAX's exit barrier,
+    which would wait for the dead peer until JAX aborts."""
     watch = _watch
     if watch is None:
         return
+    if not watch.lost:
+        watch.publish_state("exited")
+        watch.wait_for_peers()
     if watch.lost:
         _die(None if watch.raised else watch.error(), "")
     watch.stopped.set()
-    watch.publish_state("exited")
 
 
 def _die(error: PeerLostError | None, why: str) -> None:

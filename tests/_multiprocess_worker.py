@@ -11,7 +11,9 @@ Cases (WEIGHTS: a 16-layer model and tokens, WEIGHTS4: a 4-layer one, from ``sav
 - ``train16``: train_step of the 16-layer model on the 16 stages.
 - ``generate``: layerwise_generate of the 16-layer model.
 - ``peer``: the 4-stage pipeline of the 4-layer model (WEIGHTS), called until a peer is
-  killed; ``fail``: the same, but process 1 raises once it has run.
+  killed; ``fail``: the same, but process 1 raises once it has run; ``fail_late``: process 0
+  finishes, process 1 raises a second later; ``disagree``: the processes ask for different
+  microbatches, so their plans differ.
 
 Each process writes what it saw to ``OUT/<case>_<process id>.npz`` / ``.json``; ``peer`` and
 ``fail`` write ``OUT/ready_<process id>`` (its pid) once the pipeline has run.
@@ -118,17 +120,27 @@ def generate(out: pathlib.Path, me: int, weights: pathlib.Path) -> None:
         {"stages": [list(s.devices) for s in g.plan.stages]}))
 
 
-def peer(out: pathlib.Path, me: int, weights: pathlib.Path, fail: bool = False) -> None:
+def peer(out: pathlib.Path, me: int, weights: pathlib.Path, case: str) -> None:
     model, tokens = load_model(weights)
     sm = lwjax.layerwise_shard(model, tokens, devices=across_processes(), **SHARD)
     sm(tokens).block_until_ready()
     (out / f"ready_{me}").write_text(str(os.getpid()))
-    if fail and me == 1:
+    if case == "fail_late" and me == 0:
+        return  # done: waits at exit for process 1, which then fails
+    if case in ("fail", "fail_late") and me == 1:
+        time.sleep(1.0 if case == "fail_late" else 0.0)
         raise ValueError("process 1 fails on purpose")
     end = time.monotonic() + PEER_SECONDS
     while time.monotonic() < end:
         sm(tokens).block_until_ready()
     sys.exit(3)
+
+
+def disagree(out: pathlib.Path, me: int, weights: pathlib.Path) -> None:
+    """Process 1 asks for other microbatches: both must refuse before anything runs."""
+    model, tokens = load_model(weights)
+    lwjax.layerwise_shard(model, tokens, devices=across_processes(),
+                          **{**SHARD, "microbatches": 8 if me == 0 else 4})
 
 
 def main() -> None:
@@ -137,10 +149,11 @@ def main() -> None:
         sys.exit("run under `python -m lwjax.launch -n 2 --cpu-devices 8 -- ...`")
     me = jax.process_index()
     paths = [pathlib.Path(w) for w in weights]
-    if case in ("peer", "fail"):
-        peer(pathlib.Path(out), me, *paths, fail=case == "fail")
+    if case in ("peer", "fail", "fail_late"):
+        peer(pathlib.Path(out), me, *paths, case)
     else:
-        {"forward": forward, "train16": train16, "generate": generate}[case](
+        {"forward": forward, "train16": train16, "generate": generate,
+         "disagree": disagree}[case](
             pathlib.Path(out), me, *paths)
 
 

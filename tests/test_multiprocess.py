@@ -180,6 +180,14 @@ def test_generate_over_two_processes_equals_one(weights, model_and_tokens, tmp_p
                                       want)
 
 
+@pytest.mark.slow
+def test_processes_that_plan_differently_refuse_to_run(weights4, tmp_path):
+    code, output = _finish(_start("disagree", tmp_path, str(weights4)), RUN_SECONDS)
+    assert code == 1, _tail(output)
+    assert "ConfigError: processes [1] computed a different plan from process 0's" in output, \
+        _tail(output)
+
+
 # ---- a lost peer is an error within the bound, not a hang -----------------------------------
 
 def test_killed_peer_is_named_within_the_bound(weights4, tmp_path):
@@ -206,6 +214,19 @@ def test_failed_peer_is_named_with_its_error(weights4, tmp_path):
     assert "process 1 of 2" in output and \
         "failed: ValueError: process 1 fails on purpose" in output, _tail(output)
     assert "process 0 exited with status 75" in output
+    assert time.monotonic() - start < RUN_SECONDS
+
+
+@pytest.mark.slow
+def test_peer_failing_after_this_process_finished_is_named_at_exit(weights4, tmp_path):
+    """Process 0 is done and waits at exit; process 1 fails: process 0 names it and exits
+    with status 75 at once, not when JAX's exit barrier gives up."""
+    start = time.monotonic()
+    code, output = _finish(_start("fail_late", tmp_path, str(weights4)), RUN_SECONDS)
+    assert code == 1, _tail(output)
+    assert "process 1 of 2" in output and \
+        "failed: ValueError: process 1 fails on purpose" in output, _tail(output)
+    assert "process 0 exited with status 75" in output and "SIGABRT" not in output
     assert time.monotonic() - start < RUN_SECONDS
 
 
@@ -295,3 +316,21 @@ def test_initialize_rejects_a_run_described_badly(monkeypatch, env, match):
         monkeypatch.setenv(k, v)
     with pytest.raises(ConfigError, match=match):
         distributed.initialize()
+
+
+@pytest.mark.slow
+def test_multiprocess_experiment_runs_under_the_launcher():
+    script = pathlib.Path(__file__).parents[1] / "experiments" / "multiprocess.py"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lwjax.launch", "-n", "2", "--cpu-devices", "8", "--timeout",
+         str(RUN_SECONDS - 30), "--", sys.executable, str(script), "--layers", "4",
+         "--repeats", "1", "--train-steps", "2"],
+        env={**ENV, "JAX_PLATFORMS": "cpu"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, start_new_session=True)
+    code, output = _finish(proc, RUN_SECONDS)
+    assert code == 0, _tail(output)
+    assert "measured: 2 process(es), 4 stages over 16 devices" in output, _tail(output)
+    diff = float(output.split("max |diff| ")[1].split()[0])
+    assert diff < ATOL
+    # 4 stages on devices 0-3: process 1 holds none of them, and gather still reaches it
+    assert "process 1: holds the output pieces on devices []" in output
