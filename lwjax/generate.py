@@ -137,8 +137,10 @@ def _combined_numbers(prefill: LayerGraph, decode: LayerGraph, hw: HardwareSpec,
                                                                 strict=True)),
                         epilogue=outer(pre.epilogue, dec.epilogue, decode.epilogue),
                         compression=dec.compression, backend=dec.backend)
-    costs = layer_times(decode, hw, weights_on_chip=True)
-    return numbers_from(decode, fp, costs, epilogue_time(decode, hw, weights_on_chip=True))
+    stored = fp if fp.compression.name != "none" else None  # weights read as stored
+    costs = layer_times(decode, hw, weights_on_chip=True, fp=stored)
+    return numbers_from(decode, fp, costs,
+                        epilogue_time(decode, hw, weights_on_chip=True, fp=stored))
 
 
 def _plan_at(lm, graphs, batch, m, ids, hw, capacity, attention, objective, cache_len,

@@ -67,7 +67,7 @@ def segment_cost(graph: LayerGraph, seg: Segment) -> LayerCost:
 
 def layer_times(graph: LayerGraph, hw: HardwareSpec, *, weights_on_chip: bool,
                 tp: int = 1, seg_costs: dict[str, LayerCost] | None = None,
-                train: bool = False) -> tuple[float, ...]:
+                train: bool = False, fp: GraphFootprint | None = None) -> tuple[float, ...]:
     """Roofline seconds per layer per microbatch on one device, the prologue folded into the
     first layer. The epilogue is not folded into the last: the pipeline runs it after its
     ticks (``epilogue_time``; ``step_time`` adds it M times). ``train``: forward, recompute
@@ -76,21 +76,24 @@ def layer_times(graph: LayerGraph, hw: HardwareSpec, *, weights_on_chip: bool,
     Split over ``tp`` devices (projected, an assumption of this planner): FLOPs and bytes /
     tp, plus Megatron's all-reduces of the residual -- two per layer (after attention, after
     the MLP), one for the prologue and epilogue (vocabulary-split embedding and head).
-    ``seg_costs`` memoises ``segment_cost`` by signature across calls on one graph.
+    ``seg_costs`` memoises ``segment_cost`` by signature across calls on one graph. ``fp``:
+    read each segment's weights as that footprint stores them (a compressed policy's bytes;
+    the decode's arithmetic is not priced: bytes moved, not FLOPs).
 
     Example:
         >>> layer_times(graph, hardware.H100_SXM, weights_on_chip=True, tp=2)[0] > 0
         True
     """
     t = _segment_timer(graph, hw, weights_on_chip=weights_on_chip, tp=tp, seg_costs=seg_costs,
-                       train=train)
+                       train=train, fp=fp)
     times = [t(s) for s in graph.layers]
     times[0] += t(graph.prologue)
     return tuple(times)
 
 
 def epilogue_time(graph: LayerGraph, hw: HardwareSpec, *, weights_on_chip: bool, tp: int = 1,
-                  seg_costs: dict[str, LayerCost] | None = None, train: bool = False) -> float:
+                  seg_costs: dict[str, LayerCost] | None = None, train: bool = False,
+                  fp: GraphFootprint | None = None) -> float:
     """Roofline seconds of the epilogue (final norm, LM head) per microbatch on the last
     stage, as ``layer_times`` counts a layer.
 
@@ -99,22 +102,28 @@ def epilogue_time(graph: LayerGraph, hw: HardwareSpec, *, weights_on_chip: bool,
         True
     """
     t = _segment_timer(graph, hw, weights_on_chip=weights_on_chip, tp=tp, seg_costs=seg_costs,
-                       train=train)
+                       train=train, fp=fp)
     return t(graph.epilogue)
 
 
 def _segment_timer(graph: LayerGraph, hw: HardwareSpec, *, weights_on_chip: bool, tp: int,
-                   seg_costs: dict[str, LayerCost] | None,
-                   train: bool = False) -> Callable[[Segment], float]:
+                   seg_costs: dict[str, LayerCost] | None, train: bool = False,
+                   fp: GraphFootprint | None = None) -> Callable[[Segment], float]:
     dtype = graph.layers[0].outputs[0].aval.dtype if graph.layers[0].outputs else "float32"
     memo: dict[str, float] = {}
     seg_costs = {} if seg_costs is None else seg_costs
+    stored = {} if fp is None else {
+        seg.name: f.weights_bytes
+        for seg, f in zip((graph.prologue, *graph.layers, graph.epilogue),
+                          (fp.prologue, *fp.layers, fp.epilogue), strict=True)}
 
     def t(seg: Segment) -> float:
         if seg.signature not in memo:
             if seg.signature not in seg_costs:
                 seg_costs[seg.signature] = segment_cost(graph, seg)
             c = seg_costs[seg.signature]
+            if seg.name in stored:  # weights read as stored (compressed)
+                c = LayerCost(c.flops, stored[seg.name], c.activation_bytes)
             if tp > 1:
                 c = LayerCost(c.flops / tp, c.weight_bytes / tp, c.activation_bytes / tp)
             seconds = layer_time(c, hw, weights_on_chip=weights_on_chip,

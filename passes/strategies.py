@@ -271,14 +271,15 @@ class _Search:
         if (mb, comp, tp) not in self._numbers:
             graph = self.graph_at(mb)
             t = self.t
-            if (mb, tp) not in self._costs:
+            if (mb, comp, tp) not in self._costs:
                 # A training stage's weights live in HBM unless the capacity is on chip.
                 on_chip = t.training is None or t.capacity_bytes <= t.hardware.l2_bytes
                 times = dict(graph=graph, hw=t.hardware, weights_on_chip=on_chip, tp=tp,
                              seg_costs=self._seg_costs.setdefault(mb, {}),
-                             train=t.training is not None)
-                self._costs[mb, tp] = layer_times(**times), epilogue_time(**times)
-            costs, epilogue_s = self._costs[mb, tp]
+                             train=t.training is not None,
+                             fp=self.fp(mb, comp) if comp.name != "none" else None)
+                self._costs[mb, comp, tp] = layer_times(**times), epilogue_time(**times)
+            costs, epilogue_s = self._costs[mb, comp, tp]
             numbers = split_numbers(graph, self.fp(mb, comp), costs, tp, epilogue_s)
             if t.training is not None:
                 numbers = dataclasses.replace(
