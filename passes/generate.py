@@ -153,14 +153,18 @@ class GenerationProgram:
         return out
 
     def new_tokens(self, stacked) -> jax.Array:
-        """The last stage's [M, mb, N] tokens from ``fn``'s [S * M, mb, N], as [B, N], taken
-        where they were written (no gather)."""
+        """The last stage's [M, mb, N] tokens from ``fn``'s [S * M, mb, N], as [B, N] on the
+        last stage's device, taken where they were written (no gather). In a multi-process
+        run the process holding that device has them (``lwjax.distributed.gather`` hands
+        them to every process); the others get the same array without local data."""
         m, last = self.num_microbatches, self.num_stages - 1
-        shard = next(sh for sh in stacked.addressable_shards
-                     if (sh.index[0].start or 0) <= last * m < (sh.index[0].stop or
-                                                                 self.num_stages * m))
-        data = shard.data
-        return data.reshape(data.shape[0] * data.shape[1], data.shape[2])
+        device = self.mesh.devices.ravel()[last]
+        _, mb, n = stacked.shape
+        rows = [sh.data.reshape(m * mb, n) for sh in stacked.addressable_shards
+                if sh.device == device]
+        sharding = NamedSharding(Mesh(np.array([device]), (AXIS,)), P())
+        return jax.make_array_from_single_device_arrays((m * mb, n), sharding, rows,
+                                                        dtype=stacked.dtype)
 
 
 def _closure(graph: LayerGraph, var: Var, available: set) -> tuple | None:

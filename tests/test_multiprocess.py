@@ -165,9 +165,6 @@ def test_train_step_on_sixteen_stages_over_two_processes(weights, model_and_toke
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=(
-    "PipelineGenerateProgram.new_tokens (passes/generate.py) reads the last stage's shard, "
-    "which only the last stage's process holds: the other processes stop with StopIteration"))
 def test_generate_over_two_processes_equals_one(weights, model_and_tokens, tmp_path):
     from lwjax import models
 
