@@ -30,6 +30,8 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 
 RESULTS = pathlib.Path(__file__).parent / "results"  # committed; only --write-results writes it
+# the trained byte LM (experiments/train.py --write-results) that later experiments read
+TRAINED_MODEL = RESULTS / "train_model.msgpack"
 OUT = pathlib.Path(__file__).parent / "out"  # git-ignored; every other run writes here
 MEASURED = "measured"
 PROJECTED = "projected"
@@ -421,6 +423,15 @@ def bar_panels(path: pathlib.Path, panels: Sequence[Panel], suptitle: str) -> pa
         ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2)
     fig.suptitle(suptitle, fontsize=10)
     fig.tight_layout()
+    return save_figure(fig, path)
+    return path
+
+
+def save_figure(fig, path: pathlib.Path) -> pathlib.Path:
+    """Writes a matplotlib figure to ``path`` (whose folder the caller chose with
+    ``output_dir``) and closes it."""
+    import matplotlib.pyplot as plt
+
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -398,7 +398,7 @@ def main(argv: Sequence[str] | None = None) -> str:
         png = train_report.figure(result, out / f"train{suffix}.png")
         weights = bytelm.save_trained(out / f"train_model{suffix}.msgpack", model,
                                       scale.config(), checkpoint_meta(result))
-        if out == _common.RESULTS and weights.stat().st_size >= MAX_COMMITTED_BYTES:
+        if a.write_results and weights.stat().st_size >= MAX_COMMITTED_BYTES:
             _common.OUT.mkdir(parents=True, exist_ok=True)  # too large to commit
             weights = weights.rename(_common.OUT / weights.name)
         _common.step(f"written {path}, {png} and {weights} ({weights.stat().st_size:,} bytes)")

@@ -183,7 +183,4 @@ def figure(r: train.TrainResult, path: pathlib.Path) -> pathlib.Path:
     fig.suptitle(f"{config_line(r)}\n{r.scale.steps} steps x {r.tokens_per_step:,} tokens; "
                  f"{_common.cpu_label()}", fontsize=9)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _common.save_figure(fig, path)

@@ -70,7 +70,7 @@ from lwjax.passes import cost  # noqa: E402
 
 SCRIPT = "experiments/weight_compression.py"
 NUM_DEVICES = 16
-MODEL_PATH = _common.RESULTS / "train_model.msgpack"
+MODEL_PATH = _common.TRAINED_MODEL
 AGREE_NATS = 1e-4  # pipeline vs export_params on one device, mean held-out loss
 BYTES_TOLERANCE = 0.02  # stored bytes per device vs the plan's weights bytes
 PROJECTED_ON = hardware.H100_SXM
