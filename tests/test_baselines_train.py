@@ -102,7 +102,7 @@ def _check_value_and_grad(b, kind):
     _assert_trees_close(grads, want_grads)
 
 
-@pytest.mark.parametrize("kind", ["dense", "moe"])
+@pytest.mark.parametrize("kind", ["dense", pytest.param("moe", marks=pytest.mark.slow)])
 def test_tp_pp_value_and_grad_matches_model(kind):
     _check_value_and_grad(_tp_pp(kind), kind)
 

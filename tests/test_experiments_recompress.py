@@ -4,9 +4,11 @@ import pathlib
 import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "experiments"))
+import pytest  # noqa: E402
 import recompress  # noqa: E402
 
 
+@pytest.mark.slow  # sm.recompress itself: tests/test_compression_run.py
 def test_a_small_run_times_each_part_and_checks_the_pipeline():
     rows = recompress.measure(rounds=1, num_layers=4)
     assert [r[0] for r in rows] == ["one stage (2)", "every stage"]

@@ -56,7 +56,7 @@ def test_xla_arguments_are_the_stored_bytes(name, preset, mode):
     assert row.xla_argument_bytes == row.weights_bytes + row.input_bytes, row
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", ["prefill", pytest.param("decode", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("preset", [
     "int8", "int4", "int4-75%", "int8-2:4"])
 @pytest.mark.parametrize("name", MODELS)
