@@ -189,7 +189,7 @@ class Generator:
 
     def __init__(self, lm: CausalLM, plan: Plan, decode: LayerGraph, devices, *,
                  prompt_shape, max_new_tokens, cache_len, eos_id, pad_id, layers,
-                 vocab=None, compression: Compression | None = None):
+                 vocab=None, compression: Compression | None = None, place=None):
         self.lm, self.plan, self._decode, self._layers = lm, plan, decode, layers
         self.compression = compression
         self.prompt_shape, self.max_new_tokens, self.cache_len = prompt_shape, max_new_tokens, \
@@ -201,8 +201,29 @@ class Generator:
         self._programs: dict[int, GenerationProgram] = {}
         self.compile_seconds: dict[int, float] = {}
         first = self.program(prompt_shape[1])
-        self.params = first.place_params(decode.traced.params)
+        # place(program): the weights already on devices (``Generator.replan``)
+        self.params = first.place_params(decode.traced.params) if place is None else \
+            place(first)
+        self.failover = None
+        self.model_weights = True  # the running weights are the model's own arrays
         self.caches = first.empty_caches()
+
+    def replan(self, exclude_devices=(), spare_devices=(), *, drain: bool = False
+               ) -> Generator:
+        """This generator on a new plan without ``exclude_devices`` (lost ones), its weights
+        moved device to device to their new stages (``ShardedModel.replan``; excluded
+        devices are not read unless ``drain``); the full-prompt program is compiled before
+        it returns and ``.failover`` times the parts. A call runs prefill to its last token
+        as one program, so between calls no sequence is in flight: the new generator's KV
+        caches start empty on their new devices, as every call's do.
+
+        Example:
+            >>> g2 = g.replan(exclude_devices=[1])
+            >>> g2(prompt)        # the same tokens
+        """
+        from lwjax import failover
+
+        return failover.replan_generator(self, exclude_devices, spare_devices, drain=drain)
 
     def program(self, prefill_len: int) -> GenerationProgram:
         """The program that prefills ``prefill_len`` tokens of every prompt (built once)."""

@@ -114,8 +114,7 @@ def recompress(sm, compression: str | Compression, stages: Sequence[int] | None 
         if s in encoders:
             stage_arrays.append(encoders[s](local))
         else:  # the stage keeps its stored arrays as they are
-            stage_arrays.append([local[old._index[key, j]].reshape(shape)
-                                 for key, j, shape in old.where[s]])
+            stage_arrays.append(old.stored(local, s))
     params = _assemble(new, prog.mesh, stage_arrays)
     jax.block_until_ready(params)
     reencode_s = time.perf_counter() - start

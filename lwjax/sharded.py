@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Mapping
 
 import jax
 
 from lwjax import distributed, training
+from lwjax import failover as failover_lib
 from lwjax import recompress as recompress_lib
 from lwjax.errors import ConfigError, InputError
 from lwjax.passes import schedules
@@ -44,6 +46,10 @@ class ShardedModel:
         self._traced = traced
         self._batch_size = batch_size
         self.recompressed: recompress_lib.Recompressed | None = None
+        # the running weights are the model's own arrays (not trained or recompressed since)
+        self.model_weights = params is None
+        self.hot_spares: dict[int, failover_lib.HotSpare] = {}
+        self.failover: failover_lib.Failover | None = None
 
     def _leaves(self, args, kwargs) -> list:
         t = self._traced
@@ -127,7 +133,8 @@ class ShardedModel:
             The function. ``loss`` is the mean of ``loss_fn`` over the M microbatches (the
             batch's loss for a per-example mean); ``grads`` has the structure of
             ``nnx.state(model, nnx.Param)`` (NNX) or ``variables["params"]`` (linen), each
-            leaf on the device of its stage.
+            leaf on the device of its stage. Several processes: every process must call it
+            (a collective) and gets the whole tree, each leaf on its first local device.
 
         Raises:
             LossError: ``loss_fn`` fails or does not return a float scalar.
@@ -179,6 +186,68 @@ class ShardedModel:
         out.recompressed = record
         return out
 
+    def replan(self, exclude_devices=(), spare_devices=(), *, drain: bool = False
+               ) -> ShardedModel:
+        """This model running without ``exclude_devices`` (lost ones): a new plan
+        (``Plan.replan``: the layers re-partitioned over the rest, plus ``spare_devices``),
+        each weight moved device to device to its new stage, the new program compiled
+        before it returns. Excluded devices are not read (``drain=True``: they still work,
+        and their weights move off them). When every lost stage has a hot spare
+        (``keep_hot_spares``) and no ``spare_devices`` are given, the spares take over with
+        the same partition: nothing moves, and a program compiled ahead runs. ``.failover``
+        on the result times the parts and counts the bytes (``lwjax.failover.Failover``).
+
+        Args:
+            exclude_devices: device ids (or devices) lost.
+            spare_devices: new device ids to plan onto.
+            drain: the excluded devices are still readable.
+
+        Raises:
+            DeviceError: an excluded device is not in the plan's pool; a weight lived only on
+                lost devices and the model's own array of it is on one.
+            InfeasiblePlanError: the remaining devices cannot hold the model.
+            ConfigError: a split (tp > 1) plan, or a multi-process run.
+
+        Example:
+            >>> sm2 = sm.replan(exclude_devices=[3])
+            >>> print(sm2.failover.summary())
+        """
+        plan, program, params, record = failover_lib.replan(self, exclude_devices,
+                                                            spare_devices, drain=drain)
+        out = ShardedModel(plan, program, self._traced, self._batch_size, params=params)
+        out.failover = record
+        out.model_weights = self.model_weights
+        if record.kind == "switch":
+            # unused spares stay on guard; their programs assumed the old devices
+            out.hot_spares = {k: dataclasses.replace(hs, program=None, compile_s=0.0)
+                              for k, hs in self.hot_spares.items()
+                              if plan.stages[k].devices[0] != hs.device}
+        return out
+
+    def keep_hot_spares(self, spares, *, compile_ahead: bool = True
+                        ) -> dict[int, failover_lib.HotSpare]:
+        """Keeps a copy of stages' weights on spare devices the plan does not use (copied
+        device to device), and -- ``compile_ahead`` -- compiles the program that runs with
+        each spare in its stage's place, so that losing the stage's device is a switch
+        (``replan``), not a migration and a compile.
+
+        Args:
+            spares: ``{stage: device id}``, or device ids for stages 0, 1, ...
+
+        Returns:
+            ``self.hot_spares``: per stage, its ``lwjax.failover.HotSpare`` (the bytes
+            copied, and the copy's and the compile's measured seconds).
+
+        Example:
+            >>> sm.keep_hot_spares({2: 9})
+            >>> sm2 = sm.replan(exclude_devices=[sm.plan.stages[2].devices[0]])
+            >>> sm2.failover.kind, sm2.failover.compile_s
+            ('switch', 0.0)
+        """
+        self.hot_spares.update(failover_lib.keep_hot_spares(self, spares,
+                                                            compile_ahead=compile_ahead))
+        return self.hot_spares
+
     def load_params(self, state) -> None:
         """Runs the model with a training state's weights from now on: ``sm(tokens)`` then
         gives the trained model's outputs (the arrays are copied, so later steps, which
@@ -194,10 +263,15 @@ class ShardedModel:
             raise InputError("the state's weight slots differ from this model's: load a "
                              "state made by this ShardedModel's train_step.")
         self.params = [p.copy() for p in state.params]
+        self.model_weights = False
+        for k, hs in self.hot_spares.items():  # spares hold the weights that run
+            hs.rows = failover_lib.spare_rows(self, k, hs.device)
 
     def export_params(self, state=None):
         """The weights in the model's own tree: this model's, or a training ``state``'s
-        (``nnx.update(model, sm.export_params(state))``; linen: the variables).
+        (``nnx.update(model, sm.export_params(state))``; linen: the variables). Several
+        processes: every process must call it (a collective) and gets the whole tree, on its
+        first local device.
 
         Example:
             >>> nnx.update(model, sm.export_params(state))

@@ -107,11 +107,25 @@ class SlotStorage:
         return sum(int(np.prod(shape, dtype=np.int64)) * np.dtype(key[0]).itemsize
                    for key, _, shape in self.where[s])
 
+    def stored(self, local, s: int) -> list:
+        """Stage s's stored arrays (each weight's own, or its codec's), in ``where[s]``'s
+        order, from its local rows: reshapes of the rows, no copies."""
+        return [local[self._index[key, j]].reshape(shape) for key, j, shape in self.where[s]]
+
+    def param_bytes(self, s: int) -> dict[int, int]:
+        """Per weight of stage s (graph parameter index), its stored bytes."""
+        sizes = [int(np.prod(shape, dtype=np.int64)) * np.dtype(key[0]).itemsize
+                 for key, _, shape in self.where[s]]
+        out = {}
+        for i, n in zip(self.stage_params[s], self._counts(s), strict=True):
+            out[i], sizes = sum(sizes[:n]), sizes[n:]
+        return out
+
     def unpack(self, local, s: int, lazy: bool = False) -> list:
         """Stage s's weights from its local rows: reshapes (bitcasts), then each codec's
         ``decode`` for compressed weights -- or, ``lazy``, an ``Encoded`` that the stage's
         equations decode where they first read it (``passes.lower._eval``)."""
-        stored = [local[self._index[key, j]].reshape(shape) for key, j, shape in self.where[s]]
+        stored = self.stored(local, s)
         out = []
         for i, n in zip(self.stage_params[s], self._counts(s), strict=True):
             arrays, stored = stored[:n], stored[n:]
