@@ -43,8 +43,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import lwjax  # noqa: E402
-from lwjax import baselines, hardware, models  # noqa: E402
-from lwjax.errors import InfeasiblePlanError  # noqa: E402
+from lwjax import baselines, baselines_tp_pp, hardware, models  # noqa: E402
 from lwjax.models.configs import DenseConfig, MoEConfig  # noqa: E402
 from lwjax.passes import cost  # noqa: E402
 
@@ -52,10 +51,13 @@ SCRIPT = "experiments/throughput.py"
 TP, PP, MICROBATCHES, NUM_DEVICES = 8, 2, 8, 16
 NUM_LAYERS = 16
 ATOL = 1e-4
-GOAL = 1.3  # the issue's target: layer-wise tokens/s >= 1.3 x the baseline's
+GOAL = 1.3  # issue #15: one layer per device >= 1.3 x the best baseline where layers fit L2
+GOAL_DEFAULT = 1.0  # issue #15: lwjax's default plan never slower than the best baseline
+MEASURED_SCALE_FITS_L2 = 64  # the hidden size (Table 1b) whose layers fit the host L2
 MIB = 2**20
 PROJECTED_ON = hardware.H100_SXM
 PROJECTED_LABEL = f"projected (cost model, {NUM_DEVICES} x {PROJECTED_ON.name})"
+MICROBATCH_SWEEP = (4, 8, 16)  # the default baseline variant also runs at these M
 METHODS = {"baseline": "Baseline (TP=8, PP=2)", "layerwise": "Layer-wise (lwjax)",
            "single": "Single device (reference)"}
 
@@ -104,11 +106,36 @@ def model_name(kind: str, cfg: DenseConfig) -> str:
 # ---- measured ------------------------------------------------------------------------------
 
 
+def baseline_key(variant: str, microbatches: int = MICROBATCHES) -> str:
+    """The timing key of one baseline variant: ``baseline:<variant>`` (M = 8) or
+    ``baseline:<variant>@M=<m>``."""
+    return f"baseline:{variant}" + ("" if microbatches == MICROBATCHES else f"@M={microbatches}")
+
+
+def is_baseline(method: str) -> bool:
+    return method.startswith("baseline:")
+
+
+def baseline_plan(cfg: DenseConfig, variants: str = "all",
+                  microbatches: int = MICROBATCHES) -> list[tuple[str, int]]:
+    """(variant, M) pairs to measure, the model's default variant at ``microbatches`` first:
+    ``"all"`` adds every other variant at ``microbatches`` and the default variant at the
+    other M of MICROBATCH_SWEEP that divide the batch; ``"default"`` adds nothing."""
+    default = baselines_tp_pp.variant_for(cfg, None).name
+    pairs = [(default, microbatches)]
+    if variants == "all":
+        pairs += [(v, microbatches) for v in baselines_tp_pp.variants_for(cfg) if v != default]
+        pairs += [(default, m) for m in MICROBATCH_SWEEP
+                  if m != microbatches and cfg.batch_size % m == 0]
+    return pairs
+
+
 @dataclasses.dataclass(frozen=True)
 class Deployment:
     """One model deployed on this machine's simulated devices.
 
     Attributes:
+        baselines: ``baseline_key(variant, M)`` -> that ``tp_pp`` variant (TP=8 x PP=2).
         layerwise: the seeds' layout, one layer per device (``objective="bottleneck"``).
         planned: what ``layerwise_shard`` plans for the host's L2 with the default
             ``objective="step"`` (split allowed, M fixed); None when no plan fits the L2.
@@ -117,16 +144,22 @@ class Deployment:
     cfg: DenseConfig
     model: nnx.Module
     tokens: jax.Array
-    baseline: baselines.Baseline
+    baselines: dict[str, baselines.Baseline]
     layerwise: lwjax.ShardedModel
     planned: lwjax.ShardedModel | None
     single: baselines.Baseline
     notes: dict[str, str]
 
+    @property
+    def baseline(self) -> baselines.Baseline:
+        """``tp_pp``'s default variant at the deployment's M (what ``baselines.tp_pp``
+        builds): the first of ``baselines``."""
+        return next(iter(self.baselines.values()))
+
     def callables(self) -> dict[str, functools.partial]:
         """method -> a call on the example tokens; "planned" only when it differs from
         "layerwise" (same stages and tp: the same program)."""
-        fns = {"baseline": self.baseline, "layerwise": self.layerwise, "planned": self.planned,
+        fns = {**self.baselines, "layerwise": self.layerwise, "planned": self.planned,
                "single": self.single}
         if self.planned is None or _layout(self.planned) == _layout(self.layerwise):
             del fns["planned"]
@@ -138,14 +171,17 @@ def _layout(sm: lwjax.ShardedModel) -> tuple:
 
 
 def deploy(cfg: DenseConfig, devices: Sequence | None = None,
-           microbatches: int = MICROBATCHES, with_plan: bool = True) -> Deployment:
-    """Builds the model and its deployments (weights placed, nothing compiled)."""
+           microbatches: int = MICROBATCHES, with_plan: bool = True,
+           variants: str = "all") -> Deployment:
+    """Builds the model and its deployments (weights placed, nothing compiled); ``variants``
+    as in ``baseline_plan`` (the default variant always at ``microbatches``)."""
     devices = list(jax.devices()[:NUM_DEVICES] if devices is None else devices)
     model = models.build(cfg, rngs=nnx.Rngs(0))
     tokens = jax.random.randint(jax.random.key(0), (cfg.batch_size, cfg.seq_len), 0,
                                 cfg.vocab_size, jnp.int32)
-    baseline = baselines.tp_pp(model, tokens, devices=devices, tp=TP, pp=PP,
-                               microbatches=microbatches)
+    tp_pp = {baseline_key(v, m): baselines.tp_pp(model, tokens, devices=devices, tp=TP, pp=PP,
+                                                  microbatches=m, variant=v)
+             for v, m in baseline_plan(cfg, variants, microbatches)}
     sm, note = _common.layerwise_deploy(model, tokens, devices, microbatches,
                                         objective="bottleneck")
     planned, planned_note = None, "not built"
@@ -154,7 +190,7 @@ def deploy(cfg: DenseConfig, devices: Sequence | None = None,
             model, tokens, devices, microbatches, objective="step", allow=("split",),
             fallback=False)
     single = baselines.single_device(model, tokens, device=devices[0])
-    return Deployment(cfg, model, tokens, baseline, sm, planned, single,
+    return Deployment(cfg, model, tokens, tp_pp, sm, planned, single,
                       {"layerwise": note, "planned": planned_note})
 
 
@@ -176,13 +212,29 @@ class Measured:
     def tokens(self) -> int:
         return self.cfg.batch_size * self.cfg.seq_len
 
+    @property
+    def baselines(self) -> list[str]:
+        """The baseline variants measured, in measuring order."""
+        return [k for k in self.timings if is_baseline(k)]
+
+    @property
+    def best_baseline(self) -> str:
+        """The baseline variant with the shortest median: what every ratio is against."""
+        return min(self.baselines, key=lambda k: self.timings[k].median)
+
+    @property
+    def default_plan(self) -> str:
+        """lwjax's default plan: "planned" when it differs from one layer per device."""
+        return "planned" if "planned" in self.timings else "layerwise"
+
     def tps(self, method: str) -> float:
         return self.tokens / self.timings[method].median
 
     def ratio(self, method: str = "layerwise") -> tuple[float, float, float]:
-        """``method`` / baseline tokens/s: median, min, max of the per-round ratios (each
-        round times both back to back, so a ratio sees one machine load)."""
-        r = np.array(self.timings["baseline"].times_s) / np.array(self.timings[method].times_s)
+        """``method`` / best baseline variant tokens/s: median, min, max of the per-round
+        ratios (each round times all back to back, so a ratio sees one machine load)."""
+        best = np.array(self.timings[self.best_baseline].times_s)
+        r = best / np.array(self.timings[method].times_s)
         return float(np.median(r)), float(r.min()), float(r.max())
 
 
@@ -192,9 +244,13 @@ def _stages_label(sm: lwjax.ShardedModel) -> str:
     return f"{n} stage{'s' if n > 1 else ''}{split}"
 
 
+def _baseline_label(b: baselines.Baseline) -> str:
+    return f"{METHODS['baseline']} `{b.variant}`, M={b.num_microbatches}"
+
+
 def measure(kind: str, cfg: DenseConfig, repeats: int, d: Deployment | None = None) -> Measured:
     """Deploys (unless given), compiles, checks every output against ``model(tokens)`` within
-    ATOL, then times the deployments interleaved."""
+    ATOL, then times every deployment interleaved (every baseline variant in one run)."""
     d = deploy(cfg) if d is None else d
     fns = d.callables()
     compile_s = {}
@@ -212,36 +268,15 @@ def measure(kind: str, cfg: DenseConfig, repeats: int, d: Deployment | None = No
     plans = {"layerwise": d.layerwise.plan.summary()}
     labels = dict(METHODS, layerwise=f"{METHODS['layerwise']}, 1 layer/device "
                                      f"({_stages_label(d.layerwise)})")
+    labels |= {k: _baseline_label(b) for k, b in d.baselines.items()}
+    devices = {k: TP * PP for k in d.baselines} | {
+        "layerwise": d.layerwise.plan.num_devices, "single": 1}
     if d.planned is not None:
         plans["planned"] = d.planned.plan.summary()
-        labels["planned"] = (f"{METHODS['layerwise']}, planned for host L2 "
+        labels["planned"] = (f"{METHODS['layerwise']}, default plan for host L2 "
                              f"({_stages_label(d.planned)})")
-    devices = {"baseline": TP * PP, "layerwise": d.layerwise.plan.num_devices, "single": 1}
-    if d.planned is not None:
         devices["planned"] = d.planned.plan.num_devices
     return Measured(kind, cfg, timings, diff, compile_s, plans, d.notes, labels, devices)
-
-
-def measured_rows(results: Sequence[Measured]) -> list[list[str]]:
-    """Table 1 rows in seed 004's format, plus the spread and the correctness check."""
-    rows = []
-    for m in results:
-        for method in ("baseline", "layerwise", "planned", "single"):
-            if method not in m.timings:
-                continue
-            t = m.timings[method]
-            devices = m.devices[method]
-            ratio = "1.00" if method == "baseline" else f"{m.ratio(method)[0]:.2f}"
-            rows.append([model_name(m.kind, m.cfg), m.labels[method], str(devices),
-                         _common.tps(m.tps(method)), _common.ms(1e3 / m.tps(method)),
-                         f"{_common.tps(m.tokens / t.max)}-{_common.tps(m.tokens / t.min)}",
-                         t.ms(), ratio, f"{m.max_diff[method]:.1e}", _common.MEASURED])
-    return rows
-
-
-MEASURED_HEADERS = ["Model", "Method", "Devices", "TPS (tokens/s)", "TPOT (ms)", "TPS range",
-                    "forward ms, median (min-max)", "TPS / baseline", "max abs diff vs model",
-                    "figure"]
 
 
 # ---- where the time goes (measured) ----------------------------------------------------------
@@ -262,7 +297,7 @@ def skeletons(kind: str, d: Deployment) -> tuple:
     devices = jax.devices()[:NUM_DEVICES]
     m = d.layerwise.plan.microbatches
     base = functools.partial(baselines.tp_pp(model, tokens, devices=devices, tp=TP, pp=PP,
-                                             microbatches=m), tokens)
+                                             microbatches=m, variant=d.baseline.variant), tokens)
     ranges = [s.layer_range for s in d.layerwise.plan.stages]
     lw = _common.lowered(model, tokens, ranges, devices, m, d.layerwise.plan.tp)
     return base, lw
@@ -276,6 +311,7 @@ class Breakdown:
     num_stages: int
     microbatches: int
     batch: int
+    baseline_variant: str  # the tp_pp variant timed as "baseline"
 
 
 def breakdown(kind: str, d: Deployment, repeats: int) -> Breakdown:
@@ -298,48 +334,7 @@ def breakdown(kind: str, d: Deployment, repeats: int) -> Breakdown:
     stages = len(d.layerwise.plan.stages)
     return Breakdown(kind, timings,
                      {"layerwise": m + stages - 1, "baseline": m + PP - 1}, stages, m,
-                     cfg.batch_size)
-
-
-def breakdown_rows(b: Breakdown) -> list[list[str]]:
-    """Each method's time over one device running the whole model (the floor for any
-    deployment whose devices share these cores), split into measured and estimated parts."""
-    t = {k: v.median * 1e3 for k, v in b.timings.items()}
-    one = t["single"]
-    bubble_ms = (PP - 1) / b.microbatches * one
-    lw_over, base_over = t["layerwise"] - one, t["baseline"] - one
-    return [
-        ["all the work on one device, full batch", f"{one:,.1f}", "measured",
-         "the floor for any deployment here: the 16 simulated devices share the same cores"],
-        ["ceiling on layer-wise / baseline here", f"{t['baseline'] / one:.2f}x", "measured",
-         "baseline time / one-device time: what a zero-overhead deployment would reach"],
-        ["layer-wise pipeline", f"{t['layerwise']:,.1f}", "measured",
-         f"{b.ticks['layerwise']} ticks, {b.num_stages} stages: {lw_over:+,.1f} ms over one "
-         "device"],
-        ["  per-tick floor", f"{t['skeleton_layerwise']:,.1f}", "measured",
-         f"the same stages on a model of negligible size: "
-         f"{t['skeleton_layerwise'] / b.ticks['layerwise']:.2f} ms/tick (switch dispatch, "
-         "ppermute of the carried activations, rendezvous of the device threads)"],
-        ["  rest", f"{lw_over - t['skeleton_layerwise']:,.1f}", "remainder",
-         f"microbatches of {b.batch // b.microbatches} instead of {b.batch} (smaller "
-         "matmuls), fill/drain ticks with fewer active devices than cores, the last stage's "
-         "LM head after the ticks (M microbatches, one device), weight slicing"],
-        ["TP=8 x PP=2 baseline", f"{t['baseline']:,.1f}", "measured",
-         f"{b.ticks['baseline']} ticks: {base_over:+,.1f} ms over one device"],
-        ["  per-tick floor", f"{t['skeleton_baseline']:,.1f}", "measured",
-         f"the same program on a model of negligible size: "
-         f"{t['skeleton_baseline'] / b.ticks['baseline']:.2f} ms/tick "
-         f"({2 * NUM_LAYERS // PP} all-reduces over 8 devices + 1 ppermute per tick)"],
-        ["  bubble compute", f"{bubble_ms:,.1f}", "estimate",
-         f"its stages also compute in the {PP - 1} fill/drain tick(s): (PP-1)/M x one-device "
-         "time"],
-        ["  rest", f"{base_over - t['skeleton_baseline'] - bubble_ms:,.1f}", "remainder",
-         "TP-split matmuls (8x narrower), all-reduce traffic, microbatch granularity"],
-        [f"reference: one device, {b.microbatches} microbatches one after another",
-         f"{t['single_mb']:,.1f}", "measured",
-         "microbatch granularity when one device runs them in turn (the pipelines overlap "
-         "microbatches across the cores and pay less)"],
-    ]
+                     cfg.batch_size, d.baseline.variant)
 
 
 # ---- projected ---------------------------------------------------------------------------------
@@ -412,50 +407,6 @@ def projected_rows(config_names: Sequence[str] = ("seed_dense", "seed_moe"),
     return rows
 
 
-def _claim(value: float | None, fmt) -> str:
-    return "--" if value is None else fmt(value)
-
-
-def projected_table(rows: Sequence[ProjectedRow]) -> str:
-    """Markdown: ours (projected) and the claims (seed 004; seed 000) in separate columns."""
-    body = []
-    for r in rows:
-        checks = [f"TPS {_common.verdict(r.projection.tps, r.claimed_tps)}"]
-        if r.claimed_hit is not None:
-            checks.append("hit " + _common.verdict_points(r.hit_rate, r.claimed_hit))
-        body.append([
-            r.model, r.method, str(r.devices), _common.tps(r.projection.tps),
-            _common.ms(r.projection.tpot_ms), _common.pct(r.hit_rate),
-            _common.pct(r.memory_efficiency), _common.PROJECTED,
-            _claim(r.claimed_tps, _common.tps), _claim(r.claimed_tpot_ms, _common.ms),
-            _claim(r.claimed_hit, _common.pct), _claim(r.claimed_efficiency, _common.pct),
-            "; ".join(checks),
-        ])
-    return _common.markdown_table(
-        ["Model", "Method", "GPUs", "TPS (tokens/s)", "TPOT (ms)", "cache hit rate",
-         "memory efficiency", "figure", "claimed TPS (seed 004)", "claimed TPOT ms (seed 004)",
-         "claimed cache hit (seed 000)", "claimed memory eff. (seed 000)", "agreement"],
-        body, "lllrrrrlrrrrl")
-
-
-def microbatch_sweep(name: str = "seed_dense", hw: hardware.HardwareSpec = PROJECTED_ON,
-                     counts: Sequence[int] = (1, 8, 16, 32, 64, 128)) -> str:
-    """Projected TPS of both methods as M grows (the GPipe bubble is (S-1)/(M+S-1))."""
-    cfg = getattr(models.configs, name)()
-    rows = []
-    for m in counts:
-        if cfg.batch_size % m:
-            continue
-        p = {k: v[0] for k, v in projections(cfg, hw, m).items()}
-        rows.append([str(m), str(cfg.batch_size // m), _common.tps(p["baseline"].tps),
-                     _common.pct(p["baseline"].bubble), _common.tps(p["layerwise"].tps),
-                     _common.pct(p["layerwise"].bubble),
-                     f"{p['layerwise'].tps / p['baseline'].tps:.2f}", _common.PROJECTED])
-    return _common.markdown_table(
-        ["M", "microbatch", "baseline TPS", "baseline bubble", "layer-wise TPS",
-         "layer-wise bubble", "layer-wise / baseline", "figure"], rows, "rrrrrrrl")
-
-
 DECODE_MICROBATCHES = (1, 2, 8, 16, 32, 128)
 
 
@@ -481,272 +432,16 @@ def best_decode(name: str) -> dict[str, cost.DecodeProjection]:
     return best
 
 
-def decode_table(names: Sequence[str] = ("seed_dense", "seed_moe")) -> str:
-    """Projected decode TPOT and tokens/s per method and M, each method's best M marked."""
-    rows = []
-    for name in names:
-        best = best_decode(name)
-        for (method, m), p in decode_projections(name).items():
-            rows.append([name, METHODS[method], str(m), f"{p.tick_s * 1e3:.3f}",
-                         f"{p.tpot_ms:.2f}" + (" (best)" if p is best[method] else ""),
-                         _common.tps(p.tps), f"{p.kv_bytes_per_device / 2**30:.1f}",
-                         _common.PROJECTED])
-    return _common.markdown_table(
-        ["config", "Method", "M", "tick ms", "TPOT ms", "decode tokens/s", "KV GiB / device",
-         "figure"], rows, "llrrrrrl")
-
-
-def projected_detail(name: str, hw: hardware.HardwareSpec = PROJECTED_ON,
-                     microbatches: int = MICROBATCHES) -> list[str]:
-    """One line per method: what one tick costs and why (projected)."""
-    cfg = getattr(models.configs, name)()
-    mb = cfg.batch_size // microbatches
-    lines = []
-    for method, tp, per_stage in (("baseline", TP, cfg.num_layers // PP), ("layerwise", 1, 1)):
-        c = cost.block_cost(cfg, batch_size=mb, tp=tp)
-        fits = per_stage * c.weight_bytes <= hw.l2_bytes
-        t = cost.layer_time(c, hw, weights_on_chip=fits, dtype=cfg.dtype.name)
-        act = mb * cfg.seq_len * cfg.hidden_size * cfg.dtype.itemsize
-        sync = 2 * cost.allreduce_time(act, tp, hw)
-        p = projections(cfg, hw, microbatches)[method][0]
-        lines.append(
-            f"- {name}, {METHODS[method]}: per block per microbatch {t.total_s * 1e3:.2f} ms "
-            f"({t.bound}-bound: compute {t.compute_s * 1e3:.2f} ms, memory "
-            f"{t.memory_s * 1e3:.2f} ms; weights {c.weight_bytes / MIB:,.1f} MiB per device, "
-            f"{'on chip' if fits else 'from HBM'}) + all-reduces {sync * 1e3:.2f} ms; "
-            f"{per_stage} block(s) per stage; tick {max(p.stage_s) * 1e3:.1f} ms + transfer "
-            f"{p.transfer_s * 1e3:.2f} ms; {len(p.stage_s) + microbatches - 1} ticks, bubble "
-            f"{p.bubble:.0%}; step {p.step_s:.2f} s for {p.tokens_per_step:,} tokens.")
-    return lines
-
-
-def planner_verdict(name: str, hw: hardware.HardwareSpec = PROJECTED_ON,
-                    microbatches: int = MICROBATCHES) -> str:
-    """What ``lwjax.plan`` says about the seed config on 16 devices of ``hw`` (abstract)."""
-    cfg = getattr(models.configs, name)()
-    tokens = jax.ShapeDtypeStruct((cfg.batch_size, cfg.seq_len), jnp.int32)
-    try:
-        p = lwjax.plan(models.abstract(cfg), tokens, num_devices=NUM_DEVICES, hardware=hw,
-                       microbatches=microbatches)
-    except InfeasiblePlanError as e:
-        return (f"`lwjax.plan` (split, compress and smaller microbatches allowed) finds no "
-                f"plan: {_common.explain_infeasible(e)}.")
-    return f"`lwjax.plan`: {p.strategy}, {len(p.stages)} stages x tp={p.tp}, {p.compression}."
-
-
-# ---- report ------------------------------------------------------------------------------------
-
-
-DEFINITIONS = f"""\
-- **TPS** = tokens of one forward (prefill) pass / its time = batch x seq_len / seconds.
-- **TPOT** (ms per output token): for a forward/prefill pass lwjax defines it as 1000 / TPS,
-  the time per token at that throughput, as the seed documents compute it (their TPOT is
-  1000 / their TPS). The decode TPOT -- ms between two tokens of one sequence, KV caches
-  attended -- is projected in Table 2c; lwjax's runtime does not pipeline decode yet, so it
-  is not measured.
-- **measured** ({{cpu}}): wall-clock time, medians of interleaved runs
-  (baseline, layer-wise, single, baseline, ...) after all were compiled; "TPS range" is the
-  TPS of the slowest and fastest run. The 16 simulated devices share the machine's cores:
-  these figures say how XLA's CPU runtime executes each SPMD program, not how 16 GPUs would.
-- **Layer-wise, 1 layer/device**: the seeds' layout, `layerwise_shard(...,
-  objective="bottleneck")`: 16 stages of one layer, planned against the host's L2 or, when a
-  layer does not fit it, the least capacity that holds one layer per device (the plan says).
-  **Layer-wise, planned for host L2**: what `layerwise_shard` does by default
-  (`objective="step"`: the stage count with the shortest projected GPipe step, counting the
-  cores the simulated devices share) against the host's L2, "split" allowed, M fixed at 8
-  for comparability; absent where no plan fits the L2.
-- **projected**: `lwjax.passes.cost` roofline for {NUM_DEVICES} x {PROJECTED_ON.name}
-  (`project_tp_pp`, `project_layerwise`: transformer blocks only, embedding and LM head left
-  out, flash attention, weights from L2 when the device's share of its stage fits the
-  {PROJECTED_ON.l2_bytes / MIB:.0f} MiB L2, activations through HBM).
-- **cache hit rate** (projected): share of the weight + activation bytes the blocks move that
-  the roofline serves from L2 (`block_cost` bytes; the projection's own fits-in-L2 rule).
-- **memory efficiency** (projected): bytes a device keeps resident in L2 across microbatches /
-  L2 capacity, averaged over stages; a stage whose weights do not fit streams them and keeps
-  nothing resident (0%). Seed 000 uses "memory efficiency" for HBM utilisation of the baseline
-  (12 of 80 GB) and L2 utilisation of the proposal (49.5 of 50 MB); lwjax uses one definition.
-- **agreement**: within 10% of the claim (5 points for hit rates).
-"""
-
-
-def measured_section(title: str, results: Sequence[Measured], quick: bool) -> list[str]:
-    """A Table 1 section: the table, the ratios against the goal, the plans."""
-    cfg = results[0].cfg
-    repeats = len(results[0].timings["baseline"].times_s)
-    lines = []
-    for m in results:
-        for method in ("layerwise", "planned"):
-            if method not in m.timings:
-                continue
-            r, lo, hi = m.ratio(method)
-            ok = "meets" if r >= GOAL else "does NOT meet"
-            lines.append(f"- {model_name(m.kind, m.cfg)}, {m.labels[method]}: layer-wise / "
-                         f"baseline tokens/s = **{r:.2f}x** (per-round ratios {lo:.2f}-"
-                         f"{hi:.2f}; measured): {ok} the {GOAL}x goal.")
-        lines.append(f"- {model_name(m.kind, m.cfg)}: compile + first call "
-                     + ", ".join(f"{k} {v:.1f} s" for k, v in m.compile_s.items()) + ".")
-    plans = []
-    for m in results:
-        plans.append(f"{model_name(m.kind, m.cfg)}, 1 layer/device: {m.notes['layerwise']}."
-                     f"\n\n```\n{m.plans['layerwise']}\n```")
-        if "planned" in m.plans and "planned" in m.timings:
-            plans.append(f"{model_name(m.kind, m.cfg)}, planned for the host L2 (objective "
-                         f"'step'; split allowed, M fixed):\n\n```\n{m.plans['planned']}\n```")
-        elif "planned" in m.plans:
-            plans.append(f"{model_name(m.kind, m.cfg)}: planned for the host L2, the planner "
-                         "chose the same stages as above.")
-        else:
-            plans.append(f"{model_name(m.kind, m.cfg)}, planned for the host L2: "
-                         f"{m.notes['planned']}.")
-    return [
-        title,
-        f"Models: {cfg.num_layers} layers, hidden {cfg.hidden_size}, {cfg.num_heads} heads x "
-        f"{cfg.head_dim}, dense MLP {4 * cfg.hidden_size} / MoE 8 experts x "
-        f"{2 * cfg.hidden_size} top-2, vocab {cfg.vocab_size}, batch {cfg.batch_size} x seq "
-        f"{cfg.seq_len}, float32; M = {MICROBATCHES} microbatches for every pipeline; median "
-        f"of {repeats} interleaved runs{' (--quick)' if quick else ''}. 'TPS / baseline' is the "
-        "median of the per-round ratios.\n\n"
-        + _common.markdown_table(MEASURED_HEADERS, measured_rows(results), "lllrrrrrrl"),
-        "Ratios (same run, interleaved):\n\n" + "\n".join(lines),
-        "Layer-wise plans:\n\n" + "\n\n".join(plans),
-        "A plan for the host L2 may use fewer devices than 16: with `objective=\"step\"` the "
-        "planner counts the cores the simulated devices share, and fewer stages mean fewer "
-        "GPipe ticks and rendezvous. On 16 GPUs that choice would leave devices idle.",
-    ]
-
-
-def summary(tables: Sequence[tuple[str, Sequence[Measured]]],
-            breakdowns: Sequence[Breakdown]) -> list[str]:
-    """The goal, checked against the figures below (every line computed from them)."""
-    lines = []
-    for title, results in tables:
-        for m in results:
-            for method in ("layerwise", "planned"):
-                if method in m.timings:
-                    r = m.ratio(method)[0]
-                    lines.append(f"- {title.split(':')[0]}, {model_name(m.kind, m.cfg)}, "
-                                 f"{m.labels[method].replace(METHODS['layerwise'] + ', ', '')}: "
-                                 f"**{r:.2f}x** the baseline's tokens/s (measured) -> goal "
-                                 f"{'met' if r >= GOAL else 'NOT met'}.")
-    for b in breakdowns:
-        t = {k: v.median for k, v in b.timings.items()}
-        lines.append(f"- Ceiling on these cores ({b.kind}, Table 1 sizes): the baseline takes "
-                     f"{t['baseline'] / t['single']:.2f}x the time of one device running the "
-                     "whole model, so no deployment of these 16 simulated devices can beat it "
-                     "by more; 1 layer/device layer-wise takes "
-                     f"{t['layerwise'] / t['single']:.2f}x.")
-    for name in ("seed_dense", "seed_moe"):
-        p = {k: v[0] for k, v in projections(getattr(models.configs, name)()).items()}
-        lines.append(f"- Projected, {name} on 16 x {PROJECTED_ON.name}, M = 8: layer-wise / "
-                     f"baseline = {p['layerwise'].tps / p['baseline'].tps:.2f} (GPipe bubble "
-                     f"{p['layerwise'].bubble:.0%} vs {p['baseline'].bubble:.0%}; no layer's "
-                     "weights fit the L2 in either).")
-        d = best_decode(name)
-        lines.append(f"- Projected decode, {name}, each at its best M: TPOT baseline "
-                     f"{d['baseline'].tpot_ms:.2f} ms (M = {d['baseline'].microbatches}), "
-                     f"layer-wise {d['layerwise'].tpot_ms:.2f} ms (M = "
-                     f"{d['layerwise'].microbatches}); layer-wise / baseline decode tokens/s = "
-                     f"{d['layerwise'].tps / d['baseline'].tps:.2f} (Table 2c).")
-    return lines
-
-
-def report(tables: Sequence[tuple[str, Sequence[Measured]]], breakdowns: Sequence[Breakdown],
-           vocab_check: Sequence[Measured], command: str, quick: bool) -> str:
-    label = _common.cpu_label()
-    parts = [_common.header("Throughput: layer-wise vs TP=8 x PP=2", SCRIPT, command),
-             f"## Summary (goal: layer-wise >= {GOAL}x the baseline's tokens/s)",
-             "\n".join(summary(tables, breakdowns)),
-             "## Definitions", DEFINITIONS.replace("{cpu}", label)]
-    for title, results in tables:
-        parts += measured_section(f"## {title}: {label}", results, quick)
-    for b in breakdowns:
-        parts += [f"## Where the time goes: {b.kind}, {label}",
-                  "Parts timed separately in one interleaved run (medians), against one device "
-                  "running the whole model. Parts can overlap in the full run (a device thread "
-                  "waiting at a rendezvous frees its core for another device's work); 'rest' "
-                  "is what the measured parts leave unexplained.\n\n"
-                  + _common.markdown_table(["part", "ms", "figure", "how"], breakdown_rows(b),
-                                           "lrll")]
-    if vocab_check:
-        rows = []
-        for m in vocab_check:
-            rows.append([str(m.cfg.vocab_size), m.timings["baseline"].ms(),
-                         m.timings["layerwise"].ms(), f"{m.ratio()[0]:.2f}", _common.MEASURED])
-        parts += ["## Vocabulary sensitivity: dense, 1 layer/device, " + label,
-                  "Layer-wise runs the final norm and LM head [B/M, T, D] x [D, V] on its last "
-                  "stage alone, after the pipeline's ticks, once per microbatch (the other "
-                  "stages return a zero [M, B/M, T, V] block once); the baseline runs the head "
-                  "once, after the pipeline, split over the 8 tp devices.\n\n"
-                  + _common.markdown_table(["vocab", "baseline ms", "layer-wise ms",
-                                            "layer-wise / baseline TPS", "figure"], rows,
-                                           "rrrrl")]
-    parts += [
-        f"## Table 2: {PROJECTED_LABEL}, seed dimensions",
-        "seed_dense / seed_moe: 16 layers, hidden 4096, 32 x 128 heads, MLP 16384 (MoE: 8 "
-        "experts, top-2), batch 128, seq 10,000, FP16, M = 8 microbatches of 16. Seed 004's "
-        "own table is for different dimensions (16 x 512 heads, MLP 32768, batch 1024); Table "
-        "2b projects those.\n\n" + projected_table(projected_rows()),
-        "### Table 2b: seed 004's dimensions (seed004_dense / seed004_moe)",
-        projected_table(projected_rows(("seed004_dense", "seed004_moe"))),
-        "### What the projection is made of (seed_dense, M = 8)",
-        "\n".join(projected_detail("seed_dense")),
-        "### Projected TPS vs microbatches (seed_dense)",
-        "The seeds' M = 8 leaves a 16-stage pipeline idle 65% of the time (15 / 23 ticks); "
-        "a 2-stage one 11%.\n\n" + microbatch_sweep(),
-        "### Table 2c: projected decode (TPOT), seed dimensions",
-        f"One decode step: every sequence of the batch gains one token, attending over a KV "
-        f"cache of seq_len = 10,000 positions (`cost.project_decode`: weights from HBM -- no "
-        f"layer fits the L2 -- and the KV cache from HBM; embedding and LM head included; "
-        f"{PROJECTED_ON.name}). Layer-wise decodes in a ring (`lwjax.layerwise_generate`): a "
-        "microbatch's token crosses the S stages in S ticks and its next token waits for its "
-        "turn at stage 0, every M ticks: TPOT = max(M, S) ticks. TP x PP decodes with a GPipe "
-        "pass per token (`baselines.tp_pp_generate`): TPOT = M + S - 1 ticks plus the "
-        "embedding and head over all devices. Measured decode: `experiments/decode.py` "
-        "(`decode.md`).\n\n" + decode_table(),
-        "### What lwjax's planner says at these dimensions",
-        "\n".join(f"- {n}: {planner_verdict(n)}" for n in ("seed_dense", "seed_moe")),
-    ]
-    return "\n\n".join(parts) + "\n"
-
-
-def figure(tables: Sequence[tuple[str, Sequence[Measured]]], path: pathlib.Path) -> pathlib.Path:
-    """One bar panel per measured table, then the projections beside the claims."""
-    panels = []
-    for title, results in tables:
-        groups = tuple(model_name(m.kind, m.cfg) for m in results)
-        series, errors = {}, {}
-        for method in ("baseline", "layerwise", "planned", "single"):
-            if any(method not in m.timings for m in results):
-                continue
-            name = results[0].labels[method].replace(" (lwjax)", "")
-            name = name if method != "planned" else name.split(" (")[0]
-            series[name] = tuple(m.tps(method) for m in results)
-            errors[name] = (tuple(m.tokens / m.timings[method].max for m in results),
-                            tuple(m.tokens / m.timings[method].min for m in results))
-        cfg = results[0].cfg
-        panels.append(_common.Panel(
-            f"{title.split(':')[0]}: {_common.cpu_label()}\nhidden {cfg.hidden_size}, batch "
-            f"{cfg.batch_size} x seq {cfg.seq_len}", groups, series,
-            "tokens/s (measured; bars: min-max)", errors))
-    rows = projected_rows()
-    groups = tuple(dict.fromkeys(r.model.split(" [")[0] for r in rows))
-    series = {}
-    for method in ("baseline", "layerwise"):
-        mine = [r for r in rows if r.method == METHODS[method]]
-        series[f"{METHODS[method]} (projected)"] = tuple(r.projection.tps for r in mine)
-        series[f"{METHODS[method]}: claimed (seed 004)"] = tuple(r.claimed_tps for r in mine)
-    panels.append(_common.Panel(f"{PROJECTED_LABEL}\nseed dims, M = 8", groups, series,
-                                "tokens/s (log)", log=True))
-    return _common.bar_panels(path, panels, "Throughput: layer-wise vs TP=8 x PP=2")
-
-
 def measure_scale(scale: Scale, kinds: Sequence[str], repeats: int,
-                  breakdown_kinds: Sequence[str]) -> tuple[list[Measured], list[Breakdown]]:
+                  breakdown_kinds: Sequence[str], variants: str = "all",
+                  ) -> tuple[list[Measured], list[Breakdown]]:
+    """Every model of ``kinds`` at ``scale``: its deployments (baseline ``variants`` as in
+    ``baseline_plan``) timed in one interleaved run, and the breakdowns asked for."""
     results, breakdowns = [], []
     for kind in kinds:
         cfg = cpu_config(kind, scale)
         _common.step(f"{kind}, hidden {scale.hidden}: building the deployments and plans")
-        d = deploy(cfg)
+        d = deploy(cfg, variants=variants)
         print(d.layerwise.plan.summary(), flush=True)
         if d.planned is not None and _layout(d.planned) != _layout(d.layerwise):
             print(d.planned.plan.summary(), flush=True)
@@ -754,7 +449,8 @@ def measure_scale(scale: Scale, kinds: Sequence[str], repeats: int,
         m = measure(kind, cfg, repeats, d)
         results.append(m)
         _common.step(f"{kind}: " + ", ".join(f"{k} {v.ms()} ms" for k, v in m.timings.items())
-                     + f"; layer-wise / baseline {m.ratio()[0]:.2f}x; max|diff| "
+                     + f"; best baseline {m.best_baseline}; default plan / best baseline "
+                     f"{m.ratio(m.default_plan)[0]:.2f}x; max|diff| "
                      f"{max(m.max_diff.values()):.1e}")
         if kind in breakdown_kinds:
             _common.step(f"{kind}: timing the parts (breakdown)")
@@ -768,7 +464,7 @@ def main(argv: Sequence[str] | None = None) -> str:
     tables, breakdowns, vocab_check = [], [], []
     if a.quick:
         results, breakdowns = measure_scale(QUICK, ("dense", "moe"), a.repeats or QUICK.repeats,
-                                            ("dense",))
+                                            ("dense",), variants="default")
         tables.append(("Table 1 (--quick sizes)", results))
     else:
         results, breakdowns = measure_scale(FULL, ("dense", "moe"), a.repeats or FULL.repeats,
@@ -779,18 +475,21 @@ def main(argv: Sequence[str] | None = None) -> str:
         cfg = cpu_config("dense", dataclasses.replace(FULL, vocab=2048))
         _common.step("dense, vocab 2048: vocabulary sensitivity")
         vocab_check = [results[0], measure("dense", cfg, a.repeats or FULL.repeats,
-                                           deploy(cfg, with_plan=False))]
+                                           deploy(cfg, with_plan=False, variants="default"))]
     _common.step("projecting for 16 x H100 and asking the planner")
-    text = report(tables, breakdowns, vocab_check, _common.command_line(SCRIPT, argv), a.quick)
+    text = throughput_report.report(tables, breakdowns, vocab_check,
+                                    _common.command_line(SCRIPT, argv), a.quick)
     print(text)
     suffix = "-quick" if a.quick else ""  # --quick never overwrites the full results
     if not a.no_write:
         out = _common.output_dir(a.write_results)
         path = _common.write_results(f"throughput{suffix}.md", text, out)
-        png = figure(tables, out / f"throughput{suffix}.png")
+        png = throughput_report.figure(tables, out / f"throughput{suffix}.png")
         _common.step(f"written {path} and {png}")
     return text
 
 
 if __name__ == "__main__":
+    sys.modules.setdefault("throughput", sys.modules["__main__"])  # for throughput_report
+    import throughput_report  # noqa: E402
     main()

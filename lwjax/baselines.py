@@ -2,9 +2,10 @@
 
 ``tp_pp`` is the TP x PP deployment a competent JAX user writes with JAX's built-in meshes
 for lwjax's own transformers (the seed documents' TP=8 x PP=2): a
-``Mesh(devices.reshape(pp, tp), ("pp", "tp"))``, Megatron-style ``NamedSharding`` on "tp" and
-a GPipe schedule over "pp" in a ``jax.shard_map`` that is manual over "pp" only, as MaxText
-does. ``single_device`` is the same model jitted on one device.
+``Mesh(devices.reshape(pp, tp), ("pp", "tp"))``, Megatron-style tensor parallelism on "tp"
+and a GPipe schedule over "pp" in a ``jax.shard_map``, written in the variant measured
+fastest for the model (``tp_pp``'s docstring; the others stay selectable). ``single_device``
+is the same model jitted on one device.
 
 Layout of ``tp_pp``:
 
@@ -18,9 +19,11 @@ Layout of ``tp_pp``:
   Megatron TP keeps activations replicated over "tp", every device already holds every
   token: it routes the whole microbatch itself (the model's own ``route``, so top-k,
   renormalisation, choice-major capacity and drops are the model's, bit for bit in
-  semantics), gathers the slots of its own experts only and runs them on their C rows; GSPMD
-  combines the slots with an all-gather over "tp" before the model's scatter-add. No
-  all-to-all is needed. The alternative, each expert's F split over "tp", makes every
+  semantics), gathers the slots of its own experts only and runs them on their C rows.
+  ``explicit`` scatter-adds its experts' outputs locally and completes the sum with one
+  psum over "tp" (as the dense MLP does); under GSPMD (``shard_map``, ``gspmd``) the
+  partitioner combines the slots with an all-gather over "tp" before the model's
+  scatter-add. No all-to-all is needed. The alternative, each expert's F split over "tp", makes every
   device gather all E x C slots and all-reduce an [E, C, D] partial sum (E*C = k*T*1.25
   rows, about 2.5x the tokens), so expert-parallel moves less data and does less redundant
   gather work; its constraint is that tp divides the number of experts (8 experts, tp=8:
@@ -28,14 +31,24 @@ Layout of ``tp_pp``:
 - Embedding [V, D]: vocab-parallel over "tp" (Megatron's VocabParallelEmbedding: a masked
   local gather and an all-reduce); LM head [D, V] column-parallel over V, so logits come out
   vocab-sharded and are never gathered. With tied embeddings both use the one table.
-- Pipeline: blocks are stacked stage-major into [pp, num_layers / pp, ...] leaves sharded
-  ``P("pp", None, *tp_spec)``, so a device holds only its stage's layers and only its
-  "tp" slice of them. Inside ``jax.shard_map(..., axis_names={"pp"})`` each device sees its
-  stage's [1, L/pp, ...] slab with the "tp" axis still automatic: the block code (the
-  model's own ``Block`` via ``nnx.merge``) runs under GSPMD, which partitions it from the
-  weights' Megatron shardings and inserts the all-reduces. A ``lax.scan`` runs the stage's
-  layers; an outer ``lax.scan`` runs the M + pp - 1 GPipe ticks (fill, steady state, drain);
-  ``lax.ppermute`` over "pp" hands activations to the next stage.
+- Pipeline: a device holds only its stage's layers and only its "tp" slice of them: one
+  array per layer slot, [pp, ...] sharded ``P("pp", *tp_spec)`` (slot j holds layer
+  s * L/pp + j of stage s), so a stage reads each layer's weights whole -- a bitcast, no
+  per-tick slice of a stacked array. A ``lax.scan`` runs the M + pp - 1 GPipe ticks (fill,
+  steady state, drain); in a tick a stage runs its layers (a Python loop) only when it holds
+  a microbatch (``lax.cond`` on t - stage in [0, M); a stage's tp peers share the
+  predicate, so the collectives inside match) and ``lax.ppermute`` over "pp" hands the
+  activations to the next stage. How the stage is partitioned over "tp" is the variant's
+  choice (below).
+- Variants (``tp_pp(..., variant=...)``, the table in ``lwjax.baselines_tp_pp``): ``explicit``
+  -- ``jax.shard_map`` manual over "pp" and "tp", the block on local shards with one
+  ``lax.psum`` over "tp" after attention and one after the MLP (Megatron's two all-reduces);
+  ``shard_map`` -- manual over "pp" only, GSPMD partitions the model's own ``Block`` from the
+  weights' shardings (MaxText's way); ``gspmd`` -- no shard_map, the stages a vmapped axis
+  of a pp-sharded state rolled one stage per tick (cannot skip the bubble: vmap turns
+  ``cond`` into ``select``); ``scan`` / ``unrolled`` -- the pre-#15 program (layers stacked
+  under ``lax.scan``; computing in fill/drain ticks) and the same with per-layer arrays;
+  ``*_split`` (MoE) -- every expert's F split over "tp" instead of whole experts.
 - Embedding and head run *outside* the shard_map, in the automatically partitioned part of
   the same jitted program, as in MaxText: a GSPMD user has no reason to idle pp - 1 stages
   while one computes them. The embedding (a gather) is computed on every stage; the final
@@ -45,8 +58,8 @@ Layout of ``tp_pp``:
   weights are replicated over "pp" (2 x V x D / tp per device), and the last stage's
   outputs move once to the batch layout (one all-to-all over "pp").
 
-Known costs a reader should weigh: GPipe's bubble ((pp - 1) / (M + pp - 1) of the ticks
-compute on zeros); the pipeline input (the embedded batch) is replicated over "pp".
+Known costs a reader should weigh: GPipe's bubble ((pp - 1) / (M + pp - 1) of a stage's
+ticks idle); the pipeline input (the embedded batch) is replicated over "pp".
 
 Training: ``Baseline.value_and_grad(loss_fn)`` and ``Baseline.train_step(loss_fn,
 optimizer)`` (``lwjax.baselines_train``). ``tp_pp`` differentiates its own forward with plain
@@ -75,40 +88,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
-from jax.tree_util import DictKey
 
+from lwjax import baselines_tp_pp as tp_pp_variants
 from lwjax import baselines_train
 from lwjax.baselines_train import Differentiable, ModelTree, leaves_by_keys
 from lwjax.errors import ConfigError, DeviceError, InputError
 from lwjax.models.configs import DenseConfig, MoEConfig
 
-PP = "pp"
-TP = "tp"
-
-# Megatron layout of one block's parameters on "tp", by parameter path in the Block's state.
-_ATTENTION_SPECS = {
-    "attn_norm/scale": P(),
-    "attn/q": P(None, TP, None),  # [D, N, H]: column-parallel over heads
-    "attn/k": P(None, TP, None),
-    "attn/v": P(None, TP, None),
-    "attn/out": P(TP, None, None),  # [N, H, D]: row-parallel over heads
-    "mlp_norm/scale": P(),
-}
-_DENSE_MLP_SPECS = {
-    "mlp/gate": P(None, TP),  # [D, F]: column-parallel
-    "mlp/up": P(None, TP),
-    "mlp/down": P(TP, None),  # [F, D]: row-parallel
-}
-_MOE_MLP_SPECS = {
-    "mlp/router": P(),  # [D, E]: every device routes every token
-    "mlp/gate": P(TP, None, None),  # [E, D, F]: expert-parallel
-    "mlp/up": P(TP, None, None),
-    "mlp/down": P(TP, None, None),  # [E, F, D]
-}
-
+PP = tp_pp_variants.PP
+TP = tp_pp_variants.TP
+_STACKED = tp_pp_variants.VARIANTS["scan"]  # the layout tp_pp_generate reads
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Baseline:
@@ -136,6 +127,7 @@ class Baseline:
     _forward: Callable = dataclasses.field(repr=False)
     _tokens_sharding: NamedSharding = dataclasses.field(repr=False)
     _differentiable: Differentiable | None = dataclasses.field(default=None, repr=False)
+    variant: str | None = None
 
     def __call__(self, tokens_BT: jax.Array) -> jax.Array:
         """Logits [B, T, V] for tokens of the example's shape and dtype."""
@@ -238,6 +230,7 @@ def tp_pp(
     tp: int = 8,
     pp: int = 2,
     microbatches: int | None = None,
+    variant: str | None = None,
 ) -> Baseline:
     """Deploys an lwjax transformer with Megatron TP over "tp" and GPipe PP over "pp".
 
@@ -253,6 +246,8 @@ def tp_pp(
             (MoE) and the vocabulary.
         pp: pipeline stages; divides the number of layers.
         microbatches: GPipe microbatches M; divides the batch. None means pp.
+        variant: how the program is written, a name in ``baselines_tp_pp.VARIANTS``
+            (module docstring); None takes the model's fastest, ``baselines_tp_pp.DEFAULT``.
 
     Returns:
         A ``Baseline`` whose weights already sit on the mesh.
@@ -273,7 +268,8 @@ def tp_pp(
     cfg = _model_config(model)
     tp, pp = _positive("tp", tp), _positive("pp", pp)
     num_microbatches = pp if microbatches is None else _positive("microbatches", microbatches)
-    _check_divisible(cfg, tp, pp)
+    v = tp_pp_variants.variant_for(cfg, variant)
+    _check_divisible(cfg, tp, pp, v)
     batch, seq_len = _token_shape(tokens)
     if batch % num_microbatches:
         raise InputError(
@@ -282,16 +278,16 @@ def tp_pp(
         )
     mesh = Mesh(np.array(_device_list(devices, tp * pp)).reshape(pp, tp), (PP, TP))
 
-    params = _place_params(model, mesh)
-    graphdefs = (nnx.split(model.layers[0])[0], nnx.split(model.final_norm)[0])
+    params, block_specs = _place_params(model, mesh, v, with_specs=True)
     head_batch_axis = PP if batch % pp == 0 else None
-    forward = _tp_pp_forward(cfg, mesh, graphdefs, num_microbatches, head_batch_axis)
-    forward = jax.jit(forward, out_shardings=NamedSharding(mesh, P(head_batch_axis, None, TP)))
+    program = tp_pp_variants.Program(
+        cfg, mesh, nnx.split(model.layers[0])[0], nnx.split(model.final_norm)[0], v,
+        num_microbatches, head_batch_axis, block_specs)
+    forward = jax.jit(tp_pp_variants.forward(program),
+                      out_shardings=NamedSharding(mesh, P(head_batch_axis, None, TP)))
 
     def apply(params, tokens_BT, with_aux):
-        return _tp_pp_forward(
-            cfg, mesh, graphdefs, num_microbatches, head_batch_axis, with_aux=with_aux, remat=True
-        )(params, tokens_BT)
+        return tp_pp_variants.forward(program, with_aux=with_aux, remat=True)(params, tokens_BT)
 
     return Baseline(
         name="tp_pp",
@@ -299,7 +295,7 @@ def tp_pp(
         params=params,
         tokens=jax.ShapeDtypeStruct((batch, seq_len), tokens.dtype),
         num_microbatches=num_microbatches,
-        layout=_describe(cfg, mesh, num_microbatches, batch, head_batch_axis),
+        layout=_describe(cfg, mesh, num_microbatches, batch, head_batch_axis, v),
         _forward=forward,
         _tokens_sharding=NamedSharding(mesh, P()),
         _differentiable=Differentiable(
@@ -308,6 +304,7 @@ def tp_pp(
             to_model=_stage_major_to_model(ModelTree.of(model), cfg.num_layers // pp),
             has_aux=isinstance(cfg, MoEConfig),
         ),
+        variant=v.name,
     )
 
 
@@ -367,114 +364,6 @@ def single_device(
     )
 
 
-# ---- the pipeline ---------------------------------------------------------------------------
-
-
-def _tp_pp_forward(
-    cfg: DenseConfig,
-    mesh: Mesh,
-    graphdefs: tuple[nnx.GraphDef, nnx.GraphDef],
-    num_microbatches: int,
-    head_batch_axis: str | None,
-    *,
-    with_aux: bool = False,
-    remat: bool = False,
-) -> Callable:
-    """``forward(params, tokens_BT)``: embedding, the GPipe shard_map, final norm and head.
-
-    Returns logits [B, T, V]; with ``with_aux``, ``(logits, aux_B)`` scaled as the MoE model
-    scales it. ``remat`` checkpoints each tick's stage (for training).
-    """
-    block_graphdef, norm_graphdef = graphdefs
-    last = mesh.shape[PP] - 1
-    pipeline = jax.shard_map(
-        _gpipe(block_graphdef, mesh.shape[PP], num_microbatches, with_aux=with_aux, remat=remat),
-        mesh=mesh,
-        in_specs=(P(PP), P()),  # only "pp" is manual: the "tp" shardings ride along
-        out_specs=P(PP),
-        axis_names={PP},
-    )
-
-    def forward(params, tokens_BT):
-        b, t, d = *tokens_BT.shape, cfg.hidden_size
-        x_BTD = jnp.take(params["embed"], tokens_BT, axis=0)
-        # [M, B/M, T, D], replicated: stage 0 reads microbatch i at tick i.
-        x_MBTD = lax.with_sharding_constraint(
-            x_BTD.reshape(num_microbatches, b // num_microbatches, t, d), NamedSharding(mesh, P())
-        )
-        out_MBTD, aux_MB = pipeline(params["blocks"], x_MBTD)  # [pp * M, ...]: every stage's
-        y_BTD = out_MBTD[last * num_microbatches :].reshape(b, t, d)  # the last stage's
-        y_BTD = lax.with_sharding_constraint(y_BTD, NamedSharding(mesh, P(head_batch_axis)))
-        y_BTD = nnx.merge(norm_graphdef, params["final_norm"])(y_BTD)
-        w_DV = params["embed"].T if cfg.tie_embeddings else params["lm_head"]
-        if not with_aux:
-            return y_BTD @ w_DV
-        aux_B = aux_MB[last * num_microbatches :].reshape(b)
-        return y_BTD @ w_DV, aux_B * (cfg.aux_loss_weight / cfg.num_layers)
-
-    return forward
-
-
-def _gpipe(
-    block_graphdef: nnx.GraphDef,
-    num_stages: int,
-    num_microbatches: int,
-    *,
-    with_aux: bool = False,
-    remat: bool = False,
-) -> Callable:
-    """The per-stage GPipe program (fill, steady state, drain) for ``shard_map`` over "pp".
-
-    Each device gets its stage's blocks [1, L/pp, ...] and all microbatches x [M, B/M, T, D];
-    it returns ``(y [M, B/M, T, D], aux [M, B/M] or None)``, meaningful on the last stage only.
-    With ``with_aux`` every block adds its MoE ``load_balancing_B`` to a per-sequence sum
-    that travels with the activations, so the last stage holds the sum over all blocks in
-    the model's order. ``remat`` wraps each tick's stage in ``jax.checkpoint``.
-    """
-    last = num_stages - 1
-    to_next_stage = [(s, s + 1) for s in range(last)]
-
-    def run_stage(stage_blocks, carry):
-        positions_T = jnp.arange(carry[0].shape[1])
-
-        def layer(carry, block_state):
-            x_BTD, aux_B = carry
-            x_BTD, _, stats = nnx.merge(block_graphdef, block_state)(x_BTD, positions_T, None, None)
-            return (x_BTD, aux_B + stats.load_balancing_B if with_aux else None), None
-
-        return lax.scan(layer, carry, stage_blocks)[0]
-
-    if remat:  # the backward keeps each tick's stage input and recomputes the rest
-        run_stage = jax.checkpoint(run_stage, prevent_cse=False)
-
-    def pipeline(blocks, x_MBTD):
-        stage_blocks = jax.tree.map(lambda a: a[0], blocks)  # [1, L/pp, ...] -> [L/pp, ...]
-        stage = lax.axis_index(PP)
-        m, mb = num_microbatches, x_MBTD.shape[1]
-        zero_aux = jnp.zeros((mb,), jnp.float32) if with_aux else None
-
-        def tick(carry, t):
-            received, out = carry
-            # Stage 0 starts microbatch t (ticks past M only drain); the others take what
-            # the previous stage sent at the end of tick t - 1.
-            first = (x_MBTD[jnp.minimum(t, m - 1)], zero_aux)
-            x = jax.tree.map(lambda a, b: jnp.where(stage == 0, a, b), first, received)
-            y = run_stage(stage_blocks, x)
-            # Microbatch t - last leaves the last stage at tick t. Earlier ticks write slot 0,
-            # which tick `last` overwrites; other stages' buffers are never read.
-            slot = jnp.clip(t - last, 0, m - 1)
-            out = jax.tree.map(lambda o, a: lax.dynamic_update_index_in_dim(o, a, slot, 0), out, y)
-            return (jax.tree.map(lambda a: lax.ppermute(a, PP, to_next_stage), y), out), None
-
-        out_aux = None if zero_aux is None else jnp.zeros((m, mb), jnp.float32)
-        out = (jnp.zeros_like(x_MBTD), out_aux)
-        init = lax.pcast(((jnp.zeros_like(x_MBTD[0]), zero_aux), out), PP, to="varying")
-        (_, out), _ = lax.scan(tick, init, jnp.arange(m + last))
-        return out
-
-    return pipeline
-
-
 def _stage_major_to_model(model_tree: ModelTree, layers_per_stage: int) -> Callable:
     """``tp_pp``'s weights (blocks stacked [pp, L/pp, ...]) -> the model's ``nnx.State``."""
 
@@ -482,8 +371,11 @@ def _stage_major_to_model(model_tree: ModelTree, layers_per_stage: int) -> Calla
         leaves = leaves_by_keys(params)
 
         def leaf_for(keys):
-            if keys[0] == "layers":  # layer i is slot (i // L/pp, i % L/pp) of the stack
+            if keys[0] == "layers":  # layer i is (stage, slot) = divmod(i, L/pp)
                 stage, slot = divmod(keys[1], layers_per_stage)
+                per_slot = ("blocks", slot, *keys[2:])  # unrolled: a state per slot
+                if per_slot in leaves:
+                    return leaves[per_slot][stage]
                 return leaves[("blocks", *keys[2:])][stage, slot]
             return leaves[keys]
 
@@ -512,42 +404,27 @@ def check_example(x: Any, want: jax.ShapeDtypeStruct, what: str, noun: str, kind
         )
 
 
-def _place_params(model: nnx.Module, mesh: Mesh) -> dict[str, Any]:
+def _place_params(
+    model: nnx.Module, mesh: Mesh, variant: tp_pp_variants.Variant = _STACKED, *,
+    with_specs: bool = False,
+) -> Any:
     """Places the weights: embedding vocab-parallel, blocks stage-major with Megatron "tp"
-    specs, final norm replicated, LM head column-parallel."""
+    specs in the variant's layout (default: stacked [pp, L/pp, ...], expert-parallel),
+    final norm replicated, LM head column-parallel. ``with_specs``: also the blocks'
+    PartitionSpec tree."""
     cfg = model.cfg
-    specs = _ATTENTION_SPECS | (_MOE_MLP_SPECS if isinstance(cfg, MoEConfig) else _DENSE_MLP_SPECS)
     pure = nnx.to_pure_dict(nnx.split(model)[1])
     replicated = NamedSharding(mesh, P())
-    return {
+    blocks, block_specs = tp_pp_variants.place_blocks(model, mesh, variant)
+    params = {
         "embed": _place(pure["embed"], NamedSharding(mesh, P(TP, None))),
-        "blocks": _stack_blocks(model, mesh, mesh.shape[PP], specs),
+        "blocks": blocks,
         "final_norm": jax.tree.map(lambda a: _place(a, replicated), nnx.split(model.final_norm)[1]),
         "lm_head": None
         if cfg.tie_embeddings
         else _place(pure["lm_head"], NamedSharding(mesh, P(None, TP))),
     }
-
-
-def _stack_blocks(model: nnx.Module, mesh: Mesh, pp: int, specs: dict[str, P]) -> nnx.State:
-    """Blocks' states stacked stage-major [pp, L/pp, ...], each leaf placed P("pp", None, tp)."""
-    states = [nnx.split(block)[1] for block in model.layers]
-    lps = len(states) // pp
-
-    def stack(path, *leaves):
-        name = "/".join(str(k.key) for k in path if isinstance(k, DictKey))
-        if name not in specs:
-            raise ConfigError(
-                f"tp_pp has no tensor-parallel layout for block parameter {name!r}; known: "
-                f"{', '.join(sorted(specs))}. Add one to lwjax/baselines.py."
-            )
-        sharding = NamedSharding(mesh, P(PP, None, *specs[name]))
-        first = leaves[0]
-        if isinstance(first, jax.ShapeDtypeStruct):
-            return _place(jax.ShapeDtypeStruct((pp, lps, *first.shape), first.dtype), sharding)
-        return jax.device_put(jnp.stack(leaves).reshape(pp, lps, *first.shape), sharding)
-
-    return jax.tree_util.tree_map_with_path(stack, *states)
+    return (params, block_specs) if with_specs else params
 
 
 # ---- checks and small helpers -----------------------------------------------------------------
@@ -579,18 +456,15 @@ def _positive(name: str, value: Any) -> int:
     return int(value)
 
 
-def _check_divisible(cfg: DenseConfig, tp: int, pp: int) -> None:
+def _check_divisible(
+    cfg: DenseConfig, tp: int, pp: int, variant: tp_pp_variants.Variant = _STACKED
+) -> None:
     if cfg.num_layers % pp:
         raise ConfigError(
             f"num_layers={cfg.num_layers} is not divisible by pp={pp}: stages must hold equal "
             f"numbers of layers. Use a pp that divides {cfg.num_layers}."
         )
-    split = {"num_heads": cfg.num_heads, "vocab_size": cfg.vocab_size}
-    if isinstance(cfg, MoEConfig):
-        split["num_experts"] = cfg.num_experts  # expert-parallel: whole experts per device
-    else:
-        split["mlp_hidden_size"] = cfg.mlp_hidden_size
-    for name, size in split.items():
+    for name, size in variant.split_sizes(cfg).items():
         if size % tp:
             raise ConfigError(
                 f"{name}={size} is not divisible by tp={tp}; tp_pp splits it over 'tp'. Use a "
@@ -641,19 +515,26 @@ def _divisor_near(n: int, target: int) -> int:
 
 
 def _describe(
-    cfg: DenseConfig, mesh: Mesh, num_microbatches: int, batch: int, head_batch_axis: str | None
+    cfg: DenseConfig, mesh: Mesh, num_microbatches: int, batch: int, head_batch_axis: str | None,
+    variant: tp_pp_variants.Variant = _STACKED,
 ) -> str:
     """Where every weight of a tp_pp deployment lives, in a few lines (for ``__repr__``)."""
     tp, pp = mesh.shape[TP], mesh.shape[PP]
     lps = cfg.num_layers // pp
-    if isinstance(cfg, MoEConfig):
+    if isinstance(cfg, MoEConfig) and variant.experts == "split":
+        mlp = (f"every expert's F={cfg.mlp_hidden_size} split over {TP!r} (gate/up column-, "
+               "down row-parallel), router replicated")
+    elif isinstance(cfg, MoEConfig):
         per_device = cfg.num_experts // tp
         mlp = f"experts over {TP!r} (expert-parallel, {per_device} per device), router replicated"
     else:
         mlp = f"gate/up column-, down row-parallel over F={cfg.mlp_hidden_size} on {TP!r}"
     head = "tied to the embedding" if cfg.tie_embeddings else f"column-parallel, vocab over {TP!r}"
+    blocks = (f"blocks stacked [pp, {lps}, ...]" if variant.stage == "scan"
+              else f"blocks as {lps} per-slot arrays [pp, ...]")
     return (
-        f"{cfg.num_layers} layers -> {pp} stages x {lps}, blocks stacked [pp, {lps}, ...] on "
+        f"{variant.describe()}\n"
+        f"{cfg.num_layers} layers -> {pp} stages x {lps}, {blocks} on "
         f"{PP!r}; GPipe {num_microbatches} microbatches x {batch // num_microbatches}\n"
         f"attention: q/k/v column-, out row-parallel over {cfg.num_heads} heads on {TP!r}; "
         f"norms replicated\nMLP: {mlp}\n"

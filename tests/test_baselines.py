@@ -20,6 +20,7 @@ import pytest
 from flax import nnx
 
 from lwjax import baselines, models
+from lwjax import baselines_tp_pp as tp_pp_variants
 from lwjax.errors import ConfigError, DeviceError, InputError
 
 ATOL = RTOL = 1e-5
@@ -46,10 +47,11 @@ def _setup(kind: str, **changes):
 
 
 @functools.cache
-def _baseline(kind: str, tp: int, pp: int, microbatches: int):
+def _baseline(kind: str, tp: int, pp: int, microbatches: int, variant: str | None = None):
     model, tokens, _ = _setup(kind)
     return baselines.tp_pp(
-        model, tokens, devices=jax.devices()[: tp * pp], tp=tp, pp=pp, microbatches=microbatches
+        model, tokens, devices=jax.devices()[: tp * pp], tp=tp, pp=pp, microbatches=microbatches,
+        variant=variant,
     )
 
 
@@ -72,6 +74,60 @@ def test_tp_pp_matches_model(kind, tp, pp, microbatches):
     got = _baseline(kind, tp, pp, microbatches)(tokens)
     assert got.shape == want.shape
     np.testing.assert_allclose(np.asarray(got), want, atol=ATOL, rtol=RTOL)
+
+
+# One representative per variant family in the default run (the default variant runs in
+# the test above): stacked layers under lax.scan, the bubble skipped with GSPMD tp, split
+# experts, pure GSPMD. Every variant on every layout runs with -m slow.
+_VARIANT_CASES = [
+    ("moe", "scan", 4, 2, 2),
+    ("dense", "shard_map", 2, 4, 8),
+    ("moe", "shard_map_split", 8, 2, 4),
+    ("dense", "gspmd", 8, 2, 4),
+]
+_SLOW_VARIANT_CASES = [
+    (kind, variant, tp, pp, m)
+    for kind in ("dense", "moe")
+    for variant in tp_pp_variants.variants_for(_config(kind))
+    for tp, pp, m in ((8, 2, 4), (2, 4, 8), (4, 2, 2))
+    if (kind, variant, tp, pp, m) not in _VARIANT_CASES
+]
+
+
+@pytest.mark.parametrize(
+    "kind, variant, tp, pp, microbatches",
+    _VARIANT_CASES + [pytest.param(*c, marks=pytest.mark.slow) for c in _SLOW_VARIANT_CASES],
+)
+def test_every_variant_matches_model(kind, variant, tp, pp, microbatches):
+    _, tokens, want = _setup(kind)
+    b = _baseline(kind, tp, pp, microbatches, variant)
+    assert b.variant == variant and f"variant {variant!r}" in repr(b)
+    np.testing.assert_allclose(np.asarray(b(tokens)), want, atol=ATOL, rtol=RTOL)
+
+
+def test_default_variant_is_the_registrys():
+    for kind in ("dense", "moe"):
+        b = _baseline(kind, 8, 2, 4 if kind == "moe" else 2)
+        assert b.variant == tp_pp_variants.DEFAULT[kind]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["scan", "shard_map_split", "explicit_split", "gspmd"])
+def test_variant_gradients_equal_the_default_variants(variant):
+    model, tokens, _ = _setup("moe")
+
+    def loss_fn(outputs, targets_BT):
+        logits, aux_B = outputs
+        picked = jnp.take_along_axis(jax.nn.log_softmax(logits), targets_BT[..., None], -1)
+        return -picked.mean() + aux_B.mean()
+
+    want_loss, want = _baseline("moe", 4, 2, 2).value_and_grad(loss_fn, with_aux=True)(
+        tokens, tokens)
+    loss, grads = _baseline("moe", 4, 2, 2, variant).value_and_grad(loss_fn, with_aux=True)(
+        tokens, tokens)
+    np.testing.assert_allclose(float(loss), float(want_loss), rtol=1e-5)
+    for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-5, rtol=1e-4)
 
 
 def test_moe_drops_tokens_so_capacity_semantics_are_exercised():
@@ -106,7 +162,7 @@ def test_repeated_calls_are_bitwise_identical():
 
 def test_params_are_placed_once_megatron_and_stage_major():
     model, _, _ = _setup("dense")
-    cfg, b = model.cfg, _baseline("dense", 8, 2, 2)
+    cfg, b = model.cfg, _baseline("dense", 8, 2, 2, "scan")
     tp, lps = 8, cfg.num_layers // 2
     q = b.params["blocks"]["attn"]["q"][...]
     heads = cfg.num_heads // tp
@@ -130,9 +186,49 @@ def test_params_are_placed_once_megatron_and_stage_major():
     assert q.sharding.spec == jax.sharding.PartitionSpec("pp", None, None, "tp", None)
 
 
+def test_unrolled_variants_hold_one_array_per_layer_slot():
+    # Slot j's array [pp, ...] holds layer s * L/pp + j of each stage s, "tp"-sliced: a stage
+    # reads a whole array per layer (a bitcast), no slice of a stack per tick.
+    model, _, _ = _setup("dense")
+    cfg, b = model.cfg, _baseline("dense", 8, 2, 2)
+    lps, heads = cfg.num_layers // 2, cfg.num_heads // 8
+    assert isinstance(b.params["blocks"], tuple) and len(b.params["blocks"]) == lps
+    for j, slot in enumerate(b.params["blocks"]):
+        q = slot["attn"]["q"][...]
+        assert q.sharding.spec == jax.sharding.PartitionSpec("pp", None, "tp", None)
+        for shard in q.addressable_shards:
+            assert shard.data.shape == (1, cfg.hidden_size, heads, cfg.head_dim)
+            s, t = (int(i[0]) for i in np.nonzero(b.mesh.devices == shard.device))
+            want = model.layers[s * lps + j].attn.q[...][:, t * heads : (t + 1) * heads]
+            np.testing.assert_array_equal(np.asarray(shard.data[0]), want)
+
+
+def test_split_experts_split_f_and_need_tp_to_divide_it():
+    model, tokens, _ = _setup("moe")
+    cfg, b = model.cfg, _baseline("moe", 8, 2, 4, "shard_map_split")
+    gate = b.params["blocks"][0]["mlp"]["gate"][...].addressable_shards[0].data
+    assert gate.shape == (1, cfg.num_experts, cfg.hidden_size, cfg.mlp_hidden_size // 8)
+    assert "split over 'tp'" in repr(b)
+    with pytest.raises(ConfigError, match=r"mlp_hidden_size=\d+ is not divisible by tp=16"):
+        small = models.abstract(_config("moe", num_heads=16, head_dim=4, num_experts=16,
+                                        mlp_hidden_size=120))
+        baselines.tp_pp(small, tokens, tp=16, pp=1, variant="explicit_split")
+
+
+@pytest.mark.parametrize(
+    "kind, variant, message",
+    [("dense", "fastest", r"no variant 'fastest'; choose one of scan, "),
+     ("dense", "explicit_split", r"splits MoE experts; this model is dense. Use 'explicit'")],
+)
+def test_unknown_or_inapplicable_variant(kind, variant, message):
+    model, tokens, _ = _setup(kind)
+    with pytest.raises(ConfigError, match=message):
+        baselines.tp_pp(model, tokens, tp=8, pp=2, variant=variant)
+
+
 def test_moe_is_expert_parallel():
     model, _, _ = _setup("moe")
-    cfg, b = model.cfg, _baseline("moe", 8, 2, 4)
+    cfg, b = model.cfg, _baseline("moe", 8, 2, 4, "scan")
     gate = b.params["blocks"]["mlp"]["gate"][...].addressable_shards[0].data
     router = b.params["blocks"]["mlp"]["router"][...].addressable_shards[0].data
     assert gate.shape == (1, 2, cfg.num_experts // 8, cfg.hidden_size, cfg.mlp_hidden_size)
@@ -145,6 +241,8 @@ def test_program_pipelines_over_pp_and_reduces_over_tp():
     b = _baseline("dense", 8, 2, 2)
     hlo = b.compile(tokens).as_text()
     assert "collective-permute(" in hlo and "all-reduce(" in hlo
+    # The default variant skips a stage's fill/drain ticks: a conditional around its layers.
+    assert tp_pp_variants.VARIANTS[b.variant].skip_bubble and " conditional(" in hlo
     assert isinstance(b.lower(tokens), jax.stages.Lowered)
     assert "pp=2 x tp=8" in repr(b) and "GPipe 2 microbatches" in repr(b)
 

@@ -9,9 +9,10 @@ import sys
 
 import flax
 import jax
+import numpy as np
 import pytest
 
-from lwjax import hardware, models
+from lwjax import baselines, baselines_tp_pp, hardware, models
 from lwjax.passes import cost
 
 EXPERIMENTS = pathlib.Path(__file__).parents[1] / "experiments"
@@ -32,6 +33,7 @@ def _load(name: str):
 
 common = _load("_common")
 throughput = _load("throughput")
+throughput_report = _load("throughput_report")
 scaling = _load("scaling")
 cost_check = _load("cost_check")
 
@@ -72,7 +74,7 @@ def test_projected_rows_are_the_cost_model_with_seed_004_claims_beside():
 
 
 def test_projected_table_labels_every_figure_and_shows_the_claims():
-    table = throughput.projected_table(throughput.projected_rows())
+    table = throughput_report.projected_table(throughput.projected_rows())
     body = _table_rows(table)
     assert len(body) == 4
     assert all("| projected |" in row for row in body)
@@ -161,24 +163,53 @@ def test_results_header_records_machine_jax_and_date(tmp_path):
 # ---- a tiny measured run ---------------------------------------------------------------------
 
 
+def test_baseline_plan_lists_every_variant_and_the_default_at_other_m():
+    dense = throughput.cpu_config("dense", throughput.FULL)  # batch 32
+    moe = throughput.cpu_config("moe", throughput.FULL)
+    pairs = throughput.baseline_plan(dense)
+    default = baselines_tp_pp.DEFAULT["dense"]
+    assert pairs[0] == (default, 8)
+    assert {v for v, m in pairs if m == 8} == set(baselines_tp_pp.variants_for(dense))
+    assert [(v, m) for v, m in pairs if m != 8] == [(default, 4), (default, 16)]
+    assert "shard_map_split" in {v for v, _ in throughput.baseline_plan(moe)}
+    assert throughput.baseline_plan(dense, "default") == [(default, 8)]
+    assert throughput.baseline_key("gspmd") == "baseline:gspmd"
+    assert throughput.baseline_key("gspmd", 4) == "baseline:gspmd@M=4"
+
+
 @pytest.fixture(scope="module")
 def tiny_measured():
     scale = throughput.Scale(hidden=16, batch=16, seq=8, vocab=64, repeats=2)
-    return throughput.measure("dense", throughput.cpu_config("dense", scale), repeats=2)
+    cfg = throughput.cpu_config("dense", scale)
+    # Two baseline variants, so the ratios are against the faster of the two.
+    d = throughput.deploy(cfg, variants="default")
+    scan = baselines.tp_pp(d.model, d.tokens, devices=jax.devices()[:16], tp=8, pp=2,
+                           microbatches=8, variant="scan")
+    d = dataclasses.replace(d, baselines=d.baselines | {"baseline:scan": scan})
+    return throughput.measure("dense", cfg, repeats=2, d=d)
 
 
 def test_tiny_measurement_matches_the_model(tiny_measured):
     m = tiny_measured
-    assert {"baseline", "layerwise", "single"} <= set(m.timings)
+    default = throughput.baseline_key(baselines_tp_pp.DEFAULT["dense"])
+    assert {default, "baseline:scan", "layerwise", "single"} <= set(m.timings)
+    assert m.baselines == [default, "baseline:scan"]
+    assert m.best_baseline in m.baselines
+    assert min(m.timings[k].median for k in m.baselines) == m.timings[m.best_baseline].median
     assert all(len(t.times_s) == 2 for t in m.timings.values())
     assert all(diff <= throughput.ATOL for diff in m.max_diff.values()), m.max_diff
-    assert m.devices["baseline"] == 16 and m.devices["layerwise"] == 16  # 1 layer per device
-    rows = throughput.measured_rows([m])
+    assert m.devices[default] == 16 and m.devices["layerwise"] == 16  # 1 layer per device
+    best = np.array(m.timings[m.best_baseline].times_s)
+    assert m.ratio("layerwise")[0] == pytest.approx(
+        float(np.median(best / np.array(m.timings["layerwise"].times_s))))
+    rows = throughput_report.measured_rows([m])
     assert all(row[-1] == "measured" for row in rows)
+    assert sum("(best baseline)" in row[7] for row in rows) == 1
 
 
 def test_report_labels_every_figure(tiny_measured):
-    text = throughput.report([("Table 1", [tiny_measured])], [], [], "python x --quick", True)
+    text = throughput_report.report([("Table 1", [tiny_measured])], [], [], "python x --quick",
+                                    True)
     assert f"JAX {jax.__version__}" in text and datetime.date.today().isoformat() in text
     rows = _table_rows(text)
     assert rows
