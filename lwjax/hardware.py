@@ -83,6 +83,9 @@ class HardwareSpec:
         measured: True when the figures were measured on this machine (``host_cpu()``),
             False for datasheet presets.
         notes: where the figures come from and what they leave out.
+        board_power_w: the device's maximum board power, watts (None: unknown); what the
+            energy projection (``passes/cost_energy.py``) charges a device while it computes.
+        idle_power_w: watts drawn while it waits (pipeline bubble, transfers), None: unknown.
     """
 
     name: str
@@ -101,6 +104,8 @@ class HardwareSpec:
     l3_bytes: int | None = None
     measured: bool = False
     notes: str = ""
+    board_power_w: float | None = None
+    idle_power_w: float | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -123,6 +128,14 @@ class HardwareSpec:
         ):
             _check_number(self, name)
         _check_number(self, "link_latency", allow_zero=True)
+        for name in ("board_power_w", "idle_power_w"):
+            if getattr(self, name) is not None:
+                _check_number(self, name)
+        if (self.board_power_w is None) != (self.idle_power_w is None) or (
+                self.board_power_w is not None and self.idle_power_w > self.board_power_w):
+            raise ConfigError(
+                f"HardwareSpec({self.name!r}): give board_power_w and idle_power_w together, "
+                f"idle <= board; got {self.board_power_w!r} and {self.idle_power_w!r}.")
         if self.persisting_l2_bytes is not None and self.persisting_l2_bytes > self.l2_bytes:
             raise ConfigError(
                 f"HardwareSpec({self.name!r}).persisting_l2_bytes ({self.persisting_l2_bytes}) "
@@ -183,7 +196,13 @@ H100_SXM = HardwareSpec(
     # the usual small-message figure (nccl-tests); 5 us is an estimate, not a measurement.
     link_latency=5e-6,
     num_cores=132,  # whitepaper: 132 SMs on H100 SXM5
-    notes="datasheet figures; l2_bandwidth and link_latency are estimates (see source).",
+    # datasheet (SXM5 column): "Max Thermal Design Power (TDP): Up to 700W (configurable)".
+    board_power_w=700.0,
+    # ASSUMPTION, not a datasheet figure: NVIDIA publishes no idle power. nvidia-smi on idle
+    # H100 SXM5 boards commonly reads 60-90 W; 70 W is an estimate. Measure before relying on it.
+    idle_power_w=70.0,
+    notes="datasheet figures; l2_bandwidth, link_latency and idle_power_w are estimates (see "
+    "source).",
 )
 
 H200 = dataclasses.replace(
@@ -197,8 +216,9 @@ H200 = dataclasses.replace(
     persisting_l2_bytes=60 * _MiB * 3 // 4,
     hbm_bytes=141 * 10**9,  # H200 datasheet: 141 GB HBM3e
     hbm_bandwidth=4.8e12,  # H200 datasheet: 4.8 TB/s
-    # Compute (989 dense BF16 TFLOPS, 67 FP32, 1,979 dense INT8) and NVLink 4 (900 GB/s
-    # bidirectional) are the same as H100 SXM5 on the H200 datasheet.
+    # Compute (989 dense BF16 TFLOPS, 67 FP32, 1,979 dense INT8), NVLink 4 (900 GB/s
+    # bidirectional) and max TDP (up to 700 W, configurable) are the same as H100 SXM5 on the
+    # H200 datasheet; the 70 W idle figure is H100's estimate.
     notes="datasheet figures; l2_bytes to confirm on hardware; l2_bandwidth and link_latency "
     "are H100 estimates.",
 )

@@ -523,3 +523,52 @@ def test_host_cpu_refuses_to_guess(monkeypatch):
         monkeypatch.setattr(hardware, reader, dict)
     with pytest.raises(LwjaxError, match="L2 cache size"):
         hardware.host_cpu.__wrapped__()  # bypass the per-process cache
+
+
+# ---- energy (projected tokens per joule) ---------------------------------------------------
+
+POWERED = dataclasses.replace(ROUND, board_power_w=500.0, idle_power_w=50.0)
+
+
+def test_pipeline_energy_by_hand():
+    # 2 stages x tp 2, M = 3, stage times 1 s and 2 s, a step of 8 s, 60 tokens: the first
+    # stage's devices compute 3 s and wait 5 s, the second's compute 6 s and wait 2 s
+    e = cost.pipeline_energy([1.0, 2.0], 2, step_s=8.0, microbatches=3, tokens=60, hw=POWERED)
+    joules = 2 * (3 * 500 + 5 * 50) + 2 * (6 * 500 + 2 * 50)
+    assert e.joules == pytest.approx(joules) and e.tokens_per_j == pytest.approx(60 / joules)
+    assert e.busy_share == pytest.approx((2 * 3 + 2 * 6) / (4 * 8))
+    assert cost.pipeline_energy([1.0], 1, step_s=1.0, microbatches=1, tokens=1, hw=ROUND) is None
+
+
+def test_projection_tokens_per_joule_equals_the_energy_of_its_stages():
+    cfg = models.configs.seed_dense()
+    p = cost.project_tp_pp(cfg, POWERED, 8, 2, 8)
+    e = cost.pipeline_energy(p.stage_s, 8, step_s=p.step_s, microbatches=8,
+                             tokens=p.tokens_per_step, hw=POWERED)
+    assert p.tokens_per_j == pytest.approx(e.tokens_per_j)
+    assert "tokens/J" in p.summary()
+    assert cost.project_tp_pp(cfg, ROUND, 8, 2, 8).tokens_per_j is None  # no power figures
+    # every device busy the whole step: the seed documents' flat formula
+    one = cost.project_layerwise(dataclasses.replace(cfg, num_layers=1), POWERED, [1], 1)
+    assert one.tokens_per_j == pytest.approx(cost.flat_tokens_per_j(one.tps, 1, 500.0))
+    assert cost.flat_tokens_per_j(12_800, 16, 700.0) == pytest.approx(1.142857, rel=1e-6)
+
+
+def test_decode_tokens_per_joule_counts_the_outside_work_on_every_device():
+    cfg = models.configs.seed_dense()
+    d = cost.project_decode(cfg, POWERED, [8, 8], 8, 8, schedule="gpipe")
+    tpot = d.tpot_ms / 1e3
+    busy = [min(tpot, 8 * t + d.outside_s) for t in d.stage_s]
+    joules = 8 * sum(b * 500 + (tpot - b) * 50 for b in busy)
+    assert d.tokens_per_j == pytest.approx(cfg.batch_size / joules)
+
+
+@pytest.mark.parametrize(("board", "idle"), [(700.0, None), (-1.0, 0.0), (100.0, 200.0)])
+def test_power_figures_are_checked(board, idle):
+    with pytest.raises(ConfigError, match="power"):
+        dataclasses.replace(ROUND, board_power_w=board, idle_power_w=idle)
+
+
+def test_h100_power_figures():
+    assert hardware.H100_SXM.board_power_w == 700.0  # datasheet max TDP
+    assert 0 < hardware.H100_SXM.idle_power_w < hardware.H100_SXM.board_power_w
