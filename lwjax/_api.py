@@ -258,11 +258,14 @@ def _plan_graph(model, args, kwargs, *, devices, num_devices, hardware, cache_by
         check_runnable(graph_at(batch // m), objs[0].platform)
     if attention is None:
         attention = "fused" if hw.kind == "gpu" else "as_traced"
+    # M unpinned: the layout search (passes/layout.py) picks it among the batch's divisors
+    counts = tuple(d for d in range(1, batch + 1) if batch % d == 0) \
+        if microbatches is None and "microbatch" in allow else ()
     target = Target(hardware=hw, capacity_bytes=capacity, device_ids=ids, batch_size=batch,
                     microbatch_size=batch // m, compression=compression_lib.get(compression),
                     mode=mode, residency=residency, attention=attention, method=method,
                     allow=allow, model=type(model).__name__, objective=objective,
-                    training=training)
+                    training=training, microbatch_counts=counts)
     plan = search_plan(graph_at, target)
     return plan, graph_at(plan.microbatch_size), objs, batch
 
@@ -293,11 +296,16 @@ def plan(
 ) -> Plan:
     """Plans a layer-wise deployment: trace -> segment -> footprint -> cost -> partition.
 
-    When the plan as requested does not fit, the edge-case strategies in ``allow`` are tried,
-    least intrusive first (``passes/strategies.py``): "split" (every stage over tp = 2, 4, ...
-    devices), "compress" (the next presets of ``compression.ESCALATION``), "microbatch"
-    (smaller microbatches, retraced). ``Plan.strategy`` and ``Plan.notes`` say what was used
-    and why.
+    With the default objective="step" a forward pass's layout is searched first
+    (``passes/layout.py``): stage count x tp per stage (when "split" is allowed) x microbatch
+    count (when ``microbatches`` is not given and "microbatch" is allowed), the TP x PP meshes
+    among the candidates, each scored by the projected step; the notes say what won and by
+    how much over the runner-up and the best mesh. When nothing there fits (or for
+    objective="bottleneck", decode and training), the edge-case strategies in ``allow`` are
+    tried, least intrusive first (``passes/strategies.py``): "split" (every stage over
+    tp = 2, 4, ... devices), "compress" (the next presets of ``compression.ESCALATION``),
+    "microbatch" (smaller microbatches, retraced). ``Plan.strategy`` and ``Plan.notes`` say
+    what was used and why.
 
     Args:
         model: NNX module (real or abstract), or linen module followed by its variables.
@@ -310,8 +318,9 @@ def plan(
             mode="train" its device memory, ``hbm_bytes``, shared out among the devices on a
             CPU).
         compression: None, a preset name, or an lwjax.Compression (the starting policy).
-        microbatches: M (default: the largest divisor of the batch <= the device count);
-            the "microbatch" strategy may raise it.
+        microbatches: M, pinned (default: the layout search picks it among the batch's
+            divisors; without it, the largest divisor of the batch <= the device count); the
+            "microbatch" strategy may raise it when nothing fits.
         mode: "prefill", "decode" or "train" (a stage also holds gradients, optimizer state
             and the stashed inputs of its microbatches in flight, and runs forward,
             recompute and backward: ``passes/train_footprint.py``; "compress" is dropped from
@@ -323,9 +332,9 @@ def plan(
         method: "optimal" (minimum bottleneck) or "greedy" (first fit) partitioning.
         allow: edge-case strategies, in order of preference: any of "split", "compress",
             "microbatch"; () or None plans exactly as requested.
-        objective: "step" (default: the stage count with the shortest projected GPipe step;
-            on a CPU this counts the cores the simulated devices share) or "bottleneck"
-            (the fewest stages with the smallest slowest-stage time).
+        objective: "step" (default: the layout with the shortest projected GPipe step; on a
+            CPU this counts the cores the simulated devices share and the measured per-tick
+            floor) or "bottleneck" (the fewest stages with the smallest slowest-stage time).
         unbatched: array arguments that are not per-example although their leading size is
             the batch (see ``analyze``).
         batched: array arguments that are per-example, where lwjax cannot tell (see
@@ -420,9 +429,9 @@ def layerwise_shard(
         hardware: HardwareSpec or preset name for footprints and costs (default: from the
             devices' platform).
         cache_bytes: on-chip capacity per device (default: the hardware's L2 size).
-        microbatches: M to start from (the batch must divide into M); the "microbatch"
-            strategy in allow= may raise it when a stage does not fit -- pin it with
-            allow=("split",).
+        microbatches: M, pinned (the batch must divide into M; default: the layout search
+            picks it, see ``plan``); the "microbatch" strategy in allow= may raise it when a
+            stage does not fit -- pin it fully with allow=("split",).
         compression: None, a preset name ("int8", "int4", "int8-2:4", "int4-75%", ...) or
             an ``lwjax.Compression``: matmul weights are stored compressed on their stage
             and decoded inside it (``passes/codec.py``); the plan counts the stored bytes.

@@ -159,7 +159,7 @@ class Plan:
     def step_time_s(self) -> float:
         """Projected seconds of one GPipe step of the whole batch (``step_time``)."""
         return step_time([s.layer_range for s in self.stages], self.numbers.costs_s,
-                         self.microbatches, self.concurrency, self.numbers.epilogue_s)
+                         self.microbatches, self.concurrency, self.numbers.epilogue_s, self.tp)
 
     @property
     def outside_weights_share(self) -> float:
@@ -361,11 +361,12 @@ def _ids(ids: tuple[int, ...]) -> str:
 
 
 def step_time(ranges: Sequence[tuple[int, int]], costs_s: Sequence[float], microbatches: int,
-              concurrency: int | None = None, epilogue_s: float = 0.0) -> float:
+              concurrency: int | None = None, epilogue_s: float = 0.0, tp: int = 1) -> float:
     """Projected GPipe step: (M + S - 1) ticks of the slowest stage, then the last stage's
     epilogue (final norm, LM head) on the M microbatches, ``M x epilogue_s``. When the stages
     share one host's cores (``concurrency``, a CPU's simulated devices; stage times are then
-    whole-host times) the work itself bounds the ticks too: M microbatches x all stages' time.
+    whole-host times) the work itself bounds the ticks too: M microbatches x all stages' time
+    on all ``tp`` devices of each (``costs_s`` are one device's share of a split stage).
 
     Example:
         >>> step_time([(0, 1), (1, 2)], [1.0, 1.0], microbatches=4)   # 5 ticks of 1 s
@@ -376,5 +377,5 @@ def step_time(ranges: Sequence[tuple[int, int]], costs_s: Sequence[float], micro
     times = [sum(costs_s[a:b]) for a, b in ranges]
     step = (microbatches + len(times) - 1) * max(times)
     if concurrency:
-        step = max(step, microbatches * sum(times))
+        step = max(step, microbatches * tp * sum(times))
     return step + microbatches * epilogue_s

@@ -233,9 +233,12 @@ def plan_from_numbers(
     model: str = "",
     objective: Objective = "bottleneck",
     concurrency: int | None = None,
+    ranges: Sequence[tuple[int, int]] | None = None,
 ) -> Plan:
     """Partitions the layers over ``device_ids``: stage k runs on ``tp`` consecutive ids
     (``numbers`` are per device at that tp), at most ``len(device_ids) // tp`` stages.
+    ``ranges``: take this partition (the layout search's, ``passes/layout.py``) instead of
+    choosing one; it must fit the capacity.
 
     With ``objective="step"`` the stage count S is the one with the shortest projected GPipe
     step (``step_time``): (M + S - 1) ticks of the slowest stage, and -- when the stages share
@@ -267,18 +270,15 @@ def plan_from_numbers(
             f"A stage split over tp={tp} devices needs {tp} devices; only {len(device_ids)} "
             f"are available. Add devices or plan with a smaller tp.",
             capacity=capacity_bytes, min_devices=tp, tp=tp)
-    ranges, sizes, room = _fit(numbers, capacity_bytes, residency, len(groups), method,
-                               microbatch_size, len(device_ids), tp)
-    if objective == "step":
-        shortest = _shortest_step(sizes, numbers, room, len(ranges), microbatches, method,
-                                  concurrency)
-        if len(shortest) < len(ranges):
-            new, old = (step_time(r, numbers.costs_s, microbatches, concurrency,
-                                  numbers.epilogue_s)
-                        for r in (shortest, ranges))
-            notes = (*notes, _fewer_stages_note(len(shortest), len(ranges), new, old,
-                                                concurrency))
-            ranges = shortest
+    if ranges is not None:
+        ranges = _given(numbers, capacity_bytes, residency, tuple(map(tuple, ranges)),
+                        len(groups))
+    else:
+        ranges = _plan_ranges(numbers, capacity_bytes, residency, len(groups), method,
+                              microbatch_size, len(device_ids), tp, objective, microbatches,
+                              concurrency)
+        notes = (*notes, *ranges[1])
+        ranges = ranges[0]
     stages = tuple(
         Stage(index=k, layers=numbers.names[a:b], layer_range=(a, b), devices=groups[k],
               footprint=stage_footprint(numbers, a, b, len(ranges)),
@@ -291,6 +291,46 @@ def plan_from_numbers(
                 attention=attention, strategy=strategy, notes=tuple(notes), numbers=numbers,
                 device_pool=device_ids, tp=tp, model=model, objective=objective,
                 concurrency=concurrency, method=method)
+
+
+def _given(numbers: LayerNumbers, capacity_bytes: int, residency: Residency,
+           ranges: tuple[tuple[int, int], ...], most: int) -> tuple[tuple[int, int], ...]:
+    """``ranges`` checked: contiguous, covering every layer, at most ``most`` stages, each
+    within the capacity."""
+    n = len(numbers.names)
+    stops = [0, *(b for _, b in ranges)]
+    if (not ranges or stops[-1] != n or len(ranges) > most
+            or any((a, b) != (lo, hi) or a >= b
+                   for (a, b), lo, hi in zip(ranges, stops[:-1], stops[1:], strict=True))):
+        raise ConfigError(f"ranges={ranges} must be at most {most} contiguous, non-empty "
+                          f"(start, stop) stages covering layers 0..{n}.")
+    sizes, room, reserve = partition_inputs(numbers, capacity_bytes, residency, len(ranges))
+    for k, (a, b) in enumerate(ranges):
+        if sum(sizes[a:b]) > room:
+            raise infeasible(
+                f"Stage {k} (layers {a}..{b - 1}) needs {fmt_bytes(sum(sizes[a:b]) + reserve)}"
+                f" per device, more than the capacity {fmt_bytes(capacity_bytes)}; give a "
+                "partition that fits or let the planner choose.", capacity=capacity_bytes)
+    return ranges
+
+
+def _plan_ranges(numbers, capacity_bytes, residency, most, method, microbatch_size,
+                 num_devices, tp, objective, microbatches, concurrency):
+    """The partition (and its notes) by the objective: the least slowest stage over at most
+    ``most`` stages, then for "step" the stage count with the shortest projected step."""
+    notes = ()
+    ranges, sizes, room = _fit(numbers, capacity_bytes, residency, most, method,
+                               microbatch_size, num_devices, tp)
+    if objective == "step":
+        shortest = _shortest_step(sizes, numbers, room, len(ranges), microbatches, method,
+                                  concurrency, tp)
+        if len(shortest) < len(ranges):
+            new, old = (step_time(r, numbers.costs_s, microbatches, concurrency,
+                                  numbers.epilogue_s, tp)
+                        for r in (shortest, ranges))
+            notes = (_fewer_stages_note(len(shortest), len(ranges), new, old, concurrency),)
+            ranges = shortest
+    return ranges, notes
 
 
 def _fit(numbers: LayerNumbers, capacity_bytes: int, residency: Residency, most: int,
@@ -322,7 +362,8 @@ def _fit(numbers: LayerNumbers, capacity_bytes: int, residency: Residency, most:
 
 
 def _shortest_step(sizes, numbers: LayerNumbers, room: int, most: int, microbatches: int,
-                   method: str, concurrency: int | None) -> tuple[tuple[int, int], ...]:
+                   method: str, concurrency: int | None,
+                   tp: int = 1) -> tuple[tuple[int, int], ...]:
     """The partition with the shortest step over stage counts min_stages..``most``."""
     fewest = min_stages(sizes, room)
     counts = range(fewest, most + 1)
@@ -332,7 +373,8 @@ def _shortest_step(sizes, numbers: LayerNumbers, room: int, most: int, microbatc
     best = None
     for k in counts:  # ascending
         ranges = partition_layers(sizes, numbers.costs_s, room, k, method=method)
-        step = step_time(ranges, numbers.costs_s, microbatches, concurrency, numbers.epilogue_s)
+        step = step_time(ranges, numbers.costs_s, microbatches, concurrency, numbers.epilogue_s,
+                         tp)
         # ties -- equal up to the rounding of summing the same costs in other groups -- go
         # to fewer stages
         if best is None or step < best[0] * (1 - _TIE):

@@ -1,5 +1,10 @@
 """Edge cases (seed document 003): what to try when the plan as given does not fit.
 
+First, for a forward pass under objective="step" with a split or a microbatch count to choose
+(``Target.searches_layout``), ``search_plan`` takes the best layout of ``passes/layout.py``
+(S x tp x M at the requested compression, the TP x PP meshes among the candidates); only when
+none fits does the edge-case search below run.
+
 When the plan as given does not fit -- one layer alone exceeds the capacity, or the layers
 need more stages than there are devices -- ``search_plan`` tries the strategies
 ``Target.allow`` names, in the order it names them (``lwjax.plan``'s default is
@@ -41,6 +46,7 @@ from collections.abc import Callable, Sequence
 from lwjax.errors import ConfigError, InfeasiblePlanError
 from lwjax.hardware import HardwareSpec
 from lwjax.passes import compression as compression_lib
+from lwjax.passes import layout
 from lwjax.passes.compression import ESCALATION, Compression
 from lwjax.passes.footprint import GraphFootprint, footprint
 from lwjax.passes.partition import min_capacity, min_stages
@@ -87,6 +93,8 @@ class Target:
             ``planner.plan_from_numbers``). On a CPU the simulated devices share
             ``hardware.num_cores`` cores, which the step objective accounts for.
         training: how a mode="train" plan trains (schedule, optimizer); None otherwise.
+        microbatch_counts: the microbatch counts the layout search may pick from besides
+            the requested one (divisors of the batch); () pins the requested count.
     """
 
     hardware: HardwareSpec
@@ -103,10 +111,18 @@ class Target:
     model: str = ""
     objective: Objective = "bottleneck"
     training: Training | None = None
+    microbatch_counts: tuple[int, ...] = ()
 
     @property
     def concurrency(self) -> int | None:
         return self.hardware.num_cores if self.hardware.kind == "cpu" else None
+
+    @property
+    def searches_layout(self) -> bool:
+        """Whether ``search_plan`` starts with the layout search (``passes/layout.py``): the
+        step objective of a forward pass, with a split or a microbatch count to choose."""
+        return (self.objective == "step" and self.mode == "prefill" and self.training is None
+                and ("split" in self.allow or len(self.microbatch_counts) > 0))
 
     def __post_init__(self) -> None:
         unknown = [a for a in self.allow if a not in STRATEGIES]
@@ -136,6 +152,10 @@ class Target:
         if self.batch_size % self.microbatch_size:
             raise ConfigError(f"microbatch_size {self.microbatch_size} does not divide the "
                               f"batch {self.batch_size}.")
+        bad = [m for m in self.microbatch_counts if m < 1 or self.batch_size % m]
+        if bad:
+            raise ConfigError(f"microbatch_counts {bad} do not divide the batch "
+                              f"{self.batch_size}; give divisors of it.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -272,8 +292,9 @@ class _Search:
             graph = self.graph_at(mb)
             t = self.t
             if (mb, comp, tp) not in self._costs:
-                # A training stage's weights live in HBM unless the capacity is on chip.
-                on_chip = t.training is None or t.capacity_bytes <= t.hardware.l2_bytes
+                # Weights come from L2 when the capacity planned for is on chip; a capacity
+                # beyond the L2 (device memory) reads them from HBM.
+                on_chip = t.capacity_bytes <= t.hardware.l2_bytes
                 times = dict(graph=graph, hw=t.hardware, weights_on_chip=on_chip, tp=tp,
                              seg_costs=self._seg_costs.setdefault(mb, {}),
                              train=t.training is not None,
@@ -301,8 +322,9 @@ class _Search:
         return self._weights_fit[comp, tp]
 
     def attempt(self, mb: int, comp: Compression, tp: int, *,
-                residency: Residency | None = None) -> Plan | InfeasiblePlanError:
-        """The plan at one candidate, or why there is none."""
+                residency: Residency | None = None,
+                ranges=None) -> Plan | InfeasiblePlanError:
+        """The plan at one candidate (``ranges``: with this partition), or why there is none."""
         self.tried += 1
         t = self.t
         try:
@@ -311,9 +333,45 @@ class _Search:
                 device_ids=t.device_ids, hardware=t.hardware.name, compression=comp.name,
                 microbatches=t.batch_size // mb, microbatch_size=mb, mode=t.mode,
                 residency=residency or t.residency, attention=t.attention, method=t.method,
-                tp=tp, model=t.model, objective=t.objective, concurrency=t.concurrency)
+                tp=tp, model=t.model, objective=t.objective, concurrency=t.concurrency,
+                ranges=ranges)
         except InfeasiblePlanError as e:
             return e
+
+    def layout_plan(self) -> Plan | None:
+        """The best layout of ``passes/layout.py`` at the requested compression (None when
+        none fits): S x tp x M, its notes saying what won and by how much."""
+        t, comp = self.t, self.t.compression
+        counts = sorted({t.batch_size // t.microbatch_size, *t.microbatch_counts})
+        tps = tuple(tp for tp in self.tps if self.weights_fit(comp, tp))
+        if not tps:
+            return None
+        num_layers = len(self.graph_at(t.microbatch_size).layers)
+        space = layout.Space(tps, tuple(counts), self.n, num_layers)
+
+        def inputs_at(m: int, tp: int) -> layout.LayoutInputs:
+            mb = t.batch_size // m
+            return layout.layout_inputs(self.graph_at(mb), self.numbers(mb, comp, tp),
+                                        t.hardware, microbatches=m, tp=tp,
+                                        capacity_bytes=t.capacity_bytes, residency=t.residency)
+
+        ranking = layout.search_layouts(inputs_at, space)
+        if ranking.best is None:
+            return None
+        best = ranking.best.layout
+        mb = t.batch_size // best.microbatches
+        found = self.attempt(mb, comp, best.tp, ranges=ranking.best.ranges)
+        if isinstance(found, InfeasiblePlanError):
+            raise found  # the search checked the fit: a disagreement is a bug, not a plan
+        changed = [k for k, moved in (("split", best.tp > 1),
+                                      ("microbatch", mb != t.microbatch_size)) if moved]
+        strategy = "+".join(k for k in dict.fromkeys((*t.allow, "microbatch"))
+                            if k in changed) or "fits"
+        as_given = self.attempt(t.microbatch_size, comp, 1)
+        first = as_given if isinstance(as_given, InfeasiblePlanError) else None
+        notes = (*_notes(self, first, found, best.tp, comp, mb), *found.notes,
+                 *ranking.notes())
+        return dataclasses.replace(found, strategy=strategy, notes=notes)
 
     def candidates(self):
         """(mb, comp, tp) in the search order: the last allowed strategy most significant."""
@@ -348,6 +406,10 @@ def search_plan(graph_at: Callable[[int], LayerGraph], target: Target) -> Plan:
         ('split', 2)
     """
     s = _Search(graph_at, target)
+    if target.searches_layout:
+        best = s.layout_plan()
+        if best is not None:
+            return best
     mb0, c0 = target.microbatch_size, target.compression
     first = s.attempt(mb0, c0, 1)
     if isinstance(first, Plan):
@@ -363,17 +425,23 @@ def search_plan(graph_at: Callable[[int], LayerGraph], target: Target) -> Plan:
         strategy = "+".join(k for k in target.allow if k in changed)
         found = s.attempt(mb, comp, tp)
         if isinstance(found, Plan):
-            notes = _notes(s, first, found, tp, comp, mb)
-            return dataclasses.replace(found, strategy=strategy, notes=notes)
+            notes = [*_notes(s, first, found, tp, comp, mb), (
+                f"candidate {s.considered} in the search order allow={target.allow} (the last "
+                f"most significant); {s.tried} evaluated, the others pruned (weights alone "
+                "over the capacity)")]
+            return dataclasses.replace(found, strategy=strategy, notes=tuple(notes))
     raise _nothing_fits(s, first)
 
 
-def _notes(s: _Search, first: InfeasiblePlanError, plan: Plan, tp: int, comp: Compression,
-           mb: int) -> tuple[str, ...]:
+def _notes(s: _Search, first: InfeasiblePlanError | None, plan: Plan, tp: int,
+           comp: Compression, mb: int) -> list[str]:
+    """Why the plan differs from the request: it did not fit as given (``first``), and what
+    each strategy changed."""
     t = s.t
     mb0, c0 = t.microbatch_size, t.compression
-    notes = [f"as given ({c0.name}, microbatch {mb0}, one device per stage) it does not fit: "
-             f"{_reason(first)}"]
+    notes = [] if first is None else [
+        f"as given ({c0.name}, microbatch {mb0}, one device per stage) it does not fit: "
+        f"{_reason(first)}"]
     if tp > 1:
         notes.append(
             f"split: every stage spans tp={tp} devices ({counted(len(plan.stages), 'stage')} x "
@@ -391,10 +459,7 @@ def _notes(s: _Search, first: InfeasiblePlanError, plan: Plan, tp: int, comp: Co
     if mb != mb0:
         notes.append(f"microbatch: {mb0} -> {mb} sequences per microbatch "
                      f"({t.batch_size // mb0} -> {t.batch_size // mb} microbatches)")
-    notes.append(f"candidate {s.considered} in the search order allow={t.allow} (the last "
-                 f"most significant); {s.tried} evaluated, the others pruned (weights alone "
-                 "over the capacity)")
-    return tuple(notes)
+    return notes
 
 
 def _reason(e: InfeasiblePlanError) -> str:

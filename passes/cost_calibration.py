@@ -1,0 +1,110 @@
+"""What the plain roofline gets wrong, per hardware kind (part of ``passes/cost``).
+
+The roofline (``cost_core.layer_time``) assumes peak matmul rates, no per-tick cost and
+every device its own hardware. Measured on CPU hosts (``experiments/cost_check.py
+--calibrate``), three corrections carry most of the error:
+
+- small-matmul efficiency: a layer reaches a fraction of the peak that grows with its FLOPs;
+- a per-tick floor: dispatching the stage's branch and rendezvousing the devices' threads
+  costs about the same every tick whatever the work, more with more stages, and every
+  all-reduce of a split stage adds its own rendezvous;
+- shared cores: a CPU's simulated devices share the host's cores, so a step lasts at least
+  the work of all devices (``TickModel.concurrency``).
+
+``tick_model(hw)`` returns them for a HardwareSpec from the registry ``TICK_MODELS`` (by
+``hw.kind``). The GPU entry corrects nothing: no GPU measurement has been made to calibrate
+it (kernel launch and NCCL step latency are in ``link_latency`` only), so GPU plans are scored
+by the roofline itself.
+
+Example:
+    >>> m = tick_model(hardware.host_cpu())
+    >>> 0 < m.efficiency(1e8) < 1
+    True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+from lwjax.hardware import HardwareSpec
+
+# Measured 2026-12-02 on this project's 2-core Xeon host (16 simulated devices, load ~1,
+# JAX 0.10.2), ``python experiments/cost_check.py --calibrate``:
+# - efficiency: the float32 dense model (16 layers, 8 heads, MLP 4x, seq 64) alone on one device,
+#   hidden 64/128/256 x batch 1/2/4/8/32, per-block time vs the block's matmul FLOPs at the
+#   measured 1024^3 matmul rate: 9% (9 MFLOP) .. 40% (4.4 GFLOP); least squares in log-log:
+#   0.19 x (FLOPs / 1e8)^0.26 (each point within -30%/+38% of the fit).
+# - floor: lwjax pipelines of a same-shaped model of negligible size (hidden 16, seq 8,
+#   batch 16, M = 8): 1/2/4/16 stages x tp 1 -> 0.65 ms + 0.033 ms per stage per tick;
+#   2 x tp 8 and 4 x tp 4 -> 0.37 / 0.32 ms more per all-reduce (two per layer) per tick.
+CPU_EFFICIENCY_AT_1E8 = 0.19
+CPU_EFFICIENCY_EXPONENT = 0.26
+CPU_TICK_FLOOR_S = 0.65e-3
+CPU_TICK_FLOOR_PER_STAGE_S = 0.033e-3
+CPU_ALLREDUCE_FLOOR_S = 0.34e-3
+
+
+@dataclasses.dataclass(frozen=True)
+class TickModel:
+    """Corrections to the roofline for one hardware kind.
+
+    Attributes:
+        concurrency: cores the devices share (None: every device its own hardware).
+        efficiency_at_1e8: fraction of the peak a layer of 1e8 FLOPs reaches (1: peak).
+        efficiency_exponent: how the fraction grows with a layer's FLOPs (0: constant).
+        tick_floor_s: seconds every tick costs beyond its work.
+        tick_floor_per_stage_s: and per stage in the pipeline.
+        allreduce_floor_s: and per all-reduce a split stage's layer runs in a tick.
+        source: where the figures come from.
+    """
+
+    concurrency: int | None = None
+    efficiency_at_1e8: float = 1.0
+    efficiency_exponent: float = 0.0
+    tick_floor_s: float = 0.0
+    tick_floor_per_stage_s: float = 0.0
+    allreduce_floor_s: float = 0.0
+    source: str = "roofline, uncorrected"
+
+    def efficiency(self, flops: float) -> float:
+        """Fraction of the peak matmul rate a layer of ``flops`` reaches, at most 1.
+
+        Example:
+            >>> TickModel().efficiency(1e6)
+            1.0
+        """
+        if flops <= 0 or self.efficiency_exponent == 0:
+            return min(1.0, self.efficiency_at_1e8)
+        return min(1.0, self.efficiency_at_1e8 * (flops / 1e8) ** self.efficiency_exponent)
+
+    def floor_s(self, num_stages: int) -> float:
+        """Seconds a tick of a pipeline of ``num_stages`` costs beyond its work."""
+        return self.tick_floor_s + self.tick_floor_per_stage_s * num_stages
+
+
+def _cpu(hw: HardwareSpec) -> TickModel:
+    return TickModel(
+        concurrency=hw.num_cores, efficiency_at_1e8=CPU_EFFICIENCY_AT_1E8,
+        efficiency_exponent=CPU_EFFICIENCY_EXPONENT, tick_floor_s=CPU_TICK_FLOOR_S,
+        tick_floor_per_stage_s=CPU_TICK_FLOOR_PER_STAGE_S,
+        allreduce_floor_s=CPU_ALLREDUCE_FLOOR_S,
+        source="measured on a 2-core CPU host (passes/cost_calibration.py)")
+
+
+def _gpu(hw: HardwareSpec) -> TickModel:
+    del hw
+    return TickModel(source="roofline, uncorrected (no GPU measurement to calibrate it)")
+
+
+TICK_MODELS: dict[str, Callable[[HardwareSpec], TickModel]] = {"cpu": _cpu, "gpu": _gpu}
+
+
+def tick_model(hw: HardwareSpec) -> TickModel:
+    """The corrections for ``hw`` (``TICK_MODELS[hw.kind]``).
+
+    Example:
+        >>> tick_model(hardware.H100_SXM).tick_floor_s
+        0.0
+    """
+    return TICK_MODELS[hw.kind](hw)

@@ -1,0 +1,289 @@
+"""Pass: the layout search -- stage count x tp per stage x microbatch count, scored.
+
+The layouts a user would pick are candidates, listed in the registry ``FAMILIES``:
+
+- ``"lwjax"``: any stage count S of ``tp`` devices each (S x tp <= devices), the layers
+  partitioned contiguously with the least slowest stage (``partition_layers``);
+- ``"TP x PP mesh"``: the meshes a user writes by hand, pp = devices // tp stages of
+  near-equal layer counts over every device, tp >= 2 (2 stages x tp 8 is one).
+
+Each is tried at every microbatch count M allowed and scored by one projected step
+(``step_seconds``): the roofline corrected by ``cost_calibration.tick_model`` -- a layer's
+work at the matmul efficiency measured for its FLOPs, a per-tick floor (more per stage and
+per all-reduce of a split stage), the stage-to-stage transfer, and on a CPU the cores the
+simulated devices share. A mesh is a layer-wise plan too (its stages are contiguous), so the
+best "lwjax" candidate is never projected slower than the best mesh: by construction, since
+for each (S, tp, M) the least slowest stage minimises the step (the step only grows with the
+slowest stage and with S).
+
+Example:
+    >>> ranking = search_layouts(inputs_at, Space(tps=(1, 2), microbatch_counts=(1, 2, 4),
+    ...                                           num_devices=4, num_layers=4))
+    >>> ranking.best.layout
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable, Sequence
+
+from lwjax.errors import InfeasiblePlanError
+from lwjax.hardware import HardwareSpec
+from lwjax.passes.cost_calibration import TickModel, tick_model
+from lwjax.passes.cost_core import transfer_time
+from lwjax.passes.partition import partition_layers
+from lwjax.passes.planner import _residual_bytes, partition_inputs, segment_cost
+from lwjax.passes.segment import LayerGraph
+from lwjax.plan import LayerNumbers, Residency
+
+Range = tuple[int, int]
+_TIE = 1e-9  # relative: steps closer than this are equal; fewer devices, stages, M win
+
+
+@dataclasses.dataclass(frozen=True)
+class LayoutInputs:
+    """What scoring one (tp, M) needs, per device at that tp.
+
+    Attributes:
+        microbatches: M.
+        tp: devices per stage.
+        work_s: per layer, seconds of work per microbatch (roofline at the measured
+            efficiency; the prologue folded into layer 0).
+        floor_s: per layer, seconds per tick beyond its work (a split layer's all-reduces).
+        epilogue_s: the epilogue's work per microbatch, on the last stage after the ticks.
+        sizes: per layer, the bytes that add up in a stage (``partition_inputs``).
+        room: the capacity left for them (<= 0: nothing fits).
+        transfer_s: one stage-to-stage send of a microbatch's residual.
+        model: the corrections in force (concurrency, per-tick floor).
+    """
+
+    microbatches: int
+    tp: int
+    work_s: tuple[float, ...]
+    floor_s: tuple[float, ...]
+    epilogue_s: float
+    sizes: tuple[int, ...]
+    room: int
+    transfer_s: float
+    model: TickModel
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """One candidate: ``family`` of ``FAMILIES``, S stages x tp devices, M microbatches."""
+
+    family: str
+    num_stages: int
+    tp: int
+    microbatches: int
+
+    def describe(self, family: bool = True) -> str:
+        shape = f"{self.num_stages} x tp {self.tp}, M={self.microbatches}"
+        return f"{shape} ({self.family})" if family else shape
+
+
+@dataclasses.dataclass(frozen=True)
+class Scored:
+    layout: Layout
+    ranges: tuple[Range, ...]
+    step_s: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Space:
+    """The dimensions searched: tps allowed, microbatch counts allowed, devices, layers."""
+
+    tps: tuple[int, ...]
+    microbatch_counts: tuple[int, ...]
+    num_devices: int
+    num_layers: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Ranking:
+    """Every feasible candidate, best first (``best``, ``runner_up``, ``best_mesh``), and
+    where the corrections to the roofline come from (``TickModel.source``)."""
+
+    scored: tuple[Scored, ...]
+    source: str = ""
+
+    @property
+    def best(self) -> Scored | None:
+        return self.scored[0] if self.scored else None
+
+    @property
+    def runner_up(self) -> Scored | None:
+        """The best candidate with another (S, tp, M) than the winner."""
+        key = _shape(self.best) if self.scored else None
+        return next((s for s in self.scored[1:] if _shape(s) != key), None)
+
+    @property
+    def best_mesh(self) -> Scored | None:
+        return next((s for s in self.scored if s.layout.family == "TP x PP mesh"), None)
+
+    def notes(self) -> tuple[str, ...]:
+        """What won, by how much over the runner-up and over the best mesh (projected)."""
+        best = self.best
+        lines = [f"layout search (projected step; corrections: {self.source}): "
+                 f"{best.layout.describe()} wins at {best.step_s * 1e3:.3f} ms of "
+                 f"{len(self.scored)} feasible candidates"]
+        for label, other in (("the runner-up", self.runner_up),
+                             ("the best TP x PP mesh", self.best_mesh)):
+            if other is None:
+                lines.append(f"no {label[4:]} fits")
+            elif label != "the runner-up" and other.ranges == best.ranges and \
+                    _shape(other) == _shape(best):
+                lines.append(f"{label} is this layout ({other.layout.describe(False)}): "
+                             "the least slowest stage at its stage count is its even split")
+            else:
+                lines.append(f"{other.step_s / best.step_s:.2f}x faster than {label}, "
+                             f"{other.layout.describe()} at {other.step_s * 1e3:.3f} ms")
+        return tuple(lines)
+
+
+def _shape(s: Scored) -> tuple[int, int, int]:
+    return s.layout.num_stages, s.layout.tp, s.layout.microbatches
+
+
+# ---- scoring --------------------------------------------------------------------------------
+
+def step_seconds(x: LayoutInputs, ranges: Sequence[Range]) -> float:
+    """Projected seconds of one GPipe step of a partition: ``M + S - 1`` ticks of the
+    slowest stage (its work and its all-reduces' floor) plus the per-tick floor and the
+    transfer; on shared cores no less than all devices' work; then M epilogues.
+
+    Example:
+        >>> step_seconds(inputs, [(0, 2), (2, 4)])
+    """
+    m, s = x.microbatches, len(ranges)
+    ticks = m + s - 1
+    stage = [sum(x.work_s[a:b]) + sum(x.floor_s[a:b]) for a, b in ranges]
+    busy = ticks * max(stage)
+    shared = x.model.concurrency is not None
+    if shared:  # whole-host rates: every device's work, one after another
+        busy = max(busy, m * (x.tp * sum(x.work_s) + sum(x.floor_s)))
+    per_tick = x.model.floor_s(s) + (x.transfer_s if s > 1 else 0.0)
+    return busy + ticks * per_tick + m * x.epilogue_s * (x.tp if shared else 1)
+
+
+def _fits(x: LayoutInputs, ranges: Sequence[Range]) -> bool:
+    return x.room > 0 and all(sum(x.sizes[a:b]) <= x.room for a, b in ranges)
+
+
+# ---- candidate families ---------------------------------------------------------------------
+
+def _lwjax(x: LayoutInputs, space: Space) -> Iterable[tuple[Range, ...]]:
+    """The least slowest stage with at most k stages, for every k (partitions repeated at
+    a larger k are left out)."""
+    if x.room <= 0:
+        return
+    most = min(space.num_devices // x.tp, space.num_layers)
+    costs = [w + f for w, f in zip(x.work_s, x.floor_s, strict=True)]
+    counts = range(1, most + 1)
+    if space.num_layers * most > 200_000:  # keep planning fast for huge models
+        counts = sorted({most, *(2**i for i in range(most.bit_length()) if 2**i <= most)})
+    seen = set()
+    for k in counts:
+        try:
+            ranges = partition_layers(list(x.sizes), costs, x.room, k)
+        except InfeasiblePlanError:
+            continue
+        if ranges not in seen:
+            seen.add(ranges)
+            yield ranges
+
+
+def _mesh(x: LayoutInputs, space: Space) -> Iterable[tuple[Range, ...]]:
+    """pp = devices // tp stages of near-equal layer counts (the longer first), tp >= 2."""
+    pp = space.num_devices // x.tp
+    if x.tp < 2 or not 1 <= pp <= space.num_layers:
+        return
+    base, extra = divmod(space.num_layers, pp)
+    stops = [0]
+    for i in range(pp):
+        stops.append(stops[-1] + base + (i < extra))
+    ranges = tuple(zip(stops[:-1], stops[1:], strict=True))
+    if _fits(x, ranges):
+        yield ranges
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """A registry entry: how one kind of layout partitions the layers at (tp, M)."""
+
+    name: str
+    describe: str
+    partitions: Callable[[LayoutInputs, Space], Iterable[tuple[Range, ...]]]
+
+
+FAMILIES: tuple[Family, ...] = (
+    Family("lwjax", "any stage count x tp, the least slowest stage", _lwjax),
+    Family("TP x PP mesh", "devices // tp stages of near-equal layer counts, tp >= 2", _mesh),
+)
+
+
+def search_layouts(inputs_at: Callable[[int, int], LayoutInputs], space: Space) -> Ranking:
+    """Scores every family's candidates over ``space``; best first (ties: fewer devices,
+    then fewer stages, then fewer microbatches; the "lwjax" family before a mesh).
+
+    Args:
+        inputs_at: ``(microbatches, tp) -> LayoutInputs`` (memoise it).
+        space: tps, microbatch counts, devices, layers.
+
+    Example:
+        >>> search_layouts(inputs_at, space).best.layout.num_stages
+    """
+    scored = []
+    for m in space.microbatch_counts:
+        for tp in space.tps:
+            if tp > space.num_devices:
+                continue
+            x = inputs_at(m, tp)
+            for order, family in enumerate(FAMILIES):
+                for ranges in family.partitions(x, space):
+                    layout = Layout(family.name, len(ranges), tp, m)
+                    scored.append((order, Scored(layout, tuple(ranges), step_seconds(x, ranges))))
+    if not scored:
+        return Ranking(())
+    least = min(s.step_s for _, s in scored)
+
+    def key(item):
+        order, s = item
+        tie = s.step_s <= least * (1 + _TIE)
+        return (not tie, s.step_s if not tie else 0.0, s.layout.num_stages * s.layout.tp,
+                s.layout.num_stages, s.layout.microbatches, order)
+
+    return Ranking(tuple(s for _, s in sorted(scored, key=key)), x.model.source)
+
+
+# ---- inputs from a traced graph -------------------------------------------------------------
+
+def layout_inputs(graph: LayerGraph, numbers: LayerNumbers, hw: HardwareSpec, *,
+                  microbatches: int, tp: int, capacity_bytes: int,
+                  residency: Residency) -> LayoutInputs:
+    """The scoring inputs of one (tp, M) from the graph traced at that microbatch and the
+    planner's numbers at that tp (``split_numbers``).
+
+    Example:
+        >>> layout_inputs(graph, numbers, hardware.H100_SXM, microbatches=4, tp=1,
+        ...               capacity_bytes=50 * 2**20, residency="all").transfer_s > 0
+    """
+    model = tick_model(hw)
+    dtype = graph.layers[0].outputs[0].aval.dtype if graph.layers[0].outputs else "float32"
+    peak = hw.peak_flops(str(dtype))
+    flops: dict[str, float] = {}
+
+    def work(seg, roofline_s: float) -> float:
+        if seg.signature not in flops:
+            flops[seg.signature] = segment_cost(graph, seg).flops / tp
+        f = flops[seg.signature]
+        return max(roofline_s, f / (peak * model.efficiency(f)) if f else 0.0)
+
+    work_s = [work(seg, c) for seg, c in zip(graph.layers, numbers.costs_s, strict=True)]
+    floor = 2 * model.allreduce_floor_s if tp > 1 else 0.0  # Megatron: two per layer
+    sizes, room, _ = partition_inputs(numbers, capacity_bytes, residency)
+    residual = max(_residual_bytes(seg) for seg in graph.layers)
+    return LayoutInputs(
+        microbatches=microbatches, tp=tp, work_s=tuple(work_s),
+        floor_s=(floor,) * len(work_s), epilogue_s=work(graph.epilogue, numbers.epilogue_s),
+        sizes=tuple(sizes), room=room, transfer_s=transfer_time(residual, hw), model=model)

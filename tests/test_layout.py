@@ -1,0 +1,141 @@
+"""The layout search (passes/layout.py): optimal under its own cost model, checked by exhaustive
+enumeration of (S, tp, M, partition) on small random cases, infeasible ones included; and the
+user's pins (microbatches=, allow=(), objective="bottleneck") kept through lwjax.plan."""
+
+from __future__ import annotations
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import lwjax
+from lwjax import hardware, models
+from lwjax.passes import layout
+from lwjax.passes.cost_calibration import TickModel
+
+H100 = hardware.H100_SXM
+
+
+def _compositions(n: int, k: int):
+    """Every split of layers 0..n into k contiguous non-empty ranges."""
+    for cuts in itertools.combinations(range(1, n), k - 1):
+        stops = (0, *cuts, n)
+        yield tuple(zip(stops[:-1], stops[1:], strict=True))
+
+
+def _even(n: int, k: int):
+    base, extra = divmod(n, k)
+    stops = [0]
+    for i in range(k):
+        stops.append(stops[-1] + base + (i < extra))
+    return tuple(zip(stops[:-1], stops[1:], strict=True))
+
+
+@st.composite
+def cases(draw):
+    num_layers = draw(st.integers(1, 6))
+    num_devices = draw(st.integers(1, 8))
+    tps = tuple(t for t in (1, 2, 4) if t <= num_devices and draw(st.booleans()) or t == 1)
+    counts = tuple(sorted(draw(st.sets(st.sampled_from((1, 2, 4, 8)), min_size=1, max_size=3))))
+    concurrency = draw(st.sampled_from((None, 2)))
+    tick = TickModel(concurrency=concurrency,
+                     tick_floor_s=draw(st.sampled_from((0.0, 0.5, 2.0))),
+                     tick_floor_per_stage_s=draw(st.sampled_from((0.0, 0.25))))
+    small = st.integers(0, 9).map(float)
+    inputs = {}
+    for m in counts:
+        for tp in tps:
+            floor = draw(st.sampled_from((0.0, 1.0)))
+            inputs[m, tp] = layout.LayoutInputs(
+                microbatches=m, tp=tp,
+                work_s=tuple(draw(st.lists(small, min_size=num_layers, max_size=num_layers))),
+                floor_s=(floor,) * num_layers, epilogue_s=draw(small),
+                sizes=tuple(draw(st.lists(st.integers(0, 6), min_size=num_layers,
+                                          max_size=num_layers))),
+                room=draw(st.integers(-1, 12)), transfer_s=draw(small), model=tick)
+    return layout.Space(tps, counts, num_devices, num_layers), inputs
+
+
+def _exhaustive(space: layout.Space, inputs) -> tuple[float | None, float | None]:
+    """The least step over every (S, tp, M, partition) that fits, and over the meshes."""
+    best = mesh = None
+    for (_, tp), x in inputs.items():
+        for k in range(1, min(space.num_devices // tp, space.num_layers) + 1):
+            for ranges in _compositions(space.num_layers, k):
+                if x.room <= 0 or any(sum(x.sizes[a:b]) > x.room for a, b in ranges):
+                    continue
+                step = layout.step_seconds(x, ranges)
+                best = step if best is None else min(best, step)
+                if tp >= 2 and k == space.num_devices // tp and ranges == _even(
+                        space.num_layers, k):
+                    mesh = step if mesh is None else min(mesh, step)
+    return best, mesh
+
+
+@settings(max_examples=300, deadline=None)
+@given(cases())
+def test_search_equals_exhaustive_enumeration(case):
+    space, inputs = case
+    ranking = layout.search_layouts(lambda m, tp: inputs[m, tp], space)
+    best, mesh = _exhaustive(space, inputs)
+    if best is None:  # infeasible everywhere: the search finds nothing either
+        assert ranking.best is None and ranking.scored == ()
+        return
+    assert ranking.best.step_s == pytest.approx(best, rel=1e-12, abs=1e-12)
+    x = inputs[ranking.best.layout.microbatches, ranking.best.layout.tp]
+    assert layout.step_seconds(x, ranking.best.ranges) == ranking.best.step_s
+    assert all(sum(x.sizes[a:b]) <= x.room for a, b in ranking.best.ranges)
+    if mesh is None:
+        assert ranking.best_mesh is None
+    else:  # the meshes are candidates, and never beat the winner
+        assert ranking.best_mesh.step_s == pytest.approx(mesh, rel=1e-12)
+        assert ranking.best.step_s <= ranking.best_mesh.step_s
+
+
+def test_step_seconds_by_hand():
+    x = layout.LayoutInputs(microbatches=4, tp=2, work_s=(1.0, 2.0, 3.0), floor_s=(0.5,) * 3,
+                            epilogue_s=1.0, sizes=(1, 1, 1), room=3, transfer_s=0.25,
+                            model=TickModel(tick_floor_s=0.1, tick_floor_per_stage_s=0.05))
+    # 5 ticks of the slowest stage (1 + 2 + 2 x 0.5), the floor 0.1 + 2 x 0.05 and the
+    # transfer per tick, 4 epilogues
+    assert layout.step_seconds(x, [(0, 2), (2, 3)]) == pytest.approx(
+        5 * 4.0 + 5 * (0.2 + 0.25) + 4 * 1.0)
+    shared = layout.LayoutInputs(**{**vars(x), "model": TickModel(concurrency=2)})
+    # shared cores: M x (tp x all work + the floors) = 4 x (2 x 6 + 1.5) beats 5 x 4;
+    # the epilogue runs on tp devices' shared cores too
+    assert layout.step_seconds(shared, [(0, 2), (2, 3)]) == pytest.approx(
+        4 * 13.5 + 5 * 0.25 + 4 * 2 * 1.0)
+
+
+# ---- through lwjax.plan ----------------------------------------------------------------------
+
+CFG = models.configs.tiny_dense()
+TOKENS = jax.ShapeDtypeStruct((8, CFG.seq_len), jnp.int32)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return models.abstract(CFG)
+
+
+def test_default_plan_names_winner_runner_up_and_mesh(tiny):
+    p = lwjax.plan(tiny, TOKENS, num_devices=16, hardware=H100, cache_bytes=120_000)
+    text = "\n".join(p.notes)
+    assert "layout search" in text and "runner-up" in text and "TP x PP mesh" in text
+    won = next(n for n in p.notes if n.startswith("layout search"))
+    assert f"{len(p.stages)} x tp {p.tp}, M={p.microbatches}" in won
+
+
+def test_pins_are_kept(tiny):
+    pinned = lwjax.plan(tiny, TOKENS, num_devices=16, hardware=H100, microbatches=2)
+    assert pinned.microbatches == 2
+    exact = lwjax.plan(tiny, TOKENS, num_devices=16, hardware=H100, allow=())
+    assert exact.tp == 1 and exact.microbatches == 8  # the default M: min(batch, devices)
+    assert not any("layout search" in n for n in exact.notes)
+    bottleneck = lwjax.plan(tiny, TOKENS, num_devices=16, hardware=H100, objective="bottleneck")
+    assert len(bottleneck.stages) == CFG.num_layers and bottleneck.tp == 1
+    assert not any("layout search" in n for n in bottleneck.notes)
