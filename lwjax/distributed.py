@@ -14,9 +14,14 @@ activations through gloo, GPU hosts through NCCL; lwjax adds no transport of its
 - **Outputs** are jax Arrays over every process's devices: each process holds the pieces on
   its own devices (``x.addressable_shards``); ``gather(x)`` gives every process the whole
   value as numpy.
+- **Gradients and weights**: ``sm.value_and_grad(...)`` and ``sm.export_params(...)`` are
+  collectives: every process calls them and gets the whole tree (gathered), on its first
+  local device, equal bit for bit to a single process's.
 - **Same plan everywhere**: processes must run the same program. ``hardware.host_cpu()``
   measures once, on process 0, and shares the figures (``shared``), so plans made from it
-  agree; ``ShardedModel`` checks that every process planned the same stages (``agree``).
+  agree; ``ShardedModel``, ``Generator`` and the training programs (``value_and_grad``,
+  ``train_step``) check that every process planned the same (``agree``, ``agree_plan``):
+  ``ConfigError`` on every process, naming the processes that differ, instead of a hang.
 - **A lost peer**: every process writes a heartbeat counter into the coordination service's
   key-value store every ``heartbeat_seconds / 4``; a peer whose counter stands still for
   ``heartbeat_seconds``, or that wrote that it failed, is lost. The survivor then raises
@@ -27,10 +32,20 @@ activations through gloo, GPU hosts through NCCL; lwjax adds no transport of its
   ``Timeouts.bound_seconds`` of the death (6.5 s for a 2 s heartbeat, measured 2.9-6.0 s in
   tests/test_multiprocess.py's scenario; 20.5 s by default). JAX's own heartbeat is set
   longer, as a backstop (when it fires, JAX aborts the process). A process done with its
-  work waits at exit, still watching, for the others to finish. Losing process 0, which
-  hosts the coordination service, is the one case lwjax cannot word: JAX aborts the other
-  processes at once ("Terminating process because the JAX distributed service detected
-  fatal errors"); ``lwjax launch`` then names process 0 in its summary.
+  work waits at exit, still watching, for the others to finish.
+- **Losing process 0**, which hosts JAX's coordination service:
+  - when it *fails* (an uncaught error), it publishes the error and waits (at most
+    ``bound_seconds``) until the others have named it in their PeerLostError and are
+    exiting with status 75, then exits with status 1;
+  - when it *dies* (killed, crashed), the service dies with it, and JAX's client in every
+    other process notices at once (its error poll's RPC fails) and aborts the process:
+    stderr shows "Terminating process because the JAX distributed service detected fatal
+    errors ... UNAVAILABLE: Failed to send RPC to coordination service", then SIGABRT (status
+    134 from a shell), within a second of the death, before lwjax's heartbeat (which beats
+    every ``heartbeat_seconds / 4``) can see anything. lwjax cannot word it: jax 0.10.2 lets
+    a client take a ``missed_heartbeat_callback`` instead of aborting, but calling it
+    crashes with ``std::bad_cast`` (the error status does not convert to Python), and a
+    SIGABRT handler cannot resume. ``lwjax launch`` names process 0 in its summary.
 
 Example:
     >>> from lwjax import distributed
@@ -262,6 +277,24 @@ def agree(text: str, what: str) -> None:
             f"process {differ[0]}: {values[differ[0]]['text']}. Give every process the same "
             f"arguments (and a hardware preset, e.g. hardware='h100', if figures measured on "
             f"each process differ), or plan once and pass plan=.")
+
+
+def agree_plan(plan, what: str, **extra) -> None:
+    """``agree`` on what a program compiled from ``plan`` depends on: its stages (layers,
+    devices), microbatches and tp, and ``extra`` (JSON-able: a schedule, input shapes).
+    Every process must call it, in the same order; a no-op in a single-process run.
+
+    Raises:
+        ConfigError: as ``agree``, naming the processes that differ from process 0.
+
+    Example:
+        >>> agree_plan(g.plan, "generation plan", prompt_shape=[4, 8], max_new_tokens=16)
+    """
+    if peers.active() is None:
+        return
+    agree(json.dumps({"stages": [[list(s.layer_range), list(s.devices)] for s in plan.stages],
+                      "microbatches": plan.microbatches, "tp": plan.tp, **extra},
+                     default=str), what)
 
 
 def shared(name: str, compute: Callable[[], str]) -> str:

@@ -195,6 +195,11 @@ class Generator:
         self.prompt_shape, self.max_new_tokens, self.cache_len = prompt_shape, max_new_tokens, \
             cache_len
         self.eos_id, self.pad_id, self.vocab = eos_id, pad_id, vocab
+        from lwjax import distributed  # multi-process: every process compiles the same
+
+        distributed.agree_plan(plan, "generation plan", prompt_shape=list(prompt_shape),
+                               max_new_tokens=max_new_tokens, cache_len=cache_len,
+                               eos_id=eos_id, pad_id=pad_id, compression=compression)
         by_id = {d.id: d for d in devices}
         self._devices = [by_id[s.devices[0]] for s in plan.stages]
         self._fills = _cache_fills(lm, plan.microbatch_size, cache_len)
@@ -281,8 +286,11 @@ class Generator:
             start = time.perf_counter()
             prog.fn.lower(self.params, prog.abstract_caches(), prompt_MBT, lengths_MB).compile()
             self.compile_seconds[shortest] = time.perf_counter() - start
-        stacked, self.caches = prog.fn(self.params, self.caches, prompt_MBT, lengths_MB)
-        return prog.new_tokens(stacked)
+        from lwjax import distributed  # several processes: a lost peer is PeerLostError
+
+        with distributed.peer_guard():
+            stacked, self.caches = prog.fn(self.params, self.caches, prompt_MBT, lengths_MB)
+            return prog.new_tokens(stacked)
 
     def lower(self, prompt, lengths=None, attention_mask=None) -> jax.stages.Lowered:
         """The ``jax.stages.Lowered`` program for these prompts."""

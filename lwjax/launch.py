@@ -9,7 +9,9 @@ The launcher waits for every process. When one fails, the others have ``--grace`
 to stop by themselves (a survivor of a lost peer exits within the heartbeat bound:
 ``lwjax.distributed``); after that, and after ``--timeout`` for the whole run, it
 terminates what is left. It then says on stderr how each process ended, and exits with the
-status of the first process that failed (128 + N for signal N), 124 on ``--timeout``, else 0.
+status of the first process that failed (128 + N for signal N) -- the first whose status is
+not 75, "lost a peer", when there is one: the culprit, not a survivor that ended before it
+(process 0, failing, outlasts the others) -- 124 on ``--timeout``, else 0.
 
 Example:
     $ lwjax launch -n 2 --cpu-devices 8 -- python experiments/demo.py
@@ -188,7 +190,8 @@ def _wait(procs: list[subprocess.Popen], grace: float, timeout: float | None) ->
     if timed_out:
         return EXIT_TIMEOUT
     if failed:
-        code = failed[0][2]
+        culprits = [c for _, _, c in failed if c != distributed.EXIT_PEER_LOST]
+        code = (culprits or [failed[0][2]])[0]
         return 128 - code if code < 0 else code
     return 0
 

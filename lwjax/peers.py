@@ -11,6 +11,9 @@ that wrote that it failed, is lost; when the service itself stops answering, pro
 is doing. An uncaught error ends it at once: as PeerLostError (status 75) when a lost peer
 explains it, else published as "failed" for the peers to name (status 1), skipping JAX's
 exit barrier, which cannot complete while the peers wait in collectives for this process.
+A process ending on a lost peer first writes "exiting"; process 0, ending on an error,
+waits for every peer's "exiting" first (``Watch.outlast_peers``), as JAX aborts the
+processes still connected when process 0's coordination service goes.
 
 Example:
     >>> watch = peers.start(client, run)      # lwjax.distributed.initialize does this
@@ -205,7 +208,7 @@ class Watch:
                 silent = self.last_ok - self.changed[p]
                 if state.startswith("failed"):
                     found[p] = state
-                elif state == "running" and silent > limit:
+                elif state in ("running", "exiting") and silent > limit:
                     found[p] = f"no heartbeat for {silent:.1f} s (heartbeat_seconds={limit:g})"
             new = {p: r for p, r in found.items() if p not in self.lost}
             self.lost.update(new)
@@ -301,6 +304,24 @@ class Watch:
                 return
             time.sleep(self.timeouts.beat_seconds / 2)
 
+    def outlast_peers(self) -> None:
+        """Process 0, about to end on an error: waits (at most ``bound_seconds``) until every
+        peer not found lost says it is ending ("exiting"). Process 0 hosts the coordination
+        service, and JAX aborts every process still connected when it goes
+        (``lwjax.distributed``): waiting lets them end as lwjax says, naming the culprit. (A
+        peer that is done waits at exit for process 0, so it is still connected too.)"""
+        if self.run.process_id != 0:
+            return
+        end = time.monotonic() + self.timeouts.bound_seconds
+        while time.monotonic() < end:
+            with self.lock:
+                going = [p for p in self.peers if p not in self.lost and
+                         self.info.get(p, {}).get("state") != "exiting"]
+            if not going:
+                time.sleep(min(0.2, self.timeouts.beat_seconds))  # their exit after the write
+                return
+            time.sleep(self.timeouts.beat_seconds / 4)
+
 
 def _excepthook(exc_type, exc, tb) -> None:
     """An uncaught error in a multi-process run: a lost peer's shows as PeerLostError and the
@@ -321,6 +342,7 @@ def _excepthook(exc_type, exc, tb) -> None:
     first = (traceback.format_exception_only(exc_type, exc) or [exc_type.__name__])[-1]
     watch.publish_state(f"failed: {first.strip()[:500]}")
     _flush()
+    watch.outlast_peers()
     os._exit(1)
 
 
@@ -346,6 +368,14 @@ def _die(error: PeerLostError | None, why: str) -> None:
     elif why:
         sys.stderr.write(f"lwjax: a peer was lost; {why} (status {EXIT_PEER_LOST})\n")
     _flush()
+    watch = _watch
+    if watch is not None:
+        # tell process 0, which outlasts the others, that this one is going; a thread, so
+        # that an RPC to a coordination service that no longer answers cannot hold the exit
+        said = threading.Thread(target=watch.publish_state, args=("exiting",), daemon=True)
+        said.start()
+        said.join(min(1.0, watch.timeouts.beat_seconds))
+        watch.outlast_peers()
     os._exit(EXIT_PEER_LOST)
 
 

@@ -27,6 +27,10 @@ Example:
     >>> state = step.init()
     >>> state, loss = step(state, tokens, targets)
     >>> nnx.update(model, step.export_params(state))
+
+Several processes (``lwjax.distributed``): every process makes the same calls, checked to
+compile the same program (``ConfigError``, not a hang); gradients and exported weights come
+to every process whole, on its first local device.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from lwjax import distributed
 from lwjax.errors import ConfigError, InputError, LossError, OptimizerError
 from lwjax.passes.storage import AXIS
 from lwjax.passes.train import TrainProgram, lower_train, weight_copies
@@ -148,6 +153,9 @@ class Trainer:
         self.trainable_leaf = trainable
         target_avals = self._target_avals(targets)
         check_loss(loss_fn, graph, target_avals, sm.plan.microbatches)
+        # multi-process: every process must compile the same gradient program
+        distributed.agree_plan(sm.plan, "training program", schedule=schedule,
+                               targets=[[list(t.shape), str(t.dtype)] for t in target_avals])
         self.program: TrainProgram = lower_train(
             graph, [s.layer_range for s in sm.plan.stages], list(sm.program.mesh.devices.ravel()),
             sm.plan.microbatches, loss_fn, target_avals, schedule=schedule,
@@ -192,6 +200,9 @@ def to_tree(program, traced, slots: Sequence, *, grads: bool) -> Any:
     (a tied weight's gradient: the sum of its copies' parts). ``grads``: the trainable leaves
     only (``nnx.state(model, nnx.Param)`` / ``variables["params"]``), else the whole tree.
 
+    Several processes: each gathers the slots (a collective) and builds the whole tree on
+    its first local device with one process's operations, so the values agree bit for bit.
+
     Args:
         program: a PipelineProgram or TrainProgram (its stages, storage and mesh).
         traced: the TracedModel (the tree's structure).
@@ -203,23 +214,19 @@ def to_tree(program, traced, slots: Sequence, *, grads: bool) -> Any:
     """
     graph = program.graph
     devices = program.mesh.devices.ravel()
+    row = _stage_rows(slots, devices)
     pieces: dict[int, dict] = {}
     if grads:
         parts = weight_copies(graph, program.stages, program.storage)
         for i, info in enumerate(graph.params):
-            rows = []
-            for s, n in parts[i]:
-                shard = next(sh for sh in slots[n].addressable_shards
-                             if sh.device == devices[s])
-                rows.append(shard.data[0].reshape(info.shape))
+            rows = [row(n, s)[0].reshape(info.shape) for s, n in parts[i]]
             value = rows[0]
             for r in rows[1:]:
                 value = value + jax.device_put(r, next(iter(value.devices())))
             pieces.setdefault(info.source, {})[info.slice_index] = value
     else:  # each stage's weights as its branch reads them (compressed ones decoded)
         for s, st in enumerate(program.stages):
-            local = [next(sh.data for sh in a.addressable_shards if sh.device == devices[s])
-                     for a in slots]
+            local = [row(n, s) for n in range(len(slots))]
             for i, value in zip(st.params, program.storage.unpack(local, s), strict=True):
                 info = graph.params[i]
                 pieces.setdefault(info.source, {}).setdefault(info.slice_index, value)
@@ -234,9 +241,23 @@ def to_tree(program, traced, slots: Sequence, *, grads: bool) -> Any:
             first = next(iter(got[0].devices()))
             leaves.append(jnp.stack([jax.device_put(got[j], first) for j in sorted(got)]))
     if not grads:  # weights to load into the model: together on one device
-        leaves = [jax.device_put(x, devices[0]) for x in leaves]
+        home = devices[0] if jax.process_count() == 1 else jax.local_devices()[0]
+        leaves = [jax.device_put(x, home) for x in leaves]
     tree = jax.tree.unflatten(traced.param_treedef, leaves)
     return trainable_part(tree, traced.kind) if grads else tree
+
+
+def _stage_rows(slots: Sequence, devices) -> Callable[[int, int], jax.Array]:
+    """``row(n, s)``: slot n's row of stage s, a [1, size] array. One process: the shard on
+    stage s's device. Several: every slot gathered whole to every process (the same path on
+    each, whichever stages it holds), the row on this process's first device."""
+    if jax.process_count() == 1:
+        return lambda n, s: next(sh.data for sh in slots[n].addressable_shards
+                                 if sh.device == devices[s])
+    with distributed.peer_guard():
+        whole = distributed.gather(list(slots))
+    here = jax.local_devices()[0]
+    return lambda n, s: jax.device_put(whole[n][s:s + 1], here)
 
 
 def split_call(sm, call_args: Sequence) -> tuple[tuple, tuple]:
@@ -294,8 +315,10 @@ def value_and_grad(sm, loss_fn: Callable, *, schedule: str = "gpipe") -> Callabl
         if key not in cache:
             cache[key] = Trainer(sm, loss_fn, schedule, targets)
         trainer = cache[key]
-        loss, slots = trainer.program.fn(sm.params, *trainer.leaves(call_args, kwargs))
-        return loss, trainer.to_tree(slots, grads=True)
+        leaves = trainer.leaves(call_args, kwargs)
+        with distributed.peer_guard():
+            loss, slots = trainer.program.fn(sm.params, *leaves)
+            return loss, trainer.to_tree(slots, grads=True)
 
     return fn
 
@@ -354,7 +377,9 @@ class TrainStep:
         """One update on a batch: ``(state, loss)``; ``state`` is donated."""
         if self._trainer is None:
             self._trainer = self._build(call_args)
-        return self._fn(state, *self._trainer.leaves(call_args, kwargs))
+        leaves = self._trainer.leaves(call_args, kwargs)
+        with distributed.peer_guard():
+            return self._fn(state, *leaves)
 
     @property
     def program(self) -> TrainProgram | None:
