@@ -42,9 +42,9 @@ from jax.sharding import PartitionSpec as P
 
 from lwjax.errors import ConfigError, DeviceError
 from lwjax.passes.lower import _param_values, lower
-from lwjax.passes.planner import _device_ids, fmt_bytes
+from lwjax.passes.planner import _device_ids, fmt_bytes, stage_footprint
 from lwjax.passes.storage import AXIS, SlotStorage
-from lwjax.plan import Plan
+from lwjax.plan import Plan, Stage
 
 Source = Literal["kept", "spare-local", "device", "spare", "model"]
 
@@ -149,7 +149,9 @@ class HotSpare:
         copied_bytes: bytes copied to the spare (its stage's own stored bytes).
         copy_s: the copy's time (measured).
         compile_s: compiling the program with the spare in place (measured; 0 if not asked).
-        program: that program (``PipelineProgram``, compiled), or None.
+        warm_s: its first run, on zeros, ahead (measured).
+        program: that program (``PipelineProgram``), or None.
+        compiled: its ``jax.stages.Compiled``, or None.
     """
 
     stage: int
@@ -158,7 +160,9 @@ class HotSpare:
     copied_bytes: int
     copy_s: float
     compile_s: float = 0.0
+    warm_s: float = 0.0
     program: object = None
+    compiled: object = None
 
 
 def _by_id() -> dict[int, jax.Device]:
@@ -222,19 +226,20 @@ def move_weights(old_storage: SlotStorage, old_params, old_plan: Plan,
     old_devs = _stage_devices(old_plan)
     alive = [d for d in dict.fromkeys(old_devs) if d not in lost]
     local = _locals(old_params, alive)
-    # per weight: (device id, stored arrays) for each surviving old stage that holds it
+    # per weight: (device id, its stored arrays' [1, n] rows) for each surviving old stage
+    # that holds it; rows move as they are (no reshapes: nothing to compile per device)
     holders: dict[int, list[tuple[int, list]]] = {}
     for t, d in enumerate(old_devs):
         if d in lost:
             continue
-        arrays = old_storage.stored(local[d], t)
+        arrays = old_storage.rows(local[d], t)
         n = 0
         for i, k in zip(old_storage.stage_params[t], old_storage._counts(t), strict=True):
             holders.setdefault(i, []).append((d, arrays[n:n + k]))
             n += k
     # hot spares' copies, per weight
     for spare in spares.values():
-        arrays = old_storage.stored(spare.rows, spare.stage)
+        arrays = old_storage.rows(spare.rows, spare.stage)
         n = 0
         for i, k in zip(old_storage.stage_params[spare.stage],
                         old_storage._counts(spare.stage), strict=True):
@@ -283,35 +288,12 @@ def move_weights(old_storage: SlotStorage, old_params, old_plan: Plan,
                         "stage (sm.keep_hot_spares) to survive this loss.")
                 source = "model"
                 codec = new_storage.codecs[i]
-                arrays = [jax.device_put(a, by_id[dst])
+                arrays = [jax.device_put(np.asarray(a).reshape(1, -1), by_id[dst])
                           for a in ([x] if codec is None else codec.encode(x))]
             moves.append(Move(names[i], source, src, dst, sizes[i]))
             out.extend(arrays)
         stage_arrays.append(out)
-    return assemble(new_storage, mesh, stage_arrays), moves
-
-
-def assemble(storage: SlotStorage, mesh, stage_arrays: Sequence[Sequence]) -> list:
-    """The [S, n] slot arrays from each stage's stored arrays, already on its device (a
-    stage with no array of a slot gets a zero row, made on its device).
-
-    Example:
-        >>> params = assemble(storage, mesh, [storage.stored(local, s) for s ...])
-    """
-    devices = list(mesh.devices.ravel())
-    sharding = NamedSharding(mesh, P(AXIS))
-    out = []
-    for key, j in storage.slots:
-        dt, size = key
-        rows = []
-        for s, arrays in enumerate(stage_arrays):
-            mine = {(k, jj): x for (k, jj, _), x in zip(storage.where[s], arrays, strict=True)}
-            x = mine.get((key, j))
-            rows.append(x.reshape(1, size) if x is not None else
-                        jax.device_put(np.zeros((1, size), dt), devices[s]))
-        out.append(jax.make_array_from_single_device_arrays((len(devices), size), sharding,
-                                                            rows))
-    return out
+    return new_storage.assemble(mesh, stage_arrays), moves
 
 
 def lost_devices(plan: Plan, exclude_devices, spare_devices) -> tuple[list[int], list[int]]:
@@ -324,6 +306,65 @@ def lost_devices(plan: Plan, exclude_devices, spare_devices) -> tuple[list[int],
         raise DeviceError(f"devices {unknown} are not among this process's devices "
                           f"(ids {min(known)}..{max(known)}).")
     return excluded, spares
+
+
+def local_repair(old: Plan, planned: Plan, excluded: Sequence[int],
+                 spares: Sequence[int]) -> Plan | None:
+    """``old``'s partition, repaired where it broke: each lost stage runs on a new spare if
+    one is left, else its layers join the faster of its surviving neighbours. Every other
+    stage keeps its layers and device, so only the lost layers move. Returns None when a
+    stage would not fit or the repair is projected slower than ``planned`` (a full
+    re-partition), under the plan's own objective.
+
+    Example:
+        >>> repaired = local_repair(old, old.replan(exclude_devices=[5]), [5], [])
+        >>> [st.layer_range for st in repaired.stages][4]      # stage 5's layer joined 4
+        (4, 6)
+    """
+    if old.tp != 1 or old.mode == "train":
+        return None
+    free = [d for d in spares if d not in excluded]
+    ranges = [list(st.layer_range) for st in old.stages]
+    devs: list[int | None] = [st.devices[0] for st in old.stages]
+    for k, d in enumerate(devs):
+        if d in excluded:
+            devs[k] = free.pop(0) if free else None
+    if all(d is None for d in devs):
+        return None
+
+    def alive_next_to(k: int) -> list[int]:
+        return [n for n in (k - 1, k + 1) if 0 <= n < len(devs) and devs[n] is not None]
+
+    while None in devs:  # a lost stage next to a surviving one joins it
+        k = next(k for k, d in enumerate(devs) if d is None and alive_next_to(k))
+        alive = alive_next_to(k)
+        times = {n: sum(old.numbers.costs_s[ranges[n][0]:ranges[n][1]]) for n in alive}
+        n = min(alive, key=lambda m: (times[m], m))
+        ranges[n] = [min(ranges[n][0], ranges[k][0]), max(ranges[n][1], ranges[k][1])]
+        del ranges[k], devs[k]
+    num = len(ranges)
+    stages = tuple(
+        Stage(index=k, layers=old.numbers.names[a:b], layer_range=(a, b), devices=(d,),
+              footprint=stage_footprint(old.numbers, a, b, num),
+              est_time_s=sum(old.numbers.costs_s[a:b]))
+        for k, ((a, b), d) in enumerate(zip(ranges, devs, strict=True)))
+    repaired = dataclasses.replace(planned, stages=stages, notes=(
+        *planned.notes, "repaired in place: the lost stages' layers run on spares or join a "
+                        "neighbour; every other stage keeps its layers and device"))
+    if any(repaired.resident_bytes(st) > repaired.capacity_bytes for st in stages):
+        return None
+
+    def score(p: Plan) -> float:
+        return p.bottleneck.est_time_s if p.objective == "bottleneck" else p.step_time_s
+
+    return repaired if score(repaired) <= score(planned) * (1 + 1e-9) else None
+
+
+def _new_plan(old: Plan, excluded: Sequence[int], spares: Sequence[int]) -> Plan:
+    """The plan to move to: the repaired old partition when it is projected no slower than
+    a full re-partition, else that re-partition with devices keeping what they hold."""
+    planned = old.replan(exclude_devices=excluded, spare_devices=spares)
+    return local_repair(old, planned, excluded, spares) or keep_in_place(planned, old)
 
 
 def keep_in_place(plan: Plan, old: Plan) -> Plan:
@@ -378,11 +419,12 @@ def _lower(sm, plan: Plan):
                  plan.microbatches, schedule=prog.schedule, codecs=prog.storage.codecs)
 
 
-def _compile(program, params) -> float:
-    """Compiles ``program`` for ``params`` (the jitted function caches it); its seconds."""
+def _compile(program, params) -> tuple[object, float]:
+    """``program`` compiled for ``params`` and the call's abstract arguments (``Compiled``:
+    calling it skips tracing and lowering), and the seconds it took."""
     start = time.perf_counter()
-    program.fn.lower(params, *program.abstract_args()[1:]).compile()
-    return time.perf_counter() - start
+    compiled = program.fn.lower(params, *program.abstract_args()[1:]).compile()
+    return compiled, time.perf_counter() - start
 
 
 def keep_hot_spares(sm, spares: Mapping[int, int] | Sequence[int], *,
@@ -417,7 +459,14 @@ def keep_hot_spares(sm, spares: Mapping[int, int] | Sequence[int], *,
         if compile_ahead:
             program = _lower(sm, switch_plan(plan, {k: d}, [stage_devs[k]]))
             hs.program = program
-            hs.compile_s = _compile(program, _switched(sm, program, {k: hs}))
+            params = _switched(sm, program, {k: hs})
+            hs.compiled, hs.compile_s = _compile(program, params)
+            # one run on zeros: an executable's first run costs several later ones
+            # (measured on XLA:CPU: 689 vs 64 ms), so the switch's first call does not pay it
+            start = time.perf_counter()
+            zeros = [np.zeros(a.shape, a.dtype) for a in program.abstract_args()[1:]]
+            jax.block_until_ready(hs.compiled(params, *zeros))
+            hs.warm_s = time.perf_counter() - start
         out[k] = hs
     return out
 
@@ -449,7 +498,8 @@ def _switched(sm, program, covered: Mapping[int, HotSpare]) -> list:
 
 
 def replan(sm, exclude_devices=(), spare_devices=(), *, drain: bool = False):
-    """``ShardedModel.replan``'s work: (plan, program, placed params, Failover)."""
+    """``ShardedModel.replan``'s work: (plan, program, placed params, its Compiled,
+    Failover)."""
     old_plan, old_prog = sm.plan, sm.program
     _check_runnable(old_prog.storage, old_plan, "replan")
     excluded, new_spares = lost_devices(old_plan, exclude_devices, spare_devices)
@@ -464,12 +514,12 @@ def replan(sm, exclude_devices=(), spare_devices=(), *, drain: bool = False):
         plan = switch_plan(old_plan, {k: hs.device for k, hs in covered.items()}, excluded)
     else:
         kind = "migrate"
-        plan = keep_in_place(old_plan.replan(exclude_devices=excluded,
-                                             spare_devices=new_spares), old_plan)
+        plan = _new_plan(old_plan, excluded, new_spares)
     replan_s = time.perf_counter() - start
     ahead = next(iter(covered.values())) if kind == "switch" and len(covered) == 1 else None
-    program = ahead.program if ahead is not None and ahead.program is not None else \
-        _lower(sm, plan)
+    if ahead is None or ahead.program is None:
+        ahead = None
+    program = ahead.program if ahead is not None else _lower(sm, plan)
     storage = program.storage
     start = time.perf_counter()
     if kind == "switch":
@@ -485,13 +535,13 @@ def replan(sm, exclude_devices=(), spare_devices=(), *, drain: bool = False):
                                      model_current=sm.model_weights)
     jax.block_until_ready(params)
     migrate_s = time.perf_counter() - start
-    compile_s = 0.0 if ahead is not None and ahead.program is not None else \
+    compiled, compile_s = (ahead.compiled, 0.0) if ahead is not None else \
         _compile(program, params)
     sizes = {i: b for s in range(len(plan.stages)) for i, b in storage.param_bytes(s).items()}
     needed = needed_bytes(old_plan, plan, old_prog.storage.stage_params, storage.stage_params,
                           sizes)
-    return plan, program, params, Failover(kind, tuple(excluded), replan_s, migrate_s,
-                                           compile_s, tuple(moves), needed)
+    return plan, program, params, compiled, Failover(kind, tuple(excluded), replan_s,
+                                                     migrate_s, compile_s, tuple(moves), needed)
 
 
 def _stage_weights(storage: SlotStorage, s: int, graph) -> list[tuple[str, int]]:
@@ -507,8 +557,7 @@ def replan_generator(g, exclude_devices=(), spare_devices=(), *, drain: bool = F
     _check_runnable(old_prog.storage, g.plan, "replan")
     excluded, new_spares = lost_devices(g.plan, exclude_devices, spare_devices)
     start = time.perf_counter()
-    plan = keep_in_place(g.plan.replan(exclude_devices=excluded, spare_devices=new_spares),
-                         g.plan)
+    plan = _new_plan(g.plan, excluded, new_spares)
     replan_s = time.perf_counter() - start
     moves: list[Move] = []
 

@@ -26,15 +26,13 @@ from collections.abc import Sequence
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from lwjax.errors import ConfigError, InputError
 from lwjax.passes import compression as compression_lib
 from lwjax.passes.codec import build_codecs
 from lwjax.passes.compression import Compression
 from lwjax.passes.lower import PipelineProgram, lower
-from lwjax.passes.storage import AXIS, SlotStorage
+from lwjax.passes.storage import SlotStorage
 from lwjax.plan import Plan
 
 
@@ -115,7 +113,7 @@ def recompress(sm, compression: str | Compression, stages: Sequence[int] | None 
             stage_arrays.append(encoders[s](local))
         else:  # the stage keeps its stored arrays as they are
             stage_arrays.append(old.stored(local, s))
-    params = _assemble(new, prog.mesh, stage_arrays)
+    params = new.assemble(prog.mesh, stage_arrays)
     jax.block_until_ready(params)
     reencode_s = time.perf_counter() - start
 
@@ -135,22 +133,3 @@ def recompress(sm, compression: str | Compression, stages: Sequence[int] | None 
             st.footprint, weights_bytes=after[s])) for s, st in enumerate(sm.plan.stages)))
     return plan, program, params, Recompressed(chosen, policy.name, reencode_s,
                                                 encoder_compile_s, compile_s, before, after)
-
-
-def _assemble(storage: SlotStorage, mesh, stage_arrays: Sequence[Sequence]) -> list:
-    """The [S, n] slot arrays from each stage's stored arrays, already on its device (a
-    stage with no array of a slot gets a zero row, made on its device)."""
-    devices = list(mesh.devices.ravel())
-    sharding = NamedSharding(mesh, P(AXIS))
-    out = []
-    for key, j in storage.slots:
-        dt, size = key
-        rows = []
-        for s, arrays in enumerate(stage_arrays):
-            mine = {(k, jj): x for (k, jj, _), x in zip(storage.where[s], arrays, strict=True)}
-            x = mine.get((key, j))
-            rows.append(x.reshape(1, size) if x is not None else
-                        jax.device_put(np.zeros((1, size), dt), devices[s]))
-        out.append(jax.make_array_from_single_device_arrays((len(devices), size), sharding,
-                                                            rows))
-    return out

@@ -50,6 +50,7 @@ class ShardedModel:
         self.model_weights = params is None
         self.hot_spares: dict[int, failover_lib.HotSpare] = {}
         self.failover: failover_lib.Failover | None = None
+        self._compiled = None  # a Compiled for self.params, when compiled ahead (replan)
 
     def _leaves(self, args, kwargs) -> list:
         t = self._traced
@@ -97,6 +98,8 @@ class ShardedModel:
         (``lwjax.distributed.gather`` gives every process the whole value)."""
         leaves = self._leaves(args, kwargs)
         with distributed.peer_guard():
+            if self._compiled is not None:  # skips tracing and lowering the program again
+                return self.program.outputs(self._compiled(self.params, *leaves))
             return self.program(self.params, *leaves)
 
     def lower(self, *args, **kwargs) -> jax.stages.Lowered:
@@ -212,14 +215,16 @@ class ShardedModel:
             >>> sm2 = sm.replan(exclude_devices=[3])
             >>> print(sm2.failover.summary())
         """
-        plan, program, params, record = failover_lib.replan(self, exclude_devices,
-                                                            spare_devices, drain=drain)
+        plan, program, params, compiled, record = failover_lib.replan(
+            self, exclude_devices, spare_devices, drain=drain)
         out = ShardedModel(plan, program, self._traced, self._batch_size, params=params)
+        out._compiled = compiled
         out.failover = record
         out.model_weights = self.model_weights
         if record.kind == "switch":
             # unused spares stay on guard; their programs assumed the old devices
-            out.hot_spares = {k: dataclasses.replace(hs, program=None, compile_s=0.0)
+            out.hot_spares = {k: dataclasses.replace(hs, program=None, compiled=None,
+                                                     compile_s=0.0)
                               for k, hs in self.hot_spares.items()
                               if plan.stages[k].devices[0] != hs.device}
         return out
@@ -228,8 +233,9 @@ class ShardedModel:
                         ) -> dict[int, failover_lib.HotSpare]:
         """Keeps a copy of stages' weights on spare devices the plan does not use (copied
         device to device), and -- ``compile_ahead`` -- compiles the program that runs with
-        each spare in its stage's place, so that losing the stage's device is a switch
-        (``replan``), not a migration and a compile.
+        each spare in its stage's place and runs it once on zeros (an executable's first run
+        is slow), so that losing the stage's device is a switch (``replan``), not a
+        migration and a compile.
 
         Args:
             spares: ``{stage: device id}``, or device ids for stages 0, 1, ...
@@ -264,6 +270,7 @@ class ShardedModel:
                              "state made by this ShardedModel's train_step.")
         self.params = [p.copy() for p in state.params]
         self.model_weights = False
+        self._compiled = None
         for k, hs in self.hot_spares.items():  # spares hold the weights that run
             hs.rows = failover_lib.spare_rows(self, k, hs.device)
 

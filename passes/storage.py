@@ -112,6 +112,11 @@ class SlotStorage:
         order, from its local rows: reshapes of the rows, no copies."""
         return [local[self._index[key, j]].reshape(shape) for key, j, shape in self.where[s]]
 
+    def rows(self, local, s: int) -> list:
+        """Stage s's local [1, n] rows of the slots its stored arrays fill, in ``where[s]``'s
+        order: each row holds one stored array, flattened (a slot's size is its array's)."""
+        return [local[self._index[key, j]] for key, j, _ in self.where[s]]
+
     def param_bytes(self, s: int) -> dict[int, int]:
         """Per weight of stage s (graph parameter index), its stored bytes."""
         sizes = [int(np.prod(shape, dtype=np.int64)) * np.dtype(key[0]).itemsize
@@ -146,6 +151,29 @@ class SlotStorage:
         sharding = NamedSharding(mesh, P(AXIS))
         return [jax.ShapeDtypeStruct((num_stages, size), dt, sharding=sharding)
                 for (dt, size), _ in self.slots]
+
+    def assemble(self, mesh: Mesh, stage_arrays: Sequence[Sequence]) -> list:
+        """The [S, n] slot arrays from each stage's stored arrays (or their [1, n] rows),
+        already on its device; a stage with no array of a slot gets a zero row, made on its
+        device. Nothing moves between devices.
+
+        Example:
+            >>> params = storage.assemble(mesh, [storage.rows(local[s], s) for s in stages])
+        """
+        devices = list(mesh.devices.ravel())
+        sharding = NamedSharding(mesh, P(AXIS))
+        out = []
+        for key, j in self.slots:
+            dt, size = key
+            rows = []
+            for s, arrays in enumerate(stage_arrays):
+                mine = {(k, jj): x for (k, jj, _), x in zip(self.where[s], arrays, strict=True)}
+                x = mine.get((key, j))
+                rows.append(jax.device_put(np.zeros((1, size), dt), devices[s]) if x is None
+                            else x if x.shape == (1, size) else x.reshape(1, size))
+            out.append(jax.make_array_from_single_device_arrays((len(devices), size),
+                                                                sharding, rows))
+        return out
 
     def place(self, mesh: Mesh, stage_values: Sequence[list]) -> list:
         devices = mesh.devices.ravel()
@@ -211,6 +239,29 @@ class SplitStorage:
         return [jax.ShapeDtypeStruct((num_stages, self.groups[key], *key[0]), key[1],
                                      sharding=NamedSharding(mesh, self._spec(key)))
                 for key in self.keys]
+
+    def assemble(self, mesh: Mesh, stage_arrays: Sequence[Sequence]) -> list:
+        """The [S, n] slot arrays from each stage's stored arrays (or their [1, n] rows),
+        already on its device; a stage with no array of a slot gets a zero row, made on its
+        device. Nothing moves between devices.
+
+        Example:
+            >>> params = storage.assemble(mesh, [storage.rows(local[s], s) for s in stages])
+        """
+        devices = list(mesh.devices.ravel())
+        sharding = NamedSharding(mesh, P(AXIS))
+        out = []
+        for key, j in self.slots:
+            dt, size = key
+            rows = []
+            for s, arrays in enumerate(stage_arrays):
+                mine = {(k, jj): x for (k, jj, _), x in zip(self.where[s], arrays, strict=True)}
+                x = mine.get((key, j))
+                rows.append(jax.device_put(np.zeros((1, size), dt), devices[s]) if x is None
+                            else x if x.shape == (1, size) else x.reshape(1, size))
+            out.append(jax.make_array_from_single_device_arrays((len(devices), size),
+                                                                sharding, rows))
+        return out
 
     def place(self, mesh: Mesh, stage_values: Sequence[list]) -> list:
         out = []

@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 import lwjax
-from lwjax import models
+from lwjax import failover, models
 from lwjax.errors import DeviceError
 from lwjax.models import configs
 
@@ -48,7 +48,10 @@ def test_replan_after_losing_devices_keeps_outputs_and_moves_what_the_plans_need
     model, tokens, sm, want = dense
     new = sm.replan(exclude_devices=lost)
     used = [d for st in new.plan.stages for d in st.devices]
-    assert not set(used) & set(lost) and len(used) <= 8 - len(lost)
+    # repaired in place: each lost layer joins a neighbour (projected no slower than a full
+    # re-partition: the bottleneck is two layers either way), the rest stay
+    assert not set(used) & set(lost) and len(used) == 8 - len(lost)
+    assert "repaired in place" in new.plan.notes[-1]
     np.testing.assert_allclose(new(tokens), want, atol=ATOL, rtol=RTOL)
     _check_placed(new)
     f = new.failover
@@ -61,7 +64,7 @@ def test_replan_after_losing_devices_keeps_outputs_and_moves_what_the_plans_need
                   if i != st.devices[0])
     outer = {m.param: m for m in f.moves if not m.param.startswith("layers/")}
     by_hand += sum(m.nbytes for m in outer.values() if m.src_device != m.dst_device)
-    assert f.bytes_needed == f.bytes_arrived == by_hand > 0
+    assert f.bytes_needed == f.bytes_arrived == by_hand == sum(layer_bytes[d] for d in lost)
     assert f.bytes_in_place + f.bytes_arrived == sum(
         new.program.storage.own_bytes(s) for s in range(len(new.plan.stages)))
     # the layers of lost devices come from the model's arrays; the rest from devices
@@ -168,3 +171,24 @@ def test_generator_replan_gives_the_same_tokens(dense):
     np.testing.assert_array_equal(g2(prompt), want)
     own = g2.kv_cache_bytes()
     assert set(own) == {st.devices[0] for st in g2.plan.stages}
+
+
+def test_a_repair_slower_than_replanning_is_not_taken(dense):
+    model, tokens, _, _ = dense
+    plan = lwjax.plan(model, tokens, devices=jax.devices()[:4], cache_bytes=BIG,
+                      microbatches=4, objective="bottleneck")
+    assert [st.layer_range for st in plan.stages] == [(0, 2), (2, 4), (4, 6), (6, 8)]
+    # losing stage 1: joining a neighbour makes a 4-layer stage; 3 devices do it in 3
+    new = failover._new_plan(plan, [1], [])
+    sizes = [b - a for a, b in (st.layer_range for st in new.stages)]
+    assert max(sizes) == 3
+    assert not any("repaired in place" in n for n in new.notes)
+    # the re-partition keeps devices where they were: device 0 keeps layer 0 and 1, ...
+    held = {st.devices[0]: set(range(*st.layer_range)) for st in plan.stages}
+    for st in new.stages:
+        kept = held[st.devices[0]] & set(range(*st.layer_range))
+        assert kept, f"stage {st.layer_range} on device {st.devices[0]} keeps nothing"
+    # with a spare, the lost stage moves there whole
+    spared = failover._new_plan(plan, [1], [13])
+    assert [st.devices[0] for st in spared.stages] == [0, 13, 2, 3]
+    assert [st.layer_range for st in spared.stages] == [st.layer_range for st in plan.stages]
