@@ -57,7 +57,7 @@ MEASURED_SCALE_FITS_L2 = 64  # the hidden size (Table 1b) whose layers fit the h
 MIB = 2**20
 PROJECTED_ON = hardware.H100_SXM
 PROJECTED_LABEL = f"projected (cost model, {NUM_DEVICES} x {PROJECTED_ON.name})"
-MICROBATCH_SWEEP = (4, 8, 16)  # the default baseline variant also runs at these M
+MICROBATCH_SWEEP = (2, 4, 8, 16)  # the default baseline variant also runs at these M
 METHODS = {"baseline": "Baseline (TP=8, PP=2)", "layerwise": "Layer-wise (lwjax)",
            "single": "Single device (reference)"}
 

@@ -23,31 +23,31 @@ Layout of ``tp_pp``:
   ``explicit`` scatter-adds its experts' outputs locally and completes the sum with one
   psum over "tp" (as the dense MLP does); under GSPMD (``shard_map``, ``gspmd``) the
   partitioner combines the slots with an all-gather over "tp" before the model's
-  scatter-add. No all-to-all is needed. The alternative, each expert's F split over "tp", makes every
-  device gather all E x C slots and all-reduce an [E, C, D] partial sum (E*C = k*T*1.25
-  rows, about 2.5x the tokens), so expert-parallel moves less data and does less redundant
-  gather work; its constraint is that tp divides the number of experts (8 experts, tp=8:
-  one expert per device).
+  scatter-add. No all-to-all is needed. The alternative (``*_split`` variants),
+  each expert's F split over "tp", makes every device gather and scatter all E x C slots
+  (E*C = k*T*1.25 rows, about 2.5x the tokens) for the same matmul FLOPs, so
+  expert-parallel does less redundant gather work (measured faster); its constraint is
+  that tp divides the number of experts (8 experts, tp=8: one expert per device).
 - Embedding [V, D]: vocab-parallel over "tp" (Megatron's VocabParallelEmbedding: a masked
   local gather and an all-reduce); LM head [D, V] column-parallel over V, so logits come out
   vocab-sharded and are never gathered. With tied embeddings both use the one table.
-- Pipeline: a device holds only its stage's layers and only its "tp" slice of them: one
-  array per layer slot, [pp, ...] sharded ``P("pp", *tp_spec)`` (slot j holds layer
-  s * L/pp + j of stage s), so a stage reads each layer's weights whole -- a bitcast, no
-  per-tick slice of a stacked array. A ``lax.scan`` runs the M + pp - 1 GPipe ticks (fill,
-  steady state, drain); in a tick a stage runs its layers (a Python loop) only when it holds
-  a microbatch (``lax.cond`` on t - stage in [0, M); a stage's tp peers share the
-  predicate, so the collectives inside match) and ``lax.ppermute`` over "pp" hands the
-  activations to the next stage. How the stage is partitioned over "tp" is the variant's
-  choice (below).
-- Variants (``tp_pp(..., variant=...)``, the table in ``lwjax.baselines_tp_pp``): ``explicit``
-  -- ``jax.shard_map`` manual over "pp" and "tp", the block on local shards with one
-  ``lax.psum`` over "tp" after attention and one after the MLP (Megatron's two all-reduces);
-  ``shard_map`` -- manual over "pp" only, GSPMD partitions the model's own ``Block`` from the
-  weights' shardings (MaxText's way); ``gspmd`` -- no shard_map, the stages a vmapped axis
-  of a pp-sharded state rolled one stage per tick (cannot skip the bubble: vmap turns
-  ``cond`` into ``select``); ``scan`` / ``unrolled`` -- the pre-#15 program (layers stacked
-  under ``lax.scan``; computing in fill/drain ticks) and the same with per-layer arrays;
+- Pipeline (default variant ``explicit_scan``): blocks are stacked stage-major into
+  [pp, L/pp, ...] leaves sharded ``P("pp", None, *tp_spec)``, so a device holds only its
+  stage's layers and only its "tp" slice of them. Inside ``jax.shard_map`` manual over "pp"
+  and "tp" each device runs the model's own sublayers (``nnx.merge``) on its local shards
+  with one ``lax.psum`` over "tp" after attention and one after the MLP. A ``lax.scan`` runs
+  the M + pp - 1 GPipe ticks (fill, steady state, drain); in a tick a stage runs its layers
+  (an inner ``lax.scan``) only when it holds a microbatch (``lax.cond`` on t - stage in
+  [0, M); a stage's tp peers share the predicate, so the collectives inside match) and
+  ``lax.ppermute`` over "pp" hands the activations to the next stage.
+- Other variants (``tp_pp(..., variant=...)``, the table in ``lwjax.baselines_tp_pp``):
+  ``explicit`` -- the same with one array per layer slot ([pp, ...], read whole: a bitcast
+  instead of the scan's per-tick dynamic slice) and the stage a Python loop;
+  ``scan_skip`` / ``shard_map`` -- manual over "pp" only, GSPMD partitions the model's own
+  ``Block`` from the weights' shardings (MaxText's way), stacked or per-layer; ``gspmd`` --
+  no shard_map, the stages a vmapped axis of a pp-sharded state rolled one stage per tick
+  (cannot skip the bubble: vmap turns ``cond`` into ``select``); ``scan`` / ``unrolled`` --
+  the pre-#15 program (GSPMD tp, computing in fill/drain ticks), stacked or per-layer;
   ``*_split`` (MoE) -- every expert's F split over "tp" instead of whole experts.
 - Embedding and head run *outside* the shard_map, in the automatically partitioned part of
   the same jitted program, as in MaxText: a GSPMD user has no reason to idle pp - 1 stages
@@ -236,6 +236,21 @@ def tp_pp(
 
     See the module docstring for the layout. The result equals ``model(tokens)`` up to
     float rounding (the row-parallel all-reduces sum in another order).
+
+    The default variant, for dense and MoE models alike, is ``explicit_scan``: shard_map
+    manual over both axes with explicit psums, a stage's layers stacked under ``lax.scan``,
+    fill/drain ticks skipped. Why, measured (``experiments/throughput.py``, every variant in
+    one interleaved run, 16 simulated CPU devices on 2 cores, TP=8 x PP=2, M=8; figures in
+    ``experiments/results/throughput.md``): skipping the fill/drain ticks saves the
+    bubble's compute (~(pp - 1) / (M + pp - 1) of it); explicit psums beat GSPMD's
+    partitioning of the model's Block, most for MoE, where GSPMD combines expert-parallel
+    slots with two all-gathers per layer and the explicit program scatter-adds locally and
+    psums once; and on this CPU runtime the stacked ``lax.scan`` (per-tick dynamic slices of
+    the weights, fused into their consumers) is as fast as per-layer arrays for dense and
+    faster for MoE (the unrolled stage repeats every layer's routing, gathers and scatter
+    buffers in one large program). Fewer microbatches are faster here once the bubble is
+    skipped (the idle stage frees the shared cores), so the default ``microbatches=pp``
+    stands; the benchmark measures the default variant at M in {2, 4, 8, 16}.
 
     Args:
         model: an ``lwjax.models`` DenseTransformer or MoETransformer (built or abstract).

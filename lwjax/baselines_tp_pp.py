@@ -23,8 +23,8 @@ differ in how a competent JAX user might write the pipeline:
 
 Example:
     >>> from lwjax import baselines_tp_pp
-    >>> sorted(baselines_tp_pp.VARIANTS)[:2]
-    ['explicit', 'explicit_split']
+    >>> sorted(baselines_tp_pp.VARIANTS)[:3]
+    ['explicit', 'explicit_scan', 'explicit_split']
     >>> baselines_tp_pp.VARIANTS["shard_map"].skip_bubble
     True
 """
@@ -115,15 +115,17 @@ class Variant:
 
 VARIANTS: dict[str, Variant] = {v.name: v for v in (
     Variant("scan", "shard_map", "scan", skip_bubble=False),  # lwjax <= #15's baseline
+    Variant("scan_skip", "shard_map", "scan", skip_bubble=True),
     Variant("unrolled", "shard_map", "unrolled", skip_bubble=False),
     Variant("shard_map", "shard_map", "unrolled", skip_bubble=True),
     Variant("shard_map_split", "shard_map", "unrolled", True, "split", moe_only=True),
     Variant("explicit", "explicit", "unrolled", skip_bubble=True),
+    Variant("explicit_scan", "explicit", "scan", skip_bubble=True),
     Variant("explicit_split", "explicit", "unrolled", True, "split", moe_only=True),
     Variant("gspmd", "gspmd", "unrolled", skip_bubble=False),
 )}
 # The fastest per model, measured by experiments/throughput.py (see baselines.tp_pp).
-DEFAULT = {"dense": "explicit", "moe": "explicit"}
+DEFAULT = {"dense": "explicit_scan", "moe": "explicit_scan"}
 
 
 def variant_for(cfg: DenseConfig, name: str | None) -> Variant:

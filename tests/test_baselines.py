@@ -77,10 +77,12 @@ def test_tp_pp_matches_model(kind, tp, pp, microbatches):
 
 
 # One representative per variant family in the default run (the default variant runs in
-# the test above): stacked layers under lax.scan, the bubble skipped with GSPMD tp, split
-# experts, pure GSPMD. Every variant on every layout runs with -m slow.
+# the test above): the pre-#15 program, per-layer arrays with explicit collectives, the
+# bubble skipped with GSPMD tp, split experts, pure GSPMD. Every variant on every layout
+# runs with -m slow.
 _VARIANT_CASES = [
     ("moe", "scan", 4, 2, 2),
+    ("moe", "explicit", 2, 4, 4),
     ("dense", "shard_map", 2, 4, 8),
     ("moe", "shard_map_split", 8, 2, 4),
     ("dense", "gspmd", 8, 2, 4),
@@ -162,7 +164,7 @@ def test_repeated_calls_are_bitwise_identical():
 
 def test_params_are_placed_once_megatron_and_stage_major():
     model, _, _ = _setup("dense")
-    cfg, b = model.cfg, _baseline("dense", 8, 2, 2, "scan")
+    cfg, b = model.cfg, _baseline("dense", 8, 2, 2)  # the default: stacked per stage
     tp, lps = 8, cfg.num_layers // 2
     q = b.params["blocks"]["attn"]["q"][...]
     heads = cfg.num_heads // tp
@@ -190,7 +192,7 @@ def test_unrolled_variants_hold_one_array_per_layer_slot():
     # Slot j's array [pp, ...] holds layer s * L/pp + j of each stage s, "tp"-sliced: a stage
     # reads a whole array per layer (a bitcast), no slice of a stack per tick.
     model, _, _ = _setup("dense")
-    cfg, b = model.cfg, _baseline("dense", 8, 2, 2)
+    cfg, b = model.cfg, _baseline("dense", 8, 2, 2, "explicit")
     lps, heads = cfg.num_layers // 2, cfg.num_heads // 8
     assert isinstance(b.params["blocks"], tuple) and len(b.params["blocks"]) == lps
     for j, slot in enumerate(b.params["blocks"]):
