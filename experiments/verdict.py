@@ -30,6 +30,7 @@ import lwjax
 from lwjax import hardware, models
 from lwjax.errors import InfeasiblePlanError
 from lwjax.models import configs
+from lwjax.passes import cost
 from lwjax.passes.compression import ESCALATION, get
 from lwjax.passes.footprint import footprint
 from lwjax.passes.segment import segment
@@ -219,6 +220,88 @@ def summary(name: str, fitted: bool, need: dict, most_tokens: dict) -> list[str]
     ]
 
 
+# Seed 000's energy claim (dense): tokens/s and watts per GPU it divides, quoted as claims;
+# ``energy`` recomputes the division and sets lwjax's projection beside it.
+CLAIMS_000_ENERGY = {"TP=8 x PP=2": (12_800, 700.0), "layer-wise 16 x 1": (15_360, 650.0)}
+
+
+def _layout_rows(cfg) -> tuple[list[tuple[str, tuple[int, ...], int, int]], tuple[str, ...]]:
+    """(label, layers per stage, tp, M): the seeds' two layouts at M = 8, the best TP x PP
+    mesh (even stages over all 16 devices) and lwjax's layout search, device memory as the
+    capacity (nothing fits the L2 at these dimensions); and the search's own notes."""
+    n = cfg.num_layers
+    rows = [("TP=8 x PP=2, M=8 (seeds' baseline)", (n // 2,) * 2, 8, 8),
+            ("layer-wise 16 x 1, M=8 (seeds' proposal)", (1,) * n, 1, 8)]
+    counts = [m for m in range(1, cfg.batch_size + 1) if cfg.batch_size % m == 0]
+    meshes = [((n // (NUM_DEVICES // tp),) * (NUM_DEVICES // tp), tp, m)
+              for tp in (2, 4, 8, 16) for m in counts]
+    best = min(meshes, key=lambda r: cost.project_pipeline(cfg, HW, *r).step_s)
+    rows.append((f"best TP x PP mesh: TP={best[1]} x PP={len(best[0])}, M={best[2]}", *best))
+    p = lwjax.plan(models.abstract(cfg), _tokens(cfg), num_devices=NUM_DEVICES, hardware=HW,
+                   cache_bytes=HW.hbm_bytes, allow=("split", "microbatch"))
+    stages = tuple(len(s.layers) for s in p.stages)
+    rows.append((f"lwjax.plan's layout search: {len(stages)} x tp {p.tp}, M={p.microbatches}",
+                 stages, p.tp, p.microbatches))
+    return rows, tuple(n for n in p.notes if "layout search" in n or "faster than" in n
+                       or "mesh is this layout" in n)
+
+
+def energy(name: str) -> list[str]:
+    """Projected tokens/s and tokens/J of the blocks' forward pass, per layout, with seed
+    000's claim recomputed beside it (dense only)."""
+    cfg = configs.by_name(name)
+    lines = ["| layout | projected tokens/s | projected tokens/J | devices busy | x baseline "
+             "tokens/J |", "|---|---:|---:|---:|---:|"]
+    base = None
+    rows, notes = _layout_rows(cfg)
+    projected = []
+    for label, stages, tp, m in rows:
+        p = cost.project_pipeline(cfg, HW, stages, tp, m)
+        projected.append(p)
+        busy = sum(m * t for t in p.stage_s) / (len(p.stage_s) * p.step_s)
+        base = base or p.tokens_per_j
+        lines.append(f"| {label} | {p.tps:,.0f} | {p.tokens_per_j:.2f} | {busy:.0%} | "
+                     f"{p.tokens_per_j / base:.2f} |")
+    if name == "seed-dense":
+        for label, (tps, watts) in CLAIMS_000_ENERGY.items():
+            lines.append(f"| seed 000's claim, {label} | {tps:,} | "
+                         f"{cost.flat_tokens_per_j(tps, NUM_DEVICES, watts):.2f} (= {tps:,} / "
+                         f"(16 x {watts:.0f} W)) | 100% (flat power) | -- |")
+        claims = list(CLAIMS_000_ENERGY.values())
+        lines.append(
+            f"Against seed 000: the roofline projects {projected[0].tps / claims[0][0]:.0f}x its "
+            f"claimed tokens/s for TP=8 x PP=2 and {projected[1].tps / claims[1][0]:.0f}x for "
+            "layer-wise 16 x 1 (absolute tokens/J differ by as much); its proposal/baseline "
+            f"ratio, {claims[1][0] / claims[1][1] / (claims[0][0] / claims[0][1]):.2f}, "
+            f"comes from {claims[1][0] / claims[0][0] - 1:+.0%} tokens/s and {claims[1][1]:.0f} "
+            f"vs {claims[0][1]:.0f} W; here layer-wise 16 x 1 is "
+            f"{projected[1].tps / projected[0].tps:.2f}x the baseline's tokens/s and "
+            f"{projected[1].tokens_per_j / projected[0].tokens_per_j:.2f}x its tokens/J: its "
+            f"devices wait in a {projected[1].bubble:.0%} bubble at idle power, and run no "
+            f"all-reduces, which are {_allreduce_share(cfg, projected[0]):.0%} of the "
+            "baseline's busy stage time (charged at board power).")
+    return [*lines, "lwjax.plan's own account (its cost model: the traced layers' roofline, "
+            "transfers and the GPipe ticks; the table above is the closed form):",
+            *(f"  - {n}" for n in notes)]
+
+
+def _allreduce_share(cfg, p) -> float:
+    """Share of a TP=8 x PP=2, M=8 stage's time in its Megatron all-reduces (two per block)."""
+    act = cfg.batch_size // 8 * cfg.seq_len * cfg.hidden_size * cfg.dtype.itemsize
+    return cfg.num_layers // 2 * 2 * cost.allreduce_time(act, 8, HW) / p.stage_s[0]
+
+
+ENERGY_NOTE = (
+    "Projected, not measured: tokens/s from the roofline (``cost.project_pipeline``: blocks "
+    "only, flash attention, weights from L2 where a device's share fits 50 MiB, else HBM); "
+    "tokens/J = tokens / (busy device-seconds x 700 W board power + waiting device-seconds x "
+    "70 W idle, an estimate) (``passes/cost_energy.py``). Seed 000 divides claimed tokens/s "
+    "by a flat 700 W (baseline) or 650 W (proposal) per GPU. The two differ by the throughput "
+    "itself (the roofline's peak FLOP/s at every matmul, no launch or kernel overheads) and by "
+    "the power model (a bubble costs idle power here, full "
+    "power there): ratios between rows are the comparable figures, not absolute tokens/J.")
+
+
 def verdict(names=MODELS) -> str:
     """The verdict as text (projected figures, labelled).
 
@@ -238,7 +321,10 @@ def verdict(names=MODELS) -> str:
                 "What fitting would take (split allowed; residency 'all' at one sequence per "
                 "microbatch; 'checked' = lwjax.plan on that many devices, then one fewer):",
                 *rows, "", "Tokens per microbatch (one sequence), residency 'all':",
-                *token_lines, "", *summary(name, fitted, need, most)]
+                *token_lines, "", *summary(name, fitted, need, most), "",
+                "Projected throughput and energy of the forward pass (16 x H100):",
+                *energy(name)]
+    out += ["", *textwrap.wrap(ENERGY_NOTE, 96)]
     return "\n".join(out)
 
 
