@@ -4,6 +4,8 @@ what its plan is, and the fresh-clone section stays two commands."""
 import pathlib
 import re
 
+import numpy as np
+
 import lwjax
 
 README = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
@@ -36,7 +38,7 @@ def test_readme_own_model_example_runs():
     imports."""
     usage = README.split("## Usage", 1)[1].split("\n## ", 1)[0]
     blocks = re.findall(r"```python\n(.*?)```", usage, re.S)
-    assert len(blocks) == 5
+    assert len(blocks) == 6
     namespace: dict = {}
     exec(compile("import jax, jax.numpy as jnp, numpy as np, lwjax\n" + blocks[1],
                  "README.md", "exec"), namespace)
@@ -90,3 +92,20 @@ def test_readme_compression_example_runs():
     assert small.plan.compression == "int8-2:4" and len(small.plan.stages) == 4
     assert smaller.recompressed.bytes_after[3] < smaller.recompressed.bytes_before[3]
     assert namespace["g"].plan.compression == "int8"
+
+
+def test_readme_failover_example_runs():
+    """The sixth Usage block (replan after a loss, a hot spare, a generator) runs."""
+    usage = README.split("## Usage", 1)[1].split("\n## ", 1)[0]
+    block = re.findall(r"```python\n(.*?)```", usage, re.S)[5]
+    namespace: dict = {}
+    exec(compile("import jax, jax.numpy as jnp, numpy as np, lwjax\n"
+                 "from flax import nnx\nfrom lwjax import models\n" + block, "README.md",
+                 "exec"), namespace)
+    after, switched = namespace["after"], namespace["switched"]
+    assert 2 not in {d for st in after.plan.stages for d in st.devices}
+    assert after.failover.bytes_arrived == after.failover.bytes_needed > 0
+    assert switched.failover.kind == "switch" and switched.failover.compile_s == 0
+    np.testing.assert_allclose(switched(namespace["tokens"]),
+                               namespace["model"](namespace["tokens"]), atol=1e-4)
+    assert 3 not in {d for st in namespace["g2"].plan.stages for d in st.devices}
