@@ -281,7 +281,8 @@ def energy(name: str) -> list[str]:
             f"all-reduces, which are {_allreduce_share(cfg, projected[0]):.0%} of the "
             "baseline's busy stage time (charged at board power).")
     return [*lines, "lwjax.plan's own account (its cost model: the traced layers' roofline, "
-            "transfers and the GPipe ticks; the table above is the closed form):",
+            "transfers and the GPipe ticks, weights read at L2 speed since cache_bytes is "
+            "taken as on-chip capacity; the table above is the closed form, weights from HBM):",
             *(f"  - {n}" for n in notes)]
 
 

@@ -292,9 +292,8 @@ class _Search:
             graph = self.graph_at(mb)
             t = self.t
             if (mb, comp, tp) not in self._costs:
-                # Weights come from L2 when the capacity planned for is on chip; a capacity
-                # beyond the L2 (device memory) reads them from HBM.
-                on_chip = t.capacity_bytes <= t.hardware.l2_bytes
+                # A training stage's weights live in HBM unless the capacity is on chip.
+                on_chip = t.training is None or t.capacity_bytes <= t.hardware.l2_bytes
                 times = dict(graph=graph, hw=t.hardware, weights_on_chip=on_chip, tp=tp,
                              seg_costs=self._seg_costs.setdefault(mb, {}),
                              train=t.training is not None,
@@ -343,7 +342,9 @@ class _Search:
         none fits): S x tp x M, its notes saying what won and by how much."""
         t, comp = self.t, self.t.compression
         counts = sorted({t.batch_size // t.microbatch_size, *t.microbatch_counts})
-        tps = tuple(tp for tp in self.tps if self.weights_fit(comp, tp))
+        # compressed weights run on unsplit stages only (passes/lower.py)
+        tps = tuple(tp for tp in self.tps if self.weights_fit(comp, tp)
+                    and (tp == 1 or comp.name == "none"))
         if not tps:
             return None
         num_layers = len(self.graph_at(t.microbatch_size).layers)
