@@ -17,10 +17,16 @@ C. B + the per-tick synchronisation floor, measured once per plan on a same-shap
 D. The same schedule model with *measured* work (the whole model on one device at the
    microbatch size) in place of the roofline: what is left is the schedule model's error.
 
+``--calibrate`` measures instead the constants of ``passes/cost_calibration.py`` (the
+corrections the layout search applies on CPU hosts) and prints them with their fits: the
+matmul efficiency of one device running the whole model at several sizes, and the per-tick
+floor of lwjax pipelines of a negligible model at several stage counts and tps.
+
 Run from the repository root (``--quick``: one size; wall times on a 2-core host: README,
 "Experiment scripts")::
 
     python experiments/cost_check.py [--quick] [--write-results]
+    python experiments/cost_check.py --calibrate
 
 It writes ``cost_check.md`` (``--quick``: ``cost_check-quick.md``) to ``experiments/out/``,
 which git ignores; ``--write-results`` regenerates the committed copy in
@@ -325,11 +331,72 @@ def report(checks: Sequence[Check], hw: HardwareSpec, command: str) -> str:
     ]) + "\n"
 
 
+CALIBRATION_LAYOUTS = {  # name -> (stage ranges of 16 layers, tp), M = 8
+    "16 x tp 1": ([(i, i + 1) for i in range(16)], 1),
+    "4 x tp 1": ([(4 * i, 4 * i + 4) for i in range(4)], 1),
+    "2 x tp 1": ([(0, 8), (8, 16)], 1),
+    "1 x tp 1": ([(0, 16)], 1),
+    "2 x tp 8": ([(0, 8), (8, 16)], 8),
+    "4 x tp 4": ([(4 * i, 4 * i + 4) for i in range(4)], 4),
+}
+
+
+def calibrate() -> str:
+    """Measures the CPU constants of ``passes/cost_calibration.py`` and fits them."""
+    import numpy as np
+    from flax import nnx
+
+    from lwjax import models
+
+    hw = hardware.host_cpu()
+    devices = jax.devices()[:16]
+    lines = [f"machine: {_common.machine_line()}; measured, medians of interleaved runs"]
+    cfg = throughput.skeleton_config("dense", throughput.cpu_config("dense", SIZES["small"]))
+    model = models.build(cfg, rngs=nnx.Rngs(0))
+    tokens = jax.numpy.zeros((cfg.batch_size, cfg.seq_len), jax.numpy.int32)
+    fns = {k: _common.lowered(model, tokens, r, devices[:len(r) * tp], M, tp)
+           for k, (r, tp) in CALIBRATION_LAYOUTS.items()}
+    floor = {k: t.median for k, t in _common.measure_interleaved(fns, repeats=9).items()}
+    tp1 = [(len(r), floor[k] / (M + len(r) - 1)) for k, (r, tp) in CALIBRATION_LAYOUTS.items()
+           if tp == 1]
+    (a, b), *_ = np.linalg.lstsq(np.array([[1.0, s] for s, _ in tp1]),
+                                 np.array([t for _, t in tp1]), rcond=None)
+    per_allreduce = [(floor[k] / (M + len(r) - 1) - a - b * len(r)) / (2 * (16 // len(r)))
+                     for k, (r, tp) in CALIBRATION_LAYOUTS.items() if tp > 1]
+    lines += [f"per-tick floor ({k}, M={M}): {floor[k] / (M + len(r) - 1) * 1e3:.3f} ms"
+              for k, (r, _) in CALIBRATION_LAYOUTS.items()]
+    lines.append(f"fit: {a * 1e3:.3f} ms + {b * 1e3:.4f} ms per stage per tick; per all-reduce "
+                 + " / ".join(f"{x * 1e3:.3f}" for x in per_allreduce) + " ms")
+    points = []
+    for hidden in (64, 128, 256):
+        for batch in (1, 2, 4, 8, 32):
+            c = throughput.cpu_config("dense", throughput.Scale(hidden, batch, 64, 256, 1))
+            m = models.build(c, rngs=nnx.Rngs(0))
+            tk = jax.numpy.zeros((batch, 64), jax.numpy.int32)
+            f = baselines.single_device(m, tk, device=devices[0])
+            t = _common.measure_interleaved({"x": lambda f=f, tk=tk: f(tk)}, repeats=7)["x"]
+            flops = cost.block_cost(c, batch_size=batch, attention="materialized").flops
+            eff = flops * c.num_layers / t.median / hw.peak_fp32_flops
+            points.append((flops, eff))
+            lines.append(f"hidden {hidden}, batch {batch}: {flops / 1e6:,.0f} MFLOP per block, "
+                         f"{eff:.1%} of the {hw.peak_fp32_flops / 1e9:.0f} GFLOP/s peak")
+    logf, loge = np.log([p[0] for p in points]), np.log([p[1] for p in points])
+    k, c0 = np.polyfit(logf, loge, 1)
+    lines.append(f"fit: efficiency = {np.exp(c0) * 1e8 ** k:.3f} x (FLOPs / 1e8)^{k:.3f}")
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> str:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="the small size only")
+    ap.add_argument("--calibrate", action="store_true",
+                    help="measure the constants of passes/cost_calibration.py instead")
     _common.add_output_flags(ap)
     a = ap.parse_args(argv)
+    if a.calibrate:
+        text = calibrate()
+        print(text)
+        return text
     sizes = ["small"] if a.quick else list(SIZES)
     _common.step(f"machine: {_common.machine_line()}")
     _common.step("measuring the host (lwjax.hardware.host_cpu)")
