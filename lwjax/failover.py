@@ -169,7 +169,11 @@ def _by_id() -> dict[int, jax.Device]:
     return {d.id: d for d in jax.devices()}
 
 
-def _check_runnable(sm_storage, plan: Plan, what: str) -> None:
+def _check_runnable(sm_storage, plan: Plan, what: str, virtual: int = 1) -> None:
+    if virtual != 1:
+        raise ConfigError(f"{what} moves one stage per device; this program runs {virtual} "
+                          "stages per device (circular). Use a one-lap schedule to replan "
+                          "while running.")
     if not isinstance(sm_storage, SlotStorage):
         raise ConfigError(f"{what} moves one device per stage; this plan splits stages over "
                           f"tp={plan.tp} devices. Plan with tp=1 (allow=() or without "
@@ -431,7 +435,7 @@ def keep_hot_spares(sm, spares: Mapping[int, int] | Sequence[int], *,
                     compile_ahead: bool = True) -> dict[int, HotSpare]:
     """``ShardedModel.keep_hot_spares``'s work: per stage, its spare's copy (and program)."""
     plan, storage = sm.plan, sm.program.storage
-    _check_runnable(storage, plan, "keep_hot_spares")
+    _check_runnable(storage, plan, "keep_hot_spares", sm.program.virtual)
     num_stages = len(plan.stages)
     if not isinstance(spares, Mapping):
         spares = dict(enumerate(_device_ids(spares, "spares")))
@@ -501,7 +505,7 @@ def replan(sm, exclude_devices=(), spare_devices=(), *, drain: bool = False):
     """``ShardedModel.replan``'s work: (plan, program, placed params, its Compiled,
     Failover)."""
     old_plan, old_prog = sm.plan, sm.program
-    _check_runnable(old_prog.storage, old_plan, "replan")
+    _check_runnable(old_prog.storage, old_plan, "replan", old_prog.virtual)
     excluded, new_spares = lost_devices(old_plan, exclude_devices, spare_devices)
     stage_devs = _stage_devices(old_plan)
     hit = [k for k, d in enumerate(stage_devs) if d in excluded]

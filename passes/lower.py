@@ -54,11 +54,11 @@ from jax.sharding import PartitionSpec as P
 
 from lwjax._compat import Literal as JaxLiteral
 from lwjax._compat import Var, bind_eqn
-from lwjax.errors import CompressionError, InputError
+from lwjax.errors import CompressionError, ConfigError, InputError
 from lwjax.passes import schedules
 from lwjax.passes.codec import Encoded, build_codecs
-from lwjax.passes.compression import Compression
 from lwjax.passes.collectives import StageView, check
+from lwjax.passes.compression import Compression
 from lwjax.passes.outputs import (
     OutputSplit,
     assemble,
@@ -188,6 +188,7 @@ class PipelineProgram:
     schedule: str
     fn: Callable
     output_splits: tuple[OutputSplit, ...]
+    virtual: int = 1  # stages per device (``stages`` has S x virtual entries)
 
     def __call__(self, placed_params, *arg_leaves):
         """Runs the program; outputs are the model's, each spread over the stages' devices
@@ -216,8 +217,10 @@ class PipelineProgram:
             param_leaves: ``TracedModel.params`` (real arrays), in the traced order.
         """
         values = _param_values(self.graph, param_leaves)
-        return self.storage.place(self.mesh, [[values[i] for i in st.params]
-                                              for st in self.stages])
+        groups = self.storage.stage_params if isinstance(self.storage, SlotStorage) else \
+            [st.params for st in self.stages]  # per device: its stages' weights
+        return self.storage.place(self.mesh, [[values[i] for i in params]
+                                              for params in groups])
 
     def abstract_args(self) -> list:
         """ShapeDtypeStructs of ``fn``'s arguments (placed weights, full-batch call leaves):
@@ -227,7 +230,7 @@ class PipelineProgram:
                     (a.shape[0] * self.num_microbatches, *a.shape[1:]) if b else a.shape,
                     a.dtype)
                 for a, b in zip(traced.args, traced.batch_shaped, strict=True)]
-        return [self.storage.abstract(self.mesh, len(self.stages)), *args]
+        return [self.storage.abstract(self.mesh, self.mesh.devices.shape[0]), *args]
 
 
 def carry_layout(cuts: Sequence[Sequence[Var]]
@@ -308,6 +311,7 @@ def lower(
     tp: int = 1,
     compression: Compression | None = None,
     codecs: Sequence | None = None,
+    virtual: int = 1,
 ) -> PipelineProgram:
     """Builds the pipeline program for stages covering layer ``ranges`` (half-open).
 
@@ -322,12 +326,21 @@ def lower(
             holds its stage's compressed bytes and decodes them inside its branch.
         codecs: per graph parameter, its codec (``passes.codec.ParamCodec``) or None,
             instead of ``compression``'s (a recompressed model mixes policies by stage).
+        virtual: stages per device (a schedule with ``virtual_stages``, e.g. "circular"):
+            the ``ranges`` are V = S x virtual stages, stage k on device k mod S, which
+            holds the weights of all its stages.
 
     Returns:
         PipelineProgram.
     """
     sched = schedules.get(schedule)
-    num_stages = len(ranges)
+    if virtual != 1 and (not sched.virtual_stages or tp != 1 or len(ranges) % virtual):
+        raise ConfigError(
+            f"virtual={virtual} stages per device needs a schedule that runs them "
+            f"(circular), tp=1 and a stage count divisible by it; got schedule={schedule!r}, "
+            f"tp={tp}, {len(ranges)} stages.")
+    num_virtual = len(ranges)
+    num_stages = num_virtual // virtual  # devices (x tp)
     devices = list(devices)[:num_stages * tp]
     if tp == 1:
         mesh = Mesh(np.array(devices), (AXIS,))
@@ -337,6 +350,10 @@ def lower(
     carry_slots, carry_sizes = carry_layout(cuts)
     param_vars = graph.param_vars
     stages = stage_layouts(graph, ranges, cuts)
+    # the parameters each device holds: those of its stages k = s, s + S, ...
+    device_params = [tuple(dict.fromkeys(i for k in range(s, num_virtual, num_stages)
+                                         for i in stages[k].params))
+                     for s in range(num_stages)]
 
     if codecs is None and compression is not None:
         codecs = build_codecs(graph, compression)
@@ -347,8 +364,7 @@ def lower(
             "compressed weights run on unsplit stages only. Plan with more capacity or "
             "without 'split' in allow=.")
     if tp == 1:
-        storage: SlotStorage | SplitStorage = SlotStorage([st.params for st in stages],
-                                                          param_vars, codecs)
+        storage: SlotStorage | SplitStorage = SlotStorage(device_params, param_vars, codecs)
     else:
         storage = SplitStorage([st.params for st in stages], param_vars,
                                _stage_axes(graph, stages, tp))
@@ -357,7 +373,7 @@ def lower(
     arg_vars = graph.arg_vars
     out_avals = [v.aval for v in jaxpr.outvars]
     m = num_microbatches
-    last = num_stages - 1
+    last = num_virtual - 1  # the stage that runs the epilogue, on device num_stages - 1
     for a in out_avals:
         if not a.shape or (m > 1 and a.shape[0] != graph.traced.batch_size):
             raise InputError(
@@ -367,10 +383,13 @@ def lower(
             )
     splits, interleave = output_splits(out_avals, num_stages, m)
 
-    def stage_env(s: int, params, mb_args) -> dict:
+    def stage_env(k: int, params, mb_args) -> dict:
+        """Stage k's environment on its device: its weights (the device unpacks all of its
+        stages' weights as bitcasts; stage k's equations read only its own)."""
         env = dict(consts)
-        env.update(zip((param_vars[i] for i in stages[s].params),
-                       storage.unpack(params, s, lazy=True), strict=True))
+        s = k % num_stages
+        held = dict(zip(device_params[s], storage.unpack(params, s, lazy=True), strict=True))
+        env.update((param_vars[i], held[i]) for i in stages[k].params)
         env.update(zip(arg_vars, mb_args, strict=True))
         return env
 
@@ -396,9 +415,9 @@ def lower(
         return [jnp.broadcast_to(jnp.asarray(o, a.dtype), a.shape)
                 for o, a in zip(outs, out_avals, strict=True)]
 
-    branches = [make_branch(s, st) for s, st in enumerate(stages)] + [idle]
+    branches = [make_branch(k, st) for k, st in enumerate(stages)] + [idle]
     batch_shaped = graph.traced.batch_shaped
-    perm = [(i, i + 1) for i in range(num_stages - 1)]
+    perm = [(i, (i + 1) % num_stages) for i in range(num_stages - (0 if sched.ring else 1))]
 
     def microbatch(mb_args_all, mb) -> list:
         """Microbatch ``mb`` of each argument (interleaved: ``passes/outputs.py``)."""
@@ -408,8 +427,8 @@ def lower(
     def per_device(params, *mb_args_all):
         stage = jax.lax.axis_index(AXIS)
 
-        def step(carry, mb, valid):
-            index = jnp.where(valid, stage, num_stages)
+        def step(carry, mb, valid, k):
+            index = jnp.where(valid, k, num_virtual)
             carry_out = jax.lax.switch(index, branches, carry, microbatch(mb_args_all, mb),
                                        params)
             sent = carry_out
@@ -418,8 +437,8 @@ def lower(
             return sent, carry_out  # the last stage's un-sent carry feeds the epilogue
 
         _, finals = sched.run(step, _zeros(carry_sizes), stage=stage, num_stages=num_stages,
-                              num_microbatches=m)
-        ticks = sched.output_ticks(num_stages, m)
+                              num_microbatches=m, virtual=virtual)
+        ticks = sched.output_ticks(num_stages, m, virtual)
         finals = {dt: f[ticks] for dt, f in finals.items()}
 
         # The epilogue (final norm, LM head) runs after the loop, on the last stage only, one
@@ -429,7 +448,7 @@ def lower(
         def emit(held, x):
             final, k = x
             outs = jax.lax.cond(
-                stage == last,
+                stage == num_stages - 1,
                 lambda: epilogue(params, final, microbatch(mb_args_all, k)),
                 lambda: [jnp.zeros(a.shape, a.dtype) for a in out_avals])
             if tp > 1:  # whole pieces on every tp device of a stage, as the model returns
@@ -458,7 +477,7 @@ def lower(
 
     prog = PipelineProgram(graph=graph, mesh=mesh, stages=tuple(stages), storage=storage,
                            num_microbatches=m, schedule=schedule, fn=jax.jit(program),
-                           output_splits=splits)
+                           output_splits=splits, virtual=virtual)
     if tp > 1:
         verify_split(prog, tp)
     return prog

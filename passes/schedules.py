@@ -1,7 +1,8 @@
 """Pipeline schedules: the order in which stages run microbatches.
 
 A schedule runs inside ``shard_map`` on every device. ``run(step, init, *, stage,
-num_stages, num_microbatches)`` calls ``step(tick_state, microbatch, valid)`` once per tick;
+num_stages, num_microbatches, virtual)`` calls ``step(tick_state, microbatch, valid, k)`` once
+per tick (k: the virtual stage this device runs);
 ``step`` runs this device's stage on ``microbatch`` when ``valid`` (and idles otherwise), moves
 activations to the next stage, and returns ``(new tick state, this tick's outputs)``. ``run``
 returns the final state and the outputs stacked over ticks; ``output_ticks`` names the ticks
@@ -32,14 +33,53 @@ Step = Callable[[Any, jax.Array, jax.Array], Any]
 
 @dataclasses.dataclass(frozen=True)
 class Schedule:
-    """A named tick order: ``run`` drives the ticks, ``output_ticks`` locates the outputs."""
+    """A named tick order over S devices, each holding ``virtual`` stages (V = S x virtual
+    stages in all; virtual stage k runs on device k mod S).
+
+    Attributes:
+        name: the registry key.
+        run: ``run(step, init, *, stage, num_stages, num_microbatches, virtual)`` drives the
+            ticks; ``step(state, microbatch, valid, k)`` runs virtual stage ``k`` (traced)
+            on this device.
+        output_ticks: ``(S, M, virtual) -> ticks`` at which the last virtual stage (on
+            device S - 1) finishes microbatches 0..M-1.
+        ring: the carry also travels from device S - 1 to device 0 (a later lap).
+        virtual_stages: whether it runs more than one stage per device.
+    """
 
     name: str
     run: Callable
-    output_ticks: Callable[[int, int], slice]
+    output_ticks: Callable[[int, int, int], Any]
+    ring: bool = False
+    virtual_stages: bool = False
+
+    def table(self, num_stages: int, num_microbatches: int, virtual: int = 1
+              ) -> list[list[tuple[int, int] | None]]:
+        """Per tick, per device, the (virtual stage, microbatch) it runs, or None (idle):
+        the tick order the traced ``run`` follows, evaluated on the host.
+
+        Example:
+            >>> SCHEDULES["circular"].table(2, 2, 2)[:3]
+            [[(0, 0), None], [(0, 1), (1, 0)], [(2, 0), (1, 1)]]
+        """
+        seen: list = []
+
+        def step(state, mb, valid, k):
+            seen.append((int(k), int(mb)) if bool(valid) else None)
+            return state, 0
+
+        rows = []
+        for s in range(num_stages):
+            seen.clear()
+            with jax.disable_jit():
+                self.run(step, 0, stage=jnp.int32(s), num_stages=num_stages,
+                         num_microbatches=num_microbatches, virtual=virtual)
+            rows.append(list(seen))
+        return [list(tick) for tick in zip(*rows, strict=True)]
 
 
-def _gpipe_run(step: Step, init, *, stage: jax.Array, num_stages: int, num_microbatches: int):
+def _gpipe_run(step: Step, init, *, stage: jax.Array, num_stages: int, num_microbatches: int,
+               virtual: int = 1):
     """GPipe fill / steady state / drain: at tick t stage s runs microbatch t - s.
 
     M + S - 1 ticks; stage s idles for the first s ticks (fill) and the last S - 1 - s
@@ -50,14 +90,51 @@ def _gpipe_run(step: Step, init, *, stage: jax.Array, num_stages: int, num_micro
     def tick(state, t):
         m = t - stage
         valid = (m >= 0) & (m < num_microbatches)
-        return step(state, jnp.clip(m, 0, num_microbatches - 1), valid)
+        return step(state, jnp.clip(m, 0, num_microbatches - 1), valid, stage)
 
     return jax.lax.scan(tick, init, jnp.arange(num_microbatches + num_stages - 1))
 
 
+def _circular_position(u, num_stages: int, virtual: int):
+    """(microbatch, lap) of the work a device starts ``u`` ticks after its first: groups of
+    S microbatches, each group going round the S devices ``virtual`` times back to back."""
+    group, within = u // (num_stages * virtual), u % (num_stages * virtual)
+    lap, i = within // num_stages, within % num_stages
+    return group * num_stages + i, lap
+
+
+def _circular_run(step: Step, init, *, stage: jax.Array, num_stages: int,
+                  num_microbatches: int, virtual: int = 1):
+    """Circular (interleaved) forward: V = S x virtual stages of L / V layers, stage k on
+    device k mod S. Microbatches go round the ring in groups of S, each lap one device
+    further: device s at tick t runs microbatch g*S + i at lap r (virtual stage r*S + s)
+    with t - s = g*S*virtual + r*S + i. The device after S - 1 is 0 (the next lap); a
+    group's last lap ends as the next group's first begins, so the only bubble is the
+    first fill and last drain: S - 1 ticks of a V-stage tick, (S - 1) / (virtual*M + S - 1)
+    of the ticks when S divides M.
+    """
+    ticks = int(_circular_ticks(num_stages, num_microbatches, virtual)[-1]) + 1
+
+    def tick(state, t):
+        u = t - stage
+        m, lap = _circular_position(u, num_stages, virtual)
+        valid = (u >= 0) & (m < num_microbatches)
+        return step(state, jnp.clip(m, 0, num_microbatches - 1), valid, lap * num_stages + stage)
+
+    return jax.lax.scan(tick, init, jnp.arange(ticks))
+
+
+def _circular_ticks(num_stages: int, m: int, virtual: int) -> np.ndarray:
+    """Ticks at which device S - 1 finishes each microbatch's last lap."""
+    group, i = np.divmod(np.arange(m), num_stages)
+    return group * num_stages * virtual + (virtual - 1) * num_stages + i + num_stages - 1
+
+
 GPIPE = Schedule("gpipe", _gpipe_run,
-                 lambda num_stages, m: slice(num_stages - 1, num_stages - 1 + m))
-SCHEDULES: dict[str, Schedule] = {"gpipe": GPIPE}
+                 lambda num_stages, m, virtual=1: slice(num_stages - 1, num_stages - 1 + m))
+CIRCULAR = Schedule("circular", _circular_run, _circular_ticks, ring=True,
+                    virtual_stages=True)
+SCHEDULES: dict[str, Schedule] = {"gpipe": GPIPE, "circular": CIRCULAR}
 
 
 def get(name: str) -> Schedule:

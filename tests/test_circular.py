@@ -1,0 +1,117 @@
+"""The circular (interleaved) forward schedule: V = S x virtual stages, stage k on device
+k mod S, microbatches going round the ring in groups of S. Its tick order against a
+hand-written table, the program against the model (dense and MoE, M below, equal to and
+above S, S not dividing M), and each device storing the weights of its own stages only."""
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+import lwjax
+from lwjax import models
+from lwjax.errors import ConfigError
+from lwjax.models import configs
+from lwjax.passes.lower import lower
+from lwjax.passes.schedules import SCHEDULES
+
+ATOL = RTOL = 1e-5
+
+
+def test_tick_order_matches_the_hand_written_table():
+    # S = 2 devices, 2 laps (V = 4 stages), M = 4: (stage, microbatch) per tick and device.
+    # Microbatches 0, 1 go round twice (stages 0-3), then 2, 3 follow with no gap.
+    assert SCHEDULES["circular"].table(2, 4, 2) == [
+        [(0, 0), None],
+        [(0, 1), (1, 0)],
+        [(2, 0), (1, 1)],
+        [(2, 1), (3, 0)],
+        [(0, 2), (3, 1)],
+        [(0, 3), (1, 2)],
+        [(2, 2), (1, 3)],
+        [(2, 3), (3, 2)],
+        [None, (3, 3)],
+    ]
+    assert list(SCHEDULES["circular"].output_ticks(2, 4, 2)) == [3, 4, 7, 8]
+    # M = 3 on S = 2: the second group has one microbatch; its partner's slots idle
+    table = SCHEDULES["circular"].table(2, 3, 2)
+    assert len(table) == 8 and table[5] == [None, (1, 2)] and table[4] == [(0, 2), (3, 1)]
+    # one lap is GPipe's order
+    assert SCHEDULES["circular"].table(3, 4, 1) == SCHEDULES["gpipe"].table(3, 4)
+    # each (stage, microbatch) runs once, on its device, after its predecessor
+    for s, m, v in [(4, 8, 2), (3, 5, 3)]:
+        runs = {}
+        for t, row in enumerate(SCHEDULES["circular"].table(s, m, v)):
+            for d, work in enumerate(row):
+                if work is not None:
+                    assert work not in runs and work[0] % s == d
+                    runs[work] = t
+        assert set(runs) == {(k, mb) for k in range(s * v) for mb in range(m)}
+        assert all(runs[k, mb] == runs[k - 1, mb] + 1 for k, mb in runs if k)
+        ticks = len(SCHEDULES["circular"].table(s, m, v))
+        if m % s == 0:  # bubble: only the first fill and the last drain
+            assert ticks == v * m + s - 1
+
+
+@pytest.fixture(scope="module")
+def dense():
+    cfg = dataclasses.replace(configs.tiny_dense(), num_layers=8)
+    model = models.build(cfg, rngs=nnx.Rngs(0))
+    tokens = jax.random.randint(jax.random.key(1), (8, cfg.seq_len), 0, cfg.vocab_size)
+    sm = lwjax.layerwise_shard(model, tokens, devices=jax.devices()[:2], cache_bytes=2**30,
+                               microbatches=4, objective="bottleneck", allow=())
+    return model, tokens, sm.program.graph
+
+
+def _ranges(bounds):
+    return list(zip(bounds[:-1], bounds[1:], strict=True))
+
+
+@pytest.mark.parametrize(("devices", "virtual", "bounds"), [
+    (2, 2, [0, 2, 4, 6, 8]),           # M = 4 = 2 groups of S
+    (4, 2, [0, 1, 2, 3, 4, 5, 6, 7, 8]),  # M = S
+    (3, 2, [0, 1, 2, 3, 4, 5, 8]),     # S does not divide M; uneven stages
+])
+def test_circular_program_equals_the_model(dense, devices, virtual, bounds):
+    model, tokens, graph = dense
+    prog = lower(graph, _ranges(bounds), jax.devices()[:devices], 4, schedule="circular",
+                 virtual=virtual)
+    np.testing.assert_allclose(prog(prog.place_params(graph.traced.params), tokens),
+                               model(tokens), atol=ATOL, rtol=RTOL)
+    # each device stores the weights of its own stages and no other's
+    cfg = model.cfg
+    layer = cfg.block_param_count() * 4
+    embed, head = cfg.vocab_size * cfg.hidden_size * 4, cfg.hidden_size * (cfg.vocab_size + 1) * 4
+    own = [prog.storage.own_bytes(s) for s in range(devices)]
+    if bounds == [0, 2, 4, 6, 8]:  # device 0: layers 0, 1, 4, 5; device 1: 2, 3, 6, 7
+        assert own == [4 * layer + embed, 4 * layer + head]
+    else:
+        sizes = [b - a for a, b in _ranges(bounds)]
+        for s in range(devices):
+            layers = sum(sizes[k] for k in range(s, len(sizes), devices))
+            assert own[s] == layers * layer + (embed if s == 0 else 0) + \
+                (head if s == devices - 1 else 0)
+
+
+def test_circular_moe_equals_the_model():
+    cfg = configs.tiny_moe()
+    model = models.build(cfg, rngs=nnx.Rngs(1))
+    tokens = jax.random.randint(jax.random.key(1), (8, cfg.seq_len), 0, cfg.vocab_size)
+    graph = lwjax.layerwise_shard(model, tokens, devices=jax.devices()[:1], cache_bytes=2**30,
+                                  microbatches=2, allow=()).program.graph
+    n = cfg.num_layers
+    bounds = [0, n // 4, n // 2, 3 * n // 4, n]
+    prog = lower(graph, _ranges(bounds), jax.devices()[:2], 2, schedule="circular", virtual=2)
+    np.testing.assert_allclose(prog(prog.place_params(graph.traced.params), tokens),
+                               model(tokens), atol=ATOL, rtol=RTOL)
+
+
+def test_virtual_stages_need_the_circular_schedule(dense):
+    _, _, graph = dense
+    with pytest.raises(ConfigError, match="virtual=2 stages per device needs"):
+        lower(graph, _ranges([0, 2, 4, 6, 8]), jax.devices()[:2], 4, virtual=2)
+    with pytest.raises(ConfigError, match="divisible"):
+        lower(graph, _ranges([0, 2, 4, 8]), jax.devices()[:2], 4, schedule="circular",
+              virtual=2)
