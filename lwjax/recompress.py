@@ -81,6 +81,9 @@ def recompress(sm, compression: str | Compression, stages: Sequence[int] | None 
     """``ShardedModel.recompress``'s work: the new plan, program, placed slots and record."""
     policy = compression_lib.get(compression)
     prog = sm.program
+    if prog.virtual != 1:
+        raise ConfigError(f"recompress re-encodes one stage per device; this program runs "
+                          f"{prog.virtual} stages per device (circular).")
     if not isinstance(prog.storage, SlotStorage):
         raise ConfigError(f"recompress runs plans with one device per stage; this plan splits "
                           f"stages over tp={sm.plan.tp} devices.")
