@@ -315,9 +315,11 @@ def layerwise_deploy(model, tokens, devices, microbatches: int, *, objective: st
     raise RuntimeError(f"no layer-wise plan found; last capacity tried {capacity} bytes")
 
 
-def lowered(model, tokens, ranges, devices, microbatches: int, tp: int = 1):
+def lowered(model, tokens, ranges, devices, microbatches: int, tp: int = 1, *,
+            schedule: str = "gpipe", virtual: int = 1):
     """A call of ``lwjax.passes.lower.lower`` for fixed stage ``ranges`` (every stage over
-    ``tp`` devices), its weights placed: ``f()`` runs the pipeline on ``tokens``."""
+    ``tp`` devices; ``virtual`` stages per device under ``schedule="circular"``), its weights
+    placed: ``f()`` runs the pipeline on ``tokens``."""
     import functools
 
     from lwjax.passes.lower import lower
@@ -325,7 +327,8 @@ def lowered(model, tokens, ranges, devices, microbatches: int, tp: int = 1):
     from lwjax.passes.trace import trace
 
     graph = segment(trace(model, tokens, microbatch_size=tokens.shape[0] // microbatches))
-    prog = lower(graph, ranges, devices, microbatches, tp=tp)
+    prog = lower(graph, ranges, devices, microbatches, tp=tp, schedule=schedule,
+                 virtual=virtual)
     return functools.partial(prog, prog.place_params(graph.traced.params), tokens)
 
 

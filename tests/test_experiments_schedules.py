@@ -1,0 +1,39 @@
+"""experiments/schedules.py: the projected rows follow the cost model's arithmetic; a small
+measured run equals the model for each pipeline."""
+
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "experiments"))
+import pytest  # noqa: E402
+import schedules  # noqa: E402
+
+from lwjax import hardware  # noqa: E402
+from lwjax.models import configs  # noqa: E402
+from lwjax.passes import cost  # noqa: E402
+from lwjax.passes.cost_circular import project_circular  # noqa: E402
+
+
+def test_circular_projection_by_hand():
+    cfg, hw = configs.seed_dense(), hardware.H100_SXM
+    lw = cost.project_layerwise(cfg, hw, [1] * 16, 8)
+    p = project_circular(cfg, hw, devices=8, virtual=2, microbatches=8)
+    # 8 x 2 + 7 = 23 one-block ticks, as GPipe's 8 + 15 on 16 devices: the same step
+    assert p.bubble == pytest.approx(7 / 23)
+    assert p.step_s == pytest.approx(23 * (lw.stage_s[0] + lw.transfer_s))
+    assert p.tps == pytest.approx(lw.tps)
+    assert p.tokens_per_j > lw.tokens_per_j  # half the devices idle-free for the same step
+    one_lap = project_circular(cfg, hw, devices=16, virtual=1, microbatches=8)
+    assert one_lap.step_s == pytest.approx(lw.step_s)
+    with pytest.raises(ValueError, match="do not split"):
+        project_circular(cfg, hw, devices=3, virtual=2, microbatches=8)
+    rows = schedules.projected_rows("dense")
+    assert [r[1] for r in rows][:2] == ["TP=8 x PP=2, GPipe", "layer-wise 16 x 1, GPipe"]
+    assert rows[0][-1] == "1.00x"
+
+
+@pytest.mark.slow  # the circular program itself: tests/test_circular.py
+def test_measured_run_equals_the_model():
+    rows = schedules.measured_rows("dense", repeats=1)
+    assert len(rows) == 3 and all(float(r[-1]) < 1e-4 for r in rows)
+    assert "circular on 8 devices takes" in schedules.report([], rows, 1)
