@@ -7,8 +7,8 @@ Cases (WEIGHTS: a 16-layer model and tokens, WEIGHTS4: a 4-layer one, from ``sav
 
 - ``forward``: layerwise_shard of the 16-layer model, one stage per device over both
   processes' 16 devices; then, with the 4-layer model on 4 stages, devices 6, 7 (process 0)
-  and 2048, 2049 (process 1): ``export_params()``, ``value_and_grad``, train_step and
-  ``export_params(state)`` (``grads``).
+  and 2048, 2049 (process 1): ``value_and_grad``, then train_step and
+  ``export_params(state)``.
 - ``train16``: train_step of the 16-layer model on the 16 stages.
 - ``generate``: layerwise_generate of the 16-layer model.
 - ``peer``: the 4-stage pipeline of the 4-layer model (WEIGHTS), called until a peer is
@@ -114,11 +114,9 @@ def forward(out: pathlib.Path, me: int, weights: pathlib.Path, weights4: pathlib
     whole = distributed.gather(logits)
     model4, tokens4 = load_model(weights4)
     sm4 = lwjax.layerwise_shard(model4, tokens4, devices=across_processes(), **SHARD)
-    weights = numpy_leaves(sm4.export_params())
     loss, grads = gradients(sm4, tokens4)
     losses, trained = train(sm4, tokens4)
     np.savez(out / f"forward_{me}.npz", logits=whole, losses=np.array(losses), loss=loss,
-             **{f"weight{i}": x for i, x in enumerate(weights)},
              **{f"grad{i}": x for i, x in enumerate(grads)},
              **{f"trained{i}": x for i, x in enumerate(trained)})
     (out / f"forward_{me}.json").write_text(json.dumps({
