@@ -120,11 +120,13 @@ def baseline_plan(cfg: DenseConfig, variants: str = "all",
                   microbatches: int = MICROBATCHES) -> list[tuple[str, int]]:
     """(variant, M) pairs to measure, the model's default variant at ``microbatches`` first:
     ``"all"`` adds every other variant at ``microbatches`` and the default variant at the
-    other M of MICROBATCH_SWEEP that divide the batch; ``"default"`` adds nothing."""
+    other M of MICROBATCH_SWEEP that divide the batch; ``"microbatches"`` (``--quick``) only
+    the latter; ``"default"`` adds nothing."""
     default = baselines_tp_pp.variant_for(cfg, None).name
     pairs = [(default, microbatches)]
     if variants == "all":
         pairs += [(v, microbatches) for v in baselines_tp_pp.variants_for(cfg) if v != default]
+    if variants in ("all", "microbatches"):
         pairs += [(default, m) for m in MICROBATCH_SWEEP
                   if m != microbatches and cfg.batch_size % m == 0]
     return pairs
@@ -464,7 +466,7 @@ def main(argv: Sequence[str] | None = None) -> str:
     tables, breakdowns, vocab_check = [], [], []
     if a.quick:
         results, breakdowns = measure_scale(QUICK, ("dense", "moe"), a.repeats or QUICK.repeats,
-                                            ("dense",), variants="default")
+                                            ("dense",), variants="microbatches")
         tables.append(("Table 1 (--quick sizes)", results))
     else:
         results, breakdowns = measure_scale(FULL, ("dense", "moe"), a.repeats or FULL.repeats,

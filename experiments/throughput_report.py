@@ -46,7 +46,7 @@ from lwjax import baselines_tp_pp, hardware, models
 from lwjax.errors import InfeasiblePlanError
 from lwjax.passes import cost
 
-QUICK_NOTE = " (--quick: the default baseline variant only)"
+QUICK_NOTE = " (--quick: the default baseline variant only, at each M)"
 
 
 def _goal(m: Measured, method: str) -> float:

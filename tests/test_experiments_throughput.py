@@ -173,6 +173,8 @@ def test_baseline_plan_lists_every_variant_and_the_default_at_other_m():
     assert [(v, m) for v, m in pairs if m != 8] == [(default, 2), (default, 4), (default, 16)]
     assert "shard_map_split" in {v for v, _ in throughput.baseline_plan(moe)}
     assert throughput.baseline_plan(dense, "default") == [(default, 8)]
+    assert throughput.baseline_plan(dense, "microbatches") == [
+        (default, 8), (default, 2), (default, 4), (default, 16)]
     assert throughput.baseline_key("gspmd") == "baseline:gspmd"
     assert throughput.baseline_key("gspmd", 4) == "baseline:gspmd@M=4"
 
