@@ -95,6 +95,7 @@ def test_circular_program_equals_the_model(dense, devices, virtual, bounds):
                 (head if s == devices - 1 else 0)
 
 
+@pytest.mark.slow  # the dense cases above run by default
 def test_circular_moe_equals_the_model():
     cfg = configs.tiny_moe()
     model = models.build(cfg, rngs=nnx.Rngs(1))
