@@ -14,6 +14,7 @@ from lwjax import recompress as recompress_lib
 from lwjax.errors import ConfigError, InputError
 from lwjax.passes import schedules
 from lwjax.passes.lower import PipelineProgram
+from lwjax.passes.storage import SlotStorage
 from lwjax.passes.trace import TracedModel, arg_label, path_str
 from lwjax.plan import Plan
 
@@ -289,8 +290,43 @@ class ShardedModel:
         slots = self.params if state is None else state.params
         return training.to_tree(self.program, self._traced, slots, grads=False)
 
+    def weight_bytes(self) -> dict[int, dict[str, int]]:
+        """Per device id, measured from the placed weight arrays: ``allocated`` (the bytes
+        of its shards) and ``own`` (its stage's stored weights; None for split stages). The
+        rest of ``allocated`` pads a slot that another stage fills: one SPMD program gives
+        every device arrays of the same shapes, so a stage with fewer weights of a kind than
+        the largest stage holds zero rows (even stages have none).
+
+        Example:
+            >>> {d: b["allocated"] - b["own"] for d, b in sm.weight_bytes().items()}
+            {0: 0, 1: 0, 2: 0, 3: 0}
+        """
+        storage = self.program.storage
+        out = {}
+        for k, device in enumerate(self.program.mesh.devices.ravel()):
+            allocated = sum(sh.data.nbytes for a in self.params for sh in a.addressable_shards
+                            if sh.device == device)
+            # SlotStorage holds one entry per device (a device's stages, circular included);
+            # split stages (SplitStorage) share their weights over tp: not counted here
+            own = storage.own_bytes(k) if isinstance(storage, SlotStorage) else None
+            out[device.id] = {"allocated": allocated, "own": own}
+        return out
+
+    def _padding_note(self) -> str:
+        """Where uneven stages make a device store more than its own weights (measured)."""
+        if not isinstance(self.program.storage, SlotStorage):
+            return ""
+        padded = {d: b for d, b in self.weight_bytes().items() if b["allocated"] > b["own"]}
+        if not padded:
+            return ""
+        worst = max(padded, key=lambda d: padded[d]["allocated"] - padded[d]["own"])
+        return (f"\nweight slots are padded to the largest stage's weights on {len(padded)} "
+                f"device(s): device {worst} stores {padded[worst]['allocated']:,} bytes for "
+                f"{padded[worst]['own']:,} of its own (measured; the plan counts its own; "
+                "even stages avoid it)")
+
     def __repr__(self) -> str:
-        return f"ShardedModel(\n{self.plan.summary()}\n)"
+        return f"ShardedModel(\n{self.plan.summary()}{self._padding_note()}\n)"
 
 
 def _layout(plan: Plan) -> str:

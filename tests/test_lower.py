@@ -113,6 +113,31 @@ def test_each_device_stores_only_its_stage(dense):
     assert sm.plan.stages[3].footprint.weights_bytes == (4 * layer_elems + head) * 4
 
 
+def test_stored_weight_bytes_are_measured_with_their_padding(dense):
+    cfg, model = dense
+    tokens = _tokens(cfg)
+    sm = lwjax.layerwise_shard(model, tokens, devices=jax.devices()[:5], cache_bytes=BIG,
+                               microbatches=2, objective="bottleneck")
+    assert [b - a for a, b in (s.layer_range for s in sm.plan.stages)] == [3, 4, 4, 4, 1]
+    stored = sm.weight_bytes()
+    # own: what the plan counts per stage; allocated: every device's shards of every slot
+    assert [stored[s.devices[0]]["own"] for s in sm.plan.stages] == \
+        [s.footprint.weights_bytes for s in sm.plan.stages]
+    slots = sum(a.shape[1] * a.dtype.itemsize for a in sm.params)
+    assert {b["allocated"] for b in stored.values()} == {slots}
+    layer = cfg.block_param_count() * 4
+    embed = cfg.vocab_size * cfg.hidden_size * 4
+    # 4 blocks' slots (the largest stages) and the embedding's, which the head shares; the
+    # final norm fills a block norm's slot that the 1-block stage leaves free
+    assert slots == 4 * layer + embed
+    assert stored[4]["own"] == layer + embed + cfg.hidden_size * 4  # block, head, final norm
+    assert "device 4 stores" in repr(sm) and f"{stored[4]['own']:,} of its own" in repr(sm)
+    even = lwjax.layerwise_shard(model, tokens, devices=jax.devices()[:4], cache_bytes=BIG,
+                                 microbatches=2, objective="bottleneck")
+    assert all(b["allocated"] - b["own"] <= cfg.hidden_size * 4 + embed
+               for b in even.weight_bytes().values())
+
+
 def test_outputs_are_not_carried_through_the_ticks():
     """The epilogue (LM head) runs once per microbatch after the loop, on the last stage:
     no device keeps a [mb, T, vocab] output slot per tick (M + S - 1 of them)."""
