@@ -7,6 +7,7 @@ import json
 from collections.abc import Mapping
 
 import jax
+import numpy as np
 
 from lwjax import distributed, training
 from lwjax import failover as failover_lib
@@ -40,7 +41,7 @@ class ShardedModel:
 
     def __init__(self, plan: Plan, program: PipelineProgram, traced: TracedModel,
                  batch_size: int, params: list | None = None):
-        self.plan = plan
+        self.plan = _with_padding_note(plan, program)
         self.program = program
         distributed.agree(_layout(plan), "plan")  # multi-process: the same program
         self.params = program.place_params(traced.params) if params is None else params
@@ -312,21 +313,32 @@ class ShardedModel:
             out[device.id] = {"allocated": allocated, "own": own}
         return out
 
-    def _padding_note(self) -> str:
-        """Where uneven stages make a device store more than its own weights (measured)."""
-        if not isinstance(self.program.storage, SlotStorage):
-            return ""
-        padded = {d: b for d, b in self.weight_bytes().items() if b["allocated"] > b["own"]}
-        if not padded:
-            return ""
-        worst = max(padded, key=lambda d: padded[d]["allocated"] - padded[d]["own"])
-        return (f"\nweight slots are padded to the largest stage's weights on {len(padded)} "
-                f"device(s): device {worst} stores {padded[worst]['allocated']:,} bytes for "
-                f"{padded[worst]['own']:,} of its own (measured; the plan counts its own; "
-                "even stages avoid it)")
-
     def __repr__(self) -> str:
-        return f"ShardedModel(\n{self.plan.summary()}{self._padding_note()}\n)"
+        return f"ShardedModel(\n{self.plan.summary()}\n)"
+
+
+def _with_padding_note(plan: Plan, program: PipelineProgram) -> Plan:
+    """``plan`` with a note on the weight slots' padding when uneven stages have it: every
+    device stores the sum of the slots' sizes (one SPMD program: equal shapes everywhere),
+    and a stage with fewer weights of a kind than the largest leaves zero rows. The stages'
+    own bytes are what the partition counted; the note gives what is stored and says where
+    it no longer fits the capacity."""
+    storage = program.storage
+    if not isinstance(storage, SlotStorage) or program.virtual != 1 or \
+            any(n.startswith("weight slots are padded") for n in plan.notes):
+        return plan
+    allocated = sum(np.dtype(dt).itemsize * size for (dt, size), _ in storage.slots)
+    padding = {k: allocated - storage.own_bytes(k) for k in range(len(plan.stages))}
+    if not any(padding.values()):
+        return plan
+    worst = max(padding, key=padding.get)
+    over = [st.index for st in plan.stages
+            if plan.resident_bytes(st) + padding[st.index] > plan.capacity_bytes]
+    note = (f"weight slots are padded to the largest stage's weights: every device stores "
+            f"{allocated:,} bytes of weights; stage {worst} owns {allocated - padding[worst]:,} "
+            f"of them (uneven stages pad; the table counts each stage's own)"
+            + (f"; with the padding, stages {over} exceed the capacity" if over else ""))
+    return dataclasses.replace(plan, notes=(*plan.notes, note))
 
 
 def _layout(plan: Plan) -> str:
