@@ -4,7 +4,7 @@ the new plan, against seed 000's "reconfiguration < 100 ms".
 *Measured* on this machine (CPU, 16 simulated devices sharing its cores), for a 16-layer
 dense and a 16-layer MoE transformer (hidden 64, float32, batch 16 x 32, M = 8):
 
-- **migrate**: 16 stages on 16 devices, one layer each; device 5 (then devices 3, 7 and 11)
+- **migrate**: 16 stages on 16 devices, one layer each; device 5 (then devices 3, 7 and 14)
   is lost. ``sm.replan(exclude_devices=...)`` plans the layers over the rest, moves each
   weight device to device to its new stage (the lost layers from the model's own arrays:
   nothing else holds them), and compiles the new program.
