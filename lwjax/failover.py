@@ -42,7 +42,7 @@ from jax.sharding import PartitionSpec as P
 
 from lwjax.errors import ConfigError, DeviceError
 from lwjax.passes.lower import _param_values, lower
-from lwjax.passes.planner import _device_ids, fmt_bytes, stage_footprint
+from lwjax.passes.planner import _device_ids, device_id, fmt_bytes, stage_footprint
 from lwjax.passes.storage import AXIS, SlotStorage
 from lwjax.plan import Plan, Stage
 
@@ -114,8 +114,13 @@ class Failover:
 
     @property
     def bytes_in_place(self) -> int:
-        """Bytes already on their new device (kept, or a local spare copy)."""
-        return self._bytes("kept", "spare-local")
+        """Bytes already on their new device, as that device's own before the loss."""
+        return self._bytes("kept")
+
+    @property
+    def bytes_from_spares(self) -> int:
+        """Bytes a hot spare held already on the device that now runs them (a switch)."""
+        return self._bytes("spare-local")
 
     @property
     def total_s(self) -> float:
@@ -130,10 +135,12 @@ class Failover:
         return (f"{self.kind} without devices {list(self.excluded)}: replan "
                 f"{self.replan_s * 1e3:.1f} ms, weights {self.migrate_s * 1e3:.1f} ms, compile "
                 f"{self.compile_s * 1e3:.1f} ms (total {self.total_s * 1e3:.1f} ms, measured)\n"
-                f"weights: {fmt_bytes(self.bytes_in_place)} in place, "
-                f"{fmt_bytes(self.bytes_moved)} moved device to device, "
-                f"{fmt_bytes(self.bytes_from_model)} re-read from the model's arrays; the plans "
-                f"need {fmt_bytes(self.bytes_needed)} moved")
+                f"weights: {fmt_bytes(self.bytes_in_place)} stayed where they were; of the "
+                f"{fmt_bytes(self.bytes_arrived)} the new plan needs on other devices "
+                f"({fmt_bytes(self.bytes_needed)} by the plans), "
+                f"{fmt_bytes(self.bytes_from_spares)} were on their hot spares already, "
+                f"{fmt_bytes(self.bytes_moved)} moved device to device and "
+                f"{fmt_bytes(self.bytes_from_model)} were re-read from the model's arrays")
 
 
 @dataclasses.dataclass
@@ -283,7 +290,8 @@ def move_weights(old_storage: SlotStorage, old_params, old_plan: Plan,
                         f"weight {names[i]} lived only on lost devices, and the model's own "
                         f"array of it is on lost device {src} too; keep a hot spare of its "
                         "stage (sm.keep_hot_spares), replan with drain=True if the device still "
-                        "works, or build the model's arrays on the host.")
+                        "works, or create the model's arrays off the pipeline's devices (on a "
+                        "GPU host: under jax.default_device(jax.devices('cpu')[0])).")
                 if not model_current:
                     raise DeviceError(
                         f"weight {names[i]} lived only on lost devices, and the running "
@@ -448,7 +456,7 @@ def keep_hot_spares(sm, spares: Mapping[int, int] | Sequence[int], *,
                 not 0 <= k < num_stages:
             raise ConfigError(f"hot spare for stage {k!r}: the plan has stages "
                               f"0..{num_stages - 1}.")
-        d = int(d)
+        d = device_id(d, f"keep_hot_spares' device for stage {k}")
         if d not in by_id:
             raise DeviceError(f"hot spare device {d} is not among this process's devices.")
         if d in stage_devs:
@@ -507,6 +515,10 @@ def replan(sm, exclude_devices=(), spare_devices=(), *, drain: bool = False):
     old_plan, old_prog = sm.plan, sm.program
     _check_runnable(old_prog.storage, old_plan, "replan", old_prog.virtual)
     excluded, new_spares = lost_devices(old_plan, exclude_devices, spare_devices)
+    unknown = [d for d in excluded if d not in old_plan.device_pool]
+    if unknown:  # as Plan.replan says it, before a switch could skip that check
+        raise DeviceError(f"Cannot exclude devices {unknown}: not in the plan's pool "
+                          f"{list(old_plan.device_pool)}; exclude ids from the pool.")
     stage_devs = _stage_devices(old_plan)
     hit = [k for k, d in enumerate(stage_devs) if d in excluded]
     covered = {k: sm.hot_spares[k] for k in hit if k in sm.hot_spares

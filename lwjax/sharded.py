@@ -100,7 +100,9 @@ class ShardedModel:
         (``lwjax.distributed.gather`` gives every process the whole value)."""
         leaves = self._leaves(args, kwargs)
         with distributed.peer_guard():
-            if self._compiled is not None:  # skips tracing and lowering the program again
+            if self._compiled is not None and not any(isinstance(x, jax.core.Tracer)
+                                                      for x in leaves):
+                # skips tracing and lowering the program again (not under a transformation)
                 return self.program.outputs(self._compiled(self.params, *leaves))
             return self.program(self.params, *leaves)
 

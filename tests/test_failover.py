@@ -95,6 +95,10 @@ def test_a_hot_spare_makes_a_loss_a_switch(dense):
     assert [st.layer_range for st in new.plan.stages] == \
         [st.layer_range for st in sm.plan.stages]
     np.testing.assert_allclose(new(tokens), want, atol=ATOL, rtol=RTOL)
+    np.testing.assert_allclose(jax.jit(new)(tokens), want, atol=ATOL, rtol=RTOL)
+    assert f"{spare.copied_bytes:,} bytes" in f.summary() and "on their hot spares" in f.summary()
+    with pytest.raises(DeviceError, match=r"\[13\]: not in the plan's pool"):
+        sm.replan(exclude_devices=[2, 13])  # a switch checks the pool as a migration does
     # losing the spare's stage and another one: a migration that reads the spare's copy
     both = sm.replan(exclude_devices=[2, 5])
     assert both.failover.kind == "migrate"
@@ -117,6 +121,10 @@ def test_weights_that_cannot_be_restored_are_an_error(dense):
         sm.replan(exclude_devices=[11])
     with pytest.raises(DeviceError, match="runs stage 1"):
         sm.keep_hot_spares({0: 1})
+    with pytest.raises(DeviceError, match="'x', which is not a device"):
+        sm.keep_hot_spares({1: "x"})
+    with pytest.raises(DeviceError, match="9.7, which is not a device"):
+        sm.keep_hot_spares({1: 9.7})
 
 
 def test_weights_other_than_the_models_are_not_restored_from_it(dense):
