@@ -41,7 +41,7 @@ class ShardedModel:
 
     def __init__(self, plan: Plan, program: PipelineProgram, traced: TracedModel,
                  batch_size: int, params: list | None = None):
-        self.plan = _with_padding_note(plan, program)
+        self.plan = plan
         self.program = program
         distributed.agree(_layout(plan), "plan")  # multi-process: the same program
         self.params = program.place_params(traced.params) if params is None else params
@@ -315,32 +315,35 @@ class ShardedModel:
             out[device.id] = {"allocated": allocated, "own": own}
         return out
 
+    def padding_note(self) -> str:
+        """A line on the weight slots' padding when uneven stages have it (else ""): one SPMD
+        program gives every device arrays of the same shapes, so every device stores the
+        sum of the slots' sizes, and a stage with fewer weights of a kind than the largest
+        leaves zero rows. The plan's table counts each stage's own bytes; this line gives
+        what is stored and names the stages the padding pushes over the capacity.
+
+        Example:
+            >>> print(sm.padding_note())
+        """
+        plan, storage = self.plan, self.program.storage
+        if not isinstance(storage, SlotStorage) or self.program.virtual != 1:
+            return ""
+        allocated = sum(np.dtype(dt).itemsize * size for (dt, size), _ in storage.slots)
+        padding = {k: allocated - storage.own_bytes(k) for k in range(len(plan.stages))}
+        if not any(padding.values()):
+            return ""
+        worst = max(padding, key=padding.get)
+        over = [st.index for st in plan.stages
+                if plan.resident_bytes(st) + padding[st.index] > plan.capacity_bytes]
+        return (f"weight slots are padded to the largest stage's weights: every device stores "
+                f"{allocated:,} bytes of weights; stage {worst} owns "
+                f"{allocated - padding[worst]:,} of them (uneven stages pad; the table counts "
+                "each stage's own)"
+                + (f"; with the padding, stages {over} exceed the capacity" if over else ""))
+
     def __repr__(self) -> str:
-        return f"ShardedModel(\n{self.plan.summary()}\n)"
-
-
-def _with_padding_note(plan: Plan, program: PipelineProgram) -> Plan:
-    """``plan`` with a note on the weight slots' padding when uneven stages have it: every
-    device stores the sum of the slots' sizes (one SPMD program: equal shapes everywhere),
-    and a stage with fewer weights of a kind than the largest leaves zero rows. The stages'
-    own bytes are what the partition counted; the note gives what is stored and says where
-    it no longer fits the capacity."""
-    storage = program.storage
-    if not isinstance(storage, SlotStorage) or program.virtual != 1 or \
-            any(n.startswith("weight slots are padded") for n in plan.notes):
-        return plan
-    allocated = sum(np.dtype(dt).itemsize * size for (dt, size), _ in storage.slots)
-    padding = {k: allocated - storage.own_bytes(k) for k in range(len(plan.stages))}
-    if not any(padding.values()):
-        return plan
-    worst = max(padding, key=padding.get)
-    over = [st.index for st in plan.stages
-            if plan.resident_bytes(st) + padding[st.index] > plan.capacity_bytes]
-    note = (f"weight slots are padded to the largest stage's weights: every device stores "
-            f"{allocated:,} bytes of weights; stage {worst} owns {allocated - padding[worst]:,} "
-            f"of them (uneven stages pad; the table counts each stage's own)"
-            + (f"; with the padding, stages {over} exceed the capacity" if over else ""))
-    return dataclasses.replace(plan, notes=(*plan.notes, note))
+        note = self.padding_note()
+        return f"ShardedModel(\n{self.plan.summary()}" + (f"\n{note}" if note else "") + "\n)"
 
 
 def _layout(plan: Plan) -> str:
