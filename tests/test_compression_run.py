@@ -125,6 +125,7 @@ def test_compressed_pipeline_equals_the_model_with_decoded_weights(preset):
         assert rel < {"int8": 0.02, "int4": 0.4}[preset]
 
 
+@pytest.mark.slow  # compressed generation runs by default in tests/test_readme.py
 def test_compressed_generation_equals_the_decoded_model():
     cfg, model, tokens = _model(num_layers=4, kind="moe")
     prompt = tokens[:, :8]
