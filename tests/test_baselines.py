@@ -81,8 +81,8 @@ def test_tp_pp_matches_model(kind, tp, pp, microbatches):
 # bubble skipped with GSPMD tp, split experts, pure GSPMD. Every variant on every layout
 # runs with -m slow.
 _VARIANT_CASES = [
-    ("moe", "scan", 4, 2, 2),
-    ("moe", "explicit", 2, 4, 4),
+    ("dense", "scan", 4, 2, 2),
+    ("dense", "explicit", 2, 4, 4),
     ("dense", "shard_map", 2, 4, 8),
     ("moe", "shard_map_split", 8, 2, 4),
     ("dense", "gspmd", 8, 2, 4),

@@ -71,8 +71,9 @@ def _ranges(bounds):
 
 @pytest.mark.parametrize(("devices", "virtual", "bounds"), [
     (2, 2, [0, 2, 4, 6, 8]),           # M = 4 = 2 groups of S
-    (4, 2, [0, 1, 2, 3, 4, 5, 6, 7, 8]),  # M = S
-    (3, 2, [0, 1, 2, 3, 4, 5, 8]),     # S does not divide M; uneven stages
+    pytest.param(4, 2, [0, 1, 2, 3, 4, 5, 6, 7, 8], marks=pytest.mark.slow),  # M = S
+    # S does not divide M; uneven stages
+    pytest.param(3, 2, [0, 1, 2, 3, 4, 5, 8], marks=pytest.mark.slow),
 ])
 def test_circular_program_equals_the_model(dense, devices, virtual, bounds):
     model, tokens, graph = dense

@@ -103,7 +103,7 @@ def test_sparse_storage_round_trips_exactly(graph, preset):
         assert np.mean(once != 0) <= kept
 
 
-@pytest.mark.parametrize("preset", ["int8", "int4-75%",
+@pytest.mark.parametrize("preset", [pytest.param("int8", marks=pytest.mark.slow), "int4-75%",
                                     pytest.param("int4", marks=pytest.mark.slow),
                                     pytest.param("int8-2:4", marks=pytest.mark.slow)])
 def test_compressed_pipeline_equals_the_model_with_decoded_weights(preset):

@@ -43,7 +43,7 @@ def _check_placed(new):
             np.testing.assert_array_equal(np.asarray(sa.data), np.asarray(sb.data))
 
 
-@pytest.mark.parametrize("lost", [[3], [1, 4, 6]])
+@pytest.mark.parametrize("lost", [[3], pytest.param([1, 4, 6], marks=pytest.mark.slow)])
 def test_replan_after_losing_devices_keeps_outputs_and_moves_what_the_plans_need(dense, lost):
     model, tokens, sm, want = dense
     new = sm.replan(exclude_devices=lost)
@@ -72,6 +72,7 @@ def test_replan_after_losing_devices_keeps_outputs_and_moves_what_the_plans_need
     assert from_model == {str(d) for d in lost}
 
 
+@pytest.mark.slow  # a spare taking a lost stage whole: test_a_repair_slower_than_...
 def test_spare_devices_join_and_weights_stay_where_they_are(dense):
     model, tokens, sm, want = dense
     new = sm.replan(exclude_devices=[6], spare_devices=[12])
