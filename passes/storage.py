@@ -240,29 +240,6 @@ class SplitStorage:
                                      sharding=NamedSharding(mesh, self._spec(key)))
                 for key in self.keys]
 
-    def assemble(self, mesh: Mesh, stage_arrays: Sequence[Sequence]) -> list:
-        """The [S, n] slot arrays from each stage's stored arrays (or their [1, n] rows),
-        already on its device; a stage with no array of a slot gets a zero row, made on its
-        device. Nothing moves between devices.
-
-        Example:
-            >>> params = storage.assemble(mesh, [storage.rows(local[s], s) for s in stages])
-        """
-        devices = list(mesh.devices.ravel())
-        sharding = NamedSharding(mesh, P(AXIS))
-        out = []
-        for key, j in self.slots:
-            dt, size = key
-            rows = []
-            for s, arrays in enumerate(stage_arrays):
-                mine = {(k, jj): x for (k, jj, _), x in zip(self.where[s], arrays, strict=True)}
-                x = mine.get((key, j))
-                rows.append(jax.device_put(np.zeros((1, size), dt), devices[s]) if x is None
-                            else x if x.shape == (1, size) else x.reshape(1, size))
-            out.append(jax.make_array_from_single_device_arrays((len(devices), size),
-                                                                sharding, rows))
-        return out
-
     def place(self, mesh: Mesh, stage_values: Sequence[list]) -> list:
         out = []
         for key in self.keys:
