@@ -3,9 +3,7 @@ byte LM through compressed pipelines equals one device's, int8 barely moves it, 
 bytes equal the plan's; the projection's baseline is the cost model's; and (slow) the
 ``--quick`` run end to end in a subprocess."""
 
-import importlib.util
 import os
-import pathlib
 import re
 import subprocess
 import sys
@@ -13,27 +11,17 @@ import sys
 import jax
 import numpy as np
 import pytest
+from _experiments import EXPERIMENTS, load_experiment
 
 from lwjax import hardware, models
 from lwjax.passes import cost
 
-EXPERIMENTS = pathlib.Path(__file__).parents[1] / "experiments"
 TIMEOUT_S = 600  # ~100 s on the 2-core machine under load; more when the cores are shared
 
 
-def _load(name: str):
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, EXPERIMENTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up while being built
-    spec.loader.exec_module(module)
-    return module
-
-
-common = _load("_common")
-bytelm = _load("bytelm")
-wc = _load("weight_compression")
+common = load_experiment("_common")
+bytelm = load_experiment("bytelm")
+wc = load_experiment("weight_compression")
 
 # 8 held-out windows, 4 stages of one layer each, M = 4
 TINY = wc.Scale(windows=8, batch=8, stages=4, microbatches=4, ppl_presets=("none", "int8"),

@@ -1,31 +1,16 @@
 """experiments/decode.py and decode_report.py: the smallest measured run and its report."""
 
 import dataclasses
-import importlib.util
-import pathlib
-import sys
 
 import pytest
+from _experiments import load_experiment
 
 from lwjax import hardware, models
 from lwjax.passes import cost
 
-EXPERIMENTS = pathlib.Path(__file__).parents[1] / "experiments"
-
-
-def _load(name: str):
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, EXPERIMENTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up while being built
-    spec.loader.exec_module(module)
-    return module
-
-
-common = _load("_common")
-decode = _load("decode")
-report = _load("decode_report")
+common = load_experiment("_common")
+decode = load_experiment("decode")
+report = load_experiment("decode_report")
 
 # 4 layers, 1 round: one layer-wise sweep point, the default plan, TP=8 x PP=2 at one M, a
 # layout the heads do not admit (skipped), one device.

@@ -1,12 +1,10 @@
 """experiments/failover.py: a small run measures every part, moves exactly what the plans
 need, and the new pipelines equal the model."""
 
-import pathlib
-import sys
+import pytest
+from _experiments import load_experiment
 
-sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "experiments"))
-import failover  # noqa: E402
-import pytest  # noqa: E402
+failover = load_experiment("failover")
 
 
 @pytest.mark.slow  # ShardedModel.replan itself: tests/test_failover.py

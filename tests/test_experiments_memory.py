@@ -1,24 +1,9 @@
 """experiments/memory_breakdown.py: the claims table against hand arithmetic."""
 
-import importlib.util
-import pathlib
-import sys
-
 import pytest
+from _experiments import load_experiment
 
-SCRIPT = pathlib.Path(__file__).parents[1] / "experiments" / "memory_breakdown.py"
-
-
-def _load():
-    # experiments/ is not a package: load the script from its path.
-    spec = importlib.util.spec_from_file_location("memory_breakdown", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while being built
-    spec.loader.exec_module(module)
-    return module
-
-
-mb = _load()
+mb = load_experiment("memory_breakdown")
 B, T, D, F = 128, 10_000, 4096, 16_384  # seed 000's batch and the seed_dense dimensions
 FP16 = 2
 

@@ -2,28 +2,15 @@
 committed copies in experiments/results/: running the README's main job leaves the checkout
 as it was."""
 
-import importlib.util
 import pathlib
 import re
 import subprocess
-import sys
 
 import pytest
+from _experiments import EXPERIMENTS, load_experiment
 
-EXPERIMENTS = pathlib.Path(__file__).parents[1] / "experiments"
-
-
-def _load(name: str):
-    # experiments/ is not a package: load the script from its path.
-    sys.path.insert(0, str(EXPERIMENTS))
-    spec = importlib.util.spec_from_file_location(f"output_{name}", EXPERIMENTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while being built
-    spec.loader.exec_module(module)
-    return module
-
-
-common = _load("_common")
+# copies under names of their own (output_<name>), loaded afresh on each call
+common = load_experiment("_common", module_name="output__common")
 
 
 def test_default_output_is_git_ignored_and_results_are_not():
@@ -54,7 +41,7 @@ def test_no_script_writes_the_committed_results_by_itself():
 
 @pytest.mark.parametrize("argv, folder", [([], "out"), (["--write-results"], "results")])
 def test_memory_breakdown_writes_where_the_flag_says(tmp_path, monkeypatch, argv, folder):
-    memory = _load("memory_breakdown")
+    memory = load_experiment("memory_breakdown", module_name="output_memory_breakdown")
     common_there = memory._common  # the _common instance the script imported
     monkeypatch.setattr(common_there, "OUT", tmp_path / "out")
     monkeypatch.setattr(common_there, "RESULTS", tmp_path / "results")

@@ -1,11 +1,9 @@
 """experiments/recompress.py: a small run measures every part and checks the pipeline."""
 
-import pathlib
-import sys
+import pytest
+from _experiments import load_experiment
 
-sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "experiments"))
-import pytest  # noqa: E402
-import recompress  # noqa: E402
+recompress = load_experiment("recompress")
 
 
 @pytest.mark.slow  # sm.recompress itself: tests/test_compression_run.py

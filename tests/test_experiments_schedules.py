@@ -1,17 +1,15 @@
 """experiments/schedules.py: the projected rows follow the cost model's arithmetic; a small
 measured run equals the model for each pipeline."""
 
-import pathlib
-import sys
+import pytest
+from _experiments import load_experiment
 
-sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "experiments"))
-import pytest  # noqa: E402
-import schedules  # noqa: E402
+from lwjax import hardware
+from lwjax.models import configs
+from lwjax.passes import cost
+from lwjax.passes.cost_circular import project_circular
 
-from lwjax import hardware  # noqa: E402
-from lwjax.models import configs  # noqa: E402
-from lwjax.passes import cost  # noqa: E402
-from lwjax.passes.cost_circular import project_circular  # noqa: E402
+schedules = load_experiment("schedules")
 
 
 def test_circular_projection_by_hand():

@@ -2,40 +2,26 @@
 
 import dataclasses
 import datetime
-import importlib.util
 import os
-import pathlib
-import sys
 
 import flax
 import jax
 import numpy as np
 import pytest
+from _experiments import load_experiment
 
 from lwjax import baselines, baselines_tp_pp, hardware, models
 from lwjax.passes import cost
 
-EXPERIMENTS = pathlib.Path(__file__).parents[1] / "experiments"
 H100 = hardware.H100_SXM
 
 
-def _load(name: str):
-    # experiments/ is not a package: load the scripts from their paths, under their own names
-    # (cost_check imports throughput, and every script imports _common).
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, EXPERIMENTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up while being built
-    spec.loader.exec_module(module)
-    return module
-
-
-common = _load("_common")
-throughput = _load("throughput")
-throughput_report = _load("throughput_report")
-scaling = _load("scaling")
-cost_check = _load("cost_check")
+# under their own names: cost_check imports throughput, and every script imports _common
+common = load_experiment("_common")
+throughput = load_experiment("throughput")
+throughput_report = load_experiment("throughput_report")
+scaling = load_experiment("scaling")
+cost_check = load_experiment("cost_check")
 
 
 def _table_rows(markdown: str) -> list[str]:

@@ -2,7 +2,6 @@
 exist, the pipeline's loss curves equal one device's within train.AGREE_NATS, and the saved
 weights load back (bytelm.load_trained) with the held-out loss the run recorded."""
 
-import importlib.util
 import os
 import pathlib
 import re
@@ -13,22 +12,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _experiments import EXPERIMENTS, load_experiment
 
-EXPERIMENTS = pathlib.Path(__file__).parents[1] / "experiments"
 TIMEOUT_S = 300  # the run takes ~25 s on the 2-core machine; more when the cores are shared
 
 
-def _load(name: str):
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, EXPERIMENTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up while being built
-    spec.loader.exec_module(module)
-    return module
-
-
-bytelm = _load("bytelm")
+bytelm = load_experiment("bytelm")
 
 
 @pytest.fixture(scope="module")

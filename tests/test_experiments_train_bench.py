@@ -1,14 +1,13 @@
 """experiments/train_bench.py: the memory comparison and the projections run and say what
 they claim; the whole quick run (every method timed) is slow."""
 
-import pathlib
 import subprocess
 import sys
 
 import pytest
+from _experiments import EXPERIMENTS, load_experiment
 
-sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "experiments"))
-import train_bench  # noqa: E402
+train_bench = load_experiment("train_bench")
 
 
 def test_1f1b_stash_is_s_over_m_of_gpipes_and_temp_bytes_follow():
@@ -29,7 +28,7 @@ def test_projected_rows_compare_against_tp8_pp2_gpipe():
 
 @pytest.mark.slow
 def test_quick_run_from_the_command_line(tmp_path):
-    script = pathlib.Path(__file__).parents[1] / "experiments" / "train_bench.py"
+    script = EXPERIMENTS / "train_bench.py"
     out = subprocess.run([sys.executable, str(script), "--quick", "--no-write"],
                          capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-2000:]
