@@ -53,6 +53,9 @@ from jax.sharding import PartitionSpec as P
 from lwjax._compat import Literal as JaxLiteral
 from lwjax._compat import Var
 from lwjax.errors import CacheLayoutError
+from lwjax.passes.carry import from_wire, layout, pack, to_wire, unpack, zeros
+from lwjax.passes.codec import build_codecs
+from lwjax.passes.compression import Compression
 from lwjax.passes.kv_slots import (
     CacheLeaf,
     CacheSlots,
@@ -61,17 +64,7 @@ from lwjax.passes.kv_slots import (
     find_patch,
     patch_specs,
 )
-from lwjax.passes.lower import (
-    _eval,
-    _layout,
-    _pack,
-    _param_values,
-    _unpack,
-    _zeros,
-    cut_values,
-)
-from lwjax.passes.codec import build_codecs
-from lwjax.passes.compression import Compression
+from lwjax.passes.lower import _eval, _param_values, cut_values
 from lwjax.passes.segment import LayerGraph, Segment
 from lwjax.passes.storage import AXIS, SlotStorage
 
@@ -238,25 +231,6 @@ def _phase(graph: LayerGraph, ranges, leaves, slots: CacheSlots, stage_params, n
 
 
 
-def _to_bytes(bufs: dict) -> jax.Array:
-    """Per-dtype carry buffers as one uint8 buffer (one ppermute instead of one per dtype)."""
-    return jnp.concatenate([jax.lax.bitcast_convert_type(bufs[dt], jnp.uint8).reshape(-1)
-                            if np.dtype(dt).itemsize > 1 else
-                            jax.lax.bitcast_convert_type(bufs[dt], jnp.uint8)
-                            for dt in sorted(bufs)])
-
-
-def _from_bytes(wire: jax.Array, like: dict) -> dict:
-    out, offset = {}, 0
-    for dt in sorted(like):
-        n, size = like[dt].shape[0], np.dtype(dt).itemsize
-        chunk = wire[offset:offset + n * size]
-        out[dt] = jax.lax.bitcast_convert_type(
-            chunk.reshape(n, size) if size > 1 else chunk, np.dtype(dt))
-        offset += n * size
-    return out
-
-
 @dataclasses.dataclass(frozen=True)
 class _Eqns:
     """Equations a stage repeats on its own copy of a cache leaf (``_eval`` binds them)."""
@@ -326,21 +300,21 @@ def lower_generate(
     decode_steps = prompt_len - prefill_len + n_new - 1
     period = max(m, num_stages)
     message = jax.ShapeDtypeStruct((mb + 2,), jnp.int32)  # a token per sequence, group, valid
-    msg_slots, msg_sizes = _layout([message])
+    msg_slots, msg_sizes = layout([message])
 
     def branches_for(graph: LayerGraph, name: str, patching: bool):
         phase = _phase(graph, ranges, leaves, slots, stage_params, name)
         patch = patch_specs(phase, slots, leaves) if patching else {}
         sizes = dict(msg_sizes)
         for st in phase:
-            for dt, n in _layout([v.aval for v in st.carry_out])[1].items():
+            for dt, n in layout([v.aval for v in st.carry_out])[1].items():
                 sizes[dt] = max(sizes.get(dt, 0), n)
         jaxpr = graph.jaxpr.jaxpr
         consts = dict(zip(jaxpr.constvars, graph.jaxpr.consts, strict=True))
         cache_vars = cache_arg_vars(graph)
         token_var, positions_var = graph.arg_vars[0], graph.arg_vars[-1]
         token_out = jaxpr.outvars[0]
-        layouts = [_layout([v.aval for v in st.carry_out])[0] for st in phase]
+        layouts = [layout([v.aval for v in st.carry_out])[0] for st in phase]
 
         def branch_for(s: int, st: _StagePhase):
             def branch(recv, rows, tokens, positions, params, group, valid):
@@ -351,7 +325,7 @@ def lower_generate(
                 for j, slot in slots.where[s].items():
                     env[cache_vars[j]] = rows[slot].reshape(leaves[j].shape)
                 if s > 0:
-                    env.update(zip(st.carry_in, _unpack(recv, layouts[s - 1]), strict=True))
+                    env.update(zip(st.carry_in, unpack(recv, layouts[s - 1]), strict=True))
                 _eval(st.segments, env, s)
                 rows = list(rows)
                 for u in st.updates:
@@ -373,12 +347,12 @@ def lower_generate(
                     rows[n] = (jnp.asarray(update, spec.dtype),
                                jnp.stack([jnp.asarray(i, jnp.int32) for i in index]))
                 if s < num_stages - 1:
-                    return _pack([env[v] for v in st.carry_out], layouts[s], sizes), rows
+                    return pack([env[v] for v in st.carry_out], layouts[s], sizes), rows
                 tok = (jnp.full((mb,), token_out.val) if isinstance(token_out, JaxLiteral)
                        else env[token_out])
                 msg = jnp.concatenate([tok.astype(jnp.int32).reshape(mb),
                                        jnp.stack([group, valid.astype(jnp.int32)])])
-                return _pack([msg], msg_slots, sizes), rows
+                return pack([msg], msg_slots, sizes), rows
 
             return branch
 
@@ -386,7 +360,7 @@ def lower_generate(
             rows = list(rows)
             for n, spec in patch.items():  # write back what is there: a no-op
                 rows[n] = spec.unchanged(rows[n])
-            return _zeros(sizes), rows
+            return zeros(sizes), rows
 
         return [branch_for(s, st) for s, st in enumerate(phase)] + [idle], sizes, patch
 
@@ -410,7 +384,7 @@ def lower_generate(
 
         def receive(recv, tokbuf):
             """Stage 0 stores a token the last stage sent (for its group's next step)."""
-            msg = _unpack(recv, msg_slots)[0]
+            msg = unpack(recv, msg_slots)[0]
             stored = jax.lax.dynamic_update_index_in_dim(tokbuf, msg[:mb], msg[mb], 0)
             return jnp.where(is_first & (msg[mb + 1] == 1), stored, tokbuf)
 
@@ -464,19 +438,19 @@ def lower_generate(
                 caches = [patch[n].write(c, r, g) if n in patch else
                           jax.lax.dynamic_update_index_in_dim(c[0], r, g, 0)[None]
                           for n, (c, r) in enumerate(zip(caches, rows, strict=True))]
-                out, done = record(_unpack(sent, msg_slots)[0], q, out, done)
+                out, done = record(unpack(sent, msg_slots)[0], q, out, done)
                 if num_stages > 1:  # one collective per tick: every dtype as bytes
-                    sent = _from_bytes(jax.lax.ppermute(_to_bytes(sent), AXIS, ring), sent)
+                    sent = from_wire(jax.lax.ppermute(to_wire(sent), AXIS, ring), sent)
                 return (sent, caches, tokbuf, out, done), None
 
             return run
 
-        state = (_zeros(pre_sizes), caches, tokbuf, out, done)
+        state = (zeros(pre_sizes), caches, tokbuf, out, done)
         state, _ = jax.lax.scan(tick(pre_branches, True), state, jnp.arange(m + num_stages - 1))
         if decode_steps > 0:
             recv, *rest = state
             # the last group's first token is still in flight: carry it into the decode ring
-            state = (_pack(_unpack(recv, msg_slots), msg_slots, dec_sizes), *rest)
+            state = (pack(unpack(recv, msg_slots), msg_slots, dec_sizes), *rest)
             state, _ = jax.lax.scan(tick(dec_branches, False), state,
                                     jnp.arange(decode_steps * period + num_stages - 1))
         _, caches, _, out, _ = state

@@ -12,7 +12,8 @@ The program runs over ``Mesh(devices, ("stage",))``, one device per stage:
 - **Activations** crossing a stage boundary -- every value defined before the cut and read
   after it, e.g. the residual stream and the positions the prologue computed -- are packed
   into per-dtype carry buffers (padded to the largest cut) and moved to the next stage with
-  ``lax.ppermute``, outside the switch.
+  one ``lax.ppermute`` per tick, outside the switch: the dtypes travel as one uint8 buffer
+  (``passes/carry.py``), since each collective costs a rendezvous of the devices.
 - **Microbatches**: batch-shaped arguments are split into M microbatches of B/M rows (rows
   interleaved when an output is cut along the batch: "Outputs") and the graph is traced at
   the microbatch size; a schedule (``passes/schedules.py``, GPipe by default) decides which
@@ -56,6 +57,7 @@ from lwjax._compat import Literal as JaxLiteral
 from lwjax._compat import Var, bind_eqn
 from lwjax.errors import CompressionError, ConfigError, InputError
 from lwjax.passes import schedules
+from lwjax.passes.carry import Slot, from_wire, layout, pack, to_wire, unpack, zeros
 from lwjax.passes.codec import Encoded, build_codecs
 from lwjax.passes.collectives import StageView, check
 from lwjax.passes.compression import Compression
@@ -72,46 +74,6 @@ from lwjax.passes.outputs import (
 from lwjax.passes.segment import LayerGraph, Segment
 from lwjax.passes.storage import AXIS, SlotStorage, SplitStorage
 from lwjax.passes.tp import split_axes
-
-
-@dataclasses.dataclass(frozen=True)
-class Slot:
-    """Where one value lives in a per-dtype flat buffer."""
-
-    dtype: str
-    offset: int
-    shape: tuple[int, ...]
-
-    @property
-    def size(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64))
-
-
-def _layout(avals: Sequence) -> tuple[tuple[Slot, ...], dict[str, int]]:
-    sizes: dict[str, int] = {}
-    slots = []
-    for aval in avals:
-        dt = np.dtype(aval.dtype).name
-        slot = Slot(dt, sizes.get(dt, 0), tuple(aval.shape))
-        sizes[dt] = slot.offset + slot.size
-        slots.append(slot)
-    return tuple(slots), sizes
-
-
-def _pack(values: Sequence, slots: Sequence[Slot], sizes: dict[str, int]) -> dict:
-    parts: dict[str, list] = {dt: [] for dt in sizes}
-    for x, s in zip(values, slots, strict=True):
-        parts[s.dtype].append(jnp.ravel(x))
-    out = {}
-    for dt, n in sizes.items():
-        flat = jnp.concatenate(parts[dt]) if parts[dt] else jnp.zeros((0,), dt)
-        out[dt] = jnp.pad(flat, (0, n - flat.shape[0]))
-    return out
-
-
-def _unpack(bufs: dict, slots: Sequence[Slot]) -> list:
-    return [jax.lax.slice_in_dim(bufs[s.dtype], s.offset, s.offset + s.size).reshape(s.shape)
-            for s in slots]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -237,10 +199,10 @@ def carry_layout(cuts: Sequence[Sequence[Var]]
                  ) -> tuple[list[tuple[Slot, ...]], dict[str, int]]:
     """Per cut, where its values sit in the carry buffers; and the buffers' sizes per dtype
     (the largest cut's, so every tick moves buffers of one shape)."""
-    carry_slots = [_layout([v.aval for v in cut])[0] for cut in cuts]
+    carry_slots = [layout([v.aval for v in cut])[0] for cut in cuts]
     carry_sizes: dict[str, int] = {}
     for cut in cuts:
-        for dt, n in _layout([v.aval for v in cut])[1].items():
+        for dt, n in layout([v.aval for v in cut])[1].items():
             carry_sizes[dt] = max(carry_sizes.get(dt, 0), n)
     return carry_slots, carry_sizes
 
@@ -271,10 +233,6 @@ def _param_values(graph: LayerGraph, leaves: Sequence) -> list:
         x = leaves[info.source]
         out.append(x if info.slice_index is None else x[info.slice_index])
     return out
-
-
-def _zeros(sizes: dict[str, int]) -> dict:
-    return {dt: jnp.zeros((n,), dt) for dt, n in sizes.items()}
 
 
 def _eval(segs: Sequence[Segment], env: dict, stage: int) -> None:
@@ -393,23 +351,23 @@ def lower(
         env.update(zip(arg_vars, mb_args, strict=True))
         return env
 
-    def make_branch(s: int, layout: StageLayout):
+    def make_branch(s: int, st: StageLayout):
         def branch(carry, mb_args, params):
             env = stage_env(s, params, mb_args)
             if s > 0:
-                env.update(zip(layout.carry_in, _unpack(carry, carry_slots[s - 1]), strict=True))
-            _eval(layout.segments, env, s)
-            return _pack([env[v] for v in layout.carry_out], carry_slots[s], carry_sizes)
+                env.update(zip(st.carry_in, unpack(carry, carry_slots[s - 1]), strict=True))
+            _eval(st.segments, env, s)
+            return pack([env[v] for v in st.carry_out], carry_slots[s], carry_sizes)
 
         return branch
 
     def idle(carry, mb_args, params):
-        return _zeros(carry_sizes)
+        return zeros(carry_sizes)
 
     def epilogue(params, final, mb_args) -> list:
         """The last stage's epilogue on one microbatch's final carry -> the model's outputs."""
         env = stage_env(last, params, mb_args)
-        env.update(zip(cuts[-1], _unpack(final, carry_slots[-1]), strict=True))
+        env.update(zip(cuts[-1], unpack(final, carry_slots[-1]), strict=True))
         _eval((graph.epilogue,), env, last)
         outs = [v.val if isinstance(v, JaxLiteral) else env[v] for v in jaxpr.outvars]
         return [jnp.broadcast_to(jnp.asarray(o, a.dtype), a.shape)
@@ -433,10 +391,11 @@ def lower(
                                        params)
             sent = carry_out
             if num_stages > 1:
-                sent = {dt: jax.lax.ppermute(c, AXIS, perm) for dt, c in carry_out.items()}
+                # one ppermute per tick: the carry's dtypes travel as one uint8 buffer
+                sent = from_wire(jax.lax.ppermute(to_wire(carry_out), AXIS, perm), carry_out)
             return sent, carry_out  # the last stage's un-sent carry feeds the epilogue
 
-        _, finals = sched.run(step, _zeros(carry_sizes), stage=stage, num_stages=num_stages,
+        _, finals = sched.run(step, zeros(carry_sizes), stage=stage, num_stages=num_stages,
                               num_microbatches=m, virtual=virtual)
         ticks = sched.output_ticks(num_stages, m, virtual)
         finals = {dt: f[ticks] for dt, f in finals.items()}

@@ -46,12 +46,11 @@ from jax.sharding import PartitionSpec as P
 
 from lwjax._compat import Literal as JaxLiteral
 from lwjax.passes import schedules
+from lwjax.passes.carry import from_wire, pack, to_wire, unpack
 from lwjax.passes.lower import (
     StageLayout,
     _eval,
-    _pack,
     _param_values,
-    _unpack,
     carry_layout,
     cut_values,
     stage_layouts,
@@ -178,13 +177,13 @@ def lower_train(
                        strict=True))
         env.update(zip(graph.arg_vars, mb_args, strict=True))
         if s > 0:
-            env.update(zip(stages[s].carry_in, _unpack(carry, carry_slots[s - 1]), strict=True))
+            env.update(zip(stages[s].carry_in, unpack(carry, carry_slots[s - 1]), strict=True))
         _eval(stages[s].segments, env, s)
         return env
 
     def forward(s, params, carry, mb_args) -> dict:
         env = stage_env(s, params, carry, mb_args)
-        return _pack([env[v] for v in stages[s].carry_out], carry_slots[s], carry_sizes)
+        return pack([env[v] for v in stages[s].carry_out], carry_slots[s], carry_sizes)
 
     def loss_on_last(params, carry, mb_args, mb_targets):
         env = stage_env(last, params, carry, mb_args)
@@ -271,8 +270,9 @@ def lower_train(
             fwd_out, bwd_out, acc, loss = jax.lax.switch(
                 index, branches, stash_row, cot_row, mb_args, mb_targets, params, acc, loss)
             if num_stages > 1:
-                fwd_out = {dt: jax.lax.ppermute(x, AXIS, fwd_perm) for dt, x in fwd_out.items()}
-                bwd_out = {dt: jax.lax.ppermute(x, AXIS, bwd_perm) for dt, x in bwd_out.items()}
+                # one ppermute per direction: each direction's dtypes as one uint8 buffer
+                fwd_out = from_wire(jax.lax.ppermute(to_wire(fwd_out), AXIS, fwd_perm), fwd_out)
+                bwd_out = from_wire(jax.lax.ppermute(to_wire(bwd_out), AXIS, bwd_perm), bwd_out)
             return (fwd_out, bwd_out, stash, pending, acc, loss), None
 
         init = (zeros_fwd(), zeros_bwd(),

@@ -176,6 +176,46 @@ def test_lower_and_compile_expose_jax_stages(moe):
     assert "2 stages" in repr(sm)
 
 
+
+def test_a_tick_sends_one_ppermute_whatever_the_carry_dtypes(dense):
+    """The dense model's first cut carries int32 positions and the float32 residual: both
+    cross in one uint8 buffer, so the compiled program has one collective-permute (the tick's),
+    and the pipeline still equals the model."""
+    import re
+
+    from lwjax.passes.lower import cut_values, lower
+    from lwjax.passes.segment import segment
+    from lwjax.passes.trace import trace
+
+    cfg, model = dense
+    tokens = _tokens(cfg)
+    graph = segment(trace(model, tokens, microbatch_size=4))
+    ranges = [(0, 1), (1, cfg.num_layers)]
+    assert {np.dtype(v.aval.dtype).name for v in cut_values(graph, ranges)[0]} == {
+        "int32", "float32"}
+    prog = lower(graph, ranges, jax.devices()[:2], num_microbatches=2)
+    params = prog.place_params(graph.traced.params)
+    hlo = prog.fn.lower(params, tokens).compile().as_text()
+    assert len(re.findall(r"collective-permute(-start)?\(", hlo)) == 1
+    np.testing.assert_allclose(prog(params, tokens), model(tokens), atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("dtypes", [("float32", "int32"), ("bfloat16", "bool", "int8"),
+                                    ("float32",)])
+def test_wire_round_trips_every_dtype_bit_for_bit(dtypes):
+    from lwjax.passes.carry import from_wire, to_wire
+
+    rng = np.random.default_rng(0)
+    bufs = {dt: jnp.asarray(rng.normal(size=5) * 100).astype(dt) if dt != "bool"
+            else jnp.asarray(rng.normal(size=5) > 0) for dt in dtypes}
+    wire = to_wire(bufs)
+    assert wire.dtype == jnp.uint8
+    assert wire.shape == (sum(5 * np.dtype(dt).itemsize for dt in dtypes),)
+    back = from_wire(wire, bufs)
+    for dt in dtypes:
+        assert back[dt].dtype == bufs[dt].dtype
+        np.testing.assert_array_equal(np.asarray(back[dt]), np.asarray(bufs[dt]))
+
 # ---- other model styles -----------------------------------------------------------------------
 
 class Block(nn.Module):
