@@ -30,19 +30,21 @@ from collections.abc import Callable
 from lwjax.hardware import HardwareSpec
 
 # Measured 2026-12-02 on this project's 2-core Xeon host (16 simulated devices, load ~1,
-# JAX 0.10.2), ``python experiments/cost_check.py --calibrate``:
+# JAX 0.10.2), ``python experiments/cost_check.py --calibrate``, after a tick became one
+# ppermute (``passes/carry.py``):
 # - efficiency: the float32 dense model (16 layers, 8 heads, MLP 4x, seq 64) alone on one device,
 #   hidden 64/128/256 x batch 1/2/4/8/32, per-block time vs the block's matmul FLOPs at the
-#   measured 1024^3 matmul rate: 9% (9 MFLOP) .. 40% (4.4 GFLOP); least squares in log-log:
-#   0.19 x (FLOPs / 1e8)^0.26 (each point within -30%/+38% of the fit).
+#   measured 1024^3 matmul rate: 11% (19 MFLOP) .. 60% (4.4 GFLOP); least squares in log-log:
+#   0.19 x (FLOPs / 1e8)^0.29.
 # - floor: lwjax pipelines of a same-shaped model of negligible size (hidden 16, seq 8,
-#   batch 16, M = 8): 1/2/4/16 stages x tp 1 -> 0.65 ms + 0.033 ms per stage per tick;
-#   2 x tp 8 and 4 x tp 4 -> 0.37 / 0.32 ms more per all-reduce (two per layer) per tick.
+#   batch 16, M = 8): 1/2/4/16 stages x tp 1 -> 0.42 ms + 0.015 ms per stage per tick
+#   (0.65 ms + 0.033 ms with a ppermute per carry dtype); 2 x tp 8 and 4 x tp 4 -> 0.28 /
+#   0.24 ms more per all-reduce (two per layer) per tick.
 CPU_EFFICIENCY_AT_1E8 = 0.19
-CPU_EFFICIENCY_EXPONENT = 0.26
-CPU_TICK_FLOOR_S = 0.65e-3
-CPU_TICK_FLOOR_PER_STAGE_S = 0.033e-3
-CPU_ALLREDUCE_FLOOR_S = 0.34e-3
+CPU_EFFICIENCY_EXPONENT = 0.29
+CPU_TICK_FLOOR_S = 0.42e-3
+CPU_TICK_FLOOR_PER_STAGE_S = 0.015e-3
+CPU_ALLREDUCE_FLOOR_S = 0.26e-3
 
 
 @dataclasses.dataclass(frozen=True)
