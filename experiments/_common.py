@@ -281,9 +281,11 @@ def explain_infeasible(error: Exception) -> str:
     return ". ".join(parts).rstrip(".")
 
 
-def layerwise_deploy(model, tokens, devices, microbatches: int, *, objective: str = "step",
-                     allow: tuple[str, ...] = (), fallback: bool = True):
-    """``lwjax.layerwise_shard`` planned against this host's L2 with ``microbatches`` fixed.
+def layerwise_deploy(model, tokens, devices, microbatches: int | None, *,
+                     objective: str = "step", allow: tuple[str, ...] = (),
+                     fallback: bool = True):
+    """``lwjax.layerwise_shard`` planned against this host's L2 with ``microbatches`` fixed
+    (None: the planner picks M, as ``layerwise_shard``'s default does).
 
     With ``fallback``, when no plan fits the L2 it plans against the least capacity the planner
     reports as enough; without, it returns ``(None, why)``. Returns ``(ShardedModel, note)``,
@@ -297,9 +299,9 @@ def layerwise_deploy(model, tokens, devices, microbatches: int, *, objective: st
     first_why = None
     for _ in range(8):
         try:
+            pinned = {} if microbatches is None else {"microbatches": microbatches}
             sm = lwjax.layerwise_shard(model, tokens, devices=devices, cache_bytes=capacity,
-                                       microbatches=microbatches, objective=objective,
-                                       allow=allow)
+                                       objective=objective, allow=allow, **pinned)
             return sm, note
         except InfeasiblePlanError as e:
             why = str(e).split("As given: ", 1)[-1].split(". ")[0]

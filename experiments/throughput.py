@@ -140,7 +140,8 @@ class Deployment:
         baselines: ``baseline_key(variant, M)`` -> that ``tp_pp`` variant (TP=8 x PP=2).
         layerwise: the seeds' layout, one layer per device (``objective="bottleneck"``).
         planned: what ``layerwise_shard`` plans for the host's L2 with the default
-            ``objective="step"`` (split allowed, M fixed); None when no plan fits the L2.
+            ``objective="step"``, everything else as ``layerwise_shard``'s defaults (the
+            layout search picks stages, tp and M); None when no plan fits the L2.
     """
 
     cfg: DenseConfig
@@ -169,7 +170,7 @@ class Deployment:
 
 
 def _layout(sm: lwjax.ShardedModel) -> tuple:
-    return tuple(s.layer_range for s in sm.plan.stages), sm.plan.tp
+    return tuple(s.layer_range for s in sm.plan.stages), sm.plan.tp, sm.plan.microbatches
 
 
 def deploy(cfg: DenseConfig, devices: Sequence | None = None,
@@ -188,8 +189,9 @@ def deploy(cfg: DenseConfig, devices: Sequence | None = None,
                                         objective="bottleneck")
     planned, planned_note = None, "not built"
     if with_plan:
+        # lwjax's defaults: the layout search picks stages, tp and M
         planned, planned_note = _common.layerwise_deploy(
-            model, tokens, devices, microbatches, objective="step", allow=("split",),
+            model, tokens, devices, None, objective="step", allow=("split", "microbatch"),
             fallback=False)
     single = baselines.single_device(model, tokens, device=devices[0])
     return Deployment(cfg, model, tokens, tp_pp, sm, planned, single,
@@ -243,7 +245,7 @@ class Measured:
 def _stages_label(sm: lwjax.ShardedModel) -> str:
     n = len(sm.plan.stages)
     split = f" x tp={sm.plan.tp}" if sm.plan.tp > 1 else ""
-    return f"{n} stage{'s' if n > 1 else ''}{split}"
+    return f"{n} stage{'s' if n > 1 else ''}{split}, M={sm.plan.microbatches}"
 
 
 def _baseline_label(b: baselines.Baseline) -> str:
