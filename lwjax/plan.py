@@ -13,6 +13,8 @@ from typing import Literal
 
 from lwjax.passes.cost import TRAIN_TIME_FACTOR
 from lwjax.passes.footprint import Footprint
+from lwjax.passes.padding import StoredArray
+from lwjax.passes.padding import padding as slot_padding
 from lwjax.passes.train_footprint import BACKWARD_FACTOR, TrainingNumbers
 
 MIB = 2**20
@@ -66,6 +68,9 @@ class LayerNumbers:
         outer_signatures: the same for the prologue and the epilogue (embedding, head).
         training: a training plan's schedule, optimizer and per-stage optimizer bytes (None
             unless mode="train"); ``footprints[i].stash_bytes`` is then one microbatch's.
+        stored: per segment -- the prologue, each layer, the epilogue -- the arrays its
+            weights are stored as (one device per stage); () when not known (split stages),
+            and then the padding of uneven stages is not counted (``passes/padding.py``).
     """
 
     names: tuple[str, ...]
@@ -77,6 +82,7 @@ class LayerNumbers:
     signatures: tuple[str, ...] = ()
     outer_signatures: tuple[str, ...] = ()
     training: TrainingNumbers | None = None
+    stored: tuple[tuple[StoredArray, ...], ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,11 +155,28 @@ class Plan:
         return max(self.stages, key=lambda s: (s.est_time_s, -s.index))
 
     def resident_bytes(self, stage: Stage) -> int:
-        """Bytes the plan requires on chip for a stage under its residency policy."""
+        """Bytes the plan requires on chip for a stage under its residency policy (its own;
+        ``device_bytes`` adds the weight slots' padding)."""
         f = stage.footprint
         if self.residency == "weights":
             return f.weights_bytes + f.kv_cache_bytes
         return f.total_bytes
+
+    @property
+    def padding_bytes(self) -> tuple[int, ...]:
+        """Per stage, the weight bytes its device stores beyond its own: one SPMD program
+        gives every device the same weight slots, so a stage with fewer weights of a kind
+        than another holds zero rows (``passes/padding.py``; 0 for split stages, whose
+        padding is not predicted).
+
+        Example:
+            >>> plan.padding_bytes   # 16 layers on 5 stages: the 1-layer stage pads 3 layers
+        """
+        return slot_padding(self.numbers, [s.layer_range for s in self.stages])
+
+    def device_bytes(self, stage: Stage) -> int:
+        """What the stage's device holds on chip: ``resident_bytes`` plus the padding."""
+        return self.resident_bytes(stage) + self.padding_bytes[stage.index]
 
     @property
     def step_time_s(self) -> float:
@@ -210,15 +233,17 @@ class Plan:
                 f"{s.index:>5} {span:<{w_layers}} {id_list:<{w_ids}} "
                 + " ".join(f"{count(s.footprint) / MIB:>{width}.2f}"
                            for _, width, count in self._columns())
-                + f" {100 * self.resident_bytes(s) / cap:>7.1f} {s.est_time_s * 1e3:>9.3f}"
+                + f" {100 * self.device_bytes(s) / cap:>7.1f} {s.est_time_s * 1e3:>9.3f}"
                 + ("  <- bottleneck" if s.index == slow else ""))
         ticks = self.microbatches + len(self.stages) - 1
         epilogue = self.microbatches * self.numbers.epilogue_s
         shared = self.concurrency and self.step_time_s - epilogue > (
             ticks * self.bottleneck.est_time_s * (1 + 1e-9))
         lines += [
-            "(MiB per device; fill % counts what the residency policy keeps on chip; est ms: "
-            "projected roofline per microbatch, excluding the epilogue; not measured)",
+            *self._padding_lines(),
+            "(MiB per device; fill % counts what the residency policy keeps on chip, the "
+            "padding included; est ms: projected roofline per microbatch, excluding the "
+            "epilogue; not measured)",
             f"projected {_step_name(self.schedule)}: {ticks} ticks x "
             f"{self.bottleneck.est_time_s * 1e3:.3f} ms "
             f"(stage {slow})"
@@ -250,6 +275,22 @@ class Plan:
                 ("activ.", 10, lambda f: f.activation_bytes),
                 ("buffers", 9, lambda f: f.buffer_bytes),
                 ("kv", 9, lambda f: f.kv_cache_bytes)]
+
+    def _padding_lines(self) -> list[str]:
+        pads = self.padding_bytes
+        if not any(pads):
+            return []
+        runs: list[list[int]] = []  # consecutive stages with the same padding
+        for k, p in enumerate(pads):
+            if runs and pads[runs[-1][-1]] == p:
+                runs[-1].append(k)
+            else:
+                runs.append([k])
+        parts = [(f"stage {r[0]}" if len(r) == 1 else f"stages {r[0]}-{r[-1]}")
+                 + f" +{_amount(pads[r[0]])}" for r in runs if pads[r[0]]]
+        return ["weight slots: one SPMD program gives every device the same weight arrays, so "
+                "a stage with fewer weights of a kind stores zero rows (counted in fill %): "
+                + ", ".join(parts)]
 
     def _training_lines(self) -> list[str]:
         t = self.numbers.training
@@ -379,3 +420,7 @@ def step_time(ranges: Sequence[tuple[int, int]], costs_s: Sequence[float], micro
     if concurrency:
         step = max(step, microbatches * tp * sum(times))
     return step + microbatches * epilogue_s
+
+
+def _amount(num_bytes: int) -> str:
+    return f"{num_bytes / MIB:.2f} MiB" if num_bytes >= MIB // 100 else f"{num_bytes:,} B"

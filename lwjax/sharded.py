@@ -7,7 +7,6 @@ import json
 from collections.abc import Mapping
 
 import jax
-import numpy as np
 
 from lwjax import distributed, training
 from lwjax import failover as failover_lib
@@ -315,35 +314,8 @@ class ShardedModel:
             out[device.id] = {"allocated": allocated, "own": own}
         return out
 
-    def padding_note(self) -> str:
-        """A line on the weight slots' padding when uneven stages have it (else ""): one SPMD
-        program gives every device arrays of the same shapes, so every device stores the
-        sum of the slots' sizes, and a stage with fewer weights of a kind than the largest
-        leaves zero rows. The plan's table counts each stage's own bytes; this line gives
-        what is stored and names the stages the padding pushes over the capacity.
-
-        Example:
-            >>> print(sm.padding_note())
-        """
-        plan, storage = self.plan, self.program.storage
-        if not isinstance(storage, SlotStorage) or self.program.virtual != 1:
-            return ""
-        allocated = sum(np.dtype(dt).itemsize * size for (dt, size), _ in storage.slots)
-        padding = {k: allocated - storage.own_bytes(k) for k in range(len(plan.stages))}
-        if not any(padding.values()):
-            return ""
-        worst = max(padding, key=padding.get)
-        over = [st.index for st in plan.stages
-                if plan.resident_bytes(st) + padding[st.index] > plan.capacity_bytes]
-        return (f"weight slots are padded to the largest stage's weights: every device stores "
-                f"{allocated:,} bytes of weights; stage {worst} owns "
-                f"{allocated - padding[worst]:,} of them (uneven stages pad; the table counts "
-                "each stage's own)"
-                + (f"; with the padding, stages {over} exceed the capacity" if over else ""))
-
     def __repr__(self) -> str:
-        note = self.padding_note()
-        return f"ShardedModel(\n{self.plan.summary()}" + (f"\n{note}" if note else "") + "\n)"
+        return f"ShardedModel(\n{self.plan.summary()}\n)"
 
 
 def _layout(plan: Plan) -> str:

@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 from lwjax.errors import InfeasiblePlanError
 from lwjax.hardware import HardwareSpec
+from lwjax.passes import padding
 from lwjax.passes.cost_calibration import TickModel, tick_model
 from lwjax.passes.cost_core import transfer_time
 from lwjax.passes.partition import partition_layers
@@ -55,6 +56,8 @@ class LayoutInputs:
         room: the capacity left for them (<= 0: nothing fits).
         transfer_s: one stage-to-stage send of a microbatch's residual.
         model: the corrections in force (concurrency, per-tick floor).
+        numbers: the planner's numbers, for the weight slots' padding a partition adds
+            (``passes/padding.py``); None: not counted.
     """
 
     microbatches: int
@@ -66,6 +69,7 @@ class LayoutInputs:
     room: int
     transfer_s: float
     model: TickModel
+    numbers: LayerNumbers | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,7 +171,11 @@ def step_seconds(x: LayoutInputs, ranges: Sequence[Range]) -> float:
 
 
 def _fits(x: LayoutInputs, ranges: Sequence[Range]) -> bool:
-    return x.room > 0 and all(sum(x.sizes[a:b]) <= x.room for a, b in ranges)
+    if x.room <= 0:
+        return False
+    if x.numbers is not None:
+        return padding.overflow(x.numbers, ranges, x.sizes, x.room) <= 0
+    return all(sum(x.sizes[a:b]) <= x.room for a, b in ranges)
 
 
 # ---- candidate families ---------------------------------------------------------------------
@@ -185,7 +193,12 @@ def _lwjax(x: LayoutInputs, space: Space) -> Iterable[tuple[Range, ...]]:
     seen = set()
     for k in counts:
         try:
-            ranges = partition_layers(list(x.sizes), costs, x.room, k)
+            if x.numbers is None:
+                ranges = partition_layers(list(x.sizes), costs, x.room, k)
+            else:
+                ranges = padding.fit(
+                    lambda r, k=k: partition_layers(list(x.sizes), costs, r, k),
+                    x.numbers, x.sizes, x.room)
         except InfeasiblePlanError:
             continue
         if ranges not in seen:
@@ -286,4 +299,5 @@ def layout_inputs(graph: LayerGraph, numbers: LayerNumbers, hw: HardwareSpec, *,
     return LayoutInputs(
         microbatches=microbatches, tp=tp, work_s=tuple(work_s),
         floor_s=(floor,) * len(work_s), epilogue_s=work(graph.epilogue, numbers.epilogue_s),
-        sizes=tuple(sizes), room=room, transfer_s=transfer_time(residual, hw), model=model)
+        sizes=tuple(sizes), room=room, transfer_s=transfer_time(residual, hw), model=model,
+        numbers=numbers)

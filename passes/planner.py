@@ -32,6 +32,8 @@ import numpy as np
 from lwjax._compat import Jaxpr
 from lwjax.errors import ConfigError, DeviceError, InfeasiblePlanError
 from lwjax.hardware import HardwareSpec
+from lwjax.passes import padding
+from lwjax.passes.codec import build_codecs
 from lwjax.passes.cost import (
     TRAIN_ALLREDUCE_FACTOR,
     TRAIN_TIME_FACTOR,
@@ -41,9 +43,18 @@ from lwjax.passes.cost import (
     layer_time,
 )
 from lwjax.passes.footprint import Footprint, GraphFootprint, value_bytes
+from lwjax.passes.padding import StoredArray
 from lwjax.passes.partition import min_stages, partition_layers
 from lwjax.passes.segment import LayerGraph, Segment
-from lwjax.plan import OBJECTIVES, LayerNumbers, Objective, Plan, Residency, Stage, step_time
+from lwjax.plan import (
+    OBJECTIVES,
+    LayerNumbers,
+    Objective,
+    Plan,
+    Residency,
+    Stage,
+    step_time,
+)
 
 MIB = 2**20
 _TIE = 1e-9  # relative: step times closer than this are equal (summing order), fewer stages win
@@ -151,7 +162,27 @@ def numbers_from(graph: LayerGraph, fp: GraphFootprint, costs_s: Sequence[float]
                         prologue=fp.prologue, epilogue=fp.epilogue, costs_s=tuple(costs_s),
                         epilogue_s=epilogue_s,
                         signatures=tuple(s.signature for s in graph.layers),
-                        outer_signatures=graph.outer_signatures)
+                        outer_signatures=graph.outer_signatures,
+                        stored=stored_arrays(graph, fp.compression))
+
+
+def stored_arrays(graph: LayerGraph, compression) -> tuple[tuple[StoredArray, ...], ...]:
+    """Per segment (prologue, layers, epilogue), the arrays its weights are stored as under
+    ``compression`` (a codec's arrays for a compressed weight), as ``SlotStorage`` stores
+    them.
+
+    Example:
+        >>> [len(seg) for seg in stored_arrays(graph, fp.compression)]
+    """
+    codecs = build_codecs(graph, compression)
+
+    def arrays(i: int) -> list:
+        return [graph.param_vars[i].aval] if codecs[i] is None else codecs[i].stored_avals()
+
+    return tuple(
+        tuple(StoredArray(i, np.dtype(a.dtype).name, int(np.prod(a.shape, dtype=np.int64)))
+              for i in seg.params for a in arrays(i))
+        for seg in (graph.prologue, *graph.layers, graph.epilogue))
 
 
 # ---- one partition --------------------------------------------------------------------------
@@ -305,12 +336,16 @@ def _given(numbers: LayerNumbers, capacity_bytes: int, residency: Residency,
         raise ConfigError(f"ranges={ranges} must be at most {most} contiguous, non-empty "
                           f"(start, stop) stages covering layers 0..{n}.")
     sizes, room, reserve = partition_inputs(numbers, capacity_bytes, residency, len(ranges))
-    for k, (a, b) in enumerate(ranges):
-        if sum(sizes[a:b]) > room:
+    pads = padding.padding(numbers, ranges)
+    for k, ((a, b), pad) in enumerate(zip(ranges, pads, strict=True)):
+        if sum(sizes[a:b]) + pad > room:
+            padded = (f", {fmt_bytes(pad)} of it padding of the weight slots (every device "
+                      "stores the largest stage's weights)" if pad else "")
             raise infeasible(
-                f"Stage {k} (layers {a}..{b - 1}) needs {fmt_bytes(sum(sizes[a:b]) + reserve)}"
-                f" per device, more than the capacity {fmt_bytes(capacity_bytes)}; give a "
-                "partition that fits or let the planner choose.", capacity=capacity_bytes)
+                f"Stage {k} (layers {a}..{b - 1}) needs "
+                f"{fmt_bytes(sum(sizes[a:b]) + pad + reserve)} per device{padded}, more than "
+                f"the capacity {fmt_bytes(capacity_bytes)}; give a partition that fits or let "
+                "the planner choose.", capacity=capacity_bytes)
     return ranges
 
 
@@ -352,8 +387,10 @@ def _fit(numbers: LayerNumbers, capacity_bytes: int, residency: Residency, most:
                                                  training=numbers.training is not None)
             continue
         try:
-            ranges = partition_layers(sizes, numbers.costs_s, room, k, method=method,
-                                      names=list(numbers.names))
+            ranges = padding.fit(
+                lambda r, k=k, sizes=sizes: partition_layers(
+                    sizes, numbers.costs_s, r, k, method=method, names=list(numbers.names)),
+                numbers, sizes, room)
             return ranges, sizes, room
         except InfeasiblePlanError as e:
             first = first or _with_reserve(e, reserve, num_devices, tp,
@@ -372,7 +409,12 @@ def _shortest_step(sizes, numbers: LayerNumbers, room: int, most: int, microbatc
                                           if fewest <= 2**i <= most)})
     best = None
     for k in counts:  # ascending
-        ranges = partition_layers(sizes, numbers.costs_s, room, k, method=method)
+        try:
+            ranges = padding.fit(
+                lambda r, k=k: partition_layers(sizes, numbers.costs_s, r, k, method=method),
+                numbers, sizes, room)
+        except InfeasiblePlanError:  # k stages fit without the slots' padding, not with it
+            continue
         step = step_time(ranges, numbers.costs_s, microbatches, concurrency, numbers.epilogue_s,
                          tp)
         # ties -- equal up to the rounding of summing the same costs in other groups -- go
@@ -439,6 +481,9 @@ def _with_reserve(e: InfeasiblePlanError, reserve: int, devices: int,
                   tp: int = 1, training: bool = False) -> InfeasiblePlanError:
     """Restates the partitioner's error in whole-device bytes (weights + the reserved peak)."""
     capacity = e.capacity + reserve
+    if getattr(e, "padded", False):  # only the slots' padding overflows: said in full
+        e.capacity, e.reserve_bytes = capacity, reserve
+        return e
     per = f" per device (split over tp={tp})" if tp > 1 else ""
     if e.layer_index is not None:
         need = e.layer_bytes + reserve

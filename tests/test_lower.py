@@ -131,10 +131,11 @@ def test_stored_weight_bytes_are_measured_with_their_padding(dense):
     # final norm fills a block norm's slot that the 1-block stage leaves free
     assert slots == 4 * layer + embed
     assert stored[4]["own"] == layer + embed + cfg.hidden_size * 4  # block, head, final norm
-    note = sm.padding_note()
-    assert f"every device stores {slots:,} bytes of weights; stage 4 owns " \
-        f"{stored[4]['own']:,}" in note and "exceed" not in note
-    assert note in repr(sm)
+    # the plan predicted the padding, measured here from the placed shards, and says it
+    assert sm.plan.padding_bytes == tuple(
+        stored[s.devices[0]]["allocated"] - stored[s.devices[0]]["own"] for s in sm.plan.stages)
+    assert sm.plan.padding_bytes[4] == slots - stored[4]["own"] > 0
+    assert f"stage 4 +{(slots - stored[4]['own']) / 2**20:.2f} MiB" in repr(sm)
     even = lwjax.layerwise_shard(model, tokens, devices=jax.devices()[:4], cache_bytes=BIG,
                                  microbatches=2, objective="bottleneck")
     assert all(b["allocated"] - b["own"] <= cfg.hidden_size * 4 + embed

@@ -24,8 +24,9 @@ from lwjax.errors import CapacityError, ConfigError, DeviceError, InfeasiblePlan
 from lwjax.models import configs
 from lwjax.models.transformer import Block, DenseTransformer
 from lwjax.passes import compression as compression_lib
+from lwjax.passes import padding
 from lwjax.passes.footprint import Footprint, footprint
-from lwjax.passes.planner import layer_times, partition_inputs
+from lwjax.passes.planner import layer_times, numbers_from, partition_inputs
 from lwjax.passes.segment import segment
 from lwjax.passes.split import split_bytes, split_footprint, split_numbers
 from lwjax.passes.strategies import Target
@@ -132,20 +133,25 @@ def test_split_decode_divides_kv_cache(tiny):
 
 # ---- compression and microbatch -------------------------------------------------------------
 
-def _one_layer_per_stage_need(fp):
-    """Capacity a 4-stage plan of 4 layers needs under the planner's rule (weights of the
-    heaviest stage + the largest activation peak)."""
+def _one_layer_per_stage_need(fp, graph):
+    """Capacity a 4-stage plan of 4 layers needs under the planner's rule: the weights every
+    device stores -- the slots' sum, the heaviest stage's weights plus the slots other
+    stages' kinds of weights add (``passes/padding.py``; the embedding's, here) -- plus the
+    largest activation peak."""
     w = [f.weights_bytes for f in fp.layers]
     w[0] += fp.prologue.weights_bytes
     w[-1] += fp.epilogue.weights_bytes
+    numbers = numbers_from(graph, fp, [0.0] * len(fp.layers))
+    stored = padding.stored_bytes(numbers, [(i, i + 1) for i in range(len(fp.layers))])
+    assert stored >= max(w)
     peak = max(f.activation_bytes + f.buffer_bytes
                for f in (fp.prologue, *fp.layers, fp.epilogue))
-    return max(w) + peak
+    return stored + peak
 
 
 def test_compression_escalation_picks_first_that_fits(tiny):
     graph = _graph(tiny, 1)
-    needs = {c: _one_layer_per_stage_need(footprint(graph, c, attention="fused"))
+    needs = {c: _one_layer_per_stage_need(footprint(graph, c, attention="fused"), graph)
              for c in compression_lib.ESCALATION}
     capacity = needs["int8-2:4"]
     expected = next(c for c in compression_lib.ESCALATION if needs[c] <= capacity)
@@ -160,7 +166,8 @@ def test_compression_escalation_picks_first_that_fits(tiny):
 
 
 def test_microbatch_shrink_picks_largest_that_fits(tiny):
-    needs = {mb: _one_layer_per_stage_need(footprint(_graph(tiny, mb), None, attention="fused"))
+    needs = {mb: _one_layer_per_stage_need(footprint(_graph(tiny, mb), None, attention="fused"),
+                                           _graph(tiny, mb))
              for mb in (4, 2, 1)}
     capacity = needs[2]
     assert needs[4] > capacity >= needs[1]

@@ -1,0 +1,178 @@
+"""What every device of a pipeline stores of the weights, predicted from the plan's numbers,
+so that a plan counts it against the capacity.
+
+One SPMD program gives every device arrays of the same shapes. The weights sit in slots
+(``passes/storage.SlotStorage``): one ``[S, n]`` array per (dtype, element count), a
+stage's j-th array of a key in slot j, read as a bitcast of the device's row. A device
+therefore stores the sum of the slots' sizes:
+
+- at least the largest stage's own weights, whatever its own stage holds: 16 layers on 5
+  stages of 3 or 4 layers store 4 layers' weights on every device;
+- more where stages hold different kinds of weights (an embedding on the first stage that
+  no other stage's slot can take): the slots' sum exceeds every single stage's weights.
+
+A layout that stored only the largest stage's bytes (one flat buffer per dtype, each weight
+a static slice of it) reads a weight as a slice, and XLA:CPU copies the slice on every tick
+(``python experiments/packed_weights.py`` measures it), which is what the slots avoid. So the
+slots stay, and the planner counts what they store: ``padding`` per stage, ``overflow``
+against a room, ``fit`` to re-partition until the padded stages fit.
+
+Example:
+    >>> pad = padding(numbers, [(0, 3), (3, 7)])     # bytes beyond each stage's own
+    >>> stored_bytes(numbers, [(0, 3), (3, 7)])      # what every device stores
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from lwjax.errors import InfeasiblePlanError
+from lwjax.passes.storage import assign_slots
+
+if TYPE_CHECKING:
+    from lwjax.plan import LayerNumbers
+
+Range = tuple[int, int]
+_MAX_REFITS = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class StoredArray:
+    """One array a pipeline stores for a weight (the weight itself, or one of its codec's
+    arrays when compressed): which graph parameter, its dtype and element count.
+    ``passes/padding.py`` predicts each device's weight slots from these."""
+
+    param: int
+    dtype: str
+    size: int
+
+
+def stage_arrays(numbers: LayerNumbers, start: int, stop: int,
+                 num_layers: int) -> list[StoredArray]:
+    """The arrays a stage running layers [start, stop) stores, in the lowering's order: its
+    segments' weights (the prologue's on the first stage, the epilogue's on the last), each
+    weight once.
+
+    Example:
+        >>> [a.param for a in stage_arrays(numbers, 0, 1, 4)]   # prologue + layer 0
+    """
+    segs = list(numbers.stored[1 + start:1 + stop])
+    if start == 0:
+        segs.insert(0, numbers.stored[0])
+    if stop == num_layers:
+        segs.append(numbers.stored[-1])
+    seen: dict[int, list[StoredArray]] = {}
+    for seg in segs:  # a weight's arrays once, from its first reader
+        mine: dict[int, list[StoredArray]] = {}
+        for a in seg:
+            mine.setdefault(a.param, []).append(a)
+        for param, arrays in mine.items():
+            seen.setdefault(param, arrays)
+    return [a for arrays in seen.values() for a in arrays]
+
+
+def _nbytes(a: StoredArray) -> int:
+    return a.size * np.dtype(a.dtype).itemsize
+
+
+def stored_bytes(numbers: LayerNumbers, ranges: Sequence[Range]) -> int | None:
+    """Bytes of weights every device stores under ``ranges``: the slots' sizes summed
+    (None when the numbers do not say how weights are stored: split stages).
+
+    Example:
+        >>> stored_bytes(numbers, [(0, 2), (2, 4)])
+    """
+    if not numbers.stored:
+        return None
+    n = len(numbers.names)
+    keys = [[(a.dtype, a.size) for a in stage_arrays(numbers, a, b, n)] for a, b in ranges]
+    slots, _ = assign_slots(keys)
+    return sum(size * np.dtype(dt).itemsize for (dt, size), _ in slots)
+
+
+def padding(numbers: LayerNumbers, ranges: Sequence[Range]) -> tuple[int, ...]:
+    """Per stage, the weight bytes its device stores beyond its own (zero rows of slots that
+    other stages fill); all zero when the numbers do not say (split stages). A training
+    plan's gradients and optimizer state live in the same slots, so they pad alike.
+
+    Example:
+        >>> padding(numbers, [(0, 1), (1, 4)])   # the 1-layer stage stores 3 layers' more
+    """
+    total = stored_bytes(numbers, ranges)
+    if total is None:
+        return (0,) * len(ranges)
+    n = len(numbers.names)
+    own = [sum(map(_nbytes, stage_arrays(numbers, a, b, n))) for a, b in ranges]
+    return tuple((total - o) * _state_factor(numbers) for o in own)
+
+
+def _state_factor(numbers: LayerNumbers) -> int:
+    """How many copies of the weights' slots a device holds: 1, and in training the
+    gradients (one) and the optimizer's per-weight state (its bytes per weight byte)."""
+    if numbers.training is None:
+        return 1
+    fps = (numbers.prologue, *numbers.footprints, numbers.epilogue)
+    weights = sum(f.weights_bytes for f in fps)
+    state = sum(f.optimizer_bytes for f in fps)
+    return 2 + (-(-state // weights) if weights else 0)
+
+
+def overflow(numbers: LayerNumbers, ranges: Sequence[Range], sizes: Sequence[int],
+             room: int) -> int:
+    """How far the most over-full stage exceeds ``room`` once padding is counted (<= 0: all
+    fit): its additive ``sizes`` (``planner.partition_inputs``) plus its padding.
+
+    Example:
+        >>> overflow(numbers, ranges, sizes, room) <= 0
+        True
+    """
+    pads = padding(numbers, ranges)
+    return max(sum(sizes[a:b]) + p for (a, b), p in zip(ranges, pads, strict=True)) - room
+
+
+def fit(partition: Callable[[int], tuple[Range, ...]], numbers: LayerNumbers,
+        sizes: Sequence[int], room: int) -> tuple[Range, ...]:
+    """``partition(room)``, re-run with less room until its stages fit ``room`` with their
+    padding. Each round takes the overflow off the room, so a stage that fits only with
+    its padding counted gets smaller; ``partition``'s InfeasiblePlanError ends the search
+    (the message says what the padding needs).
+
+    Example:
+        >>> ranges = fit(lambda r: partition_layers(sizes, costs, r, 4), numbers, sizes, room)
+    """
+    budget = room
+    for _ in range(_MAX_REFITS):
+        try:
+            ranges = partition(budget)
+        except InfeasiblePlanError as e:
+            if budget == room:
+                raise
+            raise _padded_infeasible(e, room, budget) from None
+        over = overflow(numbers, ranges, sizes, room)
+        if over <= 0:
+            return ranges
+        budget -= over
+    raise InfeasiblePlanError(
+        f"No partition fits {room:,} bytes per device once the weight slots' padding is "
+        f"counted (every device stores the sum of the slots: {_MAX_REFITS} partitions "
+        "tried). Give more capacity or more devices.")
+
+
+def _padded_infeasible(e: InfeasiblePlanError, room: int, budget: int) -> InfeasiblePlanError:
+    """The error when only the padding stops a partition: ``padded`` tells the planner not
+    to restate it as a layer's or a stage count's need."""
+    max_stages = getattr(e, "max_stages", None)
+    within = f"at most {max_stages} stages" if max_stages else "the stages allowed"
+    out = InfeasiblePlanError(
+        f"No partition into {within} fits {room:,} bytes per device once the weight slots' "
+        "padding is counted: one SPMD program gives every device the same weight arrays, so "
+        "a stage with fewer weights of a kind than another stores zero rows for them. "
+        f"Partitions without padding fit, but with it every one tried overflows (the last "
+        f"left {budget:,} bytes for a stage's own). Give more capacity or more devices, or "
+        "compress the weights.")
+    out.capacity, out.max_stages, out.padded = room, max_stages, True
+    return out

@@ -1,0 +1,173 @@
+"""What every device stores of the weights (``passes/padding.py``), predicted by the plan and
+measured from the placed shards; and the planner counting it against the capacity.
+
+Oracles: the bytes of the placed slot arrays on each device (``ShardedModel.weight_bytes``);
+hand-built numbers whose padding is worked out by hand; and, on small random instances, an
+enumeration of every partition checked with the padding counted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import random
+
+import jax
+import jax.numpy as jnp
+import pytest
+import transformers
+from flax import nnx
+
+import lwjax
+from lwjax import models
+from lwjax.errors import InfeasiblePlanError
+from lwjax.models import configs
+from lwjax.passes import padding
+from lwjax.passes.footprint import Footprint
+from lwjax.passes.padding import StoredArray
+from lwjax.passes.partition import bottleneck, partition_layers
+from lwjax.passes.planner import plan_from_numbers
+from lwjax.plan import LayerNumbers
+
+BIG = 2**30
+
+
+def _measured_padding(sm) -> tuple[int, ...]:
+    stored = sm.weight_bytes()
+    return tuple(stored[s.devices[0]]["allocated"] - stored[s.devices[0]]["own"]
+                 for s in sm.plan.stages)
+
+
+@pytest.mark.parametrize("kind,num_devices,compression", [
+    ("dense", 5, "none"), ("moe", 3, "none"), ("dense", 5, "int8")])
+def test_plan_predicts_the_padding_the_placed_shards_have(kind, num_devices, compression):
+    cfg = dataclasses.replace(configs.tiny_dense() if kind == "dense" else configs.tiny_moe(),
+                              num_layers=8)
+    model = models.build(cfg, rngs=nnx.Rngs(0))
+    tokens = jnp.zeros((4, cfg.seq_len), jnp.int32)
+    sm = lwjax.layerwise_shard(model, tokens, devices=jax.devices()[:num_devices],
+                               cache_bytes=BIG, microbatches=2, objective="bottleneck",
+                               compression=compression)
+    assert len(sm.plan.stages) == num_devices  # uneven: 8 layers over 5 or 3 stages
+    assert sm.plan.padding_bytes == _measured_padding(sm)
+    assert any(sm.plan.padding_bytes)
+    stored = padding.stored_bytes(sm.plan.numbers, [s.layer_range for s in sm.plan.stages])
+    assert {b["allocated"] for b in sm.weight_bytes().values()} == {stored}
+
+
+def test_plan_predicts_the_padding_of_a_transformers_model():
+    config = transformers.GPT2Config(n_layer=5, n_embd=32, n_head=4, vocab_size=128,
+                                     n_positions=16)
+    model = transformers.FlaxGPT2LMHeadModel(config, seed=0)
+    tokens = jnp.zeros((2, 8), jnp.int32)
+    sm = lwjax.layerwise_shard(model, tokens, devices=jax.devices()[:3], cache_bytes=BIG,
+                               objective="bottleneck")
+    assert sm.plan.padding_bytes == _measured_padding(sm)
+    assert any(sm.plan.padding_bytes)
+
+
+# ---- hand-built numbers ---------------------------------------------------------------------
+
+def _numbers() -> LayerNumbers:
+    """An embedding of 1,200 bytes (a kind no layer has) and 4 layers of 400 bytes."""
+    empty = Footprint(weights_bytes=0, activation_bytes=0, buffer_bytes=0)
+    layer = Footprint(weights_bytes=400, activation_bytes=0, buffer_bytes=0)
+    embed = Footprint(weights_bytes=1200, activation_bytes=0, buffer_bytes=0)
+    stored = ((StoredArray(0, "float32", 300),),
+              *((StoredArray(1 + i, "float32", 100),) for i in range(4)), ())
+    return LayerNumbers(names=tuple(f"layers_{i}" for i in range(4)), footprints=(layer,) * 4,
+                        prologue=embed, epilogue=empty, costs_s=(1.0,) * 4, stored=stored)
+
+
+def _plan(devices: int):
+    return plan_from_numbers(_numbers(), capacity_bytes=1600, device_ids=range(devices),
+                             hardware="test", compression="none", microbatches=1,
+                             microbatch_size=1, mode="prefill", objective="bottleneck")
+
+
+def test_padding_by_hand():
+    numbers = _numbers()
+    # the embedding's slot plus the largest stage's layer slots, on every device
+    assert padding.stored_bytes(numbers, [(0, 1), (1, 4)]) == 1200 + 3 * 400
+    assert padding.padding(numbers, [(0, 1), (1, 4)]) == (800, 1200)
+    assert padding.padding(numbers, [(0, 2), (2, 4)]) == (0, 1200)
+
+
+@pytest.mark.parametrize("devices", [2, 3])
+def test_a_plan_that_fits_only_without_padding_is_refused(devices):
+    # embedding + layer 0 fill 1,600 bytes; any stage of two layers makes every device store
+    # 1,200 + 800 = 2,000
+    with pytest.raises(InfeasiblePlanError, match="padding"):
+        _plan(devices)
+
+
+def test_the_planner_takes_a_partition_that_fits_with_its_padding():
+    plan = _plan(4)
+    assert [s.layer_range for s in plan.stages] == [(0, 1), (1, 2), (2, 3), (3, 4)]
+    assert plan.padding_bytes == (0, 1200, 1200, 1200)
+    assert max(plan.device_bytes(s) for s in plan.stages) == 1600
+    assert "stages 1-3 +1,200 B" in plan.summary()
+
+
+def test_a_given_partition_is_checked_with_its_padding():
+    with pytest.raises(InfeasiblePlanError, match="1,200 B of it padding|padding"):
+        plan_from_numbers(_numbers(), capacity_bytes=1600, device_ids=range(2),
+                          hardware="test", compression="none", microbatches=1,
+                          microbatch_size=1, mode="prefill", ranges=[(0, 1), (1, 4)])
+
+
+# ---- against enumeration --------------------------------------------------------------------
+
+class _Numbers:
+    """The fields ``passes/padding.py`` reads."""
+
+    def __init__(self, stored, n):
+        self.stored, self.names, self.training = tuple(stored), tuple(map(str, range(n))), None
+
+
+def _random_case(rng: random.Random):
+    n = rng.randint(1, 6)
+    kinds = [[rng.choice([4, 8, 16]) for _ in range(rng.randint(1, 3))]
+             for _ in range(rng.randint(1, 3))]
+    stored, p = [(StoredArray(0, "float32", rng.choice([8, 16, 32])),)], 1
+    for _ in range(n):
+        seg = tuple(StoredArray(p + j, "float32", size)
+                    for j, size in enumerate(rng.choice(kinds)))
+        stored.append(seg)
+        p += len(seg)
+    stored.append((StoredArray(p, "float32", rng.choice([8, 16, 32])),))
+    sizes = [4 * sum(a.size for a in stored[1 + i]) for i in range(n)]
+    sizes[0] += 4 * stored[0][0].size
+    sizes[-1] += 4 * stored[-1][0].size
+    costs = [rng.choice([0.5, 1.0, 2.0, 3.0]) for _ in range(n)]
+    room = rng.randint(max(sizes), 3 * sum(sizes) // 2 + 1)
+    return _Numbers(stored, n), sizes, costs, room, rng.randint(1, n)
+
+
+def test_fit_against_every_partition_on_random_cases():
+    """The padded search never returns a partition that overflows; where the padding-blind
+    optimum already fits, it returns that optimum. (Re-fitting with less room is a search,
+    not an exact method: on these cases it misses a feasible partition about 1.4% of the
+    time, then raising InfeasiblePlanError -- the note of issue #15 gives the rates.)"""
+    rng = random.Random(0)
+    for _ in range(400):
+        numbers, sizes, costs, room, most = _random_case(rng)
+        n = len(sizes)
+        feasible = [r for k in range(1, most + 1)
+                    for cuts in itertools.combinations(range(1, n), k - 1)
+                    for r in [tuple(zip((0, *cuts), (*cuts, n), strict=True))]
+                    if padding.overflow(numbers, r, sizes, room) <= 0]
+        try:
+            blind = partition_layers(sizes, costs, room, most)
+        except InfeasiblePlanError:
+            blind = None  # no partition fits even without padding
+        try:
+            got = padding.fit(lambda r: partition_layers(sizes, costs, r, most),  # noqa: B023
+                              numbers, sizes, room)
+        except InfeasiblePlanError:
+            assert blind not in feasible
+            continue
+        assert blind is not None and got in feasible
+        if blind in feasible:
+            assert got == blind
+            assert bottleneck(got, costs) == min(bottleneck(r, costs) for r in feasible)
