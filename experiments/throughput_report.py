@@ -103,7 +103,7 @@ def breakdown_rows(b: Breakdown) -> list[list[str]]:
         ["  rest", f"{lw_over - t['skeleton_layerwise']:,.1f}", "remainder",
          f"microbatches of {b.batch // b.microbatches} instead of {b.batch} (smaller "
          "matmuls), fill/drain ticks with fewer active devices than cores, the last stage's "
-         "LM head after the ticks (M microbatches, one device), weight slicing"],
+         "LM head after the ticks (M microbatches, one device)"],
         [f"TP=8 x PP=2 baseline (`{b.baseline_variant}`)", f"{t['baseline']:,.1f}", "measured",
          f"{b.ticks['baseline']} ticks: {base_over:+,.1f} ms over one device"],
         ["  per-tick floor", f"{t['skeleton_baseline']:,.1f}", "measured",
