@@ -141,7 +141,8 @@ class Deployment:
         layerwise: the seeds' layout, one layer per device (``objective="bottleneck"``).
         planned: what ``layerwise_shard`` plans for the host's L2 with the default
             ``objective="step"``, everything else as ``layerwise_shard``'s defaults (the
-            layout search picks stages, tp and M); None when no plan fits the L2.
+            layout search picks stages, tp and M); where no plan fits the L2, against the
+            least capacity the planner reports as enough (its note says which).
     """
 
     cfg: DenseConfig
@@ -189,10 +190,10 @@ def deploy(cfg: DenseConfig, devices: Sequence | None = None,
                                         objective="bottleneck")
     planned, planned_note = None, "not built"
     if with_plan:
-        # lwjax's defaults: the layout search picks stages, tp and M
+        # lwjax's defaults: the layout search picks stages, tp and M; like the row above,
+        # against the host L2 or, where nothing fits it, the least capacity that does
         planned, planned_note = _common.layerwise_deploy(
-            model, tokens, devices, None, objective="step", allow=("split", "microbatch"),
-            fallback=False)
+            model, tokens, devices, None, objective="step", allow=("split", "microbatch"))
     single = baselines.single_device(model, tokens, device=devices[0])
     return Deployment(cfg, model, tokens, tp_pp, sm, planned, single,
                       {"layerwise": note, "planned": planned_note})
@@ -277,8 +278,7 @@ def measure(kind: str, cfg: DenseConfig, repeats: int, d: Deployment | None = No
         "layerwise": d.layerwise.plan.num_devices, "single": 1}
     if d.planned is not None:
         plans["planned"] = d.planned.plan.summary()
-        labels["planned"] = (f"{METHODS['layerwise']}, default plan for host L2 "
-                             f"({_stages_label(d.planned)})")
+        labels["planned"] = f"{METHODS['layerwise']}, default plan ({_stages_label(d.planned)})"
         devices["planned"] = d.planned.plan.num_devices
     return Measured(kind, cfg, timings, diff, compile_s, plans, d.notes, labels, devices)
 

@@ -249,10 +249,11 @@ DEFINITIONS = f"""\
 - **Layer-wise, 1 layer/device**: the seeds' layout, `layerwise_shard(...,
   objective="bottleneck")`: 16 stages of one layer, planned against the host's L2 or, when a
   layer does not fit it, the least capacity that holds one layer per device (the plan says).
-  **Layer-wise, default plan for host L2**: what `layerwise_shard` does by default
-  (`objective="step"`: the stage count with the shortest projected GPipe step, counting the
-  cores the simulated devices share) against the host's L2, "split" allowed, M fixed at 8
-  for comparability; absent where no plan fits the L2.
+  **Layer-wise, default plan**: what `layerwise_shard` does with its defaults
+  (`objective="step"`: the layout search picks the stage count, tp per stage and M by the
+  shortest projected step, counting the cores the simulated devices share), against the
+  host's L2 or, when no plan fits it, the least capacity the planner reports as enough (the
+  plan's note says which).
 - **projected**: `lwjax.passes.cost` roofline for {NUM_DEVICES} x {PROJECTED_ON.name}
   (`project_tp_pp`, `project_layerwise`: transformer blocks only, embedding and LM head left
   out, flash attention, weights from L2 when the device's share of its stage fits the
@@ -292,13 +293,13 @@ def measured_section(title: str, results: Sequence[Measured], quick: bool) -> li
         plans.append(f"{model_name(m.kind, m.cfg)}, 1 layer/device: {m.notes['layerwise']}."
                      f"\n\n```\n{m.plans['layerwise']}\n```")
         if "planned" in m.plans and "planned" in m.timings:
-            plans.append(f"{model_name(m.kind, m.cfg)}, planned for the host L2 (objective "
-                         f"'step'; split allowed, M fixed):\n\n```\n{m.plans['planned']}\n```")
+            plans.append(f"{model_name(m.kind, m.cfg)}, default plan ({m.notes['planned']}; "
+                         f"layerwise_shard's defaults):\n\n```\n{m.plans['planned']}\n```")
         elif "planned" in m.plans:
-            plans.append(f"{model_name(m.kind, m.cfg)}: planned for the host L2, the planner "
-                         "chose the same stages as above.")
+            plans.append(f"{model_name(m.kind, m.cfg)}: the default plan is the one above "
+                         "(same stages, tp and M).")
         else:
-            plans.append(f"{model_name(m.kind, m.cfg)}, planned for the host L2: "
+            plans.append(f"{model_name(m.kind, m.cfg)}, default plan: "
                          f"{m.notes['planned']}.")
     return [
         title,
@@ -312,7 +313,7 @@ def measured_section(title: str, results: Sequence[Measured], quick: bool) -> li
         + _common.markdown_table(MEASURED_HEADERS, measured_rows(results), "lllrrrrrrl"),
         "Ratios (same run, interleaved):\n\n" + "\n".join(lines),
         "Layer-wise plans:\n\n" + "\n\n".join(plans),
-        "A plan for the host L2 may use fewer devices than 16: with `objective=\"step\"` the "
+        "The default plan may use fewer devices than 16: with `objective=\"step\"` the "
         "planner counts the cores the simulated devices share, and fewer stages mean fewer "
         "GPipe ticks and rendezvous. On 16 GPUs that choice would leave devices idle.",
     ]
