@@ -401,6 +401,25 @@ def planned_compression(plan: Plan, asked: str | Compression | None) -> Compress
     return policy if policy.name == plan.compression else compression_lib.get(plan.compression)
 
 
+# lwjax.plan's options that layerwise_shard does not take (its other keyword arguments go to
+# the model's call): what to use instead
+_PLAN_ONLY = {
+    "mode": "layerwise_shard runs the forward pass; to train, call sm.train_step(loss_fn, "
+            "optimizer) or sm.value_and_grad(loss_fn) on the ShardedModel it returns, and to "
+            "generate use lwjax.Generator; lwjax.plan(..., mode=) plans those without running",
+    "cache_len": "KV caches belong to generation: use lwjax.Generator",
+    "microbatch_size": "pass microbatches= (the number of microbatches M) instead",
+}
+
+
+def _refuse_plan_options(kwargs) -> None:
+    for key in kwargs:
+        if key in _PLAN_ONLY:
+            raise ConfigError(f"layerwise_shard(..., {key}=...): {key} is not an option of "
+                              f"layerwise_shard (its other keyword arguments go to the model's "
+                              f"call): {_PLAN_ONLY[key]}.")
+
+
 def layerwise_shard(
     model,
     *args,
@@ -469,6 +488,7 @@ def layerwise_shard(
     """
     if devices is None:
         devices = jax.devices()
+    _refuse_plan_options(kwargs)
     allow = (allow,) if isinstance(allow, str) else tuple(allow or ())
     schedules.get(schedule)  # an unknown name fails here, before tracing and planning
     plan_, graph, objs, batch = _plan_graph(

@@ -467,3 +467,13 @@ def test_step_objective_counts_the_cores_simulated_devices_share(dense):
     assert len(sm.plan.stages) == 1 and sm.plan.concurrency == 2
     assert any(n.startswith("layout search") and "1 x tp 1, M=8" in n for n in sm.plan.notes)
     np.testing.assert_allclose(sm(tokens), model(tokens), atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("key", ["mode", "cache_len", "microbatch_size"])
+def test_plan_only_options_are_refused_by_name(dense, key):
+    """mode= (or cache_len=, microbatch_size=) reached the tracer beside its own argument of
+    that name: a raw TypeError. Now a ConfigError that says what to use instead."""
+    cfg, model = dense
+    with pytest.raises(lwjax.errors.ConfigError, match=f"{key}=.*not an option of layerwise_shard"):
+        lwjax.layerwise_shard(model, _tokens(cfg), devices=jax.devices()[:2],
+                              cache_bytes=BIG, **{key: "train" if key == "mode" else 4})
