@@ -171,3 +171,34 @@ def test_fit_against_every_partition_on_random_cases():
         if blind in feasible:
             assert got == blind
             assert bottleneck(got, costs) == min(bottleneck(r, costs) for r in feasible)
+
+
+def test_a_training_plan_pads_gradients_and_optimizer_state_as_the_weights():
+    """Training keeps gradients and the optimizer's moments in the weights' slots, so they
+    pad alike: adamw's two float32 moments twice the weights' padding (measured from the
+    placed optimizer state), the plan counting weights + gradients + moments."""
+    import optax
+
+    cfg = dataclasses.replace(configs.tiny_dense(), num_layers=8)
+    model = models.build(cfg, rngs=nnx.Rngs(0))
+    tokens = jnp.zeros((4, cfg.seq_len), jnp.int32)
+    devices = jax.devices()[:3]
+    sm = lwjax.layerwise_shard(model, tokens, devices=devices, cache_bytes=BIG,
+                               microbatches=2, objective="bottleneck")
+    train = lwjax.plan(model, tokens, devices=devices, cache_bytes=BIG, microbatches=2,
+                       objective="bottleneck", mode="train", optimizer=optax.adamw(1e-3))
+    assert [s.layer_range for s in train.stages] == [s.layer_range for s in sm.plan.stages]
+    weights_pad = _measured_padding(sm)
+    assert any(weights_pad)
+    assert train.padding_bytes == tuple(4 * p for p in weights_pad)
+
+    def loss_fn(logits, targets):
+        return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+
+    state = sm.train_step(loss_fn, optax.adamw(1e-3)).init()
+    stored = sm.weight_bytes()
+    for s, pad in zip(sm.plan.stages, weights_pad, strict=True):
+        d = s.devices[0]
+        moments = sum(sh.data.nbytes for a in jax.tree.leaves(state.opt_state) if a.ndim == 2
+                      for sh in a.addressable_shards if sh.device.id == d)
+        assert moments - 2 * stored[d]["own"] == 2 * pad
