@@ -140,9 +140,9 @@ class Deployment:
         baselines: ``baseline_key(variant, M)`` -> that ``tp_pp`` variant (TP=8 x PP=2).
         layerwise: the seeds' layout, one layer per device (``objective="bottleneck"``).
         planned: what ``layerwise_shard`` plans for the host's L2 with the default
-            ``objective="step"``, everything else as ``layerwise_shard``'s defaults (the
-            layout search picks stages, tp and M); where no plan fits the L2, against the
-            least capacity the planner reports as enough (its note says which).
+            ``layerwise_shard``'s defaults (the layout search picks stages, tp and M) at
+            the 1 layer/device row's capacity (the host L2, or the least that holds one
+            layer per device).
     """
 
     cfg: DenseConfig
@@ -190,10 +190,13 @@ def deploy(cfg: DenseConfig, devices: Sequence | None = None,
                                         objective="bottleneck")
     planned, planned_note = None, "not built"
     if with_plan:
-        # lwjax's defaults: the layout search picks stages, tp and M; like the row above,
-        # against the host L2 or, where nothing fits it, the least capacity that does
-        planned, planned_note = _common.layerwise_deploy(
-            model, tokens, devices, None, objective="step", allow=("split", "microbatch"))
+        # lwjax's defaults -- the layout search picks stages, tp and M -- at the capacity of
+        # the row above: the host L2, or where one layer per device does not fit it, the
+        # least capacity that holds one (the least that fits anything forces M = B)
+        capacity = sm.plan.capacity_bytes
+        planned = lwjax.layerwise_shard(model, tokens, devices=devices, cache_bytes=capacity)
+        planned_note = (f"cache_bytes = {capacity / 2**20:.2f} MiB, as the 1 layer/device "
+                        "row; everything else layerwise_shard's defaults")
     single = baselines.single_device(model, tokens, device=devices[0])
     return Deployment(cfg, model, tokens, tp_pp, sm, planned, single,
                       {"layerwise": note, "planned": planned_note})

@@ -251,9 +251,9 @@ DEFINITIONS = f"""\
   layer does not fit it, the least capacity that holds one layer per device (the plan says).
   **Layer-wise, default plan**: what `layerwise_shard` does with its defaults
   (`objective="step"`: the layout search picks the stage count, tp per stage and M by the
-  shortest projected step, counting the cores the simulated devices share), against the
-  host's L2 or, when no plan fits it, the least capacity the planner reports as enough (the
-  plan's note says which).
+  shortest projected step, counting the cores the simulated devices share) at the capacity
+  of the 1 layer/device row: the host's L2, or the least capacity that holds one layer per
+  device (the plan's note says which).
 - **projected**: `lwjax.passes.cost` roofline for {NUM_DEVICES} x {PROJECTED_ON.name}
   (`project_tp_pp`, `project_layerwise`: transformer blocks only, embedding and LM head left
   out, flash attention, weights from L2 when the device's share of its stage fits the
