@@ -65,7 +65,7 @@ def local_repair(old: Plan, planned: Plan, excluded: Sequence[int],
     repaired = dataclasses.replace(planned, stages=stages, notes=(
         *planned.notes, "repaired in place: the lost stages' layers run on spares or join a "
                         "neighbour; every other stage keeps its layers and device"))
-    if any(repaired.resident_bytes(st) > repaired.capacity_bytes for st in stages):
+    if any(repaired.device_bytes(st) > repaired.capacity_bytes for st in stages):
         return None
 
     def score(p: Plan) -> float:

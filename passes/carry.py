@@ -73,8 +73,9 @@ def zeros(sizes: dict[str, int]) -> dict:
 
 
 def to_wire(bufs: dict) -> jax.Array:
-    """Per-dtype buffers as one uint8 buffer, dtypes in sorted order: bitcasts (bool is
-    converted, XLA cannot bitcast it) and one concatenation.
+    """Per-dtype buffers as one uint8 buffer, dtypes in sorted order: bitcasts and one
+    concatenation. XLA cannot bitcast bool (converted to uint8) or complex (sent as its
+    real and imaginary parts).
 
     Example:
         >>> to_wire({"float32": jnp.ones(2), "int32": jnp.ones(1, jnp.int32)}).shape
@@ -85,7 +86,11 @@ def to_wire(bufs: dict) -> jax.Array:
         x = bufs[dt]
         if x.dtype == jnp.bool_:
             x = x.astype(jnp.uint8)
+        elif jnp.issubdtype(x.dtype, jnp.complexfloating):
+            x = jnp.stack([x.real, x.imag], axis=-1)
         parts.append(jax.lax.bitcast_convert_type(x, jnp.uint8).reshape(-1))
+    if not parts:
+        return jnp.zeros((0,), jnp.uint8)
     return parts[0] if len(parts) == 1 else jnp.concatenate(parts)
 
 
@@ -93,12 +98,28 @@ def from_wire(wire: jax.Array, like: dict) -> dict:
     """``to_wire``'s inverse: buffers shaped and typed as ``like``'s."""
     out, offset = {}, 0
     for dt in sorted(like):
-        n, size = like[dt].shape[0], np.dtype(dt).itemsize
+        dtype = np.dtype(dt)
+        n, size = like[dt].shape[0], dtype.itemsize
         chunk = wire[offset:offset + n * size]
-        if np.dtype(dt) == np.bool_:
+        offset += n * size
+        if dtype == np.bool_:
             out[dt] = chunk != 0
+        elif np.issubdtype(dtype, np.complexfloating):
+            part = np.dtype(f"float{4 * size}")  # complex64: two float32
+            re_im = jax.lax.bitcast_convert_type(chunk.reshape(n, 2, size // 2), part)
+            out[dt] = jax.lax.complex(re_im[:, 0], re_im[:, 1])
         else:
             out[dt] = jax.lax.bitcast_convert_type(
-                chunk.reshape(n, size) if size > 1 else chunk, np.dtype(dt))
-        offset += n * size
+                chunk.reshape(n, size) if size > 1 else chunk, dtype)
     return out
+
+
+def send(bufs: dict, axis: str, perm) -> dict:
+    """``bufs`` moved by one ``lax.ppermute`` over ``axis`` (nothing to send: as they are).
+
+    Example:
+        >>> sent = send(carry_out, "stage", [(0, 1), (1, 2)])
+    """
+    if not bufs:
+        return bufs
+    return from_wire(jax.lax.ppermute(to_wire(bufs), axis, perm), bufs)

@@ -53,7 +53,7 @@ from jax.sharding import PartitionSpec as P
 from lwjax._compat import Literal as JaxLiteral
 from lwjax._compat import Var
 from lwjax.errors import CacheLayoutError
-from lwjax.passes.carry import from_wire, layout, pack, to_wire, unpack, zeros
+from lwjax.passes.carry import layout, pack, send, unpack, zeros
 from lwjax.passes.codec import build_codecs
 from lwjax.passes.compression import Compression
 from lwjax.passes.kv_slots import (
@@ -440,7 +440,7 @@ def lower_generate(
                           for n, (c, r) in enumerate(zip(caches, rows, strict=True))]
                 out, done = record(unpack(sent, msg_slots)[0], q, out, done)
                 if num_stages > 1:  # one collective per tick: every dtype as bytes
-                    sent = from_wire(jax.lax.ppermute(to_wire(sent), AXIS, ring), sent)
+                    sent = send(sent, AXIS, ring)
                 return (sent, caches, tokbuf, out, done), None
 
             return run

@@ -57,7 +57,7 @@ from lwjax._compat import Literal as JaxLiteral
 from lwjax._compat import Var, bind_eqn
 from lwjax.errors import CompressionError, ConfigError, InputError
 from lwjax.passes import schedules
-from lwjax.passes.carry import Slot, from_wire, layout, pack, to_wire, unpack, zeros
+from lwjax.passes.carry import Slot, layout, pack, send, unpack, zeros
 from lwjax.passes.codec import Encoded, build_codecs
 from lwjax.passes.collectives import StageView, check
 from lwjax.passes.compression import Compression
@@ -392,7 +392,7 @@ def lower(
             sent = carry_out
             if num_stages > 1:
                 # one ppermute per tick: the carry's dtypes travel as one uint8 buffer
-                sent = from_wire(jax.lax.ppermute(to_wire(carry_out), AXIS, perm), carry_out)
+                sent = send(carry_out, AXIS, perm)
             return sent, carry_out  # the last stage's un-sent carry feeds the epilogue
 
         _, finals = sched.run(step, zeros(carry_sizes), stage=stage, num_stages=num_stages,

@@ -151,28 +151,29 @@ def fit(partition: Callable[[int], tuple[Range, ...]], numbers: LayerNumbers,
         except InfeasiblePlanError as e:
             if budget == room:
                 raise
-            raise _padded_infeasible(e, room, budget) from None
+            raise _padded_infeasible(room, budget, getattr(e, "max_stages", None)) from None
         over = overflow(numbers, ranges, sizes, room)
         if over <= 0:
             return ranges
-        budget -= over
-    raise InfeasiblePlanError(
-        f"No partition fits {room:,} bytes per device once the weight slots' padding is "
-        f"counted (every device stores the sum of the slots: {_MAX_REFITS} partitions "
-        "tried). Give more capacity or more devices.")
+        # less room by the overflow, and below this partition's largest stage, so that the
+        # next round cannot return the same partition
+        budget = min(budget - over, max(sum(sizes[a:b]) for a, b in ranges) - 1)
+        if budget <= 0:
+            break
+    raise _padded_infeasible(room, max(budget, 0), None)
 
 
-def _padded_infeasible(e: InfeasiblePlanError, room: int, budget: int) -> InfeasiblePlanError:
+def _padded_infeasible(room: int, budget: int, max_stages: int | None) -> InfeasiblePlanError:
     """The error when only the padding stops a partition: ``padded`` tells the planner not
-    to restate it as a layer's or a stage count's need."""
-    max_stages = getattr(e, "max_stages", None)
+    to restate it as a layer's or a stage count's need (it adds the reserve)."""
     within = f"at most {max_stages} stages" if max_stages else "the stages allowed"
     out = InfeasiblePlanError(
-        f"No partition into {within} fits {room:,} bytes per device once the weight slots' "
-        "padding is counted: one SPMD program gives every device the same weight arrays, so "
-        "a stage with fewer weights of a kind than another stores zero rows for them. "
-        f"Partitions without padding fit, but with it every one tried overflows (the last "
-        f"left {budget:,} bytes for a stage's own). Give more capacity or more devices, or "
-        "compress the weights.")
+        f"No partition into {within} fits once the weight slots' padding is counted: one "
+        "SPMD program gives every device the same weight arrays, so a stage with fewer "
+        "weights of a kind than another stores zero rows for them. Partitions without "
+        f"padding fit the {room:,} bytes per device left beside the activation reserve, but "
+        f"with it every one tried overflows (the last allowed {budget:,} bytes for a "
+        "stage's own; the search re-fits with less room and is not exhaustive). Give more "
+        "capacity or more devices, or compress the weights.")
     out.capacity, out.max_stages, out.padded = room, max_stages, True
     return out

@@ -340,7 +340,8 @@ def _given(numbers: LayerNumbers, capacity_bytes: int, residency: Residency,
     for k, ((a, b), pad) in enumerate(zip(ranges, pads, strict=True)):
         if sum(sizes[a:b]) + pad > room:
             padded = (f", {fmt_bytes(pad)} of it padding of the weight slots (every device "
-                      "stores the largest stage's weights)" if pad else "")
+                      "stores the sum of the slots, at least the largest stage's weights)"
+                      if pad else "")
             raise infeasible(
                 f"Stage {k} (layers {a}..{b - 1}) needs "
                 f"{fmt_bytes(sum(sizes[a:b]) + pad + reserve)} per device{padded}, more than "
@@ -358,7 +359,7 @@ def _plan_ranges(numbers, capacity_bytes, residency, most, method, microbatch_si
                                microbatch_size, num_devices, tp)
     if objective == "step":
         shortest = _shortest_step(sizes, numbers, room, len(ranges), microbatches, method,
-                                  concurrency, tp)
+                                  concurrency, tp) or ranges
         if len(shortest) < len(ranges):
             new, old = (step_time(r, numbers.costs_s, microbatches, concurrency,
                                   numbers.epilogue_s, tp)
@@ -421,7 +422,7 @@ def _shortest_step(sizes, numbers: LayerNumbers, room: int, most: int, microbatc
         # to fewer stages
         if best is None or step < best[0] * (1 - _TIE):
             best = (step, ranges)
-    return best[1]
+    return None if best is None else best[1]
 
 
 def _fewer_stages_note(fewer: int, most: int, new_s: float, old_s: float,
@@ -482,8 +483,11 @@ def _with_reserve(e: InfeasiblePlanError, reserve: int, devices: int,
     """Restates the partitioner's error in whole-device bytes (weights + the reserved peak)."""
     capacity = e.capacity + reserve
     if getattr(e, "padded", False):  # only the slots' padding overflows: said in full
-        e.capacity, e.reserve_bytes = capacity, reserve
-        return e
+        out = infeasible(f"{e} (Capacity {fmt_bytes(capacity)}: {e.capacity:,} bytes for "
+                         f"what the stages hold + {reserve:,} reserved for the activation "
+                         "peak.)", **vars(e))
+        out.capacity, out.reserve_bytes, out.tp = capacity, reserve, tp
+        return out
     per = f" per device (split over tp={tp})" if tp > 1 else ""
     if e.layer_index is not None:
         need = e.layer_bytes + reserve

@@ -46,7 +46,7 @@ from jax.sharding import PartitionSpec as P
 
 from lwjax._compat import Literal as JaxLiteral
 from lwjax.passes import schedules
-from lwjax.passes.carry import from_wire, pack, to_wire, unpack
+from lwjax.passes.carry import pack, send, unpack
 from lwjax.passes.lower import (
     StageLayout,
     _eval,
@@ -271,8 +271,8 @@ def lower_train(
                 index, branches, stash_row, cot_row, mb_args, mb_targets, params, acc, loss)
             if num_stages > 1:
                 # one ppermute per direction: each direction's dtypes as one uint8 buffer
-                fwd_out = from_wire(jax.lax.ppermute(to_wire(fwd_out), AXIS, fwd_perm), fwd_out)
-                bwd_out = from_wire(jax.lax.ppermute(to_wire(bwd_out), AXIS, bwd_perm), bwd_out)
+                fwd_out = send(fwd_out, AXIS, fwd_perm)
+                bwd_out = send(bwd_out, AXIS, bwd_perm)
             return (fwd_out, bwd_out, stash, pending, acc, loss), None
 
         init = (zeros_fwd(), zeros_bwd(),

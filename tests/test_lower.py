@@ -202,13 +202,15 @@ def test_a_tick_sends_one_ppermute_whatever_the_carry_dtypes(dense):
 
 
 @pytest.mark.parametrize("dtypes", [("float32", "int32"), ("bfloat16", "bool", "int8"),
-                                    ("float32",)])
+                                    ("float32",), ("complex64", "float32"), ()])
 def test_wire_round_trips_every_dtype_bit_for_bit(dtypes):
     from lwjax.passes.carry import from_wire, to_wire
 
     rng = np.random.default_rng(0)
-    bufs = {dt: jnp.asarray(rng.normal(size=5) * 100).astype(dt) if dt != "bool"
-            else jnp.asarray(rng.normal(size=5) > 0) for dt in dtypes}
+    values = {"bool": rng.normal(size=5) > 0,
+              "complex64": rng.normal(size=5) + 1j * rng.normal(size=5)}
+    bufs = {dt: jnp.asarray(values.get(dt, rng.normal(size=5) * 100)).astype(dt)
+            for dt in dtypes}
     wire = to_wire(bufs)
     assert wire.dtype == jnp.uint8
     assert wire.shape == (sum(5 * np.dtype(dt).itemsize for dt in dtypes),)

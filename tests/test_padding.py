@@ -202,3 +202,39 @@ def test_a_training_plan_pads_gradients_and_optimizer_state_as_the_weights():
         moments = sum(sh.data.nbytes for a in jax.tree.leaves(state.opt_state) if a.ndim == 2
                       for sh in a.addressable_shards if sh.device.id == d)
         assert moments - 2 * stored[d]["own"] == 2 * pad
+
+
+def _kinds(sizes) -> LayerNumbers:
+    """One float32 array per layer, of the given element counts (each count its own slot)."""
+    empty = Footprint(weights_bytes=0, activation_bytes=0, buffer_bytes=0)
+    return LayerNumbers(
+        names=tuple(f"layers_{i}" for i in range(len(sizes))),
+        footprints=tuple(Footprint(weights_bytes=4 * n, activation_bytes=0, buffer_bytes=0)
+                         for n in sizes),
+        prologue=empty, epilogue=empty, costs_s=(1.0,) * len(sizes),
+        stored=((), *((StoredArray(i, "float32", n),) for i, n in enumerate(sizes)), ()))
+
+
+@pytest.mark.parametrize("sizes,devices,capacity", [
+    ([1000] * 4 + [1001] * 4, 2, 32_000),      # the search ran out of rounds: a TypeError
+    ([1000] * 2 + [1001] * 2 + [1002] * 2, 3, 8_100),   # its room fell below 0: ConfigError
+])
+def test_a_search_that_finds_no_padded_fit_says_so(sizes, devices, capacity):
+    """Where re-fitting finds nothing, the error is an InfeasiblePlanError naming the padding
+    and the user's capacity -- the search is not exhaustive, and says so."""
+    with pytest.raises(InfeasiblePlanError, match="padding.*not exhaustive") as e:
+        plan_from_numbers(_kinds(sizes), capacity_bytes=capacity, device_ids=range(devices),
+                          hardware="test", compression="none", microbatches=1,
+                          microbatch_size=1, mode="prefill", residency="weights")
+    assert e.value.capacity == capacity
+    assert f"Capacity {capacity:,} bytes" in str(e.value)
+
+
+def test_a_given_partition_that_fits_with_its_padding_is_taken():
+    plan = plan_from_numbers(_kinds([1000] * 4 + [1001] * 4), capacity_bytes=32_000,
+                             device_ids=range(2), hardware="test", compression="none",
+                             microbatches=1, microbatch_size=1, mode="prefill",
+                             residency="weights", ranges=[(0, 5), (5, 8)])
+    # 5 layers of 1,000 or 1,001 elements need 4 + 1 slots; the 3-layer stage pads 2 of them
+    assert plan.padding_bytes == (8008, 16000)
+    assert max(plan.device_bytes(s) for s in plan.stages) <= 32_000
