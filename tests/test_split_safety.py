@@ -182,10 +182,13 @@ def _in_child(*cases: dict) -> list[dict]:
 
 @pytest.mark.parametrize("cases", [
     # used to split the head dimension, which rotary embedding slices: hung
-    [dict(model="dense_3_heads", tp=2, stages=2), dict(model="dense_3_heads", tp=4, stages=2)],
+    pytest.param([dict(model="dense_3_heads", tp=2, stages=2),
+                  dict(model="dense_3_heads", tp=4, stages=2)], marks=pytest.mark.slow),
     [dict(model="fused", tp=2, stages=2)],  # used to cut the fused [D, 3D] qkv: hung
     # heads divide: split over heads, as before
-    [dict(model="tiny_dense", tp=2, stages=2), dict(model="tiny_dense", tp=4, stages=2)],
+    pytest.param([dict(model="tiny_dense", tp=2, stages=2),
+                  dict(model="tiny_dense", tp=4, stages=2)], marks=pytest.mark.slow),
+    # the default run's representative of dense_3_heads: tp 4, through layerwise_shard
     [dict(model="dense_3_heads", tp=4, stages=2, via="layerwise_shard")],
 ], ids=["dense_3_heads", "fused_qkv", "tiny_dense", "layerwise_shard"])
 def test_split_runs_and_equals_the_model(cases):
