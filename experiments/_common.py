@@ -253,6 +253,19 @@ def output_dir(write_results: bool) -> pathlib.Path:
     return RESULTS if write_results else OUT
 
 
+def publish(name: str, text: str, args) -> str:
+    """Prints an experiment's report and, unless ``args.no_write``, writes it as ``name``
+    where ``args.write_results`` says (``add_output_flags``); returns ``text``.
+
+    Example:
+        >>> return publish("schedules.md", text, args)
+    """
+    print(text)
+    if not args.no_write:
+        step(f"wrote {write_results(name, text, output_dir(args.write_results))}")
+    return text
+
+
 def write_results(name: str, text: str, directory: pathlib.Path = OUT) -> pathlib.Path:
     """Writes ``text`` to ``directory / name`` (default: the git-ignored ``OUT``) and returns
     the path; pass ``output_dir(args.write_results)`` as ``directory``."""

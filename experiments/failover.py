@@ -231,11 +231,7 @@ def main(argv: Sequence[str] | None = None) -> str:
     args = ap.parse_args(argv)
     _common.step(f"machine: {_common.machine_line()}")
     text = report(measure(args.rounds, args.models.split(","), args.layers), args.rounds)
-    print(text)
-    if not args.no_write:
-        path = _common.write_results("failover.md", text, _common.output_dir(args.write_results))
-        _common.step(f"wrote {path}")
-    return text
+    return _common.publish("failover.md", text, args)
 
 
 if __name__ == "__main__":

@@ -133,12 +133,7 @@ def main(argv: Sequence[str] | None = None) -> str:
     _common.add_output_flags(ap)
     args = ap.parse_args(argv)
     text = report(measure(args.repeats), args.repeats)
-    print(text)
-    if not args.no_write:
-        path = _common.write_results("packed_weights.md", text,
-                                     _common.output_dir(args.write_results))
-        _common.step(f"wrote {path}")
-    return text
+    return _common.publish("packed_weights.md", text, args)
 
 
 if __name__ == "__main__":

@@ -107,12 +107,7 @@ def main(argv: Sequence[str] | None = None) -> str:
     args = ap.parse_args(argv)
     _common.step(f"machine: {_common.machine_line()}")
     text = report(measure(args.rounds, args.layers), args.rounds)
-    print(text)
-    if not args.no_write:
-        path = _common.write_results("recompress.md", text,
-                                     _common.output_dir(args.write_results))
-        _common.step(f"wrote {path}")
-    return text
+    return _common.publish("recompress.md", text, args)
 
 
 if __name__ == "__main__":

@@ -150,11 +150,7 @@ def main(argv: Sequence[str] | None = None) -> str:
     projected = [r for k in kinds for r in projected_rows(k)]
     measured = [r for k in kinds for r in measured_rows(k, args.repeats)]
     text = report(projected, measured, args.repeats)
-    print(text)
-    if not args.no_write:
-        path = _common.write_results("schedules.md", text, _common.output_dir(args.write_results))
-        _common.step(f"wrote {path}")
-    return text
+    return _common.publish("schedules.md", text, args)
 
 
 if __name__ == "__main__":
