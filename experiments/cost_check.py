@@ -341,6 +341,39 @@ CALIBRATION_LAYOUTS = {  # name -> (stage ranges of 16 layers, tp), M = 8
 }
 
 
+ALLREDUCE_KIB = (64, 512, 1024, 2048)  # per device: the residual of small to large microbatches
+
+
+def allreduce_fit(devices, tp: int = 8, repeats: int = 16):
+    """Host seconds of one all-reduce over ``tp`` devices, every group of the 16 devices
+    reducing at once (the ticks of a split pipeline), against the bytes all devices hold:
+    returns ((seconds, seconds per byte), [(KiB per device, seconds), ...])."""
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import Mesh
+    from jax.sharding import PartitionSpec as P
+
+    mesh = Mesh(np.array(devices).reshape(len(devices) // tp, tp), ("pp", "tp"))
+
+    def body(x):
+        def one(c, _):  # scaled so the values stay finite; the reduction is what is timed
+            return jax.lax.psum(c, "tp") * (1.0 / tp), None
+        return jax.lax.scan(one, x, None, length=repeats)[0]
+
+    fns = {}
+    for kib in ALLREDUCE_KIB:
+        f = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=P(("pp", "tp")),
+                                  out_specs=P(("pp", "tp")), check_vma=False))
+        x = jnp.ones((len(devices) * kib * 256,), jnp.float32)
+        fns[kib] = lambda f=f, x=x: f(x)
+    times = _common.measure_interleaved(fns, repeats=7)
+    sizes = [(kib, times[kib].median / repeats) for kib in ALLREDUCE_KIB]
+    total = np.array([len(devices) * kib * 1024 for kib, _ in sizes], float)
+    (a, rate), *_ = np.linalg.lstsq(np.stack([np.ones_like(total), total], 1),
+                                    np.array([t for _, t in sizes]), rcond=None)
+    return (float(a), float(rate)), sizes
+
+
 def calibrate() -> str:
     """Measures the CPU constants of ``passes/cost_calibration.py`` and fits them."""
     import numpy as np
@@ -367,6 +400,11 @@ def calibrate() -> str:
               for k, (r, _) in CALIBRATION_LAYOUTS.items()]
     lines.append(f"fit: {a * 1e3:.3f} ms + {b * 1e3:.4f} ms per stage per tick; per all-reduce "
                  + " / ".join(f"{x * 1e3:.3f}" for x in per_allreduce) + " ms")
+    (a2, rate), sizes = allreduce_fit(devices)
+    lines += [f"all-reduce over tp 8 on all 16 devices, {kib} KiB each: {t * 1e3:.3f} ms"
+              for kib, t in sizes]
+    lines.append(f"fit: all-reduce {a2 * 1e3:.3f} ms + {rate * 2**20 * 1e3:.4f} ms per MiB of "
+                 "all devices' buffers")
     points = []
     for hidden in (64, 128, 256):
         for batch in (1, 2, 4, 8, 32):

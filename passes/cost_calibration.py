@@ -32,19 +32,28 @@ from lwjax.hardware import HardwareSpec
 # Measured 2026-12-02 on this project's 2-core Xeon host (16 simulated devices, load ~1,
 # JAX 0.10.2), ``python experiments/cost_check.py --calibrate``, after a tick became one
 # ppermute (``passes/carry.py``):
-# - efficiency: the float32 dense model (16 layers, 8 heads, MLP 4x, seq 64) alone on one device,
-#   hidden 64/128/256 x batch 1/2/4/8/32, per-block time vs the block's matmul FLOPs at the
-#   measured 1024^3 matmul rate: 11% (19 MFLOP) .. 60% (4.4 GFLOP); least squares in log-log:
-#   0.19 x (FLOPs / 1e8)^0.29.
+# - efficiency (re-measured 2026-12-02 afternoon, load 1.4-2, when ``host_cpu()`` took the best
+#   of 30 1024^3 matmuls as the peak instead of the median of 5, which varied 2x between
+#   processes): the float32 dense model (16 layers, 8 heads, MLP 4x, seq 64) alone on one
+#   device, hidden 64/128/256 x batch 1/2/4/8/32, per-block time vs the block's matmul FLOPs
+#   at the measured peak (191 GFLOP/s): 8% (19 MFLOP) .. 58% (4.4 GFLOP); least squares in
+#   log-log: 0.161 x (FLOPs / 1e8)^0.339.
 # - floor: lwjax pipelines of a same-shaped model of negligible size (hidden 16, seq 8,
 #   batch 16, M = 8): 1/2/4/16 stages x tp 1 -> 0.42 ms + 0.015 ms per stage per tick
 #   (0.65 ms + 0.033 ms with a ppermute per carry dtype); 2 x tp 8 and 4 x tp 4 -> 0.28 /
 #   0.24 ms more per all-reduce (two per layer) per tick.
-CPU_EFFICIENCY_AT_1E8 = 0.19
-CPU_EFFICIENCY_EXPONENT = 0.29
+# - all-reduce bytes: a psum over tp 8 with all 16 devices reducing at once (every group of a
+#   split pipeline's tick), 64 KiB .. 2 MiB per device: 0.17 ms + 0.157 ms per MiB of all
+#   devices' buffers (tp 2: 0.141 ms per MiB; two reruns at load 2-4: 0.173, 0.190), least
+#   squares -- the host's cores do the adding, so the time grows with the bytes of every
+#   device taking part. The floors above were not re-measured with it: at load 2-4 they
+#   came out 0.58-0.72 ms + 0.03-0.05 ms per stage, noise the load-1 figures are free of.
+CPU_EFFICIENCY_AT_1E8 = 0.161
+CPU_EFFICIENCY_EXPONENT = 0.339
 CPU_TICK_FLOOR_S = 0.42e-3
 CPU_TICK_FLOOR_PER_STAGE_S = 0.015e-3
 CPU_ALLREDUCE_FLOOR_S = 0.26e-3
+CPU_ALLREDUCE_S_PER_BYTE = 1.5e-10
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +67,8 @@ class TickModel:
         tick_floor_s: seconds every tick costs beyond its work.
         tick_floor_per_stage_s: and per stage in the pipeline.
         allreduce_floor_s: and per all-reduce a split stage's layer runs in a tick.
+        allreduce_s_per_byte: and per byte every device taking part in it holds (a host
+            whose cores do the reduction; 0: its bytes are in the roofline's link time).
         source: where the figures come from.
     """
 
@@ -67,6 +78,7 @@ class TickModel:
     tick_floor_s: float = 0.0
     tick_floor_per_stage_s: float = 0.0
     allreduce_floor_s: float = 0.0
+    allreduce_s_per_byte: float = 0.0
     source: str = "roofline, uncorrected"
 
     def efficiency(self, flops: float) -> float:
@@ -84,13 +96,26 @@ class TickModel:
         """Seconds a tick of a pipeline of ``num_stages`` costs beyond its work."""
         return self.tick_floor_s + self.tick_floor_per_stage_s * num_stages
 
+    def allreduce_s(self, nbytes: int, tp: int) -> float:
+        """Seconds one all-reduce of ``nbytes`` per device over ``tp`` devices costs beyond the
+        roofline (0 for tp = 1).
+
+        Example:
+            >>> TickModel(allreduce_floor_s=1e-4, allreduce_s_per_byte=1e-10).allreduce_s(
+            ...     2**20, 8)
+            0.000938860...
+        """
+        if tp <= 1:
+            return 0.0
+        return self.allreduce_floor_s + self.allreduce_s_per_byte * nbytes * tp
+
 
 def _cpu(hw: HardwareSpec) -> TickModel:
     return TickModel(
         concurrency=hw.num_cores, efficiency_at_1e8=CPU_EFFICIENCY_AT_1E8,
         efficiency_exponent=CPU_EFFICIENCY_EXPONENT, tick_floor_s=CPU_TICK_FLOOR_S,
         tick_floor_per_stage_s=CPU_TICK_FLOOR_PER_STAGE_S,
-        allreduce_floor_s=CPU_ALLREDUCE_FLOOR_S,
+        allreduce_floor_s=CPU_ALLREDUCE_FLOOR_S, allreduce_s_per_byte=CPU_ALLREDUCE_S_PER_BYTE,
         source="measured on a 2-core CPU host (passes/cost_calibration.py)")
 
 

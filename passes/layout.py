@@ -293,9 +293,9 @@ def layout_inputs(graph: LayerGraph, numbers: LayerNumbers, hw: HardwareSpec, *,
         return max(roofline_s, f / (peak * model.efficiency(f)) if f else 0.0)
 
     work_s = [work(seg, c) for seg, c in zip(graph.layers, numbers.costs_s, strict=True)]
-    floor = 2 * model.allreduce_floor_s if tp > 1 else 0.0  # Megatron: two per layer
     sizes, room, _ = partition_inputs(numbers, capacity_bytes, residency)
     residual = max(_residual_bytes(seg) for seg in graph.layers)
+    floor = 2 * model.allreduce_s(residual, tp)  # Megatron: two per layer
     return LayoutInputs(
         microbatches=microbatches, tp=tp, work_s=tuple(work_s),
         floor_s=(floor,) * len(work_s), epilogue_s=work(graph.epilogue, numbers.epilogue_s),

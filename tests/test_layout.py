@@ -139,3 +139,33 @@ def test_pins_are_kept(tiny):
     bottleneck = lwjax.plan(tiny, TOKENS, num_devices=16, hardware=H100, objective="bottleneck")
     assert len(bottleneck.stages) == CFG.num_layers and bottleneck.tp == 1
     assert not any("layout search" in n for n in bottleneck.notes)
+
+
+def test_a_split_layers_allreduces_cost_their_bytes_on_a_cpu(tiny, monkeypatch):
+    """On a CPU the host's cores add up an all-reduce's buffers: a split layer's per-tick floor
+    is two all-reduces of the residual, each the measured floor plus the measured rate times
+    the bytes of all tp devices taking part (``cost_calibration``), so large microbatches split
+    over many devices cost what they measured (2 x tp 8 at hidden 256: 0.85x of 16 x tp 1)."""
+    import dataclasses
+
+    from lwjax.passes import cost_calibration as cal
+
+    cpu = dataclasses.replace(H100, name="a 2-core CPU", kind="cpu", num_cores=2)
+    seen = []
+    real = layout.layout_inputs
+
+    def spy(graph, numbers, hw, **kw):
+        seen.append(x := real(graph, numbers, hw, **kw))
+        return x
+
+    monkeypatch.setattr(layout, "layout_inputs", spy)
+    lwjax.plan(tiny, TOKENS, num_devices=16, hardware=cpu, cache_bytes=400_000)
+    split = [x for x in seen if x.tp > 1]
+    assert split and all(x.floor_s == x.floor_s[:1] * len(x.floor_s) for x in seen)
+    for x in split:
+        residual = 8 // x.microbatches * CFG.seq_len * CFG.hidden_size * 4  # float32 [b, T, D]
+        per = cal.CPU_ALLREDUCE_FLOOR_S + cal.CPU_ALLREDUCE_S_PER_BYTE * x.tp * residual
+        assert x.floor_s[0] == pytest.approx(2 * per)
+    assert all(x.floor_s[0] == 0 for x in seen if x.tp == 1)
+    assert cal.TickModel(allreduce_floor_s=1e-4, allreduce_s_per_byte=1e-9).allreduce_s(
+        1000, 4) == pytest.approx(1e-4 + 4e-6)
