@@ -58,6 +58,8 @@ MIB = 2**20
 PROJECTED_ON = hardware.H100_SXM
 PROJECTED_LABEL = f"projected (cost model, {NUM_DEVICES} x {PROJECTED_ON.name})"
 MICROBATCH_SWEEP = (2, 4, 8, 16)  # the default baseline variant also runs at these M
+TUNE = 4  # layerwise_shard(..., tune=TUNE): the layout search's 4 best layouts measured
+_SAME = {"planned": "default plan", "layerwise": "1 layer/device plan"}
 METHODS = {"baseline": "Baseline (TP=8, PP=2)", "layerwise": "Layer-wise (lwjax)",
            "single": "Single device (reference)"}
 
@@ -143,6 +145,8 @@ class Deployment:
             ``layerwise_shard``'s defaults (the layout search picks stages, tp and M) at
             the 1 layer/device row's capacity (the host L2, or the least that holds one
             layer per device).
+        tuned: the same with ``tune=TUNE``: the layout search's TUNE best layouts measured
+            on these devices, the fastest kept (None: not built).
     """
 
     cfg: DenseConfig
@@ -153,6 +157,7 @@ class Deployment:
     planned: lwjax.ShardedModel | None
     single: baselines.Baseline
     notes: dict[str, str]
+    tuned: lwjax.ShardedModel | None = None
 
     @property
     def baseline(self) -> baselines.Baseline:
@@ -164,10 +169,23 @@ class Deployment:
         """method -> a call on the example tokens; "planned" only when it differs from
         "layerwise" (same stages and tp: the same program)."""
         fns = {**self.baselines, "layerwise": self.layerwise, "planned": self.planned,
-               "single": self.single}
+               "tuned": self.tuned, "single": self.single}
         if self.planned is None or _layout(self.planned) == _layout(self.layerwise):
             del fns["planned"]
+        if self.same_as_tuned() is not None:
+            del fns["tuned"]
         return {name: functools.partial(f, self.tokens) for name, f in fns.items()}
+
+    def same_as_tuned(self) -> str | None:
+        """"planned" or "layerwise" when the tuned plan is that program (timed once), "none"
+        when there is no tuned plan, else None."""
+        if self.tuned is None:
+            return "none"
+        for name in ("planned", "layerwise"):
+            other = getattr(self, name)
+            if other is not None and _layout(other) == _layout(self.tuned):
+                return name
+        return None
 
 
 def _layout(sm: lwjax.ShardedModel) -> tuple:
@@ -176,9 +194,10 @@ def _layout(sm: lwjax.ShardedModel) -> tuple:
 
 def deploy(cfg: DenseConfig, devices: Sequence | None = None,
            microbatches: int = MICROBATCHES, with_plan: bool = True,
-           variants: str = "all") -> Deployment:
-    """Builds the model and its deployments (weights placed, nothing compiled); ``variants``
-    as in ``baseline_plan`` (the default variant always at ``microbatches``)."""
+           variants: str = "all", tune: int = 0) -> Deployment:
+    """Builds the model and its deployments (weights placed, nothing compiled but the
+    candidates ``tune`` > 1 measures); ``variants`` as in ``baseline_plan`` (the default
+    variant always at ``microbatches``)."""
     devices = list(jax.devices()[:NUM_DEVICES] if devices is None else devices)
     model = models.build(cfg, rngs=nnx.Rngs(0))
     tokens = jax.random.randint(jax.random.key(0), (cfg.batch_size, cfg.seq_len), 0,
@@ -197,9 +216,13 @@ def deploy(cfg: DenseConfig, devices: Sequence | None = None,
         planned = lwjax.layerwise_shard(model, tokens, devices=devices, cache_bytes=capacity)
         planned_note = (f"cache_bytes = {capacity / 2**20:.2f} MiB, as the 1 layer/device "
                         "row; everything else layerwise_shard's defaults")
+    tuned = None
+    if with_plan and tune > 1:
+        tuned = lwjax.layerwise_shard(model, tokens, devices=devices, cache_bytes=capacity,
+                                      tune=tune)
     single = baselines.single_device(model, tokens, device=devices[0])
     return Deployment(cfg, model, tokens, tp_pp, sm, planned, single,
-                      {"layerwise": note, "planned": planned_note})
+                      {"layerwise": note, "planned": planned_note}, tuned)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -283,6 +306,16 @@ def measure(kind: str, cfg: DenseConfig, repeats: int, d: Deployment | None = No
         plans["planned"] = d.planned.plan.summary()
         labels["planned"] = f"{METHODS['layerwise']}, default plan ({_stages_label(d.planned)})"
         devices["planned"] = d.planned.plan.num_devices
+    same = d.same_as_tuned()
+    if same != "none":
+        if same is not None:  # the same program: its timing, once
+            timings["tuned"] = timings[same]
+            diff["tuned"], compile_s["tuned"] = diff[same], 0.0
+        plans["tuned"] = d.tuned.plan.summary()
+        labels["tuned"] = (f"{METHODS['layerwise']}, tuned (tune={TUNE}: "
+                           f"{_stages_label(d.tuned)}" + (")" if same is None else
+                                                          f", the {_SAME[same]})"))
+        devices["tuned"] = d.tuned.plan.num_devices
     return Measured(kind, cfg, timings, diff, compile_s, plans, d.notes, labels, devices)
 
 
@@ -440,7 +473,7 @@ def best_decode(name: str) -> dict[str, cost.DecodeProjection]:
 
 
 def measure_scale(scale: Scale, kinds: Sequence[str], repeats: int,
-                  breakdown_kinds: Sequence[str], variants: str = "all",
+                  breakdown_kinds: Sequence[str], variants: str = "all", tune: int = 0,
                   ) -> tuple[list[Measured], list[Breakdown]]:
     """Every model of ``kinds`` at ``scale``: its deployments (baseline ``variants`` as in
     ``baseline_plan``) timed in one interleaved run, and the breakdowns asked for."""
@@ -448,7 +481,7 @@ def measure_scale(scale: Scale, kinds: Sequence[str], repeats: int,
     for kind in kinds:
         cfg = cpu_config(kind, scale)
         _common.step(f"{kind}, hidden {scale.hidden}: building the deployments and plans")
-        d = deploy(cfg, variants=variants)
+        d = deploy(cfg, variants=variants, tune=tune)
         print(d.layerwise.plan.summary(), flush=True)
         if d.planned is not None and _layout(d.planned) != _layout(d.layerwise):
             print(d.planned.plan.summary(), flush=True)
@@ -475,9 +508,10 @@ def main(argv: Sequence[str] | None = None) -> str:
         tables.append(("Table 1 (--quick sizes)", results))
     else:
         results, breakdowns = measure_scale(FULL, ("dense", "moe"), a.repeats or FULL.repeats,
-                                            ("dense", "moe"))
+                                            ("dense", "moe"), tune=TUNE)
         tables.append(("Table 1", results))
-        small, _ = measure_scale(QUICK, ("dense", "moe"), a.repeats or QUICK.repeats, ())
+        small, _ = measure_scale(QUICK, ("dense", "moe"), a.repeats or QUICK.repeats, (),
+                                 tune=TUNE)
         tables.append(("Table 1b: a scale whose layers fit the host L2", small))
         cfg = cpu_config("dense", dataclasses.replace(FULL, vocab=2048))
         _common.step("dense, vocab 2048: vocabulary sensitivity")

@@ -30,6 +30,7 @@ from throughput import (
     PROJECTED_LABEL,
     PROJECTED_ON,
     SCRIPT,
+    TUNE,
     TP,
     Breakdown,
     Measured,
@@ -61,7 +62,7 @@ def measured_rows(results: Sequence[Measured]) -> list[list[str]]:
     """Table 1 rows in seed 004's format, plus the spread and the correctness check."""
     rows = []
     for m in results:
-        for method in [*m.baselines, "layerwise", "planned", "single"]:
+        for method in [*m.baselines, "layerwise", "planned", "tuned", "single"]:
             if method not in m.timings:
                 continue
             t = m.timings[method]
@@ -277,7 +278,7 @@ def measured_section(title: str, results: Sequence[Measured], quick: bool) -> li
         best = m.best_baseline
         lines.append(f"- {model_name(m.kind, m.cfg)}: best baseline variant **{m.labels[best]}** "
                      f"({m.timings[best].ms()} ms; measured), of {len(m.baselines)} measured.")
-        for method in ("layerwise", "planned"):
+        for method in ("layerwise", "planned", "tuned"):
             if method not in m.timings:
                 continue
             r, lo, hi = m.ratio(method)
@@ -301,6 +302,10 @@ def measured_section(title: str, results: Sequence[Measured], quick: bool) -> li
         else:
             plans.append(f"{model_name(m.kind, m.cfg)}, default plan: "
                          f"{m.notes['planned']}.")
+        if "tuned" in m.plans:
+            tuned = next(n for n in m.plans["tuned"].splitlines() if "tuned:" in n).strip()
+            plans.append(f"{model_name(m.kind, m.cfg)}, tuned (`layerwise_shard(..., "
+                         f"tune={TUNE})` at the same capacity): {tuned.removeprefix('- ')}")
     return [
         title,
         f"Models: {cfg.num_layers} layers, hidden {cfg.hidden_size}, {cfg.num_heads} heads x "
@@ -325,7 +330,7 @@ def summary(tables: Sequence[tuple[str, Sequence[Measured]]],
     lines = []
     for title, results in tables:
         for m in results:
-            for method in ("layerwise", "planned"):
+            for method in ("layerwise", "planned", "tuned"):
                 if method in m.timings:
                     r, goal = m.ratio(method)[0], _goal(m, method)
                     lines.append(f"- {title.split(':')[0]}, {model_name(m.kind, m.cfg)}, "

@@ -11,6 +11,7 @@ import jax
 import numpy as np
 
 from lwjax import hardware as hardware_lib
+from lwjax import tune as tune_lib
 from lwjax.errors import CapacityError, ConfigError, DeviceError, InputError
 from lwjax.hardware import HardwareSpec
 from lwjax.passes import compression as compression_lib
@@ -24,7 +25,7 @@ from lwjax.passes.footprint import AttentionAssumption
 from lwjax.passes.lower import lower
 from lwjax.passes.planner import device_id
 from lwjax.passes.segment import LayerGraph, segment
-from lwjax.passes.strategies import STRATEGIES, Target, search_plan
+from lwjax.passes.strategies import STRATEGIES, Target, search_plans
 from lwjax.passes.trace import Mode, trace
 from lwjax.plan import Objective, Plan, PlanMode, Residency
 from lwjax.plan_check import check_plan, check_plan_batch
@@ -211,9 +212,11 @@ def _plan_graph(model, args, kwargs, *, devices, num_devices, hardware, cache_by
                 compression, microbatches, mode, cache_len, residency, attention, persisting,
                 method, allow=(), objective="step", unbatched=(), batched=(), layers=None,
                 given: Plan | None = None, run: bool = False,
-                training: train_lib.Training | None = None):
-    """Plans and returns ``(plan, graph at the plan's microbatch size, device objects or None,
-    full batch)``. ``allow``: the edge-case strategies the search may use, in order
+                training: train_lib.Training | None = None, top: int = 1):
+    """Plans and returns ``(plans, graph_at, device objects or None, full batch)``: the plan
+    first, then (``top`` > 1, where the layout search decides) the next best layouts'
+    (``strategies.search_plans``); ``graph_at(plan.microbatch_size)`` is a plan's graph.
+    ``allow``: the edge-case strategies the search may use, in order
     (``passes/strategies.py``); none by default. ``training``: with mode="train"."""
     objs, ids = _devices(devices, num_devices)
     hw = _hardware(hardware, objs)
@@ -252,7 +255,7 @@ def _plan_graph(model, args, kwargs, *, devices, num_devices, hardware, cache_by
         check_plan(given, graph, ids)
         if run and objs is not None:
             check_runnable(graph, objs[0].platform)
-        return given, graph, objs, batch
+        return [given], graph_at, objs, batch
     m = _microbatches(batch, microbatches, len(ids))
     if run and objs is not None:  # dtypes the devices cannot run are refused before planning
         check_runnable(graph_at(batch // m), objs[0].platform)
@@ -266,8 +269,7 @@ def _plan_graph(model, args, kwargs, *, devices, num_devices, hardware, cache_by
                     mode=mode, residency=residency, attention=attention, method=method,
                     allow=allow, model=type(model).__name__, objective=objective,
                     training=training, microbatch_counts=counts)
-    plan = search_plan(graph_at, target)
-    return plan, graph_at(plan.microbatch_size), objs, batch
+    return search_plans(graph_at, target, top), graph_at, objs, batch
 
 
 def plan(
@@ -374,7 +376,7 @@ def plan(
                        residency=residency, attention=attention, persisting=persisting,
                        method=method, allow=allow, objective=objective,
                        unbatched=unbatched, batched=batched, layers=layers,
-                       training=training)[0]
+                       training=training)[0][0]
 
 
 def _training(mode, schedule, optimizer, compression, residency) -> train_lib.Training | None:
@@ -436,6 +438,7 @@ def layerwise_shard(
     batched: Sequence[int | str] = (),
     layers: LayersSpec = None,
     plan: Plan | None = None,
+    tune: int = 0,
     **kwargs,
 ) -> ShardedModel:
     """Runs a model as a layer-wise pipeline: trace -> segment -> footprint -> partition ->
@@ -476,6 +479,13 @@ def layerwise_shard(
             training (``mode="train"``: ``train_step`` then uses its schedule); a compressed
             plan runs compressed; ``devices`` must hold its device ids. The planning options
             (``cache_bytes``, ``microbatches``, ``allow``, ...) are then ignored.
+        tune: measure the layout search's ``tune`` best layouts (distinct stage count, tp
+            and M) on the devices and keep the fastest (``lwjax/tune.py``; 0 or 1: its
+            first choice, unmeasured). Each candidate is compiled and called 1 + 3 times on
+            the example arguments (zeros where they are ShapeDtypeStructs), with all
+            candidates' weights placed at once; ``plan.notes`` lists the medians. Single
+            process only; ignored with ``plan=`` and where no layout search runs
+            (``objective="bottleneck"``, or no split or microbatch count to choose).
         **kwargs: further call arguments (arrays are microbatched when batch-shaped).
 
     Returns:
@@ -491,18 +501,27 @@ def layerwise_shard(
     _refuse_plan_options(kwargs)
     allow = (allow,) if isinstance(allow, str) else tuple(allow or ())
     schedules.get(schedule)  # an unknown name fails here, before tracing and planning
-    plan_, graph, objs, batch = _plan_graph(
+    top = tune_lib.check_tune(tune)
+    plans, graph_at, objs, batch = _plan_graph(
         model, args, kwargs, devices=devices, num_devices=None, hardware=hardware,
         cache_bytes=cache_bytes, compression=compression, microbatches=microbatches,
         mode="prefill", cache_len=None, residency=residency, attention=None,
         persisting=False, method="optimal", allow=allow, objective=objective,
-        unbatched=unbatched, batched=batched, layers=layers, given=plan, run=True)
+        unbatched=unbatched, batched=batched, layers=layers, given=plan, run=True,
+        top=max(top, 1))
     if objs is None:
         raise DeviceError("layerwise_shard runs on jax devices: pass devices=jax.devices(), "
                           "not device ids.")
     by_id = {d.id: d for d in objs}
-    stage_devices = [by_id[i] for s in plan_.stages for i in s.devices]
-    program = lower(graph, [s.layer_range for s in plan_.stages], stage_devices,
-                    plan_.microbatches, schedule=schedule, tp=plan_.tp,
-                    compression=planned_compression(plan_, compression))
-    return ShardedModel(plan_, program, graph.traced, batch)
+
+    def build(plan_: Plan) -> ShardedModel:
+        graph = graph_at(plan_.microbatch_size)
+        stage_devices = [by_id[i] for s in plan_.stages for i in s.devices]
+        program = lower(graph, [s.layer_range for s in plan_.stages], stage_devices,
+                        plan_.microbatches, schedule=schedule, tp=plan_.tp,
+                        compression=planned_compression(plan_, compression))
+        return ShardedModel(plan_, program, graph.traced, batch)
+
+    if len(plans) == 1:
+        return build(plans[0])
+    return tune_lib.tuned(plans, build, args, kwargs)

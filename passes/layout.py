@@ -121,6 +121,13 @@ class Ranking:
         key = _shape(self.best) if self.scored else None
         return next((s for s in self.scored[1:] if _shape(s) != key), None)
 
+    def distinct(self) -> tuple[Scored, ...]:
+        """The best candidate of every (S, tp, M), best first."""
+        seen: dict[tuple[int, int, int], Scored] = {}
+        for s in self.scored:
+            seen.setdefault(_shape(s), s)
+        return tuple(seen.values())
+
     @property
     def best_mesh(self) -> Scored | None:
         return next((s for s in self.scored if s.layout.family == "TP x PP mesh"), None)

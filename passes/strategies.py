@@ -337,16 +337,18 @@ class _Search:
         except InfeasiblePlanError as e:
             return e
 
-    def layout_plan(self) -> Plan | None:
-        """The best layout of ``passes/layout.py`` at the requested compression (None when
-        none fits): S x tp x M, its notes saying what won and by how much."""
+    def layout_plans(self, top: int = 1) -> list[Plan]:
+        """The plans of the ``top`` best layouts of ``passes/layout.py`` with distinct
+        (S, tp, M), best first, at the requested compression ([] when none fits); the notes
+        say what won and by how much over the runner-up and the best mesh, and for a plan
+        below the first, its rank."""
         t, comp = self.t, self.t.compression
         counts = sorted({t.batch_size // t.microbatch_size, *t.microbatch_counts})
         # compressed weights run on unsplit stages only (passes/lower.py)
         tps = tuple(tp for tp in self.tps if self.weights_fit(comp, tp)
                     and (tp == 1 or comp.name == "none"))
         if not tps:
-            return None
+            return []
         num_layers = len(self.graph_at(t.microbatch_size).layers)
         space = layout.Space(tps, tuple(counts), self.n, num_layers)
 
@@ -357,22 +359,27 @@ class _Search:
                                         capacity_bytes=t.capacity_bytes, residency=t.residency)
 
         ranking = layout.search_layouts(inputs_at, space)
-        if ranking.best is None:
-            return None
-        best = ranking.best.layout
-        mb = t.batch_size // best.microbatches
-        found = self.attempt(mb, comp, best.tp, ranges=ranking.best.ranges)
-        if isinstance(found, InfeasiblePlanError):
-            raise found  # the search checked the fit: a disagreement is a bug, not a plan
-        changed = [k for k, moved in (("split", best.tp > 1),
-                                      ("microbatch", mb != t.microbatch_size)) if moved]
-        strategy = "+".join(k for k in dict.fromkeys((*t.allow, "microbatch"))
-                            if k in changed) or "fits"
-        as_given = self.attempt(t.microbatch_size, comp, 1)
+        as_given = self.attempt(t.microbatch_size, comp, 1) if ranking.best else None
         first = as_given if isinstance(as_given, InfeasiblePlanError) else None
-        notes = (*_notes(self, first, found, best.tp, comp, mb), *found.notes,
-                 *ranking.notes())
-        return dataclasses.replace(found, strategy=strategy, notes=notes)
+        plans = []
+        for rank, scored in enumerate(ranking.distinct()[:max(top, 1)]):
+            best = scored.layout
+            mb = t.batch_size // best.microbatches
+            found = self.attempt(mb, comp, best.tp, ranges=scored.ranges)
+            if isinstance(found, InfeasiblePlanError):
+                raise found  # the search checked the fit: a disagreement is a bug, not a plan
+            changed = [k for k, moved in (("split", best.tp > 1),
+                                          ("microbatch", mb != t.microbatch_size)) if moved]
+            strategy = "+".join(k for k in dict.fromkeys((*t.allow, "microbatch"))
+                                if k in changed) or "fits"
+            rank_note = () if rank == 0 else (
+                f"layout search: candidate {rank + 1} of the ranking, {best.describe()} at "
+                f"{scored.step_s * 1e3:.3f} ms projected ({scored.step_s / ranking.best.step_s:.2f}"
+                f"x the winner's)",)
+            notes = (*_notes(self, first, found, best.tp, comp, mb), *found.notes,
+                     *rank_note, *ranking.notes())
+            plans.append(dataclasses.replace(found, strategy=strategy, notes=notes))
+        return plans
 
     def candidates(self):
         """(mb, comp, tp) in the search order: the last allowed strategy most significant."""
@@ -406,11 +413,24 @@ def search_plan(graph_at: Callable[[int], LayerGraph], target: Target) -> Plan:
         >>> plan.strategy, plan.tp
         ('split', 2)
     """
+    return search_plans(graph_at, target)[0]
+
+
+def search_plans(graph_at: Callable[[int], LayerGraph], target: Target,
+                 top: int = 1) -> list[Plan]:
+    """``search_plan``, and where the layout search decides, the plans of its ``top`` best
+    layouts of distinct (S, tp, M), best first (``lwjax.layerwise_shard(..., tune=k)``
+    measures them); otherwise the one plan."""
     s = _Search(graph_at, target)
     if target.searches_layout:
-        best = s.layout_plan()
-        if best is not None:
-            return best
+        plans = s.layout_plans(top)
+        if plans:
+            return plans
+    return [_edge_cases(s, target)]
+
+
+def _edge_cases(s: _Search, target: Target) -> Plan:
+    """The plan as given, else the first edge-case strategy candidate that fits."""
     mb0, c0 = target.microbatch_size, target.compression
     first = s.attempt(mb0, c0, 1)
     if isinstance(first, Plan):
