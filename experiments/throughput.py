@@ -59,7 +59,6 @@ PROJECTED_ON = hardware.H100_SXM
 PROJECTED_LABEL = f"projected (cost model, {NUM_DEVICES} x {PROJECTED_ON.name})"
 MICROBATCH_SWEEP = (2, 4, 8, 16)  # the default baseline variant also runs at these M
 TUNE = 4  # layerwise_shard(..., tune=TUNE): the layout search's 4 best layouts measured
-_SAME = {"planned": "default plan", "layerwise": "1 layer/device plan"}
 METHODS = {"baseline": "Baseline (TP=8, PP=2)", "layerwise": "Layer-wise (lwjax)",
            "single": "Single device (reference)"}
 
@@ -181,7 +180,7 @@ class Deployment:
         when there is no tuned plan, else None."""
         if self.tuned is None:
             return "none"
-        for name in ("planned", "layerwise"):
+        for name in ("layerwise", "planned"):  # "planned" is timed when it differs
             other = getattr(self, name)
             if other is not None and _layout(other) == _layout(self.tuned):
                 return name
@@ -302,6 +301,8 @@ def measure(kind: str, cfg: DenseConfig, repeats: int, d: Deployment | None = No
     labels |= {k: _baseline_label(b) for k, b in d.baselines.items()}
     devices = {k: TP * PP for k in d.baselines} | {
         "layerwise": d.layerwise.plan.num_devices, "single": 1}
+    if d.planned is not None and "planned" not in timings:  # the same layout: timed once
+        labels["layerwise"] += " = the default plan"
     if d.planned is not None:
         plans["planned"] = d.planned.plan.summary()
         labels["planned"] = f"{METHODS['layerwise']}, default plan ({_stages_label(d.planned)})"
@@ -312,9 +313,11 @@ def measure(kind: str, cfg: DenseConfig, repeats: int, d: Deployment | None = No
             timings["tuned"] = timings[same]
             diff["tuned"], compile_s["tuned"] = diff[same], 0.0
         plans["tuned"] = d.tuned.plan.summary()
+        default = d.planned is not None and _layout(d.planned) == _layout(d.tuned)
         labels["tuned"] = (f"{METHODS['layerwise']}, tuned (tune={TUNE}: "
                            f"{_stages_label(d.tuned)}" + (")" if same is None else
-                                                          f", the {_SAME[same]})"))
+                                                          ", the default plan)" if default
+                                                          else ", the 1 layer/device plan)"))
         devices["tuned"] = d.tuned.plan.num_devices
     return Measured(kind, cfg, timings, diff, compile_s, plans, d.notes, labels, devices)
 

@@ -254,7 +254,11 @@ DEFINITIONS = f"""\
   (`objective="step"`: the layout search picks the stage count, tp per stage and M by the
   shortest projected step, counting the cores the simulated devices share) at the capacity
   of the 1 layer/device row: the host's L2, or the least capacity that holds one layer per
-  device (the plan's note says which).
+  device (the plan's note says which); where it is the 1 layer/device layout, that row says
+  "= the default plan" and is timed once. **Layer-wise, tuned**: the same with
+  `tune={TUNE}`: the layout search's {TUNE} best layouts built, each called 1 + 3 times,
+  the fastest kept (the search's first choice unless another is 3% faster; the plans
+  section quotes what tuning measured, before this table's rounds).
 - **projected**: `lwjax.passes.cost` roofline for {NUM_DEVICES} x {PROJECTED_ON.name}
   (`project_tp_pp`, `project_layerwise`: transformer blocks only, embedding and LM head left
   out, flash attention, weights from L2 when the device's share of its stage fits the

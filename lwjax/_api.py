@@ -12,7 +12,7 @@ import numpy as np
 
 from lwjax import hardware as hardware_lib
 from lwjax import tune as tune_lib
-from lwjax.errors import CapacityError, ConfigError, DeviceError, InputError
+from lwjax.errors import CapacityError, ConfigError, DeviceError, InputError, SplitError
 from lwjax.hardware import HardwareSpec
 from lwjax.passes import compression as compression_lib
 from lwjax.passes import footprint as footprint_lib
@@ -522,6 +522,19 @@ def layerwise_shard(
                         compression=planned_compression(plan_, compression))
         return ShardedModel(plan_, program, graph.traced, batch)
 
-    if len(plans) == 1:
+    if len(plans) > 1:
+        return tune_lib.tuned(plans, build, args, kwargs)
+    try:
         return build(plans[0])
-    return tune_lib.tuned(plans, build, args, kwargs)
+    except SplitError as refused:
+        if plan is not None:
+            raise  # a given plan runs as it is
+        # the search's first choice splits a stage where XLA would hang: run the next layout
+        plans = _plan_graph(
+            model, args, kwargs, devices=devices, num_devices=None, hardware=hardware,
+            cache_bytes=cache_bytes, compression=compression, microbatches=microbatches,
+            mode="prefill", cache_len=None, residency=residency, attention=None,
+            persisting=False, method="optimal", allow=allow, objective=objective,
+            unbatched=unbatched, batched=batched, layers=layers, run=True,
+            top=tune_lib.FALLBACK)[0]
+        return tune_lib.first_that_builds(plans, build, refused)

@@ -30,6 +30,7 @@ from lwjax.errors import ConfigError, SplitError
 
 ROUNDS = 3  # interleaved calls of every candidate after its first (compiling) call
 MARGIN = 0.03  # another candidate replaces the search's first choice only this much faster
+FALLBACK = 4  # layouts tried in order when the search's first choice does not lower
 
 
 def check_tune(tune: int) -> int:
@@ -107,6 +108,28 @@ def tuned(plans: Sequence, build: Callable, args: Sequence, kwargs: dict,
                              f"candidate {built[0][0] + 1}"))
     best.plan = dataclasses.replace(best.plan, notes=(*best.plan.notes, note))
     return best
+
+
+def first_that_builds(plans: Sequence, build: Callable, refused: SplitError):
+    """The first of ``plans`` after the first (which raised ``refused``) that ``build``
+    lowers, its notes saying which were refused and why; none: ``refused`` is raised."""
+    skipped = [f"1. {_layout(plans[0])} ({_first_line(refused)})"]
+    for i, p in enumerate(plans[1:], 2):
+        try:
+            sm = build(p)
+        except SplitError as e:
+            skipped.append(f"{i}. {_layout(p)} ({_first_line(e)})")
+            continue
+        note = ("refused by the lowering (a split whose collectives XLA puts inside a "
+                f"stage's branch would hang): {'; '.join(skipped)}; running candidate {i} of "
+                "the layout search's ranking instead")
+        sm.plan = dataclasses.replace(sm.plan, notes=(*sm.plan.notes, note))
+        return sm
+    raise refused
+
+
+def _first_line(e: Exception) -> str:
+    return f"{type(e).__name__}: {str(e).split('. ')[0]}"
 
 
 def _layout(plan) -> str:

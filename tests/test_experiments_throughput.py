@@ -170,7 +170,7 @@ def tiny_measured():
     scale = throughput.Scale(hidden=16, batch=16, seq=8, vocab=64, repeats=2)
     cfg = throughput.cpu_config("dense", scale)
     # Two baseline variants, so the ratios are against the faster of the two.
-    d = throughput.deploy(cfg, variants="default")
+    d = throughput.deploy(cfg, variants="default", tune=2)  # the tuned row too
     scan = baselines.tp_pp(d.model, d.tokens, devices=jax.devices()[:16], tp=8, pp=2,
                            microbatches=8, variant="scan")
     d = dataclasses.replace(d, baselines=d.baselines | {"baseline:scan": scan})
@@ -193,6 +193,12 @@ def test_tiny_measurement_matches_the_model(tiny_measured):
     rows = throughput_report.measured_rows([m])
     assert all(row[-1] == "measured" for row in rows)
     assert sum("(best baseline)" in row[7] for row in rows) == 1
+    # the tuned plan: timed (once, if it is another row's program), labelled, its note kept
+    assert "tuned" in m.timings and m.labels["tuned"].startswith("Layer-wise (lwjax), tuned")
+    assert "tuned:" in m.plans["tuned"]
+    same = [k for k in ("layerwise", "planned") if k in m.timings
+            and m.timings[k] is m.timings["tuned"]]
+    assert len(same) <= 1 and ("the " in m.labels["tuned"]) == bool(same)
 
 
 def test_report_labels_every_figure(tiny_measured):

@@ -82,3 +82,31 @@ def test_abstract_arguments_are_timed_on_zeros():
                                  {"mask": jax.ShapeDtypeStruct((3,), jnp.bool_), "k": 1})
     assert args[0].shape == (2, 3) and args[0].dtype == jnp.int32 and not args[0].any()
     assert kwargs["mask"].dtype == jnp.bool_ and kwargs["k"] == 1
+
+
+def test_a_first_choice_the_lowering_refuses_falls_back_to_the_next(tiny, monkeypatch):
+    """A split the lowering refuses (SplitError: XLA would run a collective inside a stage's
+    branch) does not end the call: the next layout of the ranking runs, and the notes say
+    what was refused. With tune= the refused candidate is named and skipped."""
+    from lwjax import _api
+    from lwjax.errors import SplitError
+
+    model, tokens = tiny
+    real, calls = _api.lower, []
+
+    def refuse_first(*a, **kw):
+        calls.append(kw.get("tp"))
+        if len(calls) == 1:
+            raise SplitError("Stage 0 split over tp=2 would hang. Change: another tp.")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(_api, "lower", refuse_first)
+    sm = lwjax.layerwise_shard(model, tokens, cache_bytes=400_000)
+    note = next(n for n in sm.plan.notes if n.startswith("refused by the lowering"))
+    assert "1. " in note and "SplitError: Stage 0 split over tp=2 would hang" in note
+    assert "running candidate 2" in note and len(calls) == 2
+    np.testing.assert_allclose(sm(tokens), model(tokens), atol=ATOL, rtol=RTOL)
+    calls.clear()
+    tuned = lwjax.layerwise_shard(model, tokens, cache_bytes=400_000, tune=2)
+    note = next(n for n in tuned.plan.notes if n.startswith("tuned:"))
+    assert "refused by the lowering: SplitError" in note and "kept candidate 2" in note
