@@ -144,8 +144,10 @@ class Deployment:
             ``layerwise_shard``'s defaults (the layout search picks stages, tp and M) at
             the 1 layer/device row's capacity (the host L2, or the least that holds one
             layer per device).
-        tuned: the same with ``tune=TUNE``: the layout search's TUNE best layouts measured
-            on these devices, the fastest kept (None: not built).
+        tuned: the same with ``tune=tune``: the layout search's best layouts measured on
+            these devices, the fastest kept (None: not built).
+        tune: the ``tune=`` it was built with; tune_s: the seconds that call took (its
+            candidates' compiles and timings).
     """
 
     cfg: DenseConfig
@@ -157,6 +159,8 @@ class Deployment:
     single: baselines.Baseline
     notes: dict[str, str]
     tuned: lwjax.ShardedModel | None = None
+    tune: int = 0
+    tune_s: float = 0.0
 
     @property
     def baseline(self) -> baselines.Baseline:
@@ -166,20 +170,21 @@ class Deployment:
 
     def callables(self) -> dict[str, functools.partial]:
         """method -> a call on the example tokens; "planned" only when it differs from
-        "layerwise" (same stages and tp: the same program)."""
+        "layerwise" (same stages and tp: the same program), "tuned" only when it differs
+        from both."""
         fns = {**self.baselines, "layerwise": self.layerwise, "planned": self.planned,
                "tuned": self.tuned, "single": self.single}
         if self.planned is None or _layout(self.planned) == _layout(self.layerwise):
             del fns["planned"]
-        if self.same_as_tuned() is not None:
+        if self.tuned is None or self.same_as_tuned() is not None:
             del fns["tuned"]
         return {name: functools.partial(f, self.tokens) for name, f in fns.items()}
 
     def same_as_tuned(self) -> str | None:
-        """"planned" or "layerwise" when the tuned plan is that program (timed once), "none"
-        when there is no tuned plan, else None."""
+        """"planned" or "layerwise" when the tuned plan is that program (timed once), else
+        None (another program, or no tuned plan)."""
         if self.tuned is None:
-            return "none"
+            return None
         for name in ("layerwise", "planned"):  # "planned" is timed when it differs
             other = getattr(self, name)
             if other is not None and _layout(other) == _layout(self.tuned):
@@ -215,13 +220,15 @@ def deploy(cfg: DenseConfig, devices: Sequence | None = None,
         planned = lwjax.layerwise_shard(model, tokens, devices=devices, cache_bytes=capacity)
         planned_note = (f"cache_bytes = {capacity / 2**20:.2f} MiB, as the 1 layer/device "
                         "row; everything else layerwise_shard's defaults")
-    tuned = None
+    tuned, tune_s = None, 0.0
     if with_plan and tune > 1:
+        start = time.perf_counter()
         tuned = lwjax.layerwise_shard(model, tokens, devices=devices, cache_bytes=capacity,
                                       tune=tune)
+        tune_s = time.perf_counter() - start
     single = baselines.single_device(model, tokens, device=devices[0])
     return Deployment(cfg, model, tokens, tp_pp, sm, planned, single,
-                      {"layerwise": note, "planned": planned_note}, tuned)
+                      {"layerwise": note, "planned": planned_note}, tuned, tune, tune_s)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -233,7 +240,7 @@ class Measured:
     timings: dict[str, _common.Timing]
     max_diff: dict[str, float]
     compile_s: dict[str, float]
-    plans: dict[str, str]  # "layerwise" / "planned" -> plan summary
+    plans: dict[str, str]  # "layerwise" / "planned" / "tuned" -> plan summary
     notes: dict[str, str]
     labels: dict[str, str]  # method -> row label
     devices: dict[str, int]  # method -> devices its program runs on
@@ -307,14 +314,15 @@ def measure(kind: str, cfg: DenseConfig, repeats: int, d: Deployment | None = No
         plans["planned"] = d.planned.plan.summary()
         labels["planned"] = f"{METHODS['layerwise']}, default plan ({_stages_label(d.planned)})"
         devices["planned"] = d.planned.plan.num_devices
-    same = d.same_as_tuned()
-    if same != "none":
+    if d.tuned is not None:
+        same = d.same_as_tuned()
         if same is not None:  # the same program: its timing, once
             timings["tuned"] = timings[same]
-            diff["tuned"], compile_s["tuned"] = diff[same], 0.0
+            diff["tuned"] = diff[same]
+        compile_s["tuned"] = d.tune_s  # every candidate's compile and timing
         plans["tuned"] = d.tuned.plan.summary()
         default = d.planned is not None and _layout(d.planned) == _layout(d.tuned)
-        labels["tuned"] = (f"{METHODS['layerwise']}, tuned (tune={TUNE}: "
+        labels["tuned"] = (f"{METHODS['layerwise']}, tuned (tune={d.tune}: "
                            f"{_stages_label(d.tuned)}" + (")" if same is None else
                                                           ", the default plan)" if default
                                                           else ", the 1 layer/device plan)"))

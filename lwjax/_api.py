@@ -501,14 +501,14 @@ def layerwise_shard(
     _refuse_plan_options(kwargs)
     allow = (allow,) if isinstance(allow, str) else tuple(allow or ())
     schedules.get(schedule)  # an unknown name fails here, before tracing and planning
-    top = tune_lib.check_tune(tune)
+    count = tune_lib.check_tune(tune, given=plan is not None)
     plans, graph_at, objs, batch = _plan_graph(
         model, args, kwargs, devices=devices, num_devices=None, hardware=hardware,
         cache_bytes=cache_bytes, compression=compression, microbatches=microbatches,
         mode="prefill", cache_len=None, residency=residency, attention=None,
         persisting=False, method="optimal", allow=allow, objective=objective,
         unbatched=unbatched, batched=batched, layers=layers, given=plan, run=True,
-        top=max(top, 1))
+        top=max(count, tune_lib.FALLBACK))
     if objs is None:
         raise DeviceError("layerwise_shard runs on jax devices: pass devices=jax.devices(), "
                           "not device ids.")
@@ -522,19 +522,7 @@ def layerwise_shard(
                         compression=planned_compression(plan_, compression))
         return ShardedModel(plan_, program, graph.traced, batch)
 
-    if len(plans) > 1:
-        return tune_lib.tuned(plans, build, args, kwargs)
-    try:
-        return build(plans[0])
-    except SplitError as refused:
-        if plan is not None:
-            raise  # a given plan runs as it is
-        # the search's first choice splits a stage where XLA would hang: run the next layout
-        plans = _plan_graph(
-            model, args, kwargs, devices=devices, num_devices=None, hardware=hardware,
-            cache_bytes=cache_bytes, compression=compression, microbatches=microbatches,
-            mode="prefill", cache_len=None, residency=residency, attention=None,
-            persisting=False, method="optimal", allow=allow, objective=objective,
-            unbatched=unbatched, batched=batched, layers=layers, run=True,
-            top=tune_lib.FALLBACK)[0]
-        return tune_lib.first_that_builds(plans, build, refused)
+    if plan is not None:
+        return build(plans[0])  # a given plan runs as it is
+    call_args = args[1:] if isinstance(model, nn.Module) else args  # not linen's variables
+    return tune_lib.deploy(plans, build, call_args, kwargs, count)

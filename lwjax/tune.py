@@ -19,6 +19,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import operator
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -33,17 +34,22 @@ MARGIN = 0.03  # another candidate replaces the search's first choice only this 
 FALLBACK = 4  # layouts tried in order when the search's first choice does not lower
 
 
-def check_tune(tune: int) -> int:
-    """``tune`` as a count of candidates (0 or 1: no tuning); bad values raise ConfigError."""
-    if isinstance(tune, bool) or not isinstance(tune, int) or tune < 0:
+def check_tune(tune, given: bool = False) -> int:
+    """``tune`` as a count of candidates (0 or 1: no tuning); bad values raise ConfigError.
+    ``given``: a plan is given (nothing is tuned, so any process count is fine)."""
+    try:
+        count = operator.index(tune) if not isinstance(tune, bool) else -1
+    except TypeError:
+        count = -1
+    if count < 0:
         raise ConfigError(f"tune={tune!r}: give the number of layouts to measure, an int >= 0 "
                           "(0 or 1: take the layout search's first choice unmeasured).")
-    if tune > 1 and jax.process_count() > 1:
+    if count > 1 and not given and jax.process_count() > 1:
         raise ConfigError(
-            f"tune={tune} in a run of {jax.process_count()} processes: every process would "
+            f"tune={count} in a run of {jax.process_count()} processes: every process would "
             "time the candidates itself and could pick another program. Tune in a "
             "single-process run, save the plan (Plan.to_json) and pass it as plan=.")
-    return tune
+    return count
 
 
 def concrete(args: Sequence, kwargs: dict) -> tuple[tuple, dict]:
@@ -78,54 +84,58 @@ def fastest(candidates: Sequence, call: Callable, rounds: int = ROUNDS,
     return candidates[best], medians
 
 
-def tuned(plans: Sequence, build: Callable, args: Sequence, kwargs: dict,
-          rounds: int = ROUNDS):
-    """The fastest of ``plans`` (the layout search's order) built by ``build`` (plan ->
-    ShardedModel) and called on the example arguments, its plan's notes saying what was
-    measured. A candidate whose split stages the lowering refuses (``SplitError``: a
-    collective XLA put inside a stage's branch) is left out and named; when none builds, the
-    first one's error is raised."""
+def build_first(plans: Sequence, build: Callable, count: int) -> tuple[list, list, list]:
+    """Builds ``plans`` in order until ``count`` lower: ``(built, refused, errors)`` with
+    ``built`` as (rank, ShardedModel) and ``refused`` naming each plan the lowering refused
+    (``SplitError``: a collective XLA put inside a stage's branch) and why."""
     built, refused, errors = [], [], []
     for i, p in enumerate(plans):
+        if len(built) == count:
+            break
         try:
             built.append((i, build(p)))
         except SplitError as e:
             errors.append(e)
-            refused.append(f"{i + 1}. {_layout(p)} (refused by the lowering: {type(e).__name__})")
+            refused.append(f"{i + 1}. {_layout(p)} ({_first_line(e)})")
     if not built:
-        raise errors[0]
-    a, kw = concrete(args, kwargs)
-    best, medians = fastest([sm for _, sm in built], lambda sm: sm(*a, **kw), rounds)
-    k = next(j for j, (_, sm) in enumerate(built) if sm is best)
-    measured = "; ".join(
-        f"{i + 1}. {_layout(sm.plan)} {m * 1e3:.1f} ms" for (i, sm), m in zip(
-            built, medians, strict=True))
-    skipped = f"; not run: {', '.join(refused)}" if refused else ""
-    rank = built[k][0]
-    note = (f"tuned: measured the layout search's {len(plans)} best layouts on these devices "
-            f"(median of {rounds} interleaved calls each): {measured}{skipped}; kept candidate "
-            f"{rank + 1}" + ("" if k == 0 else f", {medians[0] / medians[k]:.2f}x faster than "
-                             f"candidate {built[0][0] + 1}"))
-    best.plan = dataclasses.replace(best.plan, notes=(*best.plan.notes, note))
+        first = errors[0]
+        first.args = (f"{first.args[0]} The next {len(errors) - 1} layouts of the layout "
+                      f"search were refused too: {'; '.join(refused[1:])}."
+                      if len(errors) > 1 else first.args[0],)
+        raise first
+    return built, refused, errors
+
+
+def deploy(plans: Sequence, build: Callable, args: Sequence, kwargs: dict, tune: int,
+           rounds: int = ROUNDS):
+    """The ShardedModel of the layout search's ranked ``plans``: the first that lowers
+    (``tune`` <= 1), or the fastest of the first ``tune`` that lower, called on the example
+    arguments ``args`` / ``kwargs`` (the model's call arguments, without a linen module's
+    variables). Its plan's notes say what was refused and, when tuned, what was measured;
+    when no plan lowers, the first one's error is raised, naming the others."""
+    built, refused, _ = build_first(plans, build, max(tune, 1))
+    skipped = f"refused by the lowering (a split whose collectives XLA puts inside a " \
+              f"stage's branch would hang): {'; '.join(refused)}" if refused else ""
+    if tune <= 1 or len(built) == 1:
+        rank, best = built[0]
+        notes = [skipped + f"; running candidate {rank + 1} of the layout search's ranking "
+                 "instead"] if refused else []
+        if tune > 1:
+            notes.append(f"tune={tune}: one layout to run here ({_layout(best.plan)}; the "
+                         "layout search ranked no other that lowers): nothing to measure")
+    else:
+        a, kw = concrete(args, kwargs)
+        best, medians = fastest([sm for _, sm in built], lambda sm: sm(*a, **kw), rounds)
+        k = next(j for j, (_, sm) in enumerate(built) if sm is best)
+        measured = "; ".join(f"{i + 1}. {_layout(sm.plan)} {m * 1e3:.1f} ms"
+                             for (i, sm), m in zip(built, medians, strict=True))
+        notes = [f"tuned: measured the layout search's {len(built)} best layouts that lower "
+                 f"on these devices (median of {rounds} interleaved calls each): {measured}"
+                 + (f"; {skipped}" if skipped else "") + f"; kept candidate {built[k][0] + 1}"
+                 + ("" if k == 0 else f", {medians[0] / medians[k]:.2f}x faster than "
+                    f"candidate {built[0][0] + 1}")]
+    best.plan = dataclasses.replace(best.plan, notes=(*best.plan.notes, *notes))
     return best
-
-
-def first_that_builds(plans: Sequence, build: Callable, refused: SplitError):
-    """The first of ``plans`` after the first (which raised ``refused``) that ``build``
-    lowers, its notes saying which were refused and why; none: ``refused`` is raised."""
-    skipped = [f"1. {_layout(plans[0])} ({_first_line(refused)})"]
-    for i, p in enumerate(plans[1:], 2):
-        try:
-            sm = build(p)
-        except SplitError as e:
-            skipped.append(f"{i}. {_layout(p)} ({_first_line(e)})")
-            continue
-        note = ("refused by the lowering (a split whose collectives XLA puts inside a "
-                f"stage's branch would hang): {'; '.join(skipped)}; running candidate {i} of "
-                "the layout search's ranking instead")
-        sm.plan = dataclasses.replace(sm.plan, notes=(*sm.plan.notes, note))
-        return sm
-    raise refused
 
 
 def _first_line(e: Exception) -> str:

@@ -198,7 +198,13 @@ def test_tiny_measurement_matches_the_model(tiny_measured):
     assert "tuned:" in m.plans["tuned"]
     same = [k for k in ("layerwise", "planned") if k in m.timings
             and m.timings[k] is m.timings["tuned"]]
-    assert len(same) <= 1 and ("the " in m.labels["tuned"]) == bool(same)
+    assert len(same) <= 1 and m.labels["tuned"].startswith(
+        "Layer-wise (lwjax), tuned (tune=2: ")
+    if same:  # names the plan it is: the default plan, or the 1 layer/device plan
+        named = "the default plan" if "planned" in m.plans and m.plans["planned"].split(
+            "\n")[0] == m.plans["tuned"].split("\n")[0] else "the 1 layer/device plan"
+        assert m.labels["tuned"].endswith(f", {named})")
+    assert m.compile_s["tuned"] > 0  # tuning's compiles and timings
 
 
 def test_report_labels_every_figure(tiny_measured):

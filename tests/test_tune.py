@@ -1,10 +1,13 @@
 """Measured tuning (lwjax/tune.py): layerwise_shard(..., tune=k) builds the layout search's k best
-layouts of distinct (S, tp, M), times them and keeps the fastest, which equals the model."""
+layouts of distinct (S, tp, M), times them and keeps the fastest, which equals the model; a
+layout the lowering refuses (SplitError) is skipped for the next one, with or without tune."""
 
 from __future__ import annotations
 
+import re
 import time
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,8 +15,8 @@ import pytest
 from flax import nnx
 
 import lwjax
-from lwjax import models, tune
-from lwjax.errors import ConfigError
+from lwjax import _api, models, tune
+from lwjax.errors import ConfigError, SplitError
 from lwjax.passes import strategies
 
 ATOL = RTOL = 1e-5
@@ -32,31 +35,43 @@ def _shape(p):
     return len(p.stages), p.tp, p.microbatches
 
 
-def test_search_plans_are_the_ranking_best_first(tiny, monkeypatch):
-    """The first plan is what lwjax.plan gives; the others have other (S, tp, M), each
-    projected no faster than the one before, and say their rank."""
-    model, tokens = tiny
+def _label(p):
+    return f"{len(p.stages)} x tp {p.tp}, M={p.microbatches}"
+
+
+@pytest.fixture
+def ranked(monkeypatch):
+    """Records the plans the layout search hands to layerwise_shard."""
     found = []
     real = strategies.search_plans
-    monkeypatch.setattr(lwjax._api, "search_plans",
+    monkeypatch.setattr(_api, "search_plans",
                         lambda g, t, top=1: found.append(real(g, t, top)) or found[-1])
+    return found
+
+
+def test_tune_measures_the_ranking_and_keeps_a_candidate(tiny, ranked):
+    """The plans are the ranking, best first: the first is what lwjax.plan gives, the others
+    have other (S, tp, M), each projected no faster than the one before and saying its rank;
+    the kept one was measured (or named as refused) and runs the model's answers."""
+    model, tokens = tiny
     sm = lwjax.layerwise_shard(model, tokens, cache_bytes=400_000, tune=3)
-    plans = found[-1]
+    plans = ranked[-1]
     first = lwjax.plan(model, tokens, devices=jax.devices(), cache_bytes=400_000,
                        allow=("split", "microbatch"))
-    assert len(plans) == 3 and _shape(plans[0]) == _shape(first)
+    assert len(plans) >= 3 and _shape(plans[0]) == _shape(first)
     assert [s.layer_range for s in plans[0].stages] == [s.layer_range for s in first.stages]
-    assert len({_shape(p) for p in plans}) == 3
+    assert len({_shape(p) for p in plans}) == len(plans)
+    winner = float(re.search(r"wins at ([\d.]+) ms", " ".join(plans[0].notes)).group(1))
+    projected = [winner]
     for rank, p in enumerate(plans[1:], 2):
-        assert any(n.startswith(f"layout search: candidate {rank} of the ranking") for n in p.notes)
-    # the kept one is a candidate, measured, and runs the model's answers
-    assert _shape(sm.plan) in {_shape(p) for p in plans}
+        note = next(n for n in p.notes if n.startswith(f"layout search: candidate {rank} "))
+        projected.append(float(re.search(r"at ([\d.]+) ms projected", note).group(1)))
+    assert projected == sorted(projected)
     note = next(n for n in sm.plan.notes if n.startswith("tuned:"))
-    # every candidate is measured or named as refused (a split XLA would make hang)
-    assert all(f"{i}. {_shape(p)[0]} x tp {_shape(p)[1]}, M={_shape(p)[2]}" in note
-               for i, p in enumerate(plans, 1))
-    assert note.count(" ms") + note.count("refused by the lowering") == 3
-    assert "kept candidate" in note
+    named = [p for p in plans if f". {_label(p)}" in note]
+    assert len(named) >= 3 and named == plans[:len(named)]  # the best ones, in order
+    assert note.count(" ms") == 3 and "kept candidate" in note  # three that lower, measured
+    assert _shape(sm.plan) in {_shape(p) for p in named}
     np.testing.assert_allclose(sm(tokens), model(tokens), atol=ATOL, rtol=RTOL)
 
 
@@ -75,6 +90,7 @@ def test_tune_must_be_a_count(tiny, bad):
     model, tokens = tiny
     with pytest.raises(ConfigError, match="tune="):
         lwjax.layerwise_shard(model, tokens, tune=bad)
+    assert tune.check_tune(np.int64(2)) == 2
 
 
 def test_abstract_arguments_are_timed_on_zeros():
@@ -84,29 +100,71 @@ def test_abstract_arguments_are_timed_on_zeros():
     assert kwargs["mask"].dtype == jnp.bool_ and kwargs["k"] == 1
 
 
-def test_a_first_choice_the_lowering_refuses_falls_back_to_the_next(tiny, monkeypatch):
-    """A split the lowering refuses (SplitError: XLA would run a collective inside a stage's
-    branch) does not end the call: the next layout of the ranking runs, and the notes say
-    what was refused. With tune= the refused candidate is named and skipped."""
-    from lwjax import _api
-    from lwjax.errors import SplitError
-
-    model, tokens = tiny
+def _refusing(monkeypatch, refuse: int):
+    """lower() raising SplitError for its first ``refuse`` calls."""
     real, calls = _api.lower, []
 
-    def refuse_first(*a, **kw):
+    def lower(*a, **kw):
         calls.append(kw.get("tp"))
-        if len(calls) == 1:
-            raise SplitError("Stage 0 split over tp=2 would hang. Change: another tp.")
+        if len(calls) <= refuse:
+            raise SplitError(f"Stage 0 split over tp=2 would hang (call {len(calls)}). Change: x.")
         return real(*a, **kw)
 
-    monkeypatch.setattr(_api, "lower", refuse_first)
+    monkeypatch.setattr(_api, "lower", lower)
+    return calls
+
+
+def test_a_first_choice_the_lowering_refuses_falls_back_to_the_next(tiny, ranked,
+                                                                     monkeypatch):
+    """A split the lowering refuses (SplitError: XLA would run a collective inside a stage's
+    branch) does not end the call: the ranking's next layout runs, the notes say what was
+    refused. With tune= the refused candidate is named and skipped; when every layout is
+    refused, the first error is raised, naming the others."""
+    model, tokens = tiny
+    calls = _refusing(monkeypatch, 1)
     sm = lwjax.layerwise_shard(model, tokens, cache_bytes=400_000)
+    plans = ranked[-1]
+    assert _shape(sm.plan) == _shape(plans[1]) and len(calls) == 2
     note = next(n for n in sm.plan.notes if n.startswith("refused by the lowering"))
-    assert "1. " in note and "SplitError: Stage 0 split over tp=2 would hang" in note
-    assert "running candidate 2" in note and len(calls) == 2
+    assert f"1. {_label(plans[0])} (SplitError: Stage 0 split over tp=2 would hang" in note
+    assert "running candidate 2" in note
     np.testing.assert_allclose(sm(tokens), model(tokens), atol=ATOL, rtol=RTOL)
     calls.clear()
     tuned = lwjax.layerwise_shard(model, tokens, cache_bytes=400_000, tune=2)
     note = next(n for n in tuned.plan.notes if n.startswith("tuned:"))
-    assert "refused by the lowering: SplitError" in note and "kept candidate 2" in note
+    assert f"1. {_label(plans[0])} (SplitError" in note and note.count(" ms") == 2
+    # candidate 1 refused, then built until two lower (tiny_dense's own 1 x tp 4, whose
+    # vocab-split embedding all-reduces inside the branch, is refused for real on the way)
+    assert len(calls) >= 3 and "kept candidate" in note
+
+
+def test_every_layout_refused_raises_the_first_error_naming_the_rest(tiny, ranked,
+                                                                     monkeypatch):
+    model, tokens = tiny
+    _refusing(monkeypatch, 100)
+    with pytest.raises(SplitError, match=r"\(call 1\).*The next 3 layouts of the layout "
+                                         r"search were refused too: 2\. "):
+        lwjax.layerwise_shard(model, tokens, cache_bytes=400_000)
+    assert len(ranked[-1]) == tune.FALLBACK
+
+
+class _Linen(nn.Module):
+    @nn.compact
+    def __call__(self, tokens, mask):
+        x = nn.Embed(32, 16)(tokens) * mask[..., None]
+        for i in range(4):
+            x = x + nn.Dense(16, name=f"layers_{i}")(x)
+        return x
+
+
+def test_a_linen_model_is_tuned_on_its_call_arguments():
+    """A linen model takes its variables first; tuning calls the ShardedModel without them."""
+    model = _Linen()
+    tokens = jnp.arange(16, dtype=jnp.int32).reshape(4, 4) % 32
+    mask = jnp.ones((4, 4))
+    variables = model.init(jax.random.key(0), tokens, mask)
+    sm = lwjax.layerwise_shard(model, variables, tokens, mask, devices=jax.devices()[:4],
+                               cache_bytes=8_000, tune=2)
+    assert any(n.startswith(("tuned:", "tune=2: one layout")) for n in sm.plan.notes)
+    np.testing.assert_allclose(sm(tokens, mask), model.apply(variables, tokens, mask),
+                               atol=ATOL, rtol=RTOL)
