@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from lwjax.errors import ConfigError, SplitError
+from lwjax.passes.layout import Layout
 
 ROUNDS = 3  # interleaved calls of every candidate after its first (compiling) call
 MARGIN = 0.03  # another candidate replaces the search's first choice only this much faster
@@ -84,10 +85,11 @@ def fastest(candidates: Sequence, call: Callable, rounds: int = ROUNDS,
     return candidates[best], medians
 
 
-def build_first(plans: Sequence, build: Callable, count: int) -> tuple[list, list, list]:
-    """Builds ``plans`` in order until ``count`` lower: ``(built, refused, errors)`` with
-    ``built`` as (rank, ShardedModel) and ``refused`` naming each plan the lowering refused
-    (``SplitError``: a collective XLA put inside a stage's branch) and why."""
+def build_first(plans: Sequence, build: Callable, count: int) -> tuple[list, list]:
+    """Builds ``plans`` in order until ``count`` lower: ``(built, refused)`` with ``built``
+    as (rank, ShardedModel) and ``refused`` naming each plan the lowering refused
+    (``SplitError``: a collective XLA put inside a stage's branch) and why; when none
+    lowers, the first error is raised, naming the others."""
     built, refused, errors = [], [], []
     for i, p in enumerate(plans):
         if len(built) == count:
@@ -103,7 +105,7 @@ def build_first(plans: Sequence, build: Callable, count: int) -> tuple[list, lis
                       f"search were refused too: {'; '.join(refused[1:])}."
                       if len(errors) > 1 else first.args[0],)
         raise first
-    return built, refused, errors
+    return built, refused
 
 
 def deploy(plans: Sequence, build: Callable, args: Sequence, kwargs: dict, tune: int,
@@ -113,7 +115,7 @@ def deploy(plans: Sequence, build: Callable, args: Sequence, kwargs: dict, tune:
     arguments ``args`` / ``kwargs`` (the model's call arguments, without a linen module's
     variables). Its plan's notes say what was refused and, when tuned, what was measured;
     when no plan lowers, the first one's error is raised, naming the others."""
-    built, refused, _ = build_first(plans, build, max(tune, 1))
+    built, refused = build_first(plans, build, max(tune, 1))
     skipped = f"refused by the lowering (a split whose collectives XLA puts inside a " \
               f"stage's branch would hang): {'; '.join(refused)}" if refused else ""
     if tune <= 1 or len(built) == 1:
@@ -143,4 +145,4 @@ def _first_line(e: Exception) -> str:
 
 
 def _layout(plan) -> str:
-    return f"{len(plan.stages)} x tp {plan.tp}, M={plan.microbatches}"
+    return Layout("", len(plan.stages), plan.tp, plan.microbatches).describe(family=False)
