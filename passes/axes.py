@@ -15,7 +15,11 @@ primitive:
   along a dimension, cumulative ops and windowed reductions along it: the dimension is
   *mixed* -- a device would need its neighbours' pieces, which XLA's partitioner fetches with
   collective-permutes (``passes/collectives.py``: inside a stage's branch they hang).
-- anything else (gather, scatter, sort, conv, while, cond, ...): the explicit default, no ties
+- sort and top_k along a dimension: *mixed* too -- split there, XLA all-gathers the whole
+  dimension on every device before it selects (an MoE router split over experts costs an
+  all-gather for top_k and two all-reduces for the softmax in every layer), so the weight
+  stays whole (a router [D, E] is replicated); their other dimensions are tied.
+- anything else (gather, scatter, conv, while, cond, ...): the explicit default, no ties
   and no mixing -- the walk ends there; the compiled-program check in ``passes/collectives.py``
   is the safety net for what lies beyond.
 
@@ -256,6 +260,8 @@ RULES: dict[str, Rule] = {
     **{name: _along(_window) for name in ("reduce_window_sum", "reduce_window_max",
                                           "reduce_window_min")},
     "split": _along(lambda e: [e.params["axis"]]),
+    "sort": _along(lambda e: [e.params["dimension"]]),
+    "top_k": _along(lambda e: [e.params.get("axis", len(_shape(e.invars[0])) - 1)]),
     "concatenate": _along(lambda e: [e.params["dimension"]]),
     "pad": _along(lambda e: [d for d, c in enumerate(e.params["padding_config"])
                              if tuple(c) != (0, 0, 0)]),

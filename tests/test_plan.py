@@ -273,9 +273,11 @@ def test_variable_layer_sizes(kind, num_devices, capacity, tp):
         assert p.numbers.epilogue_s > 0 and layers[0] < max(layers)
         return
     weights = [f.weights_bytes for f in p.numbers.footprints]
-    # MoE: attention, router [D, E] (split on E), experts [E, D, F] / [E, F, D] (split on E).
-    moe = (4 * D * N * H + D * 4 + 3 * 4 * D * F) * F32
-    assert weights[2] == weights[3] == moe // tp + LAYER_REPLICATED
+    # MoE: attention and experts [E, D, F] / [E, F, D] (split on E); the router [D, E] whole
+    # (top_k runs along E: passes/axes.py).
+    moe = (4 * D * N * H + 3 * 4 * D * F) * F32
+    router = D * 4 * F32
+    assert weights[2] == weights[3] == moe // tp + router + LAYER_REPLICATED
     assert weights[1] == LAYER_SPLIT // tp + LAYER_REPLICATED
     assert all(len(s.layers) <= 2 for s in p.stages if {"layers_2", "layers_3"} & set(s.layers))
 

@@ -258,6 +258,27 @@ def test_rule_splits_tiny_dense_over_heads():
                     "down": 0}
 
 
+
+def test_rule_keeps_the_moe_router_whole_so_routing_needs_no_collective():
+    """top_k and the softmax run along the router's expert axis: split there, XLA all-gathers
+    the logits for top_k and all-reduces the softmax's max and sum in every layer. The rule
+    keeps the router [D, E] whole and splits the experts [E, D, F] (expert parallel), so a
+    split MoE layer runs Megatron's two all-reduces and nothing else."""
+    model = models.build(configs.tiny_moe(), rngs=nnx.Rngs(0))
+    tokens = jnp.zeros((4, 16), jnp.int32)
+    graph = segment(trace(model, tokens))
+    layer = graph.layers[0]
+    axes = {"/".join(graph.params[i].path.rsplit("/", 2)[-2:]): a
+            for i, a in split_axes(graph, layer, tp=2).items()}
+    assert axes["mlp/router"] is None
+    assert axes["mlp/gate"] == axes["mlp/up"] == axes["mlp/down"] == 0  # experts
+    # compiled (nothing runs): per layer of the split stage, two all-reduces of the residual
+    half = len(graph.layers) // 2
+    prog = lower(graph, [(0, half), (half, len(graph.layers))], jax.devices()[:4], 1, tp=2)
+    hlo = prog.fn.lower(prog.place_params(graph.traced.params), tokens).compile().as_text()
+    found = [c for c in collectives(hlo) if c.in_branch and "layers_0/" in c.op_name]
+    assert sorted(c.kind for c in found) == ["all-reduce", "all-reduce"], found
+
 # ---- reading the compiled HLO ----------------------------------------------------------------
 
 _AT = 'metadata={op_name="jit(program)/shard_map/while/body/cond/branch_0_fun/stage_0/layers_0'
