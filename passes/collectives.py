@@ -15,8 +15,9 @@ tp 2, one program compiled for all devices):
   stage at once, so any collective-permute in a stage's branch hangs.
 
 Hence the test, for every collective nested in a conditional branch: each group of devices
-that meet in it (a replica group; for a collective-permute, every device its pairs name) must
-lie inside one stage. ``collectives`` reads the post-optimisation HLO text;
+that meet in it (a replica group; no groups: every device of the program; for a
+collective-permute, every device its pairs name) must lie inside one stage. A one-stage
+program split over tp (a vocabulary-split embedding's all-reduce over all devices) passes. ``collectives`` reads the post-optimisation HLO text;
 ``hanging`` applies the test.
 
 Example:
@@ -109,10 +110,14 @@ def collectives(hlo_text: str) -> tuple[Collective, ...]:
     return tuple(found)
 
 
-def hanging(found: Iterable[Collective], stage_of: Callable[[int], int]
-            ) -> tuple[Collective, ...]:
+def hanging(found: Iterable[Collective], stage_of: Callable[[int], int],
+            num_devices: int | None = None) -> tuple[Collective, ...]:
     """The collectives in a branch whose devices do not all belong to one stage (see the
     module docstring); ``stage_of`` maps a logical device id to its stage.
+
+    A collective without replica groups meets every device of the program: given
+    ``num_devices``, it is one group of them all (inside one stage only when the program has
+    one stage); without, it counts as hanging.
 
     Example:
         >>> [c.kind for c in hanging(collectives(text), lambda d: d // 2)]
@@ -122,8 +127,11 @@ def hanging(found: Iterable[Collective], stage_of: Callable[[int], int]
     for c in found:
         if not c.in_branch:
             continue
-        if c.groups is None or c.kind in ("send", "recv") or any(
-                len({stage_of(d) for d in group}) > 1 for group in c.groups):
+        groups = c.groups
+        if groups is None and num_devices is not None and c.kind != "collective-permute":
+            groups = (tuple(range(num_devices)),)
+        if groups is None or c.kind in ("send", "recv") or any(
+                len({stage_of(d) for d in group}) > 1 for group in groups):
             bad.append(c)
     return tuple(bad)
 
@@ -155,7 +163,9 @@ def check(hlo_text: str, stages: Sequence[StageView], tp: int) -> None:
     Example:
         >>> check(compiled.as_text(), views, tp=2)
     """
-    bad = hanging(collectives(hlo_text), stage_of=lambda d: d // tp)
+    # a collective over all devices stays inside a stage only when the program has one
+    bad = hanging(collectives(hlo_text), stage_of=lambda d: d // tp,
+                  num_devices=len(stages) * tp)
     if not bad:
         return
     # report the first collective whose stage and layer are known (from its op_name)

@@ -190,7 +190,9 @@ def _in_child(*cases: dict) -> list[dict]:
                   dict(model="tiny_dense", tp=4, stages=2)], marks=pytest.mark.slow),
     # the default run's representative of dense_3_heads: tp 4, through layerwise_shard
     [dict(model="dense_3_heads", tp=4, stages=2, via="layerwise_shard")],
-], ids=["dense_3_heads", "fused_qkv", "tiny_dense", "layerwise_shard"])
+    # one stage: the vocabulary-split embedding's all-reduce over all devices stays inside it
+    [dict(model="tiny_dense", tp=4, stages=1)],
+], ids=["dense_3_heads", "fused_qkv", "tiny_dense", "layerwise_shard", "one_stage"])
 def test_split_runs_and_equals_the_model(cases):
     for case, result in zip(cases, _in_child(*cases), strict=True):
         assert result["outcome"] == "ran", (case, result)
@@ -330,6 +332,13 @@ def test_collectives_are_read_with_their_groups_and_branches():
     # 2 stages x tp 2: the all-reduce stays inside a stage; the permute and the gather do not
     assert [c.kind for c in hanging(collectives(HLO), lambda d: d // 2)] == [
         "collective-permute", "all-gather"]
+    # no replica groups: every device of the program, inside a stage only when there is one
+    everyone = HLO.replace("replica_groups=[2,2]<=[4], ", "replica_groups={}, ")
+    assert collectives(everyone)[0].groups is None
+    assert hanging(collectives(everyone), lambda d: d // 4, num_devices=4) == ()  # one stage
+    assert [c.kind for c in hanging(collectives(everyone), lambda d: d // 2, num_devices=4)] \
+        == ["all-reduce", "collective-permute", "all-gather"]  # two stages: it would hang
+    assert "all-reduce" in [c.kind for c in hanging(collectives(everyone), lambda d: d // 4)]
     # a transposed iota: [2,4]<=[4,2]T(1,0) = {0,2,4,6}, {1,3,5,7}
     text = HLO.replace("replica_groups=[2,2]<=[4]", "replica_groups=[2,4]<=[4,2]T(1,0)")
     assert collectives(text)[0].groups == ((0, 2, 4, 6), (1, 3, 5, 7))
