@@ -15,10 +15,12 @@ primitive:
   along a dimension, cumulative ops and windowed reductions along it: the dimension is
   *mixed* -- a device would need its neighbours' pieces, which XLA's partitioner fetches with
   collective-permutes (``passes/collectives.py``: inside a stage's branch they hang).
-- sort and top_k along a dimension: *mixed* too -- split there, XLA all-gathers the whole
-  dimension on every device before it selects (an MoE router split over experts costs an
-  all-gather for top_k and two all-reduces for the softmax in every layer), so the weight
-  stays whole (a router [D, E] is replicated); their other dimensions are tied.
+- sort and top_k along a dimension: *selected* -- split there, XLA all-gathers the whole
+  dimension inside the tp group before it selects (an MoE router split over experts costs an
+  all-gather for top_k and two all-reduces for the softmax in every layer). That cannot
+  hang, so it is a cost, not a ban: ``passes/tp.py`` keeps a small weight whole along it (a
+  router [D, E]) and may still split a large one (an LM head under top-k sampling). Their
+  other dimensions are tied.
 - anything else (gather, scatter, conv, while, cond, ...): the explicit default, no ties
   and no mixing -- the walk ends there; the compiled-program check in ``passes/collectives.py``
   is the safety net for what lies beyond.
@@ -50,6 +52,8 @@ class AxisGroups:
         self._parent: dict[Node, Node] = {}
         self._mixed: set[Node] = set()
         self._mixed_roots: set[Node] | None = None
+        self._selected: set[Node] = set()
+        self._selected_roots: set[Node] | None = None
 
     def find(self, node: Node) -> Node:
         parent = self._parent.setdefault(node, node)
@@ -78,6 +82,15 @@ class AxisGroups:
             self._mixed_roots = {self.find(n) for n in self._mixed}
         return self.find((path, var, dim)) in self._mixed_roots
 
+    def select(self, node: Node) -> None:
+        self._selected.add(node)
+
+    def selected(self, var: Var, dim: int, path: tuple[int, ...] = ()) -> bool:
+        """Whether ``var``'s dimension ``dim`` is tied to one that sort or top_k runs along."""
+        if self._selected_roots is None:
+            self._selected_roots = {self.find(n) for n in self._selected}
+        return self.find((path, var, dim)) in self._selected_roots
+
 
 def axis_groups(jaxpr: Jaxpr) -> AxisGroups:
     """The ties and the mixed dimensions of ``jaxpr`` (see the module docstring)."""
@@ -97,6 +110,11 @@ def _add(groups: AxisGroups, jaxpr: Jaxpr, path: tuple[int, ...]) -> None:
         for v, d in mixed:
             if isinstance(v, Var):
                 groups.mark((path, v, d))
+        if eqn.primitive.name in SELECTS:
+            dim = SELECTS[eqn.primitive.name](eqn)
+            for v in eqn.invars:
+                if isinstance(v, Var) and len(_shape(v)) > dim:
+                    groups.select((path, v, dim))
 
 
 def _add_call(groups: AxisGroups, eqn: JaxprEqn, path: tuple[int, ...]) -> None:
@@ -142,16 +160,21 @@ def _elementwise(eqn):
     return ties, []
 
 
-def _along(mixed_dims: Callable[[JaxprEqn], Iterable[int]]) -> Rule:
+def _along(mixed_dims: Callable[[JaxprEqn], Iterable[int]], mark: bool = True) -> Rule:
     """Same-rank operands and results tied per dimension, except ``mixed_dims``, which are
-    marked mixed (slices, concatenations, scans along them)."""
+    marked mixed (slices, concatenations, scans along them), or with ``mark=False`` left
+    untied only (sort, top_k: ``SELECTS`` marks them)."""
     def rule(eqn):
         rank = len(_shape(eqn.outvars[0]))
         mixed = set(mixed_dims(eqn))
         values = [v for v in (*eqn.invars, *eqn.outvars) if len(_shape(v)) == rank]
         ties = [[(v, d) for v in values] for d in range(rank) if d not in mixed]
-        return ties, [(v, d) for v in values for d in mixed]
+        return ties, [(v, d) for v in values for d in mixed] if mark else []
     return rule
+
+
+def _top_k_axis(eqn) -> int:
+    return eqn.params.get("axis", len(_shape(eqn.invars[0])) - 1)
 
 
 def _partial(eqn, sizes: Iterable[int]) -> list[int]:
@@ -260,8 +283,8 @@ RULES: dict[str, Rule] = {
     **{name: _along(_window) for name in ("reduce_window_sum", "reduce_window_max",
                                           "reduce_window_min")},
     "split": _along(lambda e: [e.params["axis"]]),
-    "sort": _along(lambda e: [e.params["dimension"]]),
-    "top_k": _along(lambda e: [e.params.get("axis", len(_shape(e.invars[0])) - 1)]),
+    "sort": _along(lambda e: [e.params["dimension"]], mark=False),
+    "top_k": _along(lambda e: [_top_k_axis(e)], mark=False),
     "concatenate": _along(lambda e: [e.params["dimension"]]),
     "pad": _along(lambda e: [d for d, c in enumerate(e.params["padding_config"])
                              if tuple(c) != (0, 0, 0)]),
@@ -274,4 +297,10 @@ RULES: dict[str, Rule] = {
     "squeeze": _squeeze,
     "reshape": _reshape,
     "dot_general": _dot,
+}
+
+# primitives that select along a dimension of their operands (``AxisGroups.selected``)
+SELECTS: dict[str, Callable[[JaxprEqn], int]] = {
+    "sort": lambda e: e.params["dimension"],
+    "top_k": _top_k_axis,
 }

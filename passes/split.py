@@ -18,7 +18,7 @@ from lwjax.passes.compression import Compression
 from lwjax.passes.footprint import Footprint, GraphFootprint, output_channels, value_bytes
 from lwjax.passes.planner import numbers_from
 from lwjax.passes.segment import LayerGraph, Segment
-from lwjax.passes.tp import mixed_axes, residual_width, split_axes
+from lwjax.passes.tp import mixed_axes, residual_bytes, residual_width, split_axes
 from lwjax.plan import LayerNumbers
 
 # ---- splitting a layer over tp devices ------------------------------------------------------
@@ -146,7 +146,8 @@ def split_levels(graph: LayerGraph, limit: int) -> tuple[int, ...]:
         (1, 2, 4, 8, 16)
     """
     levels = [1]
-    mixed = {s.name: mixed_axes(graph, s.params, hidden=residual_width(graph, s))
+    mixed = {s.name: mixed_axes(graph, s.params, hidden=residual_width(graph, s),
+                                whole_below=residual_bytes(s))
              for s in graph.segments}
     tp = 2
     while tp <= limit:

@@ -57,14 +57,27 @@ def residual_width(graph: LayerGraph, seg: Segment) -> int:
     """D: the trailing size of the segment's largest floating-point input activation (KV-cache
     inputs excluded: in decode they outweigh the residual stream); for a segment with none (the
     prologue reads integer tokens), of its largest floating-point output."""
+    residual = _residual(seg)
+    return -1 if residual is None else int(residual.aval.shape[-1])
+
+
+def residual_bytes(seg: Segment) -> int:
+    """Bytes of the value ``residual_width`` reads D from (0 when there is none)."""
+    residual = _residual(seg)
+    if residual is None:
+        return 0
+    return int(np.prod(residual.aval.shape, dtype=np.int64)) * np.dtype(
+        residual.aval.dtype).itemsize
+
+
+def _residual(seg: Segment):
     cache = set(seg.cache_inputs)
     for values in (seg.inputs, seg.outputs):
         floats = [v for v in values if np.issubdtype(v.aval.dtype, np.floating)
                   and v.aval.shape and v not in cache]
         if floats:
-            biggest = max(floats, key=lambda v: int(np.prod(v.aval.shape)))
-            return int(biggest.aval.shape[-1])
-    return -1
+            return max(floats, key=lambda v: int(np.prod(v.aval.shape)))
+    return None
 
 
 def split_axes(graph: LayerGraph, seg: Segment, tp: int,
@@ -81,7 +94,7 @@ def split_axes(graph: LayerGraph, seg: Segment, tp: int,
         return dict.fromkeys(seg.params)
     hidden = residual_width(graph, seg)
     if mixed is None:
-        mixed = mixed_axes(graph, seg.params, hidden=hidden)
+        mixed = mixed_axes(graph, seg.params, hidden=hidden, whole_below=residual_bytes(seg))
     return {i: split_axis(graph.params[i].shape, hidden, tp, mixed[i]) for i in seg.params}
 
 
@@ -107,10 +120,17 @@ def _groups_of(jaxpr):
 
 
 def mixed_axes(graph: LayerGraph, params: Iterable[int] | None = None, *,
-               hidden: int | None = None) -> dict[int, frozenset[int]]:
+               hidden: int | None = None, whole_below: int = 0) -> dict[int, frozenset[int]]:
     """For each parameter index (default: all), the axes tied to a dimension the model moves
     data along (``passes/axes.py``); ``split_axis`` never splits them. Axes of size
     ``hidden`` are left out (never split).
+
+    With ``whole_below`` (``split_axes`` passes the segment's residual bytes): a weight of at
+    most that many bytes also keeps whole the axes sort or top_k selects along. Split there,
+    every call all-gathers the selected dimension and all-reduces its softmax (an MoE router
+    [D, E] over experts: three collectives per layer to save a few KiB); a larger weight (an
+    LM head under top-k sampling) saves more than the all-gather costs, and such a
+    collective stays inside the tp group, so it may split.
 
     Example:
         >>> mixed_axes(graph, graph.layers[0].params)   # tiny_dense: rotary mixes q, k's H
@@ -119,6 +139,10 @@ def mixed_axes(graph: LayerGraph, params: Iterable[int] | None = None, *,
     indices = range(len(graph.params)) if params is None else params
     groups = _groups_of(graph.jaxpr.jaxpr)
     variables = graph.param_vars
+    def kept(i: int, a: int) -> bool:
+        return groups.mixed(variables[i], a) or (
+            graph.params[i].nbytes <= whole_below and groups.selected(variables[i], a))
+
     return {i: frozenset(a for a, size in enumerate(graph.params[i].shape)
-                         if size != hidden and groups.mixed(variables[i], a))
+                         if size != hidden and kept(i, a))
             for i in indices}

@@ -128,7 +128,7 @@ def run_case(model: str, tp: int, stages: int, via: str = "lower",
     if rule == "first_divisible":
         import lwjax.passes.tp as tp_rule
 
-        tp_rule.mixed_axes = lambda graph, params=None, hidden=None: {
+        tp_rule.mixed_axes = lambda graph, params=None, hidden=None, whole_below=0: {
             i: frozenset() for i in (range(len(graph.params)) if params is None else params)}
     args, want = _model(model)
     tokens = args[-1]
@@ -280,6 +280,46 @@ def test_rule_keeps_the_moe_router_whole_so_routing_needs_no_collective():
     hlo = prog.fn.lower(prog.place_params(graph.traced.params), tokens).compile().as_text()
     found = [c for c in collectives(hlo) if c.in_branch and "layers_0/" in c.op_name]
     assert sorted(c.kind for c in found) == ["all-reduce", "all-reduce"], found
+
+
+class _RoutedBlock(nnx.Module):
+    def __init__(self, d, rngs):
+        self.router = nnx.Linear(d, 4, use_bias=False, rngs=rngs)
+        self.up = nnx.Linear(d, 4 * d, use_bias=False, rngs=rngs)
+        self.down = nnx.Linear(4 * d, d, use_bias=False, rngs=rngs)
+
+    def __call__(self, x):
+        gate = jax.lax.top_k(jax.nn.softmax(self.router(x)), 2)[0].sum(-1, keepdims=True)
+        return x + self.down(jax.nn.relu(self.up(x))) * gate
+
+
+class _TopKModel(nnx.Module):
+    """Blocks routing with top_k over a small router [D, 4]; an LM head [D, V] whose logits
+    go through top_k (sampling)."""
+
+    def __init__(self, d=64, v=256, blocks=2, rngs=None):
+        self.embed = nnx.Embed(v, d, rngs=rngs)
+        self.blocks = nnx.List([_RoutedBlock(d, rngs) for _ in range(blocks)])
+        self.head = nnx.Linear(d, v, use_bias=False, rngs=rngs)
+
+    def __call__(self, tokens):
+        x = self.embed(tokens)
+        for block in self.blocks:
+            x = block(x)
+        return jax.lax.top_k(self.head(x), 4)[0]
+
+
+def test_rule_keeps_a_small_weight_whole_along_top_k_and_splits_a_large_one():
+    """top_k along a split axis costs an all-gather inside the tp group, not a hang: a
+    router (1 KiB, under the residual's 8 KiB) stays whole, the head (64 KiB) still splits
+    over the vocabulary."""
+    graph = segment(trace(_TopKModel(rngs=nnx.Rngs(0)), jnp.zeros((4, 8), jnp.int32)))
+    paths = {i: p.path for i, p in enumerate(graph.params)}
+    layer = {paths[i]: a for i, a in split_axes(graph, graph.layers[0], tp=2).items()}
+    assert [a for p, a in layer.items() if "router" in p] == [None]
+    assert [a for p, a in layer.items() if "up" in p] == [1]
+    head = {paths[i]: a for i, a in split_axes(graph, graph.epilogue, tp=2).items()}
+    assert [a for p, a in head.items() if "head" in p] == [1]
 
 # ---- reading the compiled HLO ----------------------------------------------------------------
 
