@@ -69,8 +69,10 @@ class LayerNumbers:
         training: a training plan's schedule, optimizer and per-stage optimizer bytes (None
             unless mode="train"); ``footprints[i].stash_bytes`` is then one microbatch's.
         stored: per segment -- the prologue, each layer, the epilogue -- the arrays its
-            weights are stored as (one device per stage); () when not known (split stages),
-            and then the padding of uneven stages is not counted (``passes/padding.py``).
+            weights are stored as, per device (split stages: a device's share); () in
+            numbers made before they were recorded and for compressed weights on split
+            stages (which do not run), and then the padding of uneven stages is not counted
+            (``passes/padding.py``).
     """
 
     names: tuple[str, ...]
@@ -166,8 +168,8 @@ class Plan:
     def padding_bytes(self) -> tuple[int, ...]:
         """Per stage, the weight bytes its device stores beyond its own: one SPMD program
         gives every device the same weight slots, so a stage with fewer weights of a kind
-        than another holds zero rows (``passes/padding.py``; 0 for split stages, whose
-        padding is not predicted).
+        than another holds zero rows (``passes/padding.py``; split stages pad alike, in
+        slots of (shape, dtype, split axis)).
 
         Example:
             >>> plan.padding_bytes   # 16 layers on 5 stages: the 1-layer stage pads 3 layers

@@ -294,7 +294,7 @@ class ShardedModel:
 
     def weight_bytes(self) -> dict[int, dict[str, int]]:
         """Per device id, measured from the placed weight arrays: ``allocated`` (the bytes
-        of its shards) and ``own`` (its stage's stored weights; None for split stages). The
+        of its shards) and ``own`` (its stage's stored weights; split over tp: its share). The
         rest of ``allocated`` pads a slot that another stage fills: one SPMD program gives
         every device arrays of the same shapes, so a stage with fewer weights of a kind than
         the largest stage holds zero rows (even stages have none).
@@ -309,8 +309,8 @@ class ShardedModel:
             allocated = sum(sh.data.nbytes for a in self.params for sh in a.addressable_shards
                             if sh.device == device)
             # SlotStorage holds one entry per device (a device's stages, circular included);
-            # split stages (SplitStorage) share their weights over tp: not counted here
-            own = storage.own_bytes(k) if isinstance(storage, SlotStorage) else None
+            # SplitStorage one per stage of tp devices (stage-major)
+            own = storage.own_bytes(k if isinstance(storage, SlotStorage) else k // storage.tp)
             out[device.id] = {"allocated": allocated, "own": own}
         return out
 

@@ -325,7 +325,7 @@ def lower(
         storage: SlotStorage | SplitStorage = SlotStorage(device_params, param_vars, codecs)
     else:
         storage = SplitStorage([st.params for st in stages], param_vars,
-                               _stage_axes(graph, stages, tp))
+                               _stage_axes(graph, stages, tp), tp)
     jaxpr = graph.jaxpr.jaxpr
     consts = dict(zip(jaxpr.constvars, graph.jaxpr.consts, strict=True))
     arg_vars = graph.arg_vars

@@ -43,12 +43,26 @@ _MAX_REFITS = 64
 @dataclasses.dataclass(frozen=True)
 class StoredArray:
     """One array a pipeline stores for a weight (the weight itself, or one of its codec's
-    arrays when compressed): which graph parameter, its dtype and element count.
-    ``passes/padding.py`` predicts each device's weight slots from these."""
+    arrays when compressed): which graph parameter, its dtype and element count per device.
+    ``passes/padding.py`` predicts each device's weight slots from these.
+
+    In a stage split over tp (``passes/storage.SplitStorage``) arrays share a slot only with
+    arrays of the same whole ``shape``, dtype and split ``axis`` (None: replicated), and
+    ``size`` is a device's share; ``shape`` is None in unsplit stages (``SlotStorage``:
+    slots of one dtype and element count)."""
 
     param: int
     dtype: str
     size: int
+    shape: tuple[int, ...] | None = None
+    axis: int | None = None
+
+    @property
+    def key(self) -> tuple:
+        """The slot key: arrays of one key on different stages share slots."""
+        if self.shape is None:
+            return (self.dtype, self.size)
+        return (self.dtype, self.size, self.shape, -1 if self.axis is None else self.axis)
 
 
 def stage_arrays(numbers: LayerNumbers, start: int, stop: int,
@@ -81,7 +95,7 @@ def _nbytes(a: StoredArray) -> int:
 
 def stored_bytes(numbers: LayerNumbers, ranges: Sequence[Range]) -> int | None:
     """Bytes of weights every device stores under ``ranges``: the slots' sizes summed
-    (None when the numbers do not say how weights are stored: split stages).
+    (None when the numbers do not say how weights are stored: ``LayerNumbers.stored``).
 
     Example:
         >>> stored_bytes(numbers, [(0, 2), (2, 4)])
@@ -89,14 +103,14 @@ def stored_bytes(numbers: LayerNumbers, ranges: Sequence[Range]) -> int | None:
     if not numbers.stored:
         return None
     n = len(numbers.names)
-    keys = [[(a.dtype, a.size) for a in stage_arrays(numbers, a, b, n)] for a, b in ranges]
+    keys = [[a.key for a in stage_arrays(numbers, a, b, n)] for a, b in ranges]
     slots, _ = assign_slots(keys)
-    return sum(size * np.dtype(dt).itemsize for (dt, size), _ in slots)
+    return sum(key[1] * np.dtype(key[0]).itemsize for key, _ in slots)
 
 
 def padding(numbers: LayerNumbers, ranges: Sequence[Range]) -> tuple[int, ...]:
     """Per stage, the weight bytes its device stores beyond its own (zero rows of slots that
-    other stages fill); all zero when the numbers do not say (split stages). A training
+    other stages fill); all zero when the numbers do not say. A training
     plan's gradients and optimizer state live in the same slots, so they pad alike.
 
     Example:

@@ -16,6 +16,7 @@ import numpy as np
 from lwjax.errors import ConfigError
 from lwjax.passes.compression import Compression
 from lwjax.passes.footprint import Footprint, GraphFootprint, output_channels, value_bytes
+from lwjax.passes.padding import StoredArray
 from lwjax.passes.planner import numbers_from
 from lwjax.passes.segment import LayerGraph, Segment
 from lwjax.passes.tp import mixed_axes, residual_bytes, residual_width, split_axes
@@ -135,7 +136,29 @@ def split_numbers(graph: LayerGraph, fp: GraphFootprint, costs_s: Sequence[float
         prologue=one(graph.prologue, fp.prologue), epilogue=one(graph.epilogue, fp.epilogue),
         costs_s=tuple(costs_s), epilogue_s=epilogue_s,
         signatures=tuple(s.signature for s in graph.layers),
-        outer_signatures=graph.outer_signatures)
+        outer_signatures=graph.outer_signatures,
+        stored=() if fp.compression.name != "none" else split_stored(graph, tp))
+
+
+def split_stored(graph: LayerGraph, tp: int) -> tuple[tuple[StoredArray, ...], ...]:
+    """Per segment (prologue, layers, epilogue), the arrays a device of a stage split over
+    ``tp`` stores for its weights, as ``passes/storage.SplitStorage`` groups them: by whole
+    shape, dtype and split axis, a device's share of each (compressed weights do not run
+    split).
+
+    Example:
+        >>> [a.size for a in split_stored(graph, 2)[1]][:3]   # tiny_dense q/k/v: heads / 2
+    """
+    def arrays(seg: Segment) -> tuple[StoredArray, ...]:
+        out = []
+        for i, axis in split_axes(graph, seg, tp).items():
+            aval = graph.param_vars[i].aval
+            shape = tuple(int(d) for d in aval.shape)
+            size = int(np.prod(shape, dtype=np.int64)) // (1 if axis is None else tp)
+            out.append(StoredArray(i, np.dtype(aval.dtype).name, size, shape, axis))
+        return tuple(out)
+
+    return tuple(arrays(seg) for seg in (graph.prologue, *graph.layers, graph.epilogue))
 
 
 def split_levels(graph: LayerGraph, limit: int) -> tuple[int, ...]:

@@ -203,7 +203,9 @@ class SplitStorage:
 
     ``stage_axes[s]`` maps each of stage s's parameters to its split axis (or None)."""
 
-    def __init__(self, stage_params, param_vars, stage_axes: Sequence[dict[int, int | None]]):
+    def __init__(self, stage_params, param_vars, stage_axes: Sequence[dict[int, int | None]],
+                 tp: int):
+        self.tp = tp
         self.where: list[list[tuple[tuple, int]]] = []
         self.groups: dict[tuple, int] = {}
         for s, params in enumerate(stage_params):
@@ -229,6 +231,13 @@ class SplitStorage:
 
     def specs(self):
         return [P(AXIS) for _ in self.keys]
+
+    def own_bytes(self, s: int) -> int:
+        """Bytes a device of stage s holds of its stage's own weights (its share of the
+        split ones, the replicated ones whole; padding excluded)."""
+        return sum(int(np.prod(shape, dtype=np.int64)) * np.dtype(dt).itemsize
+                   // (1 if axis is None else self.tp)
+                   for (shape, dt, axis), _ in self.where[s])
 
     def unpack(self, local, s: int, lazy: bool = False) -> list:
         index = {k: n for n, k in enumerate(self.keys)}

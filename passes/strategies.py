@@ -46,10 +46,10 @@ from collections.abc import Callable, Sequence
 from lwjax.errors import ConfigError, InfeasiblePlanError
 from lwjax.hardware import HardwareSpec
 from lwjax.passes import compression as compression_lib
-from lwjax.passes import layout
+from lwjax.passes import layout, padding
 from lwjax.passes.compression import ESCALATION, Compression
 from lwjax.passes.footprint import GraphFootprint, footprint
-from lwjax.passes.partition import min_capacity, min_stages
+from lwjax.passes.partition import min_capacity, min_stages, partition_layers
 from lwjax.passes.planner import (
     counted,
     epilogue_time,
@@ -169,7 +169,8 @@ class Requirement:
         residency: "all" or "weights".
         capacity_bytes: the capacity asked about.
         num_devices: the device count asked about.
-        min_tp: the least tp with which every stage of one layer fits ``capacity_bytes``.
+        min_tp: the least tp with which some partition fits ``capacity_bytes``, padding
+            counted.
         fewest_devices: the fewest devices (stages x tp) that fit ``capacity_bytes``.
         fewest_tp: the tp of that plan.
         fewest_stages: its stage count.
@@ -195,8 +196,10 @@ class Requirement:
 
 def requirement(numbers_at: Callable[[int], LayerNumbers], tps: Sequence[int], *,
                 capacity_bytes: int, num_devices: int, residency: Residency,
-                compression: str = "", microbatch_size: int = 0) -> Requirement:
-    """The fewest devices and the least capacity for one configuration, over splits ``tps``.
+                compression: str = "", microbatch_size: int = 0,
+                method: str = "optimal") -> Requirement:
+    """The fewest devices and the least capacity for one configuration, over splits ``tps``,
+    the weight slots' padding of uneven stages counted (``passes/padding.py``).
 
     Args:
         numbers_at: per-device numbers at a tp (e.g. ``split_numbers`` of one graph).
@@ -207,6 +210,7 @@ def requirement(numbers_at: Callable[[int], LayerNumbers], tps: Sequence[int], *
         residency: "all" or "weights".
         compression: label recorded in the result.
         microbatch_size: label recorded in the result.
+        method: the partitioner's method (``partition_layers``), as the planner runs it.
 
     Returns:
         Requirement.
@@ -221,16 +225,19 @@ def requirement(numbers_at: Callable[[int], LayerNumbers], tps: Sequence[int], *
     min_tp = None
     floor = None
     for tp in tps:
-        sizes, room, reserve = partition_inputs(numbers_at(tp), capacity_bytes, residency)
+        numbers = numbers_at(tp)
+        sizes, room, reserve = partition_inputs(numbers, capacity_bytes, residency)
         heaviest = max(sizes) + reserve
         floor = heaviest if floor is None else min(floor, heaviest)
-        if heaviest <= capacity_bytes:
+        stages = _fewest_padded_stages(numbers, sizes, room, method) \
+            if heaviest <= capacity_bytes else None
+        if stages is not None:
             min_tp = tp if min_tp is None else min_tp
-            devices = min_stages(sizes, room) * tp
+            devices = stages * tp
             if best_dev is None or devices < best_dev[0]:
-                best_dev = (devices, tp, devices // tp)
+                best_dev = (devices, tp, stages)
         if tp <= num_devices:
-            need = min_capacity(sizes, num_devices // tp) + reserve
+            need = _padded_capacity(numbers, sizes, num_devices // tp, method) + reserve
             if best_cap is None or need < best_cap[0]:
                 best_cap = (need, tp)
     if best_cap is None:
@@ -242,6 +249,54 @@ def requirement(numbers_at: Callable[[int], LayerNumbers], tps: Sequence[int], *
         fewest_tp=best_dev[1] if best_dev else None,
         fewest_stages=best_dev[2] if best_dev else None,
         min_capacity_bytes=best_cap[0], min_capacity_tp=best_cap[1], floor_bytes=floor or 0)
+
+
+def _padded_partition(numbers: LayerNumbers, sizes: Sequence[int], room: int, num_stages: int,
+                      method: str) -> tuple[tuple[int, int], ...] | None:
+    """The planner's partition into at most ``num_stages`` stages that fits ``room`` with the
+    weight slots' padding (``passes/padding.py``) counted, or None."""
+    costs = list(numbers.costs_s)
+    try:
+        return padding.fit(lambda r: partition_layers(sizes, costs, r, num_stages, method=method),
+                           numbers, sizes, room)
+    except InfeasiblePlanError:
+        return None
+
+
+def _fewest_padded_stages(numbers: LayerNumbers, sizes: Sequence[int], room: int,
+                          method: str) -> int | None:
+    """The fewest stages the planner's partition fits ``room`` with, padding counted; None
+    when no stage count does."""
+    for k in range(min_stages(sizes, room), len(sizes) + 1):
+        ranges = _padded_partition(numbers, sizes, room, k, method)
+        if ranges is not None:
+            return len(ranges)
+    return None
+
+
+def _padded_capacity(numbers: LayerNumbers, sizes: Sequence[int], num_stages: int,
+                     method: str) -> int:
+    """A capacity with which the planner partitions all layers into ``num_stages`` stages,
+    padding counted, checked on its own path (``_padded_partition``): the least without
+    padding when that fits, else the smallest found by bisection up to that plus the
+    weights' bytes (no stage pads more than every weight once)."""
+    need = min_capacity(sizes, num_stages)
+    if _padded_partition(numbers, sizes, need, num_stages, method) is not None:
+        return need
+    hi = need + sum(f.weights_bytes for f in (numbers.prologue, *numbers.footprints,
+                                              numbers.epilogue))
+    for _ in range(8):  # the refits may need more room than the bound; a checked value only
+        if _padded_partition(numbers, sizes, hi, num_stages, method) is not None:
+            break
+        hi *= 2
+    lo = need
+    while hi - lo > max(1, hi // 4096):
+        mid = (lo + hi) // 2
+        if _padded_partition(numbers, sizes, mid, num_stages, method) is not None:
+            hi = mid
+        else:
+            lo = mid
+    return hi
 
 
 class _Search:
@@ -499,11 +554,16 @@ def _nothing_fits(s: _Search, first: InfeasiblePlanError) -> InfeasiblePlanError
     tps = split_levels(graph, MAX_TP) if "split" in t.allow else (1,)
     need = requirement(lambda tp: s.numbers(mb, comp, tp), tps, capacity_bytes=cap,
                        num_devices=n, residency=t.residency, compression=comp.name,
-                       microbatch_size=mb)
+                       microbatch_size=mb, method=t.method)
     at = f"{comp.name}, microbatch {mb}"
     if need.fewest_devices is not None:
         devices = (f"at least {need.fewest_devices} devices "
                    f"({counted(need.fewest_stages, 'stage')} x tp={need.fewest_tp}, {at})")
+    elif need.floor_bytes <= cap:
+        devices = (f"no number of devices: split {tps[0]}..{tps[-1]} ways ({at}), every layer "
+                   "fits alone, but no partition fits with the padding of the weight slots "
+                   "(every device stores a slot for each kind of weight any stage holds, e.g. "
+                   "the embedding's)")
     else:
         devices = (f"no number of devices: split any of {tps[0]}..{tps[-1]} ways ({at}), the "
                    f"heaviest layer still needs {fmt_bytes(need.floor_bytes)} per device "
