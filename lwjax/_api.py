@@ -12,7 +12,7 @@ import numpy as np
 
 from lwjax import hardware as hardware_lib
 from lwjax import tune as tune_lib
-from lwjax.errors import CapacityError, ConfigError, DeviceError, InputError, SplitError
+from lwjax.errors import CapacityError, ConfigError, DeviceError, InputError
 from lwjax.hardware import HardwareSpec
 from lwjax.passes import compression as compression_lib
 from lwjax.passes import footprint as footprint_lib

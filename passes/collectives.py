@@ -17,8 +17,8 @@ tp 2, one program compiled for all devices):
 Hence the test, for every collective nested in a conditional branch: each group of devices
 that meet in it (a replica group; no groups: every device of the program; for a
 collective-permute, every device its pairs name) must lie inside one stage. A one-stage
-program split over tp (a vocabulary-split embedding's all-reduce over all devices) passes. ``collectives`` reads the post-optimisation HLO text;
-``hanging`` applies the test.
+program split over tp (a vocabulary-split embedding's all-reduce over all devices) passes.
+``collectives`` reads the post-optimisation HLO text; ``hanging`` applies the test.
 
 Example:
     >>> text = program.fn.lower(*program.abstract_args()).compile().as_text()
