@@ -43,6 +43,7 @@ from lwjax.passes.compression import Compression
 from lwjax.passes.discovery import LayersSpec
 from lwjax.passes.footprint import Footprint, GraphFootprint, footprint
 from lwjax.passes.generate import GenerationProgram, lower_generate
+from lwjax.passes.kv_slots import stored_caches
 from lwjax.passes.planner import epilogue_time, layer_times, numbers_from, plan_from_numbers
 from lwjax.passes.segment import LayerGraph, segment
 from lwjax.passes.trace import TracedModel, _trace
@@ -139,8 +140,11 @@ def _combined_numbers(prefill: LayerGraph, decode: LayerGraph, hw: HardwareSpec,
                         compression=dec.compression, backend=dec.backend)
     stored = fp if fp.compression.name != "none" else None  # weights read as stored
     costs = layer_times(decode, hw, weights_on_chip=True, fp=stored)
-    return numbers_from(decode, fp, costs,
-                        epilogue_time(decode, hw, weights_on_chip=True, fp=stored))
+    numbers = numbers_from(decode, fp, costs,
+                           epilogue_time(decode, hw, weights_on_chip=True, fp=stored))
+    # the caches sit in slots like the weights: uneven stages pad them (passes/padding.py)
+    return dataclasses.replace(numbers,
+                               cached=stored_caches((prefill, decode), num_microbatches))
 
 
 def _plan_at(lm, graphs, batch, m, ids, hw, capacity, attention, objective, cache_len,

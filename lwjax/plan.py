@@ -73,6 +73,9 @@ class LayerNumbers:
             numbers made before they were recorded and for compressed weights on split
             stages (which do not run), and then the padding of uneven stages is not counted
             (``passes/padding.py``).
+        cached: generation plans: per segment, the KV-cache leaves its stage keeps, as
+            ``passes/kv_slots.CacheSlots`` stores them for all M groups (slots that pad
+            like the weights'); () otherwise.
     """
 
     names: tuple[str, ...]
@@ -85,6 +88,7 @@ class LayerNumbers:
     outer_signatures: tuple[str, ...] = ()
     training: TrainingNumbers | None = None
     stored: tuple[tuple[StoredArray, ...], ...] = ()
+    cached: tuple[tuple[StoredArray, ...], ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -290,6 +294,10 @@ class Plan:
                 runs.append([k])
         parts = [(f"stage {r[0]}" if len(r) == 1 else f"stages {r[0]}-{r[-1]}")
                  + f" +{_amount(pads[r[0]])}" for r in runs if pads[r[0]]]
+        if self.numbers.cached:
+            return ["weight and KV-cache slots: one SPMD program gives every device the same "
+                    "weight and cache arrays, so a stage with fewer of a kind stores zero rows "
+                    "(counted in fill %): " + ", ".join(parts)]
         return ["weight slots: one SPMD program gives every device the same weight arrays, so "
                 "a stage with fewer weights of a kind stores zero rows (counted in fill %): "
                 + ", ".join(parts)]

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lwjax._compat import Var
+from lwjax.passes.padding import StoredArray
 from lwjax.passes.segment import LayerGraph
 from lwjax.passes.storage import assign_slots, slot_key
 
@@ -70,22 +71,50 @@ def cache_leaves(graphs: Sequence[LayerGraph], ranges, fills) -> tuple[CacheLeaf
     first = graphs[0]
     paths = [p for p, c in zip(first.traced.arg_paths, first.traced.cache_args, strict=True) if c]
     avals = [a for a, c in zip(first.traced.args, first.traced.cache_args, strict=True) if c]
+    stage_of = stage_of_segment(first, ranges)
     stages = [set() for _ in paths]
-    for graph in graphs:
-        cache_vars = cache_arg_vars(graph)
-        outs = graph.jaxpr.jaxpr.outvars[1:]
-        stage_of = stage_of_segment(graph, ranges)
-        index = {v: j for j, v in enumerate(cache_vars)}
-        for k, seg in enumerate(graph.segments):
-            for v in seg.cache_inputs:
-                stages[index[v]].add(stage_of[k])
-            defined = {v for e in seg.eqns for v in e.outvars}
-            for j, o in enumerate(outs):
-                if isinstance(o, Var) and o in defined:
-                    stages[j].add(stage_of[k])
+    for k, leaves in enumerate(segment_leaves(graphs)):
+        for j in leaves:
+            stages[j].add(stage_of[k])
     return tuple(CacheLeaf(j, paths[j].split("/", 2)[-1], tuple(avals[j].shape),
                            np.dtype(avals[j].dtype).name, fills[j], tuple(sorted(stages[j])))
                  for j in range(len(paths)))
+
+
+def segment_leaves(graphs: Sequence[LayerGraph]) -> list[set[int]]:
+    """Per segment (prologue 0, layer i at i + 1, epilogue last), the cache leaves (by index)
+    it reads or writes in any of ``graphs`` (the same layers traced for prefill and decode).
+
+    Example:
+        >>> segment_leaves((pre, dec))[1]   # layer 0: its keys and values, the counter
+    """
+    touched: list[set[int]] = [set() for _ in graphs[0].segments]
+    for graph in graphs:
+        outs = graph.jaxpr.jaxpr.outvars[1:]
+        index = {v: j for j, v in enumerate(cache_arg_vars(graph))}
+        for k, seg in enumerate(graph.segments):
+            touched[k].update(index[v] for v in seg.cache_inputs)
+            defined = {v for e in seg.eqns for v in e.outvars}
+            touched[k].update(j for j, o in enumerate(outs) if isinstance(o, Var) and o in defined)
+    return touched
+
+
+def stored_caches(graphs: Sequence[LayerGraph], num_microbatches: int
+                  ) -> tuple[tuple[StoredArray, ...], ...]:
+    """Per segment (prologue, layers, epilogue), the cache leaves it keeps on its stage, as
+    ``CacheSlots`` stores them for all ``num_microbatches`` groups (``passes/padding.py``
+    predicts the slots' padding from these; ``StoredArray.param`` is the leaf's index).
+
+    Example:
+        >>> [len(seg) for seg in stored_caches((pre, dec), 2)]
+    """
+    first = graphs[0]
+    avals = [a for a, c in zip(first.traced.args, first.traced.cache_args, strict=True) if c]
+    return tuple(
+        tuple(StoredArray(j, np.dtype(avals[j].dtype).name,
+                          num_microbatches * int(np.prod(avals[j].shape, dtype=np.int64)))
+              for j in sorted(leaves))
+        for leaves in segment_leaves(graphs))
 
 
 def cache_arg_vars(graph: LayerGraph) -> list[Var]:

@@ -66,19 +66,20 @@ class StoredArray:
 
 
 def stage_arrays(numbers: LayerNumbers, start: int, stop: int,
-                 num_layers: int) -> list[StoredArray]:
+                 num_layers: int, per_segment=None) -> list[StoredArray]:
     """The arrays a stage running layers [start, stop) stores, in the lowering's order: its
     segments' weights (the prologue's on the first stage, the epilogue's on the last), each
-    weight once.
+    weight once; or, given ``per_segment`` (``numbers.cached``), its cache leaves.
 
     Example:
         >>> [a.param for a in stage_arrays(numbers, 0, 1, 4)]   # prologue + layer 0
     """
-    segs = list(numbers.stored[1 + start:1 + stop])
+    per_segment = numbers.stored if per_segment is None else per_segment
+    segs = list(per_segment[1 + start:1 + stop])
     if start == 0:
-        segs.insert(0, numbers.stored[0])
+        segs.insert(0, per_segment[0])
     if stop == num_layers:
-        segs.append(numbers.stored[-1])
+        segs.append(per_segment[-1])
     seen: dict[int, list[StoredArray]] = {}
     for seg in segs:  # a weight's arrays once, from its first reader
         mine: dict[int, list[StoredArray]] = {}
@@ -109,19 +110,38 @@ def stored_bytes(numbers: LayerNumbers, ranges: Sequence[Range]) -> int | None:
 
 
 def padding(numbers: LayerNumbers, ranges: Sequence[Range]) -> tuple[int, ...]:
-    """Per stage, the weight bytes its device stores beyond its own (zero rows of slots that
-    other stages fill); all zero when the numbers do not say. A training
-    plan's gradients and optimizer state live in the same slots, so they pad alike.
+    """Per stage, the bytes its device stores beyond its own (zero rows of slots that other
+    stages fill): the weights' (all zero when the numbers do not say), plus a generation
+    plan's KV-cache slots' (``cache_padding``). A training plan's gradients and optimizer
+    state live in the weights' slots, so they pad alike.
 
     Example:
         >>> padding(numbers, [(0, 1), (1, 4)])   # the 1-layer stage stores 3 layers' more
     """
+    kv = cache_padding(numbers, ranges)
     total = stored_bytes(numbers, ranges)
     if total is None:
-        return (0,) * len(ranges)
+        return kv
     n = len(numbers.names)
     own = [sum(map(_nbytes, stage_arrays(numbers, a, b, n))) for a, b in ranges]
-    return tuple((total - o) * _state_factor(numbers) for o in own)
+    return tuple((total - o) * _state_factor(numbers) + k for o, k in zip(own, kv, strict=True))
+
+
+def cache_padding(numbers: LayerNumbers, ranges: Sequence[Range]) -> tuple[int, ...]:
+    """Per stage, the KV-cache bytes its device allocates beyond its own leaves: the cache
+    slots (``passes/kv_slots.CacheSlots``, one per dtype and size, as the weights') hold
+    zero rows where a stage keeps fewer leaves of a kind; all zero without ``cached``.
+
+    Example:
+        >>> cache_padding(numbers, [(0, 3), (3, 4)])   # the 1-layer stage: 2 layers' caches
+    """
+    if not numbers.cached:
+        return (0,) * len(ranges)
+    n = len(numbers.names)
+    held = [stage_arrays(numbers, a, b, n, numbers.cached) for a, b in ranges]
+    slots, _ = assign_slots([[a.key for a in arrays] for arrays in held])
+    total = sum(key[1] * np.dtype(key[0]).itemsize for key, _ in slots)
+    return tuple(total - sum(map(_nbytes, arrays)) for arrays in held)
 
 
 def _state_factor(numbers: LayerNumbers) -> int:

@@ -13,6 +13,7 @@ from flax import nnx
 import lwjax
 from lwjax import models
 from lwjax.errors import ConfigError, InputError
+from lwjax.passes import padding
 
 NEW = 32
 
@@ -73,6 +74,26 @@ def test_dense_equals_models_generate(dense16, num_devices, microbatches):
 def test_moe_equals_models_generate(moe16, num_devices, microbatches):
     _check_equal(*moe16, num_devices, microbatches)
 
+
+def test_uneven_stages_pad_their_kv_cache_slots_as_the_plan_predicts():
+    """5 layers on 2 stages (3 + 2): the cache slots are the 3-layer stage's, so the 2-layer
+    stage's device allocates one layer's caches of zero rows. The plan predicts it (measured
+    from the placed caches), counts it in the fit and says so in its summary."""
+    model, cfg = _model("dense", 5)
+    prompt = _prompt(cfg, batch=8, length=6)
+    g = lwjax.layerwise_generate(model, prompt, max_new_tokens=5, devices=jax.devices()[:2],
+                                 microbatches=2, objective="bottleneck")
+    ranges = [s.layer_range for s in g.plan.stages]
+    assert sorted(b - a for a, b in ranges) == [2, 3]
+    measured = g.kv_cache_bytes()
+    pads = tuple(measured[s.devices[0]]["allocated"] - measured[s.devices[0]]["own"]
+                 for s in g.plan.stages)
+    assert padding.cache_padding(g.plan.numbers, ranges) == pads
+    layer = 2 * 8 * (6 + 5) * cfg.num_heads * cfg.head_dim * 4  # K and V, all 8 sequences
+    assert sorted(pads) == [0, layer]
+    weights = padding.padding(dataclasses.replace(g.plan.numbers, cached=()), ranges)
+    assert g.plan.padding_bytes == tuple(w + p for w, p in zip(weights, pads, strict=True))
+    assert "weight and KV-cache slots" in g.plan.summary()
 
 def test_kv_caches_stay_on_their_stage_and_compile_once():
     model, cfg = _model("dense", 4)

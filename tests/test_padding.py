@@ -159,6 +159,7 @@ class _Numbers:
 
     def __init__(self, stored, n):
         self.stored, self.names, self.training = tuple(stored), tuple(map(str, range(n))), None
+        self.cached = ()
 
 
 def _random_case(rng: random.Random):
