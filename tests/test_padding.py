@@ -73,15 +73,22 @@ def test_plan_predicts_the_padding_of_a_transformers_model():
 
 
 
-@pytest.mark.parametrize("kind", ["dense", "moe"])
+@pytest.mark.parametrize("kind", ["dense", "moe", "gpt2"])
 def test_split_stages_predict_the_padding_the_placed_shards_have(kind):
     """Stages split over tp store their weights grouped by (shape, dtype, split axis)
     (``SplitStorage``): uneven stages pad like slots do, and the prediction from the split
-    numbers equals each device's placed shards."""
-    cfg = dataclasses.replace(configs.tiny_dense() if kind == "dense" else configs.tiny_moe(),
-                              num_layers=8)
-    model = models.build(cfg, rngs=nnx.Rngs(0))
-    tokens = jnp.zeros((4, cfg.seq_len), jnp.int32)
+    numbers equals each device's placed shards (lwjax's models and transformers' GPT-2,
+    whose fused qkv kernel stays whole and whose MLP splits)."""
+    if kind == "gpt2":
+        config = transformers.GPT2Config(n_layer=8, n_embd=32, n_head=4, vocab_size=128,
+                                         n_positions=16)
+        model = transformers.FlaxGPT2LMHeadModel(config, seed=0)
+        tokens = jnp.zeros((4, 8), jnp.int32)
+    else:
+        cfg = dataclasses.replace(
+            configs.tiny_dense() if kind == "dense" else configs.tiny_moe(), num_layers=8)
+        model = models.build(cfg, rngs=nnx.Rngs(0))
+        tokens = jnp.zeros((4, cfg.seq_len), jnp.int32)
     graph = segment(trace(model, tokens, microbatch_size=2))
     fp = footprint(graph)
     numbers = split_numbers(graph, fp, layer_times(graph, H100_SXM, weights_on_chip=True),
