@@ -162,7 +162,7 @@ class Plan:
 
     def resident_bytes(self, stage: Stage) -> int:
         """Bytes the plan requires on chip for a stage under its residency policy (its own;
-        ``device_bytes`` adds the weight slots' padding)."""
+        ``device_bytes`` adds the weight and KV-cache slots' padding)."""
         f = stage.footprint
         if self.residency == "weights":
             return f.weights_bytes + f.kv_cache_bytes
@@ -170,10 +170,11 @@ class Plan:
 
     @property
     def padding_bytes(self) -> tuple[int, ...]:
-        """Per stage, the weight bytes its device stores beyond its own: one SPMD program
-        gives every device the same weight slots, so a stage with fewer weights of a kind
-        than another holds zero rows (``passes/padding.py``; split stages pad alike, in
-        slots of (shape, dtype, split axis)).
+        """Per stage, the bytes its device stores beyond its own: one SPMD program gives
+        every device the same weight slots (and in generation the same KV-cache slots), so
+        a stage with fewer arrays of a kind than another holds zero rows
+        (``passes/padding.py``; split stages pad alike, in slots of (shape, dtype, split
+        axis)).
 
         Example:
             >>> plan.padding_bytes   # 16 layers on 5 stages: the 1-layer stage pads 3 layers

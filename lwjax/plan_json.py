@@ -174,6 +174,11 @@ def _check_consistent(plan: Plan) -> None:
         if len(getattr(n, name)) != count:
             raise _fail(f"numbers.{name}", f"has {len(getattr(n, name))} entries but "
                                            f"numbers.names has {count}")
+    for name in ("stored", "cached"):  # per segment: the prologue, each layer, the epilogue
+        if getattr(n, name) and len(getattr(n, name)) != count + 2:
+            raise _fail(f"numbers.{name}", f"has {len(getattr(n, name))} entries; expected "
+                                           f"{count + 2} (the prologue, {count} layers, the "
+                                           "epilogue) or none")
     for name in ("microbatches", "microbatch_size", "tp", "capacity_bytes"):
         if getattr(plan, name) < 1:
             raise _fail(name, f"is {getattr(plan, name)}; expected a positive integer")

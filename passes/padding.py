@@ -202,9 +202,10 @@ def _padded_infeasible(room: int, budget: int, max_stages: int | None) -> Infeas
     to restate it as a layer's or a stage count's need (it adds the reserve)."""
     within = f"at most {max_stages} stages" if max_stages else "the stages allowed"
     out = InfeasiblePlanError(
-        f"No partition into {within} fits once the weight slots' padding is counted: one "
-        "SPMD program gives every device the same weight arrays, so a stage with fewer "
-        "weights of a kind than another stores zero rows for them. Partitions without "
+        f"No partition into {within} fits once the slots' padding is counted: one SPMD "
+        "program gives every device the same weight (and, generating, KV-cache) arrays, so "
+        "a stage with fewer of a kind than another stores zero rows for them. Partitions "
+        "without "
         f"padding fit the {room:,} bytes per device left beside the activation reserve, but "
         f"with it every one tried overflows (the last allowed {budget:,} bytes for a "
         "stage's own; the search re-fits with less room and is not exhaustive). Give more "

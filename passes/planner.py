@@ -339,8 +339,9 @@ def _given(numbers: LayerNumbers, capacity_bytes: int, residency: Residency,
     pads = padding.padding(numbers, ranges)
     for k, ((a, b), pad) in enumerate(zip(ranges, pads, strict=True)):
         if sum(sizes[a:b]) + pad > room:
-            padded = (f", {fmt_bytes(pad)} of it padding of the weight slots (every device "
-                      "stores the sum of the slots, at least the largest stage's weights)"
+            padded = (f", {fmt_bytes(pad)} of it padding of the weight"
+                      + (" and KV-cache" if numbers.cached else "") + " slots (every device "
+                      "stores the sum of the slots, at least the largest stage's own)"
                       if pad else "")
             raise infeasible(
                 f"Stage {k} (layers {a}..{b - 1}) needs "

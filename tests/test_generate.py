@@ -95,6 +95,7 @@ def test_uneven_stages_pad_their_kv_cache_slots_as_the_plan_predicts():
     assert g.plan.padding_bytes == tuple(w + p for w, p in zip(weights, pads, strict=True))
     assert "weight and KV-cache slots" in g.plan.summary()
 
+
 def test_kv_caches_stay_on_their_stage_and_compile_once():
     model, cfg = _model("dense", 4)
     prompt = _prompt(cfg, batch=8, length=6)

@@ -108,6 +108,8 @@ def test_from_json_names_mistyped_fields(edit, says):
      "stages[3].devices is [7]; expected tp=1 ids from device_pool [0, 1, 2, 3]"),
     (lambda d: d["numbers"]["costs_s"].pop(), "numbers.costs_s has 3 entries but numbers.names "
                                               "has 4"),
+    (lambda d: d["numbers"].update(cached=[[]]), "numbers.cached has 1 entries; expected 6 "
+                                                 "(the prologue, 4 layers, the epilogue) or none"),
     (lambda d: d["stages"].pop(), "stages ends at layer 3; numbers.names has 4 layers"),
     (lambda d: d.update(microbatches=0), "microbatches is 0; expected a positive integer"),
     (lambda d: d.update(tp=-1), "tp is -1; expected a positive integer"),
