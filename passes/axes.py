@@ -50,10 +50,8 @@ class AxisGroups:
 
     def __init__(self):
         self._parent: dict[Node, Node] = {}
-        self._mixed: set[Node] = set()
-        self._mixed_roots: set[Node] | None = None
-        self._selected: set[Node] = set()
-        self._selected_roots: set[Node] | None = None
+        self._marked: dict[str, set[Node]] = {"mixed": set(), "selected": set()}
+        self._roots: dict[str, set[Node]] = {}
 
     def find(self, node: Node) -> Node:
         parent = self._parent.setdefault(node, node)
@@ -73,23 +71,21 @@ class AxisGroups:
             if other != root:
                 self._parent[other] = root
 
-    def mark(self, node: Node) -> None:
-        self._mixed.add(node)
+    def mark(self, node: Node, kind: str = "mixed") -> None:
+        self._marked[kind].add(node)
 
     def mixed(self, var: Var, dim: int, path: tuple[int, ...] = ()) -> bool:
         """Whether ``var``'s dimension ``dim`` is tied to a dimension the program mixes."""
-        if self._mixed_roots is None:
-            self._mixed_roots = {self.find(n) for n in self._mixed}
-        return self.find((path, var, dim)) in self._mixed_roots
-
-    def select(self, node: Node) -> None:
-        self._selected.add(node)
+        return self._tied(var, dim, path, "mixed")
 
     def selected(self, var: Var, dim: int, path: tuple[int, ...] = ()) -> bool:
         """Whether ``var``'s dimension ``dim`` is tied to one that sort or top_k runs along."""
-        if self._selected_roots is None:
-            self._selected_roots = {self.find(n) for n in self._selected}
-        return self.find((path, var, dim)) in self._selected_roots
+        return self._tied(var, dim, path, "selected")
+
+    def _tied(self, var: Var, dim: int, path: tuple[int, ...], kind: str) -> bool:
+        if kind not in self._roots:
+            self._roots[kind] = {self.find(n) for n in self._marked[kind]}
+        return self.find((path, var, dim)) in self._roots[kind]
 
 
 def axis_groups(jaxpr: Jaxpr) -> AxisGroups:
@@ -114,7 +110,7 @@ def _add(groups: AxisGroups, jaxpr: Jaxpr, path: tuple[int, ...]) -> None:
             dim = SELECTS[eqn.primitive.name](eqn)
             for v in eqn.invars:
                 if isinstance(v, Var) and len(_shape(v)) > dim:
-                    groups.select((path, v, dim))
+                    groups.mark((path, v, dim), "selected")
 
 
 def _add_call(groups: AxisGroups, eqn: JaxprEqn, path: tuple[int, ...]) -> None:
@@ -264,6 +260,13 @@ def _dynamic_update_slice(eqn):
     return ties, mixed
 
 
+# primitives that select along a dimension of their operands (``AxisGroups.selected``)
+SELECTS: dict[str, Callable[[JaxprEqn], int]] = {
+    "sort": lambda e: e.params["dimension"],
+    "top_k": _top_k_axis,
+}
+
+
 _ELEMENTWISE = (
     "abs", "acos", "acosh", "add", "add_any", "and", "asin", "asinh", "atan", "atan2", "atanh",
     "cbrt", "ceil", "clamp", "conj", "convert_element_type", "copy", "copy_p", "cos", "cosh",
@@ -283,8 +286,9 @@ RULES: dict[str, Rule] = {
     **{name: _along(_window) for name in ("reduce_window_sum", "reduce_window_max",
                                           "reduce_window_min")},
     "split": _along(lambda e: [e.params["axis"]]),
-    "sort": _along(lambda e: [e.params["dimension"]], mark=False),
-    "top_k": _along(lambda e: [_top_k_axis(e)], mark=False),
+    # sort, top_k: the selected dimension untied, marked by ``_add`` (``SELECTS``)
+    **{name: _along(lambda e, axis=axis: [axis(e)], mark=False)
+       for name, axis in SELECTS.items()},
     "concatenate": _along(lambda e: [e.params["dimension"]]),
     "pad": _along(lambda e: [d for d, c in enumerate(e.params["padding_config"])
                              if tuple(c) != (0, 0, 0)]),
@@ -297,10 +301,4 @@ RULES: dict[str, Rule] = {
     "squeeze": _squeeze,
     "reshape": _reshape,
     "dot_general": _dot,
-}
-
-# primitives that select along a dimension of their operands (``AxisGroups.selected``)
-SELECTS: dict[str, Callable[[JaxprEqn], int]] = {
-    "sort": lambda e: e.params["dimension"],
-    "top_k": _top_k_axis,
 }

@@ -103,10 +103,7 @@ def stored_bytes(numbers: LayerNumbers, ranges: Sequence[Range]) -> int | None:
     """
     if not numbers.stored:
         return None
-    n = len(numbers.names)
-    keys = [[a.key for a in stage_arrays(numbers, a, b, n)] for a, b in ranges]
-    slots, _ = assign_slots(keys)
-    return sum(key[1] * np.dtype(key[0]).itemsize for key, _ in slots)
+    return _slots_bytes(_held(numbers, ranges, numbers.stored))
 
 
 def padding(numbers: LayerNumbers, ranges: Sequence[Range]) -> tuple[int, ...]:
@@ -119,12 +116,11 @@ def padding(numbers: LayerNumbers, ranges: Sequence[Range]) -> tuple[int, ...]:
         >>> padding(numbers, [(0, 1), (1, 4)])   # the 1-layer stage stores 3 layers' more
     """
     kv = cache_padding(numbers, ranges)
-    total = stored_bytes(numbers, ranges)
-    if total is None:
+    if not numbers.stored:
         return kv
-    n = len(numbers.names)
-    own = [sum(map(_nbytes, stage_arrays(numbers, a, b, n))) for a, b in ranges]
-    return tuple((total - o) * _state_factor(numbers) + k for o, k in zip(own, kv, strict=True))
+    factor = _state_factor(numbers)
+    return tuple(w * factor + k
+                 for w, k in zip(_beyond_own(numbers, ranges, numbers.stored), kv, strict=True))
 
 
 def cache_padding(numbers: LayerNumbers, ranges: Sequence[Range]) -> tuple[int, ...]:
@@ -137,10 +133,26 @@ def cache_padding(numbers: LayerNumbers, ranges: Sequence[Range]) -> tuple[int, 
     """
     if not numbers.cached:
         return (0,) * len(ranges)
+    return _beyond_own(numbers, ranges, numbers.cached)
+
+
+def _held(numbers: LayerNumbers, ranges: Sequence[Range], per_segment) -> list[list]:
     n = len(numbers.names)
-    held = [stage_arrays(numbers, a, b, n, numbers.cached) for a, b in ranges]
+    return [stage_arrays(numbers, a, b, n, per_segment) for a, b in ranges]
+
+
+def _slots_bytes(held: Sequence[Sequence[StoredArray]]) -> int:
+    """Bytes of the slots the stages' arrays share (``storage.assign_slots``)."""
     slots, _ = assign_slots([[a.key for a in arrays] for arrays in held])
-    total = sum(key[1] * np.dtype(key[0]).itemsize for key, _ in slots)
+    return sum(key[1] * np.dtype(key[0]).itemsize for key, _ in slots)
+
+
+def _beyond_own(numbers: LayerNumbers, ranges: Sequence[Range], per_segment
+                ) -> tuple[int, ...]:
+    """Per stage, the slots' bytes beyond its own arrays (``per_segment``: stored or
+    cached)."""
+    held = _held(numbers, ranges, per_segment)
+    total = _slots_bytes(held)
     return tuple(total - sum(map(_nbytes, arrays)) for arrays in held)
 
 
