@@ -30,6 +30,8 @@ class ShardedModel:
         plan: the Plan it runs.
         program: the lowered PipelineProgram.
         params: the packed, placed weights (dtype -> [stages, L] sharded over "stage").
+        tuning: what ``layerwise_shard(..., tune=k)`` measured, one ``lwjax.tune.Measured``
+            per candidate in the layout search's order (() when nothing was measured).
 
     Example:
         >>> sm = lwjax.layerwise_shard(model, tokens, cache_bytes=2**20)
@@ -52,6 +54,7 @@ class ShardedModel:
         self.hot_spares: dict[int, failover_lib.HotSpare] = {}
         self.failover: failover_lib.Failover | None = None
         self._compiled = None  # a Compiled for self.params, when compiled ahead (replan)
+        self.tuning: tuple = ()
 
     def _leaves(self, args, kwargs) -> list:
         t = self._traced

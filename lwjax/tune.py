@@ -8,8 +8,9 @@ its second: on the project's 2-core host, MoE at hidden 256 ranked 16 x tp 1 (M 
 ahead of 4 x tp 4 (M = 2), which measured 1.23x faster. Tuning builds each candidate (its
 weights placed, its program compiled), calls them in interleaved rounds on the example
 arguments and keeps the one with the shortest median; the plan's notes list what was
-measured. The candidates' weights are all placed while they are timed (k copies of the
-model's weights on the devices, freed afterwards).
+measured, and ``ShardedModel.tuning`` holds the same as data (``Measured``: each candidate's
+rank, layout and median). The candidates' weights are all placed while they are timed (k
+copies of the model's weights on the devices, freed afterwards).
 
 Example:
     >>> sm = lwjax.layerwise_shard(model, tokens, tune=4)
@@ -33,6 +34,25 @@ from lwjax.passes.layout import Layout
 ROUNDS = 3  # interleaved calls of every candidate after its first (compiling) call
 MARGIN = 0.03  # another candidate replaces the search's first choice only this much faster
 FALLBACK = 4  # layouts tried in order when the search's first choice does not lower
+
+
+@dataclasses.dataclass(frozen=True)
+class Measured:
+    """One candidate layout tuning measured (``ShardedModel.tuning``).
+
+    Attributes:
+        rank: its place in the layout search's ranking (1: the search's first choice).
+        num_stages, tp, microbatches: the layout.
+        median_s: the median of its interleaved timed calls, in seconds (*measured*).
+        kept: the layout tuning kept.
+    """
+
+    rank: int
+    num_stages: int
+    tp: int
+    microbatches: int
+    median_s: float
+    kept: bool
 
 
 def check_tune(tune, given: bool = False) -> int:
@@ -129,6 +149,9 @@ def deploy(plans: Sequence, build: Callable, args: Sequence, kwargs: dict, tune:
         a, kw = concrete(args, kwargs)
         best, medians = fastest([sm for _, sm in built], lambda sm: sm(*a, **kw), rounds)
         k = next(j for j, (_, sm) in enumerate(built) if sm is best)
+        best.tuning = tuple(
+            Measured(i + 1, len(sm.plan.stages), sm.plan.tp, sm.plan.microbatches, m, j == k)
+            for j, ((i, sm), m) in enumerate(zip(built, medians, strict=True)))
         measured = "; ".join(f"{i + 1}. {_layout(sm.plan)} {m * 1e3:.1f} ms"
                              for (i, sm), m in zip(built, medians, strict=True))
         notes = [f"tuned: measured the layout search's {len(built)} best layouts that lower "

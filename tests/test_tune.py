@@ -72,6 +72,13 @@ def test_tune_measures_the_ranking_and_keeps_a_candidate(tiny, ranked):
     assert len(named) >= 3 and named == plans[:len(named)]  # the best ones, in order
     assert note.count(" ms") == 3 and "kept candidate" in note  # three that lower, measured
     assert _shape(sm.plan) in {_shape(p) for p in named}
+    # the same measurements as data: rank, layout and median of each, the kept one marked
+    assert [(m.rank, (m.num_stages, m.tp, m.microbatches)) for m in sm.tuning] == [
+        (plans.index(p) + 1, _shape(p)) for p in named]
+    assert [f"{m.median_s * 1e3:.1f} ms" for m in sm.tuning] == re.findall(r"[\d.]+ ms", note)
+    kept = [m for m in sm.tuning if m.kept]
+    assert len(kept) == 1 and (kept[0].num_stages, kept[0].tp, kept[0].microbatches) == _shape(
+        sm.plan)
     np.testing.assert_allclose(sm(tokens), model(tokens), atol=ATOL, rtol=RTOL)
 
 

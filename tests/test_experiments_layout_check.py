@@ -1,0 +1,37 @@
+"""experiments/layout_check.py: the rank correlation and the default's cost by hand; a small
+measured run reports what tuning measured, in the search's order."""
+
+import pytest
+from _experiments import load_experiment
+
+from lwjax import tune
+
+layout_check = load_experiment("layout_check")
+
+
+def _measured(medians_ms, kept):
+    return tuple(tune.Measured(i + 1, 16 // (i + 1), 1, 2, ms / 1e3, i == kept)
+                 for i, ms in enumerate(medians_ms))
+
+
+def test_rank_correlation_and_default_cost_by_hand():
+    assert layout_check.spearman([1, 2, 3, 4], [1, 2, 3, 4]) == 1.0
+    assert layout_check.spearman([1, 2, 3], [3, 2, 1]) == -1.0
+    assert layout_check.spearman([1, 2], [2, 1]) is None  # too few to rank
+    # measured order 2, 1, 4, 3: d^2 = 1 + 1 + 1 + 1, rho = 1 - 6 x 4 / (4 x 15) = 0.6
+    c = layout_check.Check("m", 2**20, _measured([20.0, 10.0, 40.0, 30.0], kept=1), 1.0,
+                           "16 x tp 1, M=8", 1.25)
+    assert c.measured_ranks() == [2, 1, 4, 3]
+    assert c.rho() == pytest.approx(0.6)
+    assert c.default_cost() == pytest.approx(2.0)  # the first choice took twice the fastest
+    text = layout_check.report([c], layout_check.throughput.QUICK, 4, "python x")
+    assert "| m | 1.00 | 4 | +0.60 | 2.00x | 8 x tp 1, M=2 | 16 x tp 1, M=8: 1.25x |" in text
+    assert "| 2 | 8 x tp 1, M=2 | 10.0 | 1 | kept |" in text
+
+
+@pytest.mark.slow  # builds, compiles and times 2 layouts at 2 capacities (~40 s)
+def test_quick_run_reports_the_measured_candidates():
+    text = layout_check.main(["--quick", "--models", "dense", "--candidates", "2",
+                              "--no-write"])
+    assert text.count("| kept |") == 2  # one kept layout per capacity
+    assert "## Summary" in text and "Dense (16-layer)" in text
