@@ -57,25 +57,49 @@ HOW_TO_MARK = (
 
 
 
-def signature(eqns, seg_inputs) -> str:
+def signature(eqns, seg_inputs, memo: dict | None = None) -> str:
+    """A structural hash of equations: primitives, parameters, shapes and dtypes, with
+    variables numbered by first use (two layers computing the same thing hash equal).
+    ``memo``: a dict the caller keeps while it hashes overlapping sets of one program's
+    equations (discovery hashes every scope), so each equation's parameters, each
+    variable's type and each literal value print once (printing dominated planning)."""
     h = hashlib.sha1()
     names: dict = {}
+    memo = {} if memo is None else memo
 
     def nm(v):
         if isinstance(v, JaxLiteral):
-            return f"lit{v.val!r}"
+            val = v.val
+            if not isinstance(val, np.ndarray):
+                return f"lit{val!r}"
+            # an array's repr is slow (np.array2string); equal values print equally
+            key = ("literal", type(val), val.dtype.str, getattr(val, "weak_type", None),
+                   val.shape, val.tobytes())
+            if key not in memo:
+                memo[key] = f"lit{val!r}"
+            return memo[key]
         if v not in names:
-            names[v] = f"v{len(names)}"
-        return f"{names[v]}:{v.aval.str_short()}"
+            if v not in memo:
+                memo[v] = f":{_short(v.aval)}"
+            names[v] = f"v{len(names)}{memo[v]}"
+        return names[v]
 
     for v in seg_inputs:
         h.update(nm(v).encode())
     for e in eqns:
-        params = {k: (str(v) if not hasattr(v, "eqns") else "jaxpr") for k, v in e.params.items()
-                  if k not in ("name",)}
+        if e not in memo:
+            params = {k: (str(v) if not hasattr(v, "eqns") else "jaxpr")
+                      for k, v in e.params.items() if k not in ("name",)}
+            memo[e] = str(sorted(params.items()))
         h.update(f"{e.primitive.name}({','.join(nm(v) for v in e.invars)})"
-                 f"->{','.join(nm(v) for v in e.outvars)}{sorted(params.items())}".encode())
+                 f"->{','.join(nm(v) for v in e.outvars)}{memo[e]}".encode())
     return h.hexdigest()[:16]
+
+
+@functools.lru_cache(maxsize=4096)
+def _short(aval) -> str:
+    """``aval.str_short()``, once per distinct aval (a program has few)."""
+    return aval.str_short()
 
 
 
@@ -152,8 +176,6 @@ def _matmul_flops(eqn: JaxprEqn) -> int:
                        for e in sub.eqns)
 
 
-def _scopesignature(eqns: Sequence[JaxprEqn]) -> str:
-    return signature(eqns, ())
 
 
 class Scopes:
@@ -171,6 +193,7 @@ class Scopes:
                 self.children[tuple(c[:d])].setdefault(c[d])
         self.param_bytes = param_bytes
         self.flops = [_matmul_flops(e) for e in eqns]
+        self.printed: dict = {}  # signature()'s memo: parameters, types, literals, printed
 
     def weights(self, idxs) -> int:
         read = {v for i in idxs for v in self.eqns[i].invars
@@ -233,7 +256,7 @@ class Scopes:
             plain = [k for k in kids if numbered(k) is None]
             if len(plain) < 2:
                 continue
-            sigs = [_scopesignature([self.eqns[i] for i in self.of[(*parent, k)]])
+            sigs = [signature([self.eqns[i] for i in self.of[(*parent, k)]], (), self.printed)
                     for k in plain]
             run = [0]
             for j in range(1, len(plain) + 1):

@@ -465,7 +465,8 @@ def segment(traced: TracedModel, layers: LayersSpec = None) -> LayerGraph:
         segments.append(Segment(
             name=name, kind=kind, eqns=seg_eqns, params=tuple(params), inputs=tuple(inputs),
             outputs=tuple(outputs), cache_inputs=tuple(cache_in),
-            signature=signature(seg_eqns, inputs) if kind == "layer" else kind,
+            signature=(signature(seg_eqns, inputs, scopes.printed) if kind == "layer"
+                       else kind),
         ))
 
     params_info = tuple(
