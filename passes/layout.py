@@ -9,12 +9,14 @@ The layouts a user would pick are candidates, listed in the registry ``FAMILIES`
 
 Each is tried at every microbatch count M allowed and scored by one projected step
 (``step_seconds``): the roofline corrected by ``cost_calibration.tick_model`` -- a layer's
-work at the matmul efficiency measured for its FLOPs, a per-tick floor (more per stage and
-per all-reduce of a split stage), the stage-to-stage transfer, and on a CPU the cores the
-simulated devices share. A mesh is a layer-wise plan too (its stages are contiguous), so the
-best "lwjax" candidate is never projected slower than the best mesh: by construction, since
-for each (S, tp, M) the least slowest stage minimises the step (the step only grows with the
-slowest stage and with S).
+work at the matmul efficiency measured for its FLOPs (a matmul over stacked weights, a
+mixture of experts', at the efficiency of one expert's matrix: ``stacked_matmuls``; whole
+experts per device keep that size under tp, smaller microbatches shrink it), a per-tick
+floor (more per stage and per all-reduce of a split stage), the stage-to-stage transfer, and
+on a CPU the cores the simulated devices share. A mesh is a layer-wise plan too (its stages
+are contiguous), so the best "lwjax" candidate is never projected slower than the best
+mesh: by construction, since for each (S, tp, M) the least slowest stage minimises the step
+(the step only grows with the slowest stage and with S).
 
 Example:
     >>> ranking = search_layouts(inputs_at, Space(tps=(1, 2), microbatch_counts=(1, 2, 4),
@@ -25,8 +27,10 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Iterable, Sequence
 
+from lwjax._compat import jaxprs_in_params
 from lwjax.errors import InfeasiblePlanError
 from lwjax.hardware import HardwareSpec
 from lwjax.passes import padding
@@ -34,11 +38,17 @@ from lwjax.passes.cost_calibration import TickModel, tick_model
 from lwjax.passes.cost_core import transfer_time
 from lwjax.passes.partition import partition_layers
 from lwjax.passes.planner import _residual_bytes, partition_inputs, segment_cost
-from lwjax.passes.segment import LayerGraph
+from lwjax.passes.segment import LayerGraph, Segment
+from lwjax.passes.tp import residual_width, split_axis
 from lwjax.plan import LayerNumbers, Residency
 
 Range = tuple[int, int]
 _TIE = 1e-9  # relative: steps closer than this are equal; fewer devices, stages, M win
+# The share of a dense block's FLOPs one of its matmuls holds, FLOPs-weighted: 0.161 / 0.180
+# / 0.191 for the hidden 64 / 128 / 256 dense models the CPU efficiency was measured on
+# (``cost_calibration``), at any batch. That curve was fitted against whole blocks, so one
+# matmul of g FLOPs is taken to run as a block of g / DENSE_MATMUL_SHARE did.
+DENSE_MATMUL_SHARE = 0.18
 
 
 @dataclasses.dataclass(frozen=True)
@@ -291,13 +301,20 @@ def layout_inputs(graph: LayerGraph, numbers: LayerNumbers, hw: HardwareSpec, *,
     model = tick_model(hw)
     dtype = graph.layers[0].outputs[0].aval.dtype if graph.layers[0].outputs else "float32"
     peak = hw.peak_flops(str(dtype))
-    flops: dict[str, float] = {}
+    flops: dict[str, tuple[float, list[StackedMatmul]]] = {}
 
     def work(seg, roofline_s: float) -> float:
+        """The layer's matmuls at the efficiency of their size: a matmul over stacked
+        weights (experts) at one matrix's, the rest at the layer's FLOPs per device."""
         if seg.signature not in flops:
-            flops[seg.signature] = segment_cost(graph, seg).flops / tp
-        f = flops[seg.signature]
-        return max(roofline_s, f / (peak * model.efficiency(f)) if f else 0.0)
+            flops[seg.signature] = (segment_cost(graph, seg).flops / tp,
+                                    stacked_matmuls(graph, seg, tp))
+        f, stacked = flops[seg.signature]
+        rest = max(f - sum(m.flops for m in stacked), 0.0)
+        t = rest / (peak * model.efficiency(f)) if rest else 0.0
+        t += sum(m.flops / (peak * model.efficiency(m.matrix_flops / DENSE_MATMUL_SHARE))
+                 for m in stacked)
+        return max(roofline_s, t)
 
     work_s = [work(seg, c) for seg, c in zip(graph.layers, numbers.costs_s, strict=True)]
     sizes, room, _ = partition_inputs(numbers, capacity_bytes, residency)
@@ -308,3 +325,56 @@ def layout_inputs(graph: LayerGraph, numbers: LayerNumbers, hw: HardwareSpec, *,
         floor_s=(floor,) * len(work_s), epilogue_s=work(graph.epilogue, numbers.epilogue_s),
         sizes=tuple(sizes), room=room, transfer_s=transfer_time(residual, hw), model=model,
         numbers=numbers)
+
+
+@dataclasses.dataclass(frozen=True)
+class StackedMatmul:
+    """A matmul batched over a stacked weight's leading axis ([E, D, F] experts): E matmuls,
+    each as efficient as one matrix's size allows, not as the layer's total FLOPs would say.
+
+    Attributes:
+        flops: per device, all its matrices (the layer split over ``tp``).
+        matrix_flops: one matrix's.
+    """
+
+    flops: float
+    matrix_flops: float
+
+
+def stacked_matmuls(graph: LayerGraph, seg: Segment, tp: int = 1) -> list[StackedMatmul]:
+    """The layer's matmuls over stacked weights (sub-jaxprs included, a scan's ``length``
+    times): a ``dot_general`` whose operand has a weight's shape and its leading axis as the
+    batch axis. Split over ``tp`` by ``passes/tp.py``'s rule, the stacked axis is split where
+    it divides (whole experts per device, each matrix as large as unsplit), else a matrix
+    axis (each matrix / tp).
+
+    Example:
+        >>> [m.matrix_flops for m in stacked_matmuls(graph, graph.layers[0])]  # MoE: 3
+    """
+    shapes = {graph.param_vars[i].aval.shape for i in seg.params
+              if len(graph.param_vars[i].aval.shape) >= 3}
+    if not shapes:
+        return []
+    hidden = residual_width(graph, seg)
+    out = []
+
+    def walk(eqns, times: int) -> None:
+        for e in eqns:
+            if e.primitive.name == "dot_general":
+                (contract, _), batch = e.params["dimension_numbers"]
+                for operand, dims in zip(e.invars, batch, strict=True):
+                    shape = operand.aval.shape
+                    if shape in shapes and tuple(dims) == (0,):
+                        k = math.prod(e.invars[0].aval.shape[d] for d in contract)
+                        total = times * 2 * math.prod(e.outvars[0].aval.shape) * k
+                        matrix = total / shape[0]
+                        if split_axis(shape, hidden, tp) != 0:
+                            matrix /= tp
+                        out.append(StackedMatmul(total / tp, matrix))
+                        break
+            length = e.params.get("length", 1) if e.primitive.name == "scan" else 1
+            for sub in jaxprs_in_params(e.params):
+                walk(sub.eqns, times * length)
+
+    walk(seg.eqns, 1)
+    return out

@@ -4,6 +4,7 @@ user's pins (microbatches=, allow=(), objective="bottleneck") kept through lwjax
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import jax
@@ -169,3 +170,60 @@ def test_a_split_layers_allreduces_cost_their_bytes_on_a_cpu(tiny, monkeypatch):
     assert all(x.floor_s[0] == 0 for x in seen if x.tp == 1)
     assert cal.TickModel(allreduce_floor_s=1e-4, allreduce_s_per_byte=1e-9).allreduce_s(
         1000, 4) == pytest.approx(1e-4 + 4e-6)
+
+
+# ---- matmuls over stacked weights (experts) ------------------------------------------------
+
+MOE = models.configs.tiny_moe()
+CPU = dataclasses.replace(H100, name="a 2-core CPU", kind="cpu", num_cores=2,  # its rates
+                          peak_fp32_flops=2e11, peak_bf16_flops=2e11, hbm_bandwidth=2e10,
+                          l2_bandwidth=1e11, link_bandwidth=1e10)
+
+
+def _graph(cfg, batch: int):
+    from lwjax.passes.segment import segment
+    from lwjax.passes.trace import trace
+
+    return segment(trace(models.abstract(cfg),
+                         jax.ShapeDtypeStruct((batch, cfg.seq_len), jnp.int32)))
+
+
+def test_stacked_matmuls_are_the_experts_by_hand():
+    """An MoE layer's gate, up and down einsums run E matrices each: 2 x B x E x C x D x F
+    FLOPs, one matrix 1/E of them. Split over tp = 2 the experts axis (4) divides: whole
+    experts per device, each matrix as large as unsplit; over tp = 8 it does not, so
+    passes/tp.py splits F and each matrix is 1/8. A dense layer has none."""
+    b, e, d, f = 8, MOE.num_experts, MOE.hidden_size, MOE.mlp_hidden_size
+    c = MOE.capacity(MOE.seq_len)
+    graph = _graph(MOE, b)
+    total = 2 * b * e * c * d * f
+    for tp, matrix in ((1, total / e), (2, total / e), (8, total / e / 8)):
+        got = layout.stacked_matmuls(graph, graph.layers[1], tp)
+        assert [(m.flops, m.matrix_flops) for m in got] == [
+            (pytest.approx(total / tp), pytest.approx(matrix))] * 3, tp
+    dense = _graph(CFG, b)
+    assert layout.stacked_matmuls(dense, dense.layers[1], 1) == []
+
+
+def test_an_expert_layer_split_over_tp_keeps_its_matrices_large(monkeypatch):
+    """The same FLOPs per device, split two ways: 4 microbatches of 2 sequences on one device
+    each, or 1 microbatch of 8 over tp = 4 (whole experts per device). The experts' matrices
+    are 4x larger split, so on a CPU (efficiency grows with a matmul's size) the layer's work
+    is less -- what made 4 x tp 4, M=2 the measured fastest MoE layout where the search,
+    scoring by the layer's FLOPs alone, put 16 x tp 1, M=8 first
+    (experiments/results/layout_check.md). A dense layer's matrices shrink with tp: no change."""
+    cfg = dataclasses.replace(MOE, hidden_size=256, head_dim=64, mlp_hidden_size=512,
+                              seq_len=64)  # matmuls, not bytes, decide the layer's time
+    seen = {}
+    real = layout.layout_inputs
+
+    def spy(graph, numbers, hw, **kw):
+        x = real(graph, numbers, hw, **kw)
+        seen[x.microbatches, x.tp] = x
+        return x
+
+    monkeypatch.setattr(layout, "layout_inputs", spy)
+    lwjax.plan(models.abstract(cfg), jax.ShapeDtypeStruct((8, cfg.seq_len), jnp.int32),
+               num_devices=16, hardware=CPU, cache_bytes=10**9)
+    small, split = seen[4, 1], seen[1, 4]
+    assert split.work_s[1] < 0.9 * small.work_s[1]
