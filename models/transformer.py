@@ -16,6 +16,8 @@ Example:
 
 from __future__ import annotations
 
+import functools
+
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -282,21 +284,22 @@ def generate(model: Transformer, prompt_BT: jax.Array, max_new_tokens: int) -> j
         raise InputError(f"generate: max_new_tokens must be a positive integer, got "
                          f"{max_new_tokens!r}.")
     graphdef, state = nnx.split(model)
-    max_len = prompt_BT.shape[1] + max_new_tokens
+    return _greedy(graphdef, state, prompt_BT, prompt_BT.shape[1] + max_new_tokens,
+                   max_new_tokens)
 
-    @jax.jit
-    def run(state, prompt_BT):
-        m = nnx.merge(graphdef, state)
-        logits, cache = m.prefill(prompt_BT, max_len)
-        first = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
 
-        def step(carry, _):
-            token_B, cache = carry
-            logits, cache = m.decode_step(token_B[:, None], cache)
-            nxt = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
-            return (nxt, cache), token_B
+@functools.partial(jax.jit, static_argnums=(0, 3, 4))
+def _greedy(graphdef, state, prompt_BT, max_len: int, max_new_tokens: int) -> jax.Array:
+    """generate's program, compiled once per model structure, shapes and lengths."""
+    m = nnx.merge(graphdef, state)
+    logits, cache = m.prefill(prompt_BT, max_len)
+    first = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
 
-        (last, _), toks = jax.lax.scan(step, (first, cache), None, length=max_new_tokens - 1)
-        return jnp.concatenate([toks.T, last[:, None]], axis=1)
+    def step(carry, _):
+        token_B, cache = carry
+        logits, cache = m.decode_step(token_B[:, None], cache)
+        nxt = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
+        return (nxt, cache), token_B
 
-    return run(state, prompt_BT)
+    (last, _), toks = jax.lax.scan(step, (first, cache), None, length=max_new_tokens - 1)
+    return jnp.concatenate([toks.T, last[:, None]], axis=1)

@@ -139,11 +139,12 @@ class GenerationProgram:
 
     def empty_caches(self) -> list:
         """The cache slots, allocated on their devices (the program fills them)."""
-        out = []
-        for a in self.abstract_caches():
-            out.append(jax.jit(lambda a=a: jnp.zeros(a.shape, a.dtype),
-                               out_shardings=a.sharding)())
-        return out
+        slots = self.abstract_caches()
+        if not slots:
+            return []
+        make = jax.jit(lambda: [jnp.zeros(a.shape, a.dtype) for a in slots],
+                       out_shardings=[a.sharding for a in slots])
+        return make()  # one program for every slot
 
     def new_tokens(self, stacked) -> jax.Array:
         """The last stage's [M, mb, N] tokens from ``fn``'s [S * M, mb, N], as [B, N] on the
