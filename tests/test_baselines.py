@@ -59,13 +59,13 @@ def _baseline(kind: str, tp: int, pp: int, microbatches: int, variant: str | Non
     "kind, tp, pp, microbatches",
     [
         ("dense", 8, 2, 2),
-        ("dense", 8, 2, 8),
+        pytest.param("dense", 8, 2, 8, marks=pytest.mark.slow),
         ("dense", 4, 2, 4),
-        ("dense", 2, 4, 8),
+        pytest.param("dense", 2, 4, 8, marks=pytest.mark.slow),
         ("dense", 1, 1, 1),
         ("moe", 8, 2, 4),
         ("moe", 4, 2, 2),
-        ("moe", 2, 4, 4),
+        pytest.param("moe", 2, 4, 4, marks=pytest.mark.slow),
         ("moe", 1, 1, 1),
     ],
 )

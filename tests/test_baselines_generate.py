@@ -61,7 +61,7 @@ def _generator(kind: str, tp: int, pp: int, microbatches: int):
 
 @pytest.mark.parametrize(
     "kind, tp, pp, microbatches",
-    [("dense", 2, 2, 2), ("dense", 4, 2, 4),
+    [("dense", 2, 2, 2), pytest.param("dense", 4, 2, 4, marks=pytest.mark.slow),
      pytest.param("moe", 2, 2, 4, marks=pytest.mark.slow), ("moe", 4, 2, 2)],
 )
 def test_tp_pp_generate_matches_models_generate(kind, tp, pp, microbatches):

@@ -63,7 +63,9 @@ def _reference(w, contract, bits, sparsity):
     return w
 
 
-@pytest.mark.parametrize("preset", PRESETS)
+# the combined presets (sparse + quantised) are slow: their parts run in the default
+@pytest.mark.parametrize("preset", [p if "-" not in p else pytest.param(p, marks=pytest.mark.slow)
+                                    for p in PRESETS])
 def test_codecs_decode_to_the_numpy_reference_with_the_planned_bytes(graph, preset):
     g, values = graph
     policy = compression.get(preset)

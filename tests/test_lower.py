@@ -48,9 +48,9 @@ def moe():
 
 @pytest.mark.parametrize(("num_devices", "microbatches", "largest_stage"), [
     (16, 8, 1),
-    (8, 4, 2),
+    pytest.param(8, 4, 2, marks=pytest.mark.slow),
     (5, 2, 4),  # 16 layers on 5 stages: uneven, at best 4 layers in the slowest stage
-    (2, 8, 8),
+    pytest.param(2, 8, 8, marks=pytest.mark.slow),
     (1, 1, 16),
 ])
 def test_dense_matches_model(dense, num_devices, microbatches, largest_stage):
@@ -64,7 +64,8 @@ def test_dense_matches_model(dense, num_devices, microbatches, largest_stage):
     np.testing.assert_allclose(sm(tokens), model(tokens), atol=ATOL, rtol=RTOL)
 
 
-@pytest.mark.parametrize(("num_devices", "microbatches"), [(4, 4), (3, 2), (2, 1)])
+@pytest.mark.parametrize(("num_devices", "microbatches"),
+                         [(4, 4), pytest.param(3, 2, marks=pytest.mark.slow), (2, 1)])
 def test_moe_matches_model(moe, num_devices, microbatches):
     cfg, model = moe
     tokens = _tokens(cfg)

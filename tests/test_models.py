@@ -88,7 +88,8 @@ def test_abstract_seed_dense_allocates_no_weights():
 # ---- forward pass ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("make", [configs.tiny_dense, configs.tiny_moe])
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16,
+                                   pytest.param(jnp.float16, marks=pytest.mark.slow)])
 def test_output_shape_and_dtype(make, dtype):
     cfg = dataclasses.replace(make(), dtype=dtype)
     model = models.build(cfg, rngs=nnx.Rngs(0))
@@ -152,11 +153,12 @@ def test_generate_is_greedy_over_full_forward():
     model = models.build(cfg, rngs=nnx.Rngs(4))
     prompt = _tokens(cfg, seq=6)
     new = models.generate(model, prompt, 4)
-    seq = prompt
-    for _ in range(4):  # oracle: recompute the whole sequence each step
-        nxt = jnp.argmax(model(seq)[:, -1], axis=-1).astype(jnp.int32)
-        seq = jnp.concatenate([seq, nxt[:, None]], axis=1)
-    np.testing.assert_array_equal(np.asarray(new), np.asarray(seq[:, 6:]))
+    # oracle: one full forward over prompt + new tokens; the model is causal (test_causal), so
+    # position 5 + i sees exactly prompt + new[:i], and greedy means new[i] is its argmax
+    seq = jnp.concatenate([prompt, new], axis=1)
+    logits = nnx.jit(lambda m, s: m(s))(model, seq)
+    want = jnp.argmax(logits[:, 5:9], axis=-1).astype(jnp.int32)
+    np.testing.assert_array_equal(np.asarray(new), np.asarray(want))
 
 
 def test_prefill_longer_than_cache_is_an_error():

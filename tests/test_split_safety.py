@@ -191,7 +191,7 @@ def _in_child(*cases: dict) -> list[dict]:
     # the default run's representative of dense_3_heads: tp 4, through layerwise_shard
     [dict(model="dense_3_heads", tp=4, stages=2, via="layerwise_shard")],
     # one stage: the vocabulary-split embedding's all-reduce over all devices stays inside it
-    [dict(model="tiny_dense", tp=4, stages=1)],
+    pytest.param([dict(model="tiny_dense", tp=4, stages=1)], marks=pytest.mark.slow),
 ], ids=["dense_3_heads", "fused_qkv", "tiny_dense", "layerwise_shard", "one_stage"])
 def test_split_runs_and_equals_the_model(cases):
     for case, result in zip(cases, _in_child(*cases), strict=True):
@@ -203,7 +203,8 @@ def test_split_runs_and_equals_the_model(cases):
 # ---- what the rule misses, the compiled check refuses before anything runs -----------------------
 
 @pytest.mark.parametrize("case", [
-    dict(model="conv", tp=2, stages=2),  # a convolution along the split MLP width
+    # a convolution along the split MLP width (slow: dense_3_heads is the default's refusal)
+    pytest.param(dict(model="conv", tp=2, stages=2), marks=pytest.mark.slow),
     dict(model="dense_3_heads", tp=2, stages=2, rule="first_divisible"),  # the original hang
 ], ids=lambda c: "-".join(str(v) for v in c.values()))
 def test_split_that_would_hang_is_refused(case):

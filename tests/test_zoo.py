@@ -79,7 +79,8 @@ def test_analyze_finds_one_layer_per_block(zoo):
     assert len(sizes) == 1 and sizes.pop() > 0
 
 
-@pytest.mark.parametrize("num_devices,microbatches", [(2, 2), (4, 4)])
+@pytest.mark.parametrize("num_devices,microbatches",
+                         [(2, 2), pytest.param(4, 4, marks=pytest.mark.slow)])
 def test_layerwise_shard_equals_the_model(zoo, num_devices, microbatches):
     _, model, ids, want = zoo
     sm = lwjax.layerwise_shard(model, ids, devices=jax.devices()[:num_devices],
