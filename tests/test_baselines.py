@@ -60,8 +60,8 @@ def _baseline(kind: str, tp: int, pp: int, microbatches: int, variant: str | Non
     [
         ("dense", 8, 2, 2),
         pytest.param("dense", 8, 2, 8, marks=pytest.mark.slow),
-        ("dense", 4, 2, 4),
-        pytest.param("dense", 2, 4, 8, marks=pytest.mark.slow),
+        pytest.param("dense", 4, 2, 4, marks=pytest.mark.slow),
+        ("dense", 2, 4, 8),  # the default variant at pp = 4
         ("dense", 1, 1, 1),
         ("moe", 8, 2, 4),
         ("moe", 4, 2, 2),

@@ -166,7 +166,6 @@ def test_trained_weights_survive_a_loss_only_through_a_hot_spare(dense):
     np.testing.assert_allclose(switched(tokens), trained, atol=ATOL, rtol=RTOL)
 
 
-@pytest.mark.slow  # replanning: test_replan_after_losing_devices_... in the default run
 def test_generator_replan_gives_the_same_tokens(dense):
     model, tokens, _, _ = dense
     prompt = tokens[:, :8]

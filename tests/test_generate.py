@@ -191,8 +191,8 @@ def test_transformers_gpt2_equals_its_own_greedy_generation():
     g = lwjax.layerwise_generate(model, prompt, max_new_tokens=12, devices=jax.devices()[:4],
                                  microbatches=2, objective="bottleneck")
     got = np.asarray(g(prompt))
-    # the oracle: GPT-2's own logits, one full forward (transformers' generate() gives the same
-    # tokens: the slow test_transformers_families_with_eos_... compare against it)
+    # the oracle: GPT-2's own logits, one full forward (transformers' generate() is the oracle of
+    # test_transformers_families_with_eos_equal_their_own_generation)
     np.testing.assert_array_equal(
         got, _greedy_under_full_forward(lambda s: model(s).logits, prompt, got))
     assert len(np.unique(got)) > 4  # a continuation worth comparing, not one repeated token
@@ -230,8 +230,8 @@ def _hf(family: str):
     return cls(cfg, seed=0)
 
 
-# the default run's transformers representative is gpt2 (test_transformers_gpt2_...)
-@pytest.mark.parametrize("family", [pytest.param("llama", marks=pytest.mark.slow),
+# llama in the default run: transformers' own generate() with eos and padding is the oracle
+@pytest.mark.parametrize("family", ["llama",
                                     pytest.param("mistral", marks=pytest.mark.slow),
                                     pytest.param("gpt_neo", marks=pytest.mark.slow),
                                     pytest.param("opt", marks=pytest.mark.slow)])
@@ -281,7 +281,8 @@ def test_bad_prompts():
                                  plan=lwjax.plan(model, _prompt(cfg), num_devices=2))
 
 
-@pytest.mark.slow  # a given plan= runs in the default run through layerwise_shard (test_discovery)
+@pytest.mark.slow  # default run: a given plan= through layerwise_shard (test_discovery) and a
+# generator's own replanned plan (test_failover's test_generator_replan_gives_the_same_tokens)
 def test_given_plan_runs_as_is(dense16):
     model, cfg = _model("dense", 4)
     prompt = _prompt(cfg)

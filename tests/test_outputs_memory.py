@@ -65,7 +65,7 @@ def test_each_device_holds_a_quarter_of_the_outputs_on_four_stages(dense, microb
 
 
 @pytest.mark.parametrize(("num_stages", "microbatches", "tp", "shard_rows", "devices"), [
-    pytest.param(1, 2, 1, 8, [0], marks=pytest.mark.slow),
+    pytest.param(1, 2, 1, 8, [0], marks=pytest.mark.slow),  # one stage: the other cases' rule
     pytest.param(2, 2, 1, 4, [0, 1], marks=pytest.mark.slow),
     (4, 4, 1, 8, [0, 1, 2, 3]),  # cut along the sequence: every row, 4 positions each
     (5, 2, 1, 2, [1, 2, 3, 4]),  # 5 does not divide the batch of 8: the last 4 stages hold it

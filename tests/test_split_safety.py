@@ -188,11 +188,12 @@ def _in_child(*cases: dict) -> list[dict]:
     # heads divide: split over heads, as before
     pytest.param([dict(model="tiny_dense", tp=2, stages=2),
                   dict(model="tiny_dense", tp=4, stages=2)], marks=pytest.mark.slow),
-    # the default run's representative of dense_3_heads: tp 4, through layerwise_shard
-    [dict(model="dense_3_heads", tp=4, stages=2, via="layerwise_shard")],
+    # the default run's representative of dense_3_heads: tp 4, through layerwise_shard; and
     # one stage: the vocabulary-split embedding's all-reduce over all devices stays inside it
-    pytest.param([dict(model="tiny_dense", tp=4, stages=1)], marks=pytest.mark.slow),
-], ids=["dense_3_heads", "fused_qkv", "tiny_dense", "layerwise_shard", "one_stage"])
+    # (one child process for both)
+    [dict(model="dense_3_heads", tp=4, stages=2, via="layerwise_shard"),
+     dict(model="tiny_dense", tp=4, stages=1)],
+], ids=["dense_3_heads", "fused_qkv", "tiny_dense", "layerwise_shard_and_one_stage"])
 def test_split_runs_and_equals_the_model(cases):
     for case, result in zip(cases, _in_child(*cases), strict=True):
         assert result["outcome"] == "ran", (case, result)
