@@ -230,8 +230,8 @@ DEFINITIONS = f"""\
 - **TPOT** (ms per output token): for a forward/prefill pass lwjax defines it as 1000 / TPS,
   the time per token at that throughput, as the seed documents compute it (their TPOT is
   1000 / their TPS). The decode TPOT -- ms between two tokens of one sequence, KV caches
-  attended -- is projected in Table 2c; lwjax's runtime does not pipeline decode yet, so it
-  is not measured.
+  attended -- is projected in Table 2c here and measured by `experiments/decode.py`
+  (`experiments/results/decode.md`: lwjax's decode ring against TP x PP generation).
 - **measured** ({{cpu}}): wall-clock time, medians of interleaved runs
   (every baseline variant, layer-wise, single, then again ...) after all were compiled;
   "TPS range" is the
