@@ -284,15 +284,14 @@ def generate(model: Transformer, prompt_BT: jax.Array, max_new_tokens: int) -> j
         raise InputError(f"generate: max_new_tokens must be a positive integer, got "
                          f"{max_new_tokens!r}.")
     graphdef, state = nnx.split(model)
-    return _greedy(graphdef, state, prompt_BT, prompt_BT.shape[1] + max_new_tokens,
-                   max_new_tokens)
+    return _greedy(graphdef, state, prompt_BT, max_new_tokens)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3, 4))
-def _greedy(graphdef, state, prompt_BT, max_len: int, max_new_tokens: int) -> jax.Array:
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _greedy(graphdef, state, prompt_BT, max_new_tokens: int) -> jax.Array:
     """generate's program, compiled once per model structure, shapes and lengths."""
     m = nnx.merge(graphdef, state)
-    logits, cache = m.prefill(prompt_BT, max_len)
+    logits, cache = m.prefill(prompt_BT, prompt_BT.shape[1] + max_new_tokens)
     first = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
 
     def step(carry, _):

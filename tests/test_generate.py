@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _oracles import greedy_under_full_forward
 from flax import nnx
 
 import lwjax
@@ -132,7 +133,7 @@ def test_mixed_lengths_and_left_padding_give_each_sequence_its_own_tokens():
     got = np.asarray(g(prompt, lengths=lengths))
     # each row is its own prompt's greedy continuation (teacher-forced: one compile, not four)
     np.testing.assert_array_equal(
-        got, _greedy_under_full_forward(lambda s: model(s), prompt, got, lengths))
+        got, greedy_under_full_forward(lambda s: model(s), prompt, got, lengths))
     alone = np.asarray(models.generate(model, jnp.asarray(prompt[1:2, :3]), 10))[0]
     np.testing.assert_array_equal(got[1], alone)  # and a short one by models.generate itself
     # the same prompts left-padded, with an attention mask
@@ -163,24 +164,6 @@ def test_eos_ends_a_sequence():
     assert (got[0, 4:] == 0).all()
 
 
-def _greedy_under_full_forward(forward, prompt, new, lengths=None) -> np.ndarray:
-    """The greedy tokens a causal LM's own full forward picks, teacher-forced on ``new``.
-
-    Row i is its prompt's first ``lengths[i]`` tokens, then ``new[i]``, then zeros: the model is
-    causal, so position lengths[i] - 1 + j sees exactly the prompt and new[i, :j], and greedy
-    decoding means new[i, j] is the argmax there. One forward call (one compile) checks every
-    row and step, whatever the prompts' lengths."""
-    prompt, new = np.asarray(prompt), np.asarray(new)
-    b, t = prompt.shape
-    n = new.shape[1]
-    lengths = np.full(b, t) if lengths is None else np.asarray(lengths)
-    seq = np.zeros((b, t + n), np.int32)
-    for i, k in enumerate(lengths):
-        seq[i, :k], seq[i, k:k + n] = prompt[i, :k], new[i]
-    logits = np.asarray(jax.jit(forward)(jnp.asarray(seq)))
-    return np.stack([logits[i, k - 1:k - 1 + n].argmax(-1) for i, k in enumerate(lengths)])
-
-
 def test_transformers_gpt2_equals_its_own_greedy_generation():
     from transformers import FlaxGPT2LMHeadModel, GPT2Config
 
@@ -194,7 +177,7 @@ def test_transformers_gpt2_equals_its_own_greedy_generation():
     # the oracle: GPT-2's own logits, one full forward (transformers' generate() is the oracle of
     # test_transformers_families_with_eos_equal_their_own_generation)
     np.testing.assert_array_equal(
-        got, _greedy_under_full_forward(lambda s: model(s).logits, prompt, got))
+        got, greedy_under_full_forward(lambda s: model(s).logits, prompt, got))
     assert len(np.unique(got)) > 4  # a continuation worth comparing, not one repeated token
     assert len(g.plan.stages) == 4
     leaves = g.program(6).cache_leaves

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _oracles import greedy_under_full_forward
 from flax import nnx
 
 from lwjax import models
@@ -153,12 +154,9 @@ def test_generate_is_greedy_over_full_forward():
     model = models.build(cfg, rngs=nnx.Rngs(4))
     prompt = _tokens(cfg, seq=6)
     new = models.generate(model, prompt, 4)
-    # oracle: one full forward over prompt + new tokens; the model is causal (test_causal), so
-    # position 5 + i sees exactly prompt + new[:i], and greedy means new[i] is its argmax
-    seq = jnp.concatenate([prompt, new], axis=1)
-    logits = nnx.jit(lambda m, s: m(s))(model, seq)
-    want = jnp.argmax(logits[:, 5:9], axis=-1).astype(jnp.int32)
-    np.testing.assert_array_equal(np.asarray(new), np.asarray(want))
+    # oracle: one full forward over prompt + new tokens; the model is causal (test_causal)
+    np.testing.assert_array_equal(
+        np.asarray(new), greedy_under_full_forward(lambda s: model(s), prompt, new))
 
 
 def test_prefill_longer_than_cache_is_an_error():
