@@ -15,6 +15,7 @@ from lwjax.passes.cost import TRAIN_TIME_FACTOR
 from lwjax.passes.footprint import Footprint
 from lwjax.passes.padding import StoredArray
 from lwjax.passes.padding import padding as slot_padding
+from lwjax.passes.schedules import CIRCULAR
 from lwjax.passes.train_footprint import BACKWARD_FACTOR, TrainingNumbers
 
 MIB = 2**20
@@ -120,6 +121,10 @@ class Plan:
         concurrency: the cores a CPU's simulated devices share (None: every stage has its own
             device); the step objective then bounds a step by the total work.
         method: "optimal" or "greedy" partitioning; ``replan`` keeps it.
+        virtual: stages per device group: 1 (GPipe), or the circular schedule's laps
+            (``passes/schedules.py``): ``stages`` are S x virtual, stage k running on the
+            devices of stage k mod S, which hold the weights of all their stages
+            (``device_footprint``). Chosen by the layout search for forward passes.
     """
 
     stages: tuple[Stage, ...]
@@ -140,10 +145,31 @@ class Plan:
     objective: Objective = "bottleneck"
     concurrency: int | None = None
     method: str = "optimal"
+    virtual: int = 1
 
     @property
     def num_devices(self) -> int:
-        return sum(s.tp for s in self.stages)
+        return sum(s.tp for s in self.stages[:self.ring])
+
+    @property
+    def ring(self) -> int:
+        """S: the device groups the stages run on (the stage count unless circular)."""
+        return len(self.stages) // self.virtual
+
+    @property
+    def pipeline_schedule(self) -> str:
+        """The forward pass's schedule: "circular" with several stages per device, else
+        "gpipe"."""
+        return "circular" if self.virtual > 1 else "gpipe"
+
+    def device_footprint(self, stage: Stage) -> Footprint:
+        """What the stage's devices hold: its footprint, plus (circular) their other
+        stages' weights (``Footprint.__add__``: transient bytes the larger)."""
+        total = stage.footprint
+        for other in self.stages[stage.index % self.ring::self.ring]:
+            if other.index != stage.index:
+                total = total + other.footprint
+        return total
 
     @property
     def schedule(self) -> str | None:
@@ -161,9 +187,10 @@ class Plan:
         return max(self.stages, key=lambda s: (s.est_time_s, -s.index))
 
     def resident_bytes(self, stage: Stage) -> int:
-        """Bytes the plan requires on chip for a stage under its residency policy (its own;
+        """Bytes the plan requires on chip for a stage's devices under its residency policy
+        (its own, with its devices' other stages under the circular schedule;
         ``device_bytes`` adds the weight and KV-cache slots' padding)."""
-        f = stage.footprint
+        f = self.device_footprint(stage)
         if self.residency == "weights":
             return f.weights_bytes + f.kv_cache_bytes
         return f.total_bytes
@@ -179,7 +206,7 @@ class Plan:
         Example:
             >>> plan.padding_bytes   # 16 layers on 5 stages: the 1-layer stage pads 3 layers
         """
-        return slot_padding(self.numbers, [s.layer_range for s in self.stages])
+        return slot_padding(self.numbers, [s.layer_range for s in self.stages], self.virtual)
 
     def device_bytes(self, stage: Stage) -> int:
         """What the stage's device holds on chip: ``resident_bytes`` plus the padding."""
@@ -187,9 +214,15 @@ class Plan:
 
     @property
     def step_time_s(self) -> float:
-        """Projected seconds of one GPipe step of the whole batch (``step_time``)."""
+        """Projected seconds of one step of the whole batch (``step_time``)."""
         return step_time([s.layer_range for s in self.stages], self.numbers.costs_s,
-                         self.microbatches, self.concurrency, self.numbers.epilogue_s, self.tp)
+                         self.microbatches, self.concurrency, self.numbers.epilogue_s, self.tp,
+                         self.virtual)
+
+    @property
+    def ticks(self) -> int:
+        """The schedule's tick count: M + S - 1 (GPipe), the circular table's otherwise."""
+        return schedule_ticks(self.ring, self.microbatches, self.virtual)
 
     @property
     def outside_weights_share(self) -> float:
@@ -218,8 +251,10 @@ class Plan:
         ids = [_ids(s.devices) for s in self.stages]
         w_layers = max(len("layers"), *map(len, spans))
         w_ids = max(len("devices"), *map(len, ids))
+        laps = (f" ({self.ring} device groups x {self.virtual} laps, circular schedule)"
+                if self.virtual > 1 else "")
         lines = [
-            f"Plan: {_count(len(self.stages), 'stage')} on {self.num_devices} of "
+            f"Plan: {_count(len(self.stages), 'stage')}{laps} on {self.num_devices} of "
             f"{len(self.device_pool)} devices ({self.hardware}){model}{split}, capacity "
             f"{cap / MIB:.2f} MiB/device, "
             f"compression={self.compression}, M={self.microbatches} x {self.microbatch_size}, "
@@ -242,16 +277,20 @@ class Plan:
                            for _, width, count in self._columns())
                 + f" {100 * self.device_bytes(s) / cap:>7.1f} {s.est_time_s * 1e3:>9.3f}"
                 + ("  <- bottleneck" if s.index == slow else ""))
-        ticks = self.microbatches + len(self.stages) - 1
+        ticks = self.ticks
         epilogue = self.microbatches * self.numbers.epilogue_s
         shared = self.concurrency and self.step_time_s - epilogue > (
             ticks * self.bottleneck.est_time_s * (1 + 1e-9))
+        circular = ([f"circular: each device group runs {self.virtual} stages (stage k on the "
+                     f"devices of stage k mod {self.ring}) and holds all their weights: fill % "
+                     "is the group's"] if self.virtual > 1 else [])
         lines += [
+            *circular,
             *self._padding_lines(),
             "(MiB per device; fill % counts what the residency policy keeps on chip, the "
             "padding included; est ms: projected roofline per microbatch, excluding the "
             "epilogue; not measured)",
-            f"projected {_step_name(self.schedule)}: {ticks} ticks x "
+            f"projected {_step_name(self.schedule, self.virtual)}: {ticks} ticks x "
             f"{self.bottleneck.est_time_s * 1e3:.3f} ms "
             f"(stage {slow})"
             + (" [the stages share one host's cores: M x all stages' time instead]"
@@ -287,6 +326,13 @@ class Plan:
         pads = self.padding_bytes
         if not any(pads):
             return []
+        if self.virtual > 1:  # one figure per device, beyond all of its stages' own
+            parts = [f"device {self.stages[d].devices[0]} (stages "
+                     f"{','.join(map(str, range(d, len(pads), self.ring)))}) +{_amount(pads[d])}"
+                     for d in range(self.ring) if pads[d]]
+            return ["weight slots: one SPMD program gives every device the same weight arrays, "
+                    "so a device with fewer weights of a kind stores zero rows (counted in fill "
+                    "%): " + ", ".join(parts)]
         runs: list[list[int]] = []  # consecutive stages with the same padding
         for k, p in enumerate(pads):
             if runs and pads[runs[-1][-1]] == p:
@@ -392,11 +438,12 @@ def layer_span(layers: Sequence[str]) -> str:
     return f"{layers[0]}..{'/'.join(last[shared:])}"
 
 
-def _step_name(schedule: str | None) -> str:
-    """How ``summary`` names the step: 'GPipe step' (inference), 'GPipe training step',
-    '1F1B training step' (the same tick count: 1F1B reorders the ticks, same bubble)."""
+def _step_name(schedule: str | None, virtual: int = 1) -> str:
+    """How ``summary`` names the step: 'GPipe step' (inference), 'circular step',
+    'GPipe training step', '1F1B training step' (the same tick count: 1F1B reorders the
+    ticks, same bubble)."""
     if schedule is None:
-        return "GPipe step"
+        return "circular step" if virtual > 1 else "GPipe step"
     return f"{'GPipe' if schedule == 'gpipe' else schedule.upper()} training step"
 
 
@@ -412,8 +459,22 @@ def _ids(ids: tuple[int, ...]) -> str:
     return ",".join(map(str, ids))
 
 
+def schedule_ticks(ring: int, microbatches: int, virtual: int = 1) -> int:
+    """Ticks of a forward step over ``ring`` device groups: M + S - 1 (GPipe, ``virtual``
+    1), else the circular schedule's (``virtual x M + S - 1`` when S divides M).
+
+    Example:
+        >>> schedule_ticks(8, 8, virtual=2)
+        23
+    """
+    if virtual == 1:
+        return microbatches + ring - 1
+    return int(CIRCULAR.output_ticks(ring, microbatches, virtual)[-1]) + 1
+
+
 def step_time(ranges: Sequence[tuple[int, int]], costs_s: Sequence[float], microbatches: int,
-              concurrency: int | None = None, epilogue_s: float = 0.0, tp: int = 1) -> float:
+              concurrency: int | None = None, epilogue_s: float = 0.0, tp: int = 1,
+              virtual: int = 1) -> float:
     """Projected GPipe step: (M + S - 1) ticks of the slowest stage, then the last stage's
     epilogue (final norm, LM head) on the M microbatches, ``M x epilogue_s``. When the stages
     share one host's cores (``concurrency``, a CPU's simulated devices; stage times are then
@@ -427,7 +488,7 @@ def step_time(ranges: Sequence[tuple[int, int]], costs_s: Sequence[float], micro
         8.0
     """
     times = [sum(costs_s[a:b]) for a, b in ranges]
-    step = (microbatches + len(times) - 1) * max(times)
+    step = schedule_ticks(len(times) // virtual, microbatches, virtual) * max(times)
     if concurrency:
         step = max(step, microbatches * tp * sum(times))
     return step + microbatches * epilogue_s

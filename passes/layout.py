@@ -5,7 +5,13 @@ The layouts a user would pick are candidates, listed in the registry ``FAMILIES`
 - ``"lwjax"``: any stage count S of ``tp`` devices each (S x tp <= devices), the layers
   partitioned contiguously with the least slowest stage (``partition_layers``);
 - ``"TP x PP mesh"``: the meshes a user writes by hand, pp = devices // tp stages of
-  near-equal layer counts over every device, tp >= 2 (2 stages x tp 8 is one).
+  near-equal layer counts over every device, tp >= 2 (2 stages x tp 8 is one);
+- ``"circular"``: the circular (interleaved) schedule (``passes/schedules.py``): S >= 2
+  devices (tp 1) each running ``virtual`` >= 2 stages, S x virtual stages in all with the
+  least slowest stage, each device holding all of its stages' weights. Its fill and drain
+  are S - 1 ticks of one stage (GPipe's: S - 1 ticks of ``virtual`` stages), and every
+  microbatch crosses ``virtual`` times as many device boundaries. Searched for forward
+  passes (``Space.schedules``).
 
 Each is tried at every microbatch count M allowed and scored by one projected step
 (``step_seconds``): the roofline corrected by ``cost_calibration.tick_model`` -- a layer's
@@ -40,7 +46,7 @@ from lwjax.passes.partition import partition_layers
 from lwjax.passes.planner import _residual_bytes, partition_inputs, segment_cost
 from lwjax.passes.segment import LayerGraph, Segment
 from lwjax.passes.tp import residual_width, split_axis
-from lwjax.plan import LayerNumbers, Residency
+from lwjax.plan import LayerNumbers, Residency, schedule_ticks
 
 Range = tuple[int, int]
 _TIE = 1e-9  # relative: steps closer than this are equal; fewer devices, stages, M win
@@ -87,39 +93,46 @@ class Layout:
     """One candidate: ``family`` of ``FAMILIES``, S stages x tp devices, M microbatches."""
 
     family: str
-    num_stages: int
+    num_stages: int  # device groups S (a circular layout runs S x virtual stages on them)
     tp: int
     microbatches: int
+    virtual: int = 1  # stages per device group: the circular schedule's laps
 
     def describe(self, family: bool = True) -> str:
-        shape = f"{self.num_stages} x tp {self.tp}, M={self.microbatches}"
+        laps = f" x {self.virtual} laps" if self.virtual > 1 else ""
+        shape = f"{self.num_stages} x tp {self.tp}{laps}, M={self.microbatches}"
         return f"{shape} ({self.family})" if family else shape
 
 
 @dataclasses.dataclass(frozen=True)
 class Scored:
     layout: Layout
-    ranges: tuple[Range, ...]
+    ranges: tuple[Range, ...]  # S x virtual stages
     step_s: float
 
 
 @dataclasses.dataclass(frozen=True)
 class Space:
-    """The dimensions searched: tps allowed, microbatch counts allowed, devices, layers."""
+    """The dimensions searched: tps allowed, microbatch counts allowed, devices, layers, and
+    the schedules whose families are candidates ("gpipe", "circular": forward passes
+    only)."""
 
     tps: tuple[int, ...]
     microbatch_counts: tuple[int, ...]
     num_devices: int
     num_layers: int
+    schedules: tuple[str, ...] = ("gpipe",)
 
 
 @dataclasses.dataclass(frozen=True)
 class Ranking:
-    """Every feasible candidate, best first (``best``, ``runner_up``, ``best_mesh``), and
-    where the corrections to the roofline come from (``TickModel.source``)."""
+    """Every feasible candidate, best first (``best``, ``runner_up``, ``best_mesh``), where
+    the corrections to the roofline come from (``TickModel.source``), and the schedules
+    searched (``Space.schedules``)."""
 
     scored: tuple[Scored, ...]
     source: str = ""
+    schedules: tuple[str, ...] = ("gpipe",)
 
     @property
     def best(self) -> Scored | None:
@@ -132,8 +145,8 @@ class Ranking:
         return next((s for s in self.scored[1:] if _shape(s) != key), None)
 
     def distinct(self) -> tuple[Scored, ...]:
-        """The best candidate of every (S, tp, M), best first."""
-        seen: dict[tuple[int, int, int], Scored] = {}
+        """The best candidate of every (S, tp, M, laps), best first."""
+        seen: dict[tuple[int, int, int, int], Scored] = {}
         for s in self.scored:
             seen.setdefault(_shape(s), s)
         return tuple(seen.values())
@@ -142,14 +155,29 @@ class Ranking:
     def best_mesh(self) -> Scored | None:
         return next((s for s in self.scored if s.layout.family == "TP x PP mesh"), None)
 
+    def best_of(self, schedule: str) -> Scored | None:
+        """The best candidate run under ``schedule`` ("gpipe": one stage per device)."""
+        return next((s for s in self.scored
+                     if (s.layout.virtual > 1) == (schedule == "circular")), None)
+
     def notes(self) -> tuple[str, ...]:
-        """What won, by how much over the runner-up and over the best mesh (projected)."""
+        """What won, by how much over the runner-up, the best mesh and the best layout of
+        the other schedule searched (projected)."""
         best = self.best
         lines = [f"layout search (projected step; corrections: {self.source}): "
                  f"{best.layout.describe()} wins at {best.step_s * 1e3:.3f} ms of "
                  f"{len(self.scored)} feasible candidates"]
-        for label, other in (("the runner-up", self.runner_up),
-                             ("the best TP x PP mesh", self.best_mesh)):
+        other_schedule = "gpipe" if best.layout.virtual > 1 else "circular"
+        compared = [("the runner-up", self.runner_up)]
+        if "gpipe" in self.schedules:
+            compared.append(("the best TP x PP mesh", self.best_mesh))
+        else:
+            lines.append("TP x PP meshes not searched: they run GPipe, and the search was "
+                         "asked for the circular schedule only")
+        if other_schedule in self.schedules and len(self.schedules) > 1:
+            compared.append((f"the best {'GPipe' if other_schedule == 'gpipe' else 'circular'}"
+                             " layout", self.best_of(other_schedule)))
+        for label, other in compared:
             if other is None:
                 lines.append(f"no {label[4:]} fits")
             elif label != "the runner-up" and other.ranges == best.ranges and \
@@ -162,22 +190,24 @@ class Ranking:
         return tuple(lines)
 
 
-def _shape(s: Scored) -> tuple[int, int, int]:
-    return s.layout.num_stages, s.layout.tp, s.layout.microbatches
+def _shape(s: Scored) -> tuple[int, int, int, int]:
+    return s.layout.num_stages, s.layout.tp, s.layout.microbatches, s.layout.virtual
 
 
 # ---- scoring --------------------------------------------------------------------------------
 
-def step_seconds(x: LayoutInputs, ranges: Sequence[Range]) -> float:
+def step_seconds(x: LayoutInputs, ranges: Sequence[Range], virtual: int = 1) -> float:
     """Projected seconds of one GPipe step of a partition: ``M + S - 1`` ticks of the
     slowest stage (its work and its all-reduces' floor) plus the per-tick floor and the
-    transfer; on shared cores no less than all devices' work; then M epilogues.
+    transfer; on shared cores no less than all devices' work; then M epilogues. With
+    ``virtual`` > 1 the ``ranges`` are S x virtual stages under the circular schedule, whose
+    tick count is its table's (``virtual x M + S - 1`` when S divides M).
 
     Example:
         >>> step_seconds(inputs, [(0, 2), (2, 4)])
     """
-    m, s = x.microbatches, len(ranges)
-    ticks = m + s - 1
+    m, s = x.microbatches, len(ranges) // virtual
+    ticks = schedule_ticks(s, m, virtual)
     stage = [sum(x.work_s[a:b]) + sum(x.floor_s[a:b]) for a, b in ranges]
     busy = ticks * max(stage)
     shared = x.model.concurrency is not None
@@ -187,17 +217,21 @@ def step_seconds(x: LayoutInputs, ranges: Sequence[Range]) -> float:
     return busy + ticks * per_tick + m * x.epilogue_s * (x.tp if shared else 1)
 
 
-def _fits(x: LayoutInputs, ranges: Sequence[Range]) -> bool:
-    if x.room <= 0:
-        return False
+def _overflow(x: LayoutInputs, ranges: Sequence[Range], virtual: int = 1) -> int:
+    """How far the fullest device exceeds the room (<= 0: all fit), padding counted."""
     if x.numbers is not None:
-        return padding.overflow(x.numbers, ranges, x.sizes, x.room) <= 0
-    return all(sum(x.sizes[a:b]) <= x.room for a, b in ranges)
+        return padding.overflow(x.numbers, ranges, x.sizes, x.room, virtual)
+    return max(sum(sum(x.sizes[slice(*ranges[k])]) for k in stages)
+               for stages in padding.device_stages(len(ranges), virtual)) - x.room
+
+
+def _fits(x: LayoutInputs, ranges: Sequence[Range], virtual: int = 1) -> bool:
+    return x.room > 0 and _overflow(x, ranges, virtual) <= 0
 
 
 # ---- candidate families ---------------------------------------------------------------------
 
-def _lwjax(x: LayoutInputs, space: Space) -> Iterable[tuple[Range, ...]]:
+def _lwjax(x: LayoutInputs, space: Space) -> Iterable[tuple[tuple[Range, ...], int]]:
     """The least slowest stage with at most k stages, for every k (partitions repeated at
     a larger k are left out)."""
     if x.room <= 0:
@@ -220,10 +254,10 @@ def _lwjax(x: LayoutInputs, space: Space) -> Iterable[tuple[Range, ...]]:
             continue
         if ranges not in seen:
             seen.add(ranges)
-            yield ranges
+            yield ranges, 1
 
 
-def _mesh(x: LayoutInputs, space: Space) -> Iterable[tuple[Range, ...]]:
+def _mesh(x: LayoutInputs, space: Space) -> Iterable[tuple[tuple[Range, ...], int]]:
     """pp = devices // tp stages of near-equal layer counts (the longer first), tp >= 2."""
     pp = space.num_devices // x.tp
     if x.tp < 2 or not 1 <= pp <= space.num_layers:
@@ -234,21 +268,93 @@ def _mesh(x: LayoutInputs, space: Space) -> Iterable[tuple[Range, ...]]:
         stops.append(stops[-1] + base + (i < extra))
     ranges = tuple(zip(stops[:-1], stops[1:], strict=True))
     if _fits(x, ranges):
-        yield ranges
+        yield ranges, 1
+
+
+MAX_LAPS = 8  # the circular family's most stages per device
+
+
+def _circular(x: LayoutInputs, space: Space) -> Iterable[tuple[tuple[Range, ...], int]]:
+    """S >= 2 devices x ``virtual`` in 2..MAX_LAPS stages (S x virtual <= layers), tp 1:
+    the least slowest of S x virtual stages whose devices fit (``circular_partition``)."""
+    if x.tp != 1 or x.room <= 0:
+        return
+    costs = [w + f for w, f in zip(x.work_s, x.floor_s, strict=True)]
+    for s in range(2, min(space.num_devices, space.num_layers // 2) + 1):
+        for v in range(2, min(MAX_LAPS, space.num_layers // s) + 1):
+            ranges = circular_partition(x, costs, s, v)
+            if ranges is not None:
+                yield ranges, v
+
+
+def circular_partition(x: LayoutInputs, costs: Sequence[float], devices: int,
+                       virtual: int) -> tuple[Range, ...] | None:
+    """``devices x virtual`` contiguous stages with the least slowest stage whose devices
+    (stage k on device k mod S) each hold all their stages, padding counted; None when no
+    partition tried fits.
+
+    The least slowest stage over at most S x virtual stages that each fit a per-stage budget
+    (``partition_layers``, exact), its stages split until there are exactly S x virtual
+    (splitting never raises the slowest stage). A device holds ``virtual`` stages, so the
+    budget starts at the whole room and, while a device overflows, drops by the overflow
+    over ``virtual`` (and below the partition's largest stage): exact when the room does not
+    bind a device, and then no other exactly-V partition has a faster slowest stage; not
+    exhaustive when it does (as ``padding.fit``).
+
+    Example:
+        >>> circular_partition(inputs, inputs.work_s, devices=2, virtual=2)
+        ((0, 1), (1, 2), (2, 3), (3, 4))
+    """
+    stages = devices * virtual
+    if stages > len(x.sizes) or x.room <= 0:
+        return None
+    budget = x.room
+    for _ in range(padding.MAX_REFITS):
+        try:
+            ranges = partition_layers(list(x.sizes), list(costs), budget, stages)
+        except InfeasiblePlanError:
+            return None
+        ranges = _split_to(ranges, costs, stages)
+        over = _overflow(x, ranges, virtual)
+        if over <= 0:
+            return ranges
+        budget = min(budget - -(-over // virtual), max(sum(x.sizes[a:b]) for a, b in ranges) - 1)
+        if budget <= 0:
+            return None
+    return None
+
+
+def _split_to(ranges: Sequence[Range], costs: Sequence[float], count: int
+              ) -> tuple[Range, ...]:
+    """``ranges`` split until there are ``count``: each time the slowest stage of two or
+    more layers, at the cut with the least slower half."""
+    out = list(ranges)
+    while len(out) < count:
+        k = max((i for i, (a, b) in enumerate(out) if b - a >= 2),
+                key=lambda i: (sum(costs[slice(*out[i])]), out[i][1] - out[i][0]))
+        a, b = out[k]
+        cut = min(range(a + 1, b), key=lambda c: max(sum(costs[a:c]), sum(costs[c:b])))
+        out[k:k + 1] = [(a, cut), (cut, b)]
+    return tuple(out)
 
 
 @dataclasses.dataclass(frozen=True)
 class Family:
-    """A registry entry: how one kind of layout partitions the layers at (tp, M)."""
+    """A registry entry: how one kind of layout partitions the layers at (tp, M): each
+    partition with its stages per device (``virtual``; 1 but for the circular schedule),
+    run under ``schedule``."""
 
     name: str
     describe: str
-    partitions: Callable[[LayoutInputs, Space], Iterable[tuple[Range, ...]]]
+    partitions: Callable[[LayoutInputs, Space], Iterable[tuple[tuple[Range, ...], int]]]
+    schedule: str = "gpipe"
 
 
 FAMILIES: tuple[Family, ...] = (
     Family("lwjax", "any stage count x tp, the least slowest stage", _lwjax),
     Family("TP x PP mesh", "devices // tp stages of near-equal layer counts, tp >= 2", _mesh),
+    Family("circular", "S devices x 2..8 stages each (circular schedule), the least slowest "
+           "stage", _circular, "circular"),
 )
 
 
@@ -270,9 +376,12 @@ def search_layouts(inputs_at: Callable[[int, int], LayoutInputs], space: Space) 
                 continue
             x = inputs_at(m, tp)
             for order, family in enumerate(FAMILIES):
-                for ranges in family.partitions(x, space):
-                    layout = Layout(family.name, len(ranges), tp, m)
-                    scored.append((order, Scored(layout, tuple(ranges), step_seconds(x, ranges))))
+                if family.schedule not in space.schedules:
+                    continue
+                for ranges, v in family.partitions(x, space):
+                    layout = Layout(family.name, len(ranges) // v, tp, m, v)
+                    scored.append((order, Scored(layout, tuple(ranges),
+                                                 step_seconds(x, ranges, v))))
     if not scored:
         return Ranking(())
     least = min(s.step_s for _, s in scored)
@@ -281,9 +390,10 @@ def search_layouts(inputs_at: Callable[[int, int], LayoutInputs], space: Space) 
         order, s = item
         tie = s.step_s <= least * (1 + _TIE)
         return (not tie, s.step_s if not tie else 0.0, s.layout.num_stages * s.layout.tp,
-                s.layout.num_stages, s.layout.microbatches, order)
+                s.layout.num_stages, s.layout.virtual, s.layout.microbatches, order)
 
-    return Ranking(tuple(s for _, s in sorted(scored, key=key)), x.model.source)
+    return Ranking(tuple(s for _, s in sorted(scored, key=key)), x.model.source,
+                   tuple(space.schedules))
 
 
 # ---- inputs from a traced graph -------------------------------------------------------------

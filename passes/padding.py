@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from lwjax.plan import LayerNumbers
 
 Range = tuple[int, int]
-_MAX_REFITS = 64
+MAX_REFITS = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,10 +80,16 @@ def stage_arrays(numbers: LayerNumbers, start: int, stop: int,
         segs.insert(0, per_segment[0])
     if stop == num_layers:
         segs.append(per_segment[-1])
+    return _each_weight_once(segs)
+
+
+def _each_weight_once(groups: Sequence[Sequence[StoredArray]]) -> list[StoredArray]:
+    """The arrays of ``groups`` (segments, or a device's stages), a weight's arrays once:
+    from its first group that stores it."""
     seen: dict[int, list[StoredArray]] = {}
-    for seg in segs:  # a weight's arrays once, from its first reader
+    for group in groups:
         mine: dict[int, list[StoredArray]] = {}
-        for a in seg:
+        for a in group:
             mine.setdefault(a.param, []).append(a)
         for param, arrays in mine.items():
             seen.setdefault(param, arrays)
@@ -94,36 +100,55 @@ def _nbytes(a: StoredArray) -> int:
     return a.size * np.dtype(a.dtype).itemsize
 
 
-def stored_bytes(numbers: LayerNumbers, ranges: Sequence[Range]) -> int | None:
+def stored_bytes(numbers: LayerNumbers, ranges: Sequence[Range], virtual: int = 1
+                 ) -> int | None:
     """Bytes of weights every device stores under ``ranges``: the slots' sizes summed
     (None when the numbers do not say how weights are stored: ``LayerNumbers.stored``).
+    ``virtual`` > 1: the circular schedule's stages per device (``device_stages``).
 
     Example:
         >>> stored_bytes(numbers, [(0, 2), (2, 4)])
     """
     if not numbers.stored:
         return None
-    return _slots_bytes(_held(numbers, ranges, numbers.stored))
+    return _slots_bytes(_held(numbers, ranges, numbers.stored, virtual))
 
 
-def padding(numbers: LayerNumbers, ranges: Sequence[Range]) -> tuple[int, ...]:
+def device_stages(num_stages: int, virtual: int = 1) -> list[list[int]]:
+    """Per device, the stages it runs: stage k on device k mod S, S = stages / ``virtual``
+    (the circular schedule's laps; 1: one stage each).
+
+    Example:
+        >>> device_stages(4, virtual=2)
+        [[0, 2], [1, 3]]
+    """
+    ring = num_stages // virtual
+    return [list(range(d, num_stages, ring)) for d in range(ring)]
+
+
+def padding(numbers: LayerNumbers, ranges: Sequence[Range], virtual: int = 1
+            ) -> tuple[int, ...]:
     """Per stage, the bytes its device stores beyond its own (zero rows of slots that other
     stages fill): the weights' (all zero when the numbers do not say), plus a generation
     plan's KV-cache slots' (``cache_padding``). A training plan's gradients and optimizer
     state live in the weights' slots, so they pad alike.
 
+    With ``virtual`` > 1 a device holds several stages (``device_stages``): each stage's
+    entry is its device's padding, beyond all of that device's stages' own.
+
     Example:
         >>> padding(numbers, [(0, 1), (1, 4)])   # the 1-layer stage stores 3 layers' more
     """
-    kv = cache_padding(numbers, ranges)
+    kv = cache_padding(numbers, ranges, virtual)
     if not numbers.stored:
         return kv
     factor = _state_factor(numbers)
-    return tuple(w * factor + k
-                 for w, k in zip(_beyond_own(numbers, ranges, numbers.stored), kv, strict=True))
+    weights = _beyond_own(numbers, ranges, numbers.stored, virtual)
+    return tuple(w * factor + k for w, k in zip(weights, kv, strict=True))
 
 
-def cache_padding(numbers: LayerNumbers, ranges: Sequence[Range]) -> tuple[int, ...]:
+def cache_padding(numbers: LayerNumbers, ranges: Sequence[Range], virtual: int = 1
+                  ) -> tuple[int, ...]:
     """Per stage, the KV-cache bytes its device allocates beyond its own leaves: the cache
     slots (``passes/kv_slots.CacheSlots``, one per dtype and size, as the weights') hold
     zero rows where a stage keeps fewer leaves of a kind; all zero without ``cached``.
@@ -133,12 +158,18 @@ def cache_padding(numbers: LayerNumbers, ranges: Sequence[Range]) -> tuple[int, 
     """
     if not numbers.cached:
         return (0,) * len(ranges)
-    return _beyond_own(numbers, ranges, numbers.cached)
+    return _beyond_own(numbers, ranges, numbers.cached, virtual)
 
 
-def _held(numbers: LayerNumbers, ranges: Sequence[Range], per_segment) -> list[list]:
+def _held(numbers: LayerNumbers, ranges: Sequence[Range], per_segment, virtual: int = 1
+          ) -> list[list]:
+    """Per device, the arrays it stores: its stages', each weight once."""
     n = len(numbers.names)
-    return [stage_arrays(numbers, a, b, n, per_segment) for a, b in ranges]
+    per_stage = [stage_arrays(numbers, a, b, n, per_segment) for a, b in ranges]
+    if virtual == 1:
+        return per_stage
+    return [_each_weight_once([per_stage[k] for k in stages])
+            for stages in device_stages(len(ranges), virtual)]
 
 
 def _slots_bytes(held: Sequence[Sequence[StoredArray]]) -> int:
@@ -147,13 +178,14 @@ def _slots_bytes(held: Sequence[Sequence[StoredArray]]) -> int:
     return sum(key[1] * np.dtype(key[0]).itemsize for key, _ in slots)
 
 
-def _beyond_own(numbers: LayerNumbers, ranges: Sequence[Range], per_segment
-                ) -> tuple[int, ...]:
-    """Per stage, the slots' bytes beyond its own arrays (``per_segment``: stored or
-    cached)."""
-    held = _held(numbers, ranges, per_segment)
+def _beyond_own(numbers: LayerNumbers, ranges: Sequence[Range], per_segment,
+                virtual: int = 1) -> tuple[int, ...]:
+    """Per stage, the slots' bytes beyond its device's own arrays (``per_segment``: stored
+    or cached)."""
+    held = _held(numbers, ranges, per_segment, virtual)
     total = _slots_bytes(held)
-    return tuple(total - sum(map(_nbytes, arrays)) for arrays in held)
+    beyond = [total - sum(map(_nbytes, arrays)) for arrays in held]
+    return tuple(beyond[k % len(held)] for k in range(len(ranges)))
 
 
 def _state_factor(numbers: LayerNumbers) -> int:
@@ -168,16 +200,18 @@ def _state_factor(numbers: LayerNumbers) -> int:
 
 
 def overflow(numbers: LayerNumbers, ranges: Sequence[Range], sizes: Sequence[int],
-             room: int) -> int:
-    """How far the most over-full stage exceeds ``room`` once padding is counted (<= 0: all
-    fit): its additive ``sizes`` (``planner.partition_inputs``) plus its padding.
+             room: int, virtual: int = 1) -> int:
+    """How far the most over-full device exceeds ``room`` once padding is counted (<= 0: all
+    fit): its stages' additive ``sizes`` (``planner.partition_inputs``) plus its padding
+    (``virtual`` > 1: several stages per device, ``device_stages``).
 
     Example:
         >>> overflow(numbers, ranges, sizes, room) <= 0
         True
     """
-    pads = padding(numbers, ranges)
-    return max(sum(sizes[a:b]) + p for (a, b), p in zip(ranges, pads, strict=True)) - room
+    pads = padding(numbers, ranges, virtual)
+    return max(sum(sum(sizes[slice(*ranges[k])]) for k in stages) + pads[stages[0]]
+               for stages in device_stages(len(ranges), virtual)) - room
 
 
 def fit(partition: Callable[[int], tuple[Range, ...]], numbers: LayerNumbers,
@@ -191,7 +225,7 @@ def fit(partition: Callable[[int], tuple[Range, ...]], numbers: LayerNumbers,
         >>> ranges = fit(lambda r: partition_layers(sizes, costs, r, 4), numbers, sizes, room)
     """
     budget = room
-    for _ in range(_MAX_REFITS):
+    for _ in range(MAX_REFITS):
         try:
             ranges = partition(budget)
         except InfeasiblePlanError as e:

@@ -265,11 +265,14 @@ def plan_from_numbers(
     objective: Objective = "bottleneck",
     concurrency: int | None = None,
     ranges: Sequence[tuple[int, int]] | None = None,
+    virtual: int = 1,
 ) -> Plan:
     """Partitions the layers over ``device_ids``: stage k runs on ``tp`` consecutive ids
     (``numbers`` are per device at that tp), at most ``len(device_ids) // tp`` stages.
     ``ranges``: take this partition (the layout search's, ``passes/layout.py``) instead of
-    choosing one; it must fit the capacity.
+    choosing one; it must fit the capacity. ``virtual`` > 1 (with ``ranges``): they are
+    S x virtual stages under the circular schedule, stage k on the ids of stage k mod S,
+    each device holding all its stages (``padding.device_stages``).
 
     With ``objective="step"`` the stage count S is the one with the shortest projected GPipe
     step (``step_time``): (M + S - 1) ticks of the slowest stage, and -- when the stages share
@@ -301,17 +304,21 @@ def plan_from_numbers(
             f"A stage split over tp={tp} devices needs {tp} devices; only {len(device_ids)} "
             f"are available. Add devices or plan with a smaller tp.",
             capacity=capacity_bytes, min_devices=tp, tp=tp)
+    if virtual != 1 and (ranges is None or tp != 1):
+        raise ConfigError(f"virtual={virtual} stages per device takes given ranges (the layout "
+                          f"search's) and tp=1, got ranges={ranges}, tp={tp}.")
     if ranges is not None:
         ranges = _given(numbers, capacity_bytes, residency, tuple(map(tuple, ranges)),
-                        len(groups))
+                        len(groups), virtual)
     else:
         ranges = _plan_ranges(numbers, capacity_bytes, residency, len(groups), method,
                               microbatch_size, len(device_ids), tp, objective, microbatches,
                               concurrency)
         notes = (*notes, *ranges[1])
         ranges = ranges[0]
+    ring = len(ranges) // virtual
     stages = tuple(
-        Stage(index=k, layers=numbers.names[a:b], layer_range=(a, b), devices=groups[k],
+        Stage(index=k, layers=numbers.names[a:b], layer_range=(a, b), devices=groups[k % ring],
               footprint=stage_footprint(numbers, a, b, len(ranges)),
               est_time_s=sum(numbers.costs_s[a:b]))
         for k, (a, b) in enumerate(ranges)
@@ -321,31 +328,40 @@ def plan_from_numbers(
                 microbatch_size=microbatch_size, mode=mode, residency=residency,
                 attention=attention, strategy=strategy, notes=tuple(notes), numbers=numbers,
                 device_pool=device_ids, tp=tp, model=model, objective=objective,
-                concurrency=concurrency, method=method)
+                concurrency=concurrency, method=method, virtual=virtual)
 
 
 def _given(numbers: LayerNumbers, capacity_bytes: int, residency: Residency,
-           ranges: tuple[tuple[int, int], ...], most: int) -> tuple[tuple[int, int], ...]:
-    """``ranges`` checked: contiguous, covering every layer, at most ``most`` stages, each
-    within the capacity."""
+           ranges: tuple[tuple[int, int], ...], most: int, virtual: int = 1
+           ) -> tuple[tuple[int, int], ...]:
+    """``ranges`` checked: contiguous, covering every layer, at most ``most`` stages (x
+    ``virtual``, a multiple of it), each device within the capacity."""
     n = len(numbers.names)
     stops = [0, *(b for _, b in ranges)]
-    if (not ranges or stops[-1] != n or len(ranges) > most
+    if (not ranges or stops[-1] != n or len(ranges) > most * virtual
+            or len(ranges) % virtual
             or any((a, b) != (lo, hi) or a >= b
                    for (a, b), lo, hi in zip(ranges, stops[:-1], stops[1:], strict=True))):
-        raise ConfigError(f"ranges={ranges} must be at most {most} contiguous, non-empty "
-                          f"(start, stop) stages covering layers 0..{n}.")
+        laps = (f" x {virtual} (virtual stages per device; their count a multiple of "
+                f"{virtual})" if virtual > 1 else "")
+        raise ConfigError(f"ranges={ranges} must be at most {most}{laps} contiguous, "
+                          f"non-empty (start, stop) stages covering layers 0..{n}.")
     sizes, room, reserve = partition_inputs(numbers, capacity_bytes, residency, len(ranges))
-    pads = padding.padding(numbers, ranges)
-    for k, ((a, b), pad) in enumerate(zip(ranges, pads, strict=True)):
-        if sum(sizes[a:b]) + pad > room:
+    pads = padding.padding(numbers, ranges, virtual)
+    for stages in padding.device_stages(len(ranges), virtual):
+        k = stages[0]
+        (a, b), pad = ranges[k], pads[k]
+        held = sum(sum(sizes[slice(*ranges[j])]) for j in stages)
+        if held + pad > room:
             padded = (f", {fmt_bytes(pad)} of it padding of the weight"
                       + (" and KV-cache" if numbers.cached else "") + " slots (every device "
                       "stores the sum of the slots, at least the largest stage's own)"
                       if pad else "")
+            which = f"Stage {k} (layers {a}..{b - 1})" if len(stages) == 1 else \
+                f"The device running stages {stages} (circular)"
             raise infeasible(
-                f"Stage {k} (layers {a}..{b - 1}) needs "
-                f"{fmt_bytes(sum(sizes[a:b]) + pad + reserve)} per device{padded}, more than "
+                f"{which} needs "
+                f"{fmt_bytes(held + pad + reserve)} per device{padded}, more than "
                 f"the capacity {fmt_bytes(capacity_bytes)}; give a partition that fits or let "
                 "the planner choose.", capacity=capacity_bytes)
     return ranges
@@ -554,7 +570,9 @@ def replan(plan: Plan, exclude_devices=(), spare_devices=()) -> Plan:
     notes = (*(n if n.startswith("before replanning: ") else f"before replanning: {n}"
                for n in plan.notes),
              f"replanned without devices {excluded}" + (f", with spares {spares}" if spares
-                                                        else ""))
+                                                        else "")
+             + ("; one stage per device (GPipe): the circular layout was the layout "
+                "search's, which replanning does not run" if plan.virtual > 1 else ""))
     try:
         return plan_from_numbers(
             plan.numbers, capacity_bytes=plan.capacity_bytes, device_ids=pool,

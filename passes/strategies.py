@@ -95,6 +95,8 @@ class Target:
         training: how a mode="train" plan trains (schedule, optimizer); None otherwise.
         microbatch_counts: the microbatch counts the layout search may pick from besides
             the requested one (divisors of the batch); () pins the requested count.
+        schedules: the schedules the layout search may pick ("gpipe"; "circular": several
+            stages per device, ``passes/layout.py``); its plans run forward passes.
     """
 
     hardware: HardwareSpec
@@ -112,6 +114,7 @@ class Target:
     objective: Objective = "bottleneck"
     training: Training | None = None
     microbatch_counts: tuple[int, ...] = ()
+    schedules: tuple[str, ...] = ("gpipe", "circular")
 
     @property
     def concurrency(self) -> int | None:
@@ -377,7 +380,7 @@ class _Search:
 
     def attempt(self, mb: int, comp: Compression, tp: int, *,
                 residency: Residency | None = None,
-                ranges=None) -> Plan | InfeasiblePlanError:
+                ranges=None, virtual: int = 1) -> Plan | InfeasiblePlanError:
         """The plan at one candidate (``ranges``: with this partition), or why there is none."""
         self.tried += 1
         t = self.t
@@ -388,7 +391,7 @@ class _Search:
                 microbatches=t.batch_size // mb, microbatch_size=mb, mode=t.mode,
                 residency=residency or t.residency, attention=t.attention, method=t.method,
                 tp=tp, model=t.model, objective=t.objective, concurrency=t.concurrency,
-                ranges=ranges)
+                ranges=ranges, virtual=virtual)
         except InfeasiblePlanError as e:
             return e
 
@@ -405,7 +408,7 @@ class _Search:
         if not tps:
             return []
         num_layers = len(self.graph_at(t.microbatch_size).layers)
-        space = layout.Space(tps, tuple(counts), self.n, num_layers)
+        space = layout.Space(tps, tuple(counts), self.n, num_layers, schedules=t.schedules)
 
         def inputs_at(m: int, tp: int) -> layout.LayoutInputs:
             mb = t.batch_size // m
@@ -420,7 +423,7 @@ class _Search:
         for rank, scored in enumerate(ranking.distinct()[:max(top, 1)]):
             best = scored.layout
             mb = t.batch_size // best.microbatches
-            found = self.attempt(mb, comp, best.tp, ranges=scored.ranges)
+            found = self.attempt(mb, comp, best.tp, ranges=scored.ranges, virtual=best.virtual)
             if isinstance(found, InfeasiblePlanError):
                 raise found  # the search checked the fit: a disagreement is a bug, not a plan
             changed = [k for k, moved in (("split", best.tp > 1),
