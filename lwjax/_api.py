@@ -212,12 +212,14 @@ def _plan_graph(model, args, kwargs, *, devices, num_devices, hardware, cache_by
                 compression, microbatches, mode, cache_len, residency, attention, persisting,
                 method, allow=(), objective="step", unbatched=(), batched=(), layers=None,
                 given: Plan | None = None, run: bool = False,
-                training: train_lib.Training | None = None, top: int = 1):
+                training: train_lib.Training | None = None, top: int = 1,
+                schedules: tuple[str, ...] = ("gpipe", "circular")):
     """Plans and returns ``(plans, graph_at, device objects or None, full batch)``: the plan
     first, then (``top`` > 1, where the layout search decides) the next best layouts'
     (``strategies.search_plans``); ``graph_at(plan.microbatch_size)`` is a plan's graph.
     ``allow``: the edge-case strategies the search may use, in order
-    (``passes/strategies.py``); none by default. ``training``: with mode="train"."""
+    (``passes/strategies.py``); none by default. ``training``: with mode="train".
+    ``schedules``: those the layout search may pick (forward passes)."""
     objs, ids = _devices(devices, num_devices)
     hw = _hardware(hardware, objs)
     capacity = _capacity(cache_bytes, hw, persisting, len(ids) if training else None)
@@ -268,7 +270,7 @@ def _plan_graph(model, args, kwargs, *, devices, num_devices, hardware, cache_by
                     microbatch_size=batch // m, compression=compression_lib.get(compression),
                     mode=mode, residency=residency, attention=attention, method=method,
                     allow=allow, model=type(model).__name__, objective=objective,
-                    training=training, microbatch_counts=counts)
+                    training=training, microbatch_counts=counts, schedules=schedules)
     return search_plans(graph_at, target, top), graph_at, objs, batch
 
 
@@ -343,7 +345,9 @@ def plan(
             ``analyze``).
         layers: name the layers when discovery cannot decide (see ``analyze``).
         schedule: mode="train": "gpipe" (default; stashes all M microbatches' stage inputs)
-            or "1f1b" (at most min(S, M)).
+            or "1f1b" (at most min(S, M)). mode="prefill": None (the layout search picks
+            GPipe or the circular schedule), "gpipe" (one stage per device: a plan that
+            training can also run) or "circular" (its layouts only).
         optimizer: mode="train": the optax GradientTransformation whose state is counted
             (default ``optax.adamw(1e-3)``).
         **kwargs: further call arguments of the model.
@@ -354,7 +358,7 @@ def plan(
     Raises:
         ConfigError: an unknown schedule, an optimizer that is not an optax
             GradientTransformation, mode="train" with compression or residency="weights", or
-            schedule= / optimizer= without mode="train".
+            optimizer= without mode="train" (schedule= too, but for a forward one).
         InfeasiblePlanError: nothing allowed fits; the message and the attributes
             ``min_devices``, ``min_capacity`` and ``min_compression`` say what would.
 
@@ -369,14 +373,39 @@ def plan(
         >>> t.schedule, t.optimizer, t.capacity_bytes
         ('1f1b', 'optax.adamw(1e-3)', 80000000000)
     """
-    training = _training(mode, schedule, optimizer, compression, residency)
-    return _plan_graph(model, args, kwargs, devices=devices, num_devices=num_devices,
-                       hardware=hardware, cache_bytes=cache_bytes, compression=compression,
-                       microbatches=microbatches, mode=mode, cache_len=cache_len,
-                       residency=residency, attention=attention, persisting=persisting,
-                       method=method, allow=allow, objective=objective,
-                       unbatched=unbatched, batched=batched, layers=layers,
-                       training=training)[0][0]
+    forward = schedule in FORWARD_SCHEDULES and mode == "prefill"
+    training = _training(mode, None if forward else schedule, optimizer, compression,
+                         residency)
+    found = _plan_graph(model, args, kwargs, devices=devices, num_devices=num_devices,
+                        hardware=hardware, cache_bytes=cache_bytes, compression=compression,
+                        microbatches=microbatches, mode=mode, cache_len=cache_len,
+                        residency=residency, attention=attention, persisting=persisting,
+                        method=method, allow=allow, objective=objective,
+                        unbatched=unbatched, batched=batched, layers=layers,
+                        training=training, schedules=_forward_schedules(
+                            schedule if forward else None))[0][0]
+    _check_circular(schedule if forward else None, found)
+    return found
+
+
+FORWARD_SCHEDULES = ("gpipe", "circular")
+
+
+def _forward_schedules(schedule: str | None) -> tuple[str, ...]:
+    """The schedules a forward pass's layout search may pick: both, or the one asked."""
+    return FORWARD_SCHEDULES if schedule is None else (schedule,)
+
+
+def _check_circular(schedule: str | None, plan: Plan) -> None:
+    """schedule="circular" asked and planned, or why not (never a silent GPipe plan)."""
+    if schedule == "circular" and plan.virtual == 1:
+        raise ConfigError(
+            f"schedule='circular' found no circular layout for this plan "
+            f"({len(plan.stages)} stage(s) on {plan.num_devices} device(s)): the layout "
+            "search, which alone plans several stages per device, runs with "
+            "objective='step' and something to choose (allow= with 'split', or "
+            "'microbatch' without microbatches=), and needs >= 2 devices, >= 4 layers and "
+            "devices that hold their stages. Change those, or leave schedule= out.")
 
 
 def _training(mode, schedule, optimizer, compression, residency) -> train_lib.Training | None:
@@ -431,7 +460,7 @@ def layerwise_shard(
     microbatches: int | None = None,
     compression: str | Compression | None = None,
     residency: Residency = "all",
-    schedule: str = "gpipe",
+    schedule: str | None = None,
     allow: Sequence[str] = ("split", "microbatch"),
     objective: Objective = "step",
     unbatched: Sequence[int | str] = (),
@@ -458,7 +487,11 @@ def layerwise_shard(
             an ``lwjax.Compression``: matmul weights are stored compressed on their stage
             and decoded inside it (``passes/codec.py``); the plan counts the stored bytes.
         residency: "all" or "weights" (see ``plan``).
-        schedule: pipeline schedule name (``passes.schedules.SCHEDULES``).
+        schedule: None (default: the layout search picks GPipe or the circular schedule,
+            several stages per device, whichever it projects faster), or a name in
+            ``passes.schedules.SCHEDULES`` to search that schedule's layouts only: "gpipe"
+            (one stage per device) or "circular" (2..8 stages per device; with a given plan
+            of one stage per device it runs as GPipe does).
         allow: edge-case strategies when the plan does not fit: "split" (stages over tp
             devices, lowered to a "tp" mesh axis), "microbatch", and "compress" (the next
             presets of ``compression.ESCALATION``, stored and run compressed; not with
@@ -500,7 +533,8 @@ def layerwise_shard(
         devices = jax.devices()
     _refuse_plan_options(kwargs)
     allow = (allow,) if isinstance(allow, str) else tuple(allow or ())
-    schedules.get(schedule)  # an unknown name fails here, before tracing and planning
+    if schedule is not None:
+        schedules.get(schedule)  # an unknown name fails here, before tracing and planning
     count = tune_lib.check_tune(tune, given=plan is not None)
     plans, graph_at, objs, batch = _plan_graph(
         model, args, kwargs, devices=devices, num_devices=None, hardware=hardware,
@@ -508,7 +542,9 @@ def layerwise_shard(
         mode="prefill", cache_len=None, residency=residency, attention=None,
         persisting=False, method="optimal", allow=allow, objective=objective,
         unbatched=unbatched, batched=batched, layers=layers, given=plan, run=True,
-        top=max(count, tune_lib.FALLBACK))
+        top=max(count, tune_lib.FALLBACK), schedules=_forward_schedules(schedule))
+    if plan is None:
+        _check_circular(schedule, plans[0])
     if objs is None:
         raise DeviceError("layerwise_shard runs on jax devices: pass devices=jax.devices(), "
                           "not device ids.")
@@ -516,10 +552,16 @@ def layerwise_shard(
 
     def build(plan_: Plan) -> ShardedModel:
         graph = graph_at(plan_.microbatch_size)
-        stage_devices = [by_id[i] for s in plan_.stages for i in s.devices]
+        if plan_.virtual > 1 and schedule == "gpipe":
+            raise ConfigError(
+                f"schedule='gpipe' runs one stage per device, and the given plan runs "
+                f"{plan_.virtual} per device (circular). Leave schedule= out, or plan again "
+                "with schedule='gpipe'.")
+        stage_devices = [by_id[i] for s in plan_.stages[:plan_.ring] for i in s.devices]
         program = lower(graph, [s.layer_range for s in plan_.stages], stage_devices,
-                        plan_.microbatches, schedule=schedule, tp=plan_.tp,
-                        compression=planned_compression(plan_, compression))
+                        plan_.microbatches, schedule=schedule or plan_.pipeline_schedule,
+                        tp=plan_.tp, compression=planned_compression(plan_, compression),
+                        virtual=plan_.virtual)
         return ShardedModel(plan_, program, graph.traced, batch)
 
     if plan is not None:

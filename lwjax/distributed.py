@@ -293,7 +293,8 @@ def agree_plan(plan, what: str, **extra) -> None:
     if peers.active() is None:
         return
     agree(json.dumps({"stages": [[list(s.layer_range), list(s.devices)] for s in plan.stages],
-                      "microbatches": plan.microbatches, "tp": plan.tp, **extra},
+                      "microbatches": plan.microbatches, "tp": plan.tp,
+                      "virtual": plan.virtual, **extra},
                      default=str), what)
 
 

@@ -130,8 +130,8 @@ class Failover:
 def _check_runnable(sm_storage, plan: Plan, what: str, virtual: int = 1) -> None:
     if virtual != 1:
         raise ConfigError(f"{what} moves one stage per device; this program runs {virtual} "
-                          "stages per device (circular). Use a one-lap schedule to replan "
-                          "while running.")
+                          "stages per device (circular). Shard with "
+                          "layerwise_shard(..., schedule='gpipe') to replan while running.")
     if not isinstance(sm_storage, SlotStorage):
         raise ConfigError(f"{what} moves one device per stage; this plan splits stages over "
                           f"tp={plan.tp} devices. Plan with tp=1 (allow=() or without "

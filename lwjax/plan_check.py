@@ -122,7 +122,8 @@ def check_plan(plan: Plan, graph: LayerGraph, device_ids: Sequence[int],
     if start != len(found):
         raise ConfigError(f"the plan's stages end at layer {start} of {len(found)}; they must "
                           "cover every layer.")
-    used = [d for s in plan.stages for d in s.devices]
+    ring = _ring(plan)
+    used = [d for s in plan.stages[:ring] for d in s.devices]
     missing = [d for d in used if d not in set(device_ids)]
     if missing:
         raise DeviceError(f"the plan runs on devices {missing}, which are not in devices= "
@@ -131,4 +132,26 @@ def check_plan(plan: Plan, graph: LayerGraph, device_ids: Sequence[int],
     twice = sorted({d for d in used if used.count(d) > 1})
     if twice:
         raise DeviceError(f"the plan uses devices {twice} in more than one stage; each "
-                          "device runs one stage.")
+                          "device runs one stage (circular plans: one stage per lap).")
+
+
+def _ring(plan: Plan) -> int:
+    """The plan's device groups S; a circular plan's stage k must run on stage k mod S's
+    devices."""
+    if plan.virtual > 1 and (plan.mode != "prefill" or plan.tp != 1):
+        raise ConfigError(f"the plan runs {plan.virtual} stages per device (circular) with "
+                          f"mode={plan.mode!r}, tp={plan.tp}: only forward (prefill) plans of "
+                          "one device per stage run several stages per device. Plan again.")
+    if plan.virtual < 1 or len(plan.stages) % plan.virtual:
+        raise ConfigError(f"the plan runs {len(plan.stages)} stages as virtual="
+                          f"{plan.virtual} per device; the stage count must be a multiple of "
+                          "it. Plan again, or correct virtual.")
+    ring = plan.ring
+    for s in plan.stages[ring:]:
+        if s.devices != plan.stages[s.index % ring].devices:
+            raise DeviceError(
+                f"stage {s.index} of a circular plan ({plan.virtual} stages per device) runs "
+                f"on devices {list(s.devices)}, but stage {s.index % ring}'s devices "
+                f"{list(plan.stages[s.index % ring].devices)} hold it: stage k runs on stage "
+                f"k mod {ring}'s. Plan again, or correct its devices.")
+    return ring

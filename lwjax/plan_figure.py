@@ -50,13 +50,14 @@ def plan_figure(plan: Plan, path: str | os.PathLike, *, title: str | None = None
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    devices = [(s, d) for s in plan.stages for d in s.devices]
+    # one bar per device; a circular plan's device holds all its stages (device_footprint)
+    devices = [(s, d) for s in plan.stages[:plan.ring] for d in s.devices]
     x = list(range(len(devices)))
     fig = Figure(figsize=(min(8 + 0.15 * len(devices), 16), 5.4), dpi=110)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
 
-    heights = {attr: [getattr(s.footprint, attr) / MIB for s, _ in devices]
+    heights = {attr: [getattr(plan.device_footprint(s), attr) / MIB for s, _ in devices]
                for attr, _, _ in PARTS}
     totals = [sum(h[i] for h in heights.values()) for i in x]
     cap = plan.capacity_bytes / MIB
@@ -75,7 +76,7 @@ def plan_figure(plan: Plan, path: str | os.PathLike, *, title: str | None = None
     ax.axhline(cap, color="#C44E52", linewidth=1.6, linestyle="--",
                label=f"capacity {cap:,.2f} MiB")
     slow = plan.bottleneck.index
-    marked = [i for i, (s, _) in enumerate(devices) if s.index == slow]
+    marked = [i for i, (s, _) in enumerate(devices) if s.index == slow % plan.ring]
     for i in marked:
         ax.bar(i, totals[i], width=0.8, fill=False, edgecolor="black", linewidth=1.4,
                label="bottleneck stage (projected)" if i == marked[0] else None)
@@ -88,7 +89,8 @@ def plan_figure(plan: Plan, path: str | os.PathLike, *, title: str | None = None
 
     ax.set_xticks(x)
     step = max(1, len(x) // 32)
-    ax.set_xticklabels([f"s{s.index}\nd{d}" if i % step == 0 else ""
+    ax.set_xticklabels([f"s{','.join(str(k) for k in range(s.index, len(plan.stages), plan.ring))}"
+                        f"\nd{d}" if i % step == 0 else ""
                         for i, (s, d) in enumerate(devices)], fontsize=7)
     ax.set_xlim(-0.6, len(x) - 0.4)
     ax.set_ylabel("MiB per device" + (" (log scale)" if log else ""))

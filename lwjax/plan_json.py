@@ -179,11 +179,17 @@ def _check_consistent(plan: Plan) -> None:
             raise _fail(f"numbers.{name}", f"has {len(getattr(n, name))} entries; expected "
                                            f"{count + 2} (the prologue, {count} layers, the "
                                            "epilogue) or none")
-    for name in ("microbatches", "microbatch_size", "tp", "capacity_bytes"):
+    for name in ("microbatches", "microbatch_size", "tp", "capacity_bytes", "virtual"):
         if getattr(plan, name) < 1:
             raise _fail(name, f"is {getattr(plan, name)}; expected a positive integer")
     if not plan.stages:
         raise _fail("stages", "is empty; a plan has at least one stage")
+    if len(plan.stages) % plan.virtual:
+        raise _fail("virtual", f"is {plan.virtual}, which does not divide the "
+                               f"{len(plan.stages)} stages (stages per device)")
+    if plan.virtual > 1 and (plan.mode != "prefill" or plan.tp != 1):
+        raise _fail("virtual", f"is {plan.virtual} with mode={plan.mode!r} and tp={plan.tp}; "
+                               "several stages per device run forward (prefill) plans of tp 1")
     stop = 0
     for k, s in enumerate(plan.stages):
         where = f"stages[{k}]"

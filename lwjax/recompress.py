@@ -83,7 +83,8 @@ def recompress(sm, compression: str | Compression, stages: Sequence[int] | None 
     prog = sm.program
     if prog.virtual != 1:
         raise ConfigError(f"recompress re-encodes one stage per device; this program runs "
-                          f"{prog.virtual} stages per device (circular).")
+                          f"{prog.virtual} stages per device (circular). Shard with "
+                          "layerwise_shard(..., schedule='gpipe') to recompress stages.")
     if not isinstance(prog.storage, SlotStorage):
         raise ConfigError(f"recompress runs plans with one device per stage; this plan splits "
                           f"stages over tp={sm.plan.tp} devices.")

@@ -118,6 +118,12 @@ class ShardedModel:
 
     def _schedule(self, schedule: str | None) -> str:
         """The training schedule: a training plan's own unless asked (and then the same)."""
+        if self.plan.virtual > 1:
+            raise ConfigError(
+                f"this model runs {self.plan.virtual} stages per device (the circular "
+                "schedule, chosen by the layout search for forward passes); training "
+                "pipelines one stage per device. Shard it with "
+                "layerwise_shard(..., schedule='gpipe') to train, or plan with mode='train'.")
         planned = self.plan.schedule if self.plan.mode == "train" else None
         if schedule is None:
             return planned or "gpipe"
@@ -322,6 +328,7 @@ class ShardedModel:
 
 
 def _layout(plan: Plan) -> str:
-    """What the program depends on: stages (layers, devices), microbatches, tp."""
+    """What the program depends on: stages (layers, devices), microbatches, tp, laps."""
     return json.dumps({"stages": [[list(s.layer_range), list(s.devices)] for s in plan.stages],
-                       "microbatches": plan.microbatches, "tp": plan.tp})
+                       "microbatches": plan.microbatches, "tp": plan.tp,
+                       "virtual": plan.virtual})

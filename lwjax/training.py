@@ -225,9 +225,13 @@ def to_tree(program, traced, slots: Sequence, *, grads: bool) -> Any:
                 value = value + jax.device_put(r, next(iter(value.devices())))
             pieces.setdefault(info.source, {})[info.slice_index] = value
     else:  # each stage's weights as its branch reads them (compressed ones decoded)
-        for s, st in enumerate(program.stages):
+        # the storage's entries: one per stage, or per device where a device holds several
+        # stages (the circular schedule: SlotStorage keeps each device's stages' weights)
+        held = program.storage.stage_params if getattr(program, "virtual", 1) > 1 else \
+            [st.params for st in program.stages]
+        for s, params in enumerate(held):
             local = [row(n, s) for n in range(len(slots))]
-            for i, value in zip(st.params, program.storage.unpack(local, s), strict=True):
+            for i, value in zip(params, program.storage.unpack(local, s), strict=True):
                 info = graph.params[i]
                 pieces.setdefault(info.source, {}).setdefault(info.slice_index, value)
     leaves = []

@@ -42,7 +42,8 @@ class Measured:
 
     Attributes:
         rank: its place in the layout search's ranking (1: the search's first choice).
-        num_stages, tp, microbatches: the layout.
+        num_stages, tp, microbatches: the layout (num_stages: the device groups S).
+        virtual: stages per device group (the circular schedule's laps; 1: GPipe).
         median_s: the median of its interleaved timed calls, in seconds (*measured*).
         kept: the layout tuning kept.
     """
@@ -53,6 +54,7 @@ class Measured:
     microbatches: int
     median_s: float
     kept: bool
+    virtual: int = 1
 
 
 def check_tune(tune, given: bool = False) -> int:
@@ -150,7 +152,8 @@ def deploy(plans: Sequence, build: Callable, args: Sequence, kwargs: dict, tune:
         best, medians = fastest([sm for _, sm in built], lambda sm: sm(*a, **kw), rounds)
         k = next(j for j, (_, sm) in enumerate(built) if sm is best)
         best.tuning = tuple(
-            Measured(i + 1, len(sm.plan.stages), sm.plan.tp, sm.plan.microbatches, m, j == k)
+            Measured(i + 1, sm.plan.ring, sm.plan.tp, sm.plan.microbatches, m, j == k,
+                     sm.plan.virtual)
             for j, ((i, sm), m) in enumerate(zip(built, medians, strict=True)))
         measured = "; ".join(f"{i + 1}. {_layout(sm.plan)} {m * 1e3:.1f} ms"
                              for (i, sm), m in zip(built, medians, strict=True))
@@ -168,4 +171,5 @@ def _first_line(e: Exception) -> str:
 
 
 def _layout(plan) -> str:
-    return Layout("", len(plan.stages), plan.tp, plan.microbatches).describe(family=False)
+    return Layout("", plan.ring, plan.tp, plan.microbatches,
+                  plan.virtual).describe(family=False)

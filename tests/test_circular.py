@@ -117,3 +117,75 @@ def test_virtual_stages_need_the_circular_schedule(dense):
     with pytest.raises(ConfigError, match="divisible"):
         lower(graph, _ranges([0, 2, 4, 8]), jax.devices()[:2], 4, schedule="circular",
               virtual=2)
+
+
+# ---- through layerwise_shard: the layout search's circular plans ----------------------------
+
+@pytest.fixture(scope="module")
+def circular_sm(dense):
+    model, tokens, _ = dense
+    sm = lwjax.layerwise_shard(model, tokens, devices=jax.devices()[:4], cache_bytes=2**30,
+                               schedule="circular", tune=2)
+    return model, tokens, sm
+
+
+def test_layerwise_shard_runs_a_circular_plan(circular_sm):
+    """schedule="circular" searches the circular layouts only (this CPU host projects GPipe
+    faster): the plan runs several stages per device, the program equals the model, each
+    device stores the padding the plan predicts, and the plan runs again as given."""
+    model, tokens, sm = circular_sm
+    plan = sm.plan
+    assert plan.virtual >= 2 and sm.program.virtual == plan.virtual
+    assert sm.program.schedule == "circular" and len(plan.stages) == plan.ring * plan.virtual
+    assert [s.devices for s in plan.stages] == \
+        [plan.stages[k % plan.ring].devices for k in range(len(plan.stages))]
+    expected = model(tokens)
+    np.testing.assert_allclose(sm(tokens), expected, atol=ATOL, rtol=RTOL)
+    placed = sm.weight_bytes()
+    assert len(placed) == plan.num_devices == plan.ring
+    for s in plan.stages:  # each stage reports its device's padding, beyond all its stages
+        d = placed[s.devices[0]]
+        assert plan.padding_bytes[s.index] == d["allocated"] - d["own"]
+    own = {s.devices[0]: 0 for s in plan.stages}
+    for s in plan.stages:
+        own[s.devices[0]] += s.footprint.weights_bytes
+    assert own == {i: b["own"] for i, b in placed.items()}
+    text = plan.summary()
+    assert "circular step" in text and f"x {plan.virtual} laps" in text
+    # tune=2 timed two circular layouts, each named with its device groups and laps
+    assert len(sm.tuning) == 2 and all(t.virtual >= 2 for t in sm.tuning)
+    kept = next(t for t in sm.tuning if t.kept)
+    assert (kept.num_stages, kept.virtual) == (plan.ring, plan.virtual)
+    assert f"{plan.ring} x tp 1 x {plan.virtual} laps" in plan.notes[-1]
+    # the weights come back as the model's tree (each device's stages unpacked)
+    exported = sm.export_params()
+    for got, want in zip(jax.tree.leaves(exported), jax.tree.leaves(nnx.state(model)),
+                         strict=True):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    again = lwjax.layerwise_shard(model, tokens, devices=jax.devices()[:4],
+                                  plan=lwjax.Plan.from_json(plan.to_json()))
+    np.testing.assert_allclose(again(tokens), expected, atol=ATOL, rtol=RTOL)
+
+
+def test_a_circular_plan_refuses_what_runs_one_stage_per_device(circular_sm):
+    model, tokens, sm = circular_sm
+    with pytest.raises(ConfigError, match="schedule='gpipe' runs one stage per device"):
+        lwjax.layerwise_shard(model, tokens, devices=jax.devices()[:4], plan=sm.plan,
+                              schedule="gpipe")
+    with pytest.raises(ConfigError, match="training pipelines one stage per device"):
+        sm.value_and_grad(lambda logits: logits.sum())
+    with pytest.raises(ConfigError, match="circular"):
+        sm.replan(exclude_devices=[sm.plan.stages[0].devices[0]])
+    edited = dataclasses.replace(sm.plan, stages=(
+        dataclasses.replace(sm.plan.stages[0], devices=(3,)), *sm.plan.stages[1:]))
+    with pytest.raises(lwjax.errors.DeviceError, match="stage k runs on stage k mod"):
+        lwjax.layerwise_shard(model, tokens, devices=jax.devices()[:4], plan=edited)
+
+
+def test_schedule_circular_never_plans_gpipe_silently(dense):
+    """With nothing for the layout search to choose (M pinned, allow=()), no circular layout
+    is planned: the call says why instead of running GPipe under another name."""
+    model, tokens, _ = dense
+    with pytest.raises(ConfigError, match="found no circular layout"):
+        lwjax.layerwise_shard(model, tokens, devices=jax.devices()[:4], cache_bytes=2**30,
+                              microbatches=4, allow=(), schedule="circular")
