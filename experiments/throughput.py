@@ -193,7 +193,8 @@ class Deployment:
 
 
 def _layout(sm: lwjax.ShardedModel) -> tuple:
-    return tuple(s.layer_range for s in sm.plan.stages), sm.plan.tp, sm.plan.microbatches
+    return (tuple(s.layer_range for s in sm.plan.stages), sm.plan.tp, sm.plan.microbatches,
+            sm.plan.virtual)
 
 
 def deploy(cfg: DenseConfig, devices: Sequence | None = None,
@@ -278,7 +279,9 @@ class Measured:
 def _stages_label(sm: lwjax.ShardedModel) -> str:
     n = len(sm.plan.stages)
     split = f" x tp={sm.plan.tp}" if sm.plan.tp > 1 else ""
-    return f"{n} stage{'s' if n > 1 else ''}{split}, M={sm.plan.microbatches}"
+    laps = f" (circular: {sm.plan.ring} devices x {sm.plan.virtual} laps)" \
+        if sm.plan.virtual > 1 else ""
+    return f"{n} stage{'s' if n > 1 else ''}{split}{laps}, M={sm.plan.microbatches}"
 
 
 def _baseline_label(b: baselines.Baseline) -> str:

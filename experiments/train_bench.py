@@ -152,7 +152,8 @@ def measure_steps(kind: str, scale: Scale, repeats: int) -> list[StepResult]:
         fn, loss = _stepper(step, kwargs, tokens, targets)
         runs[label] = (family, fn, loss)
 
-    default = lwjax.layerwise_shard(model, tokens, devices=devices, **aux)
+    # training runs one stage per device: the layout search's GPipe layouts
+    default = lwjax.layerwise_shard(model, tokens, devices=devices, schedule="gpipe", **aux)
     one_each = lwjax.layerwise_shard(model, tokens, devices=devices, microbatches=16,
                                      objective="bottleneck", cache_bytes=2**30, allow=(), **aux)
     for name, sm in (("default plan", default), ("1 layer/device", one_each)):

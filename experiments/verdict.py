@@ -238,7 +238,8 @@ def _layout_rows(cfg) -> tuple[list[tuple[str, tuple[int, ...], int, int]], tupl
     best = min(meshes, key=lambda r: cost.project_pipeline(cfg, HW, *r).step_s)
     rows.append((f"best TP x PP mesh: TP={best[1]} x PP={len(best[0])}, M={best[2]}", *best))
     p = lwjax.plan(models.abstract(cfg), _tokens(cfg), num_devices=NUM_DEVICES, hardware=HW,
-                   cache_bytes=HW.hbm_bytes, allow=("split", "microbatch"))
+                   cache_bytes=HW.hbm_bytes, allow=("split", "microbatch"),
+                   schedule="gpipe")  # projected below as GPipe (cost.project_pipeline)
     stages = tuple(len(s.layers) for s in p.stages)
     rows.append((f"lwjax.plan's layout search: {len(stages)} x tp {p.tp}, M={p.microbatches}",
                  stages, p.tp, p.microbatches))

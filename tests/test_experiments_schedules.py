@@ -30,6 +30,15 @@ def test_circular_projection_by_hand():
     assert rows[0][-1] == "1.00x"
 
 
+def test_the_layout_search_picks_circular_on_four_devices():
+    """Planned abstractly: 16 seed blocks on 4 H100s at M = 8 plan circular, projected above
+    the best GPipe plan; the report says where circular won."""
+    (row,) = schedules.planned_rows("dense", devices=(4,))
+    assert row[:3] == ["dense", 4, "4 x tp 1 x 4 laps (circular)"]
+    assert float(row[-1].rstrip("x")) > 1.0
+    assert "dense on 4 devices" in schedules._planned_note([row])
+
+
 @pytest.mark.slow  # the circular program itself: tests/test_circular.py
 def test_measured_run_equals_the_model():
     rows = schedules.measured_rows("dense", repeats=1)
