@@ -373,6 +373,17 @@ def plan(
         >>> t.schedule, t.optimizer, t.capacity_bytes
         ('1f1b', 'optax.adamw(1e-3)', 80000000000)
     """
+    if schedule is not None and mode != "train":
+        if schedule not in schedules.SCHEDULES and schedule not in schedules.TRAIN_SCHEDULES:
+            raise ConfigError(
+                f"schedule={schedule!r} is neither a forward pass's schedule "
+                f"{sorted(schedules.SCHEDULES)} (mode='prefill') nor a training one "
+                f"{sorted(schedules.TRAIN_SCHEDULES)} (mode='train').")
+        if schedule in FORWARD_SCHEDULES and mode != "prefill":
+            raise ConfigError(
+                f"schedule={schedule!r} picks a forward pass's pipeline schedule, for "
+                f"mode='prefill' (got mode={mode!r}; decoding plans run their own ring). "
+                "Leave schedule= out, or pass mode='prefill'.")
     forward = schedule in FORWARD_SCHEDULES and mode == "prefill"
     training = _training(mode, None if forward else schedule, optimizer, compression,
                          residency)

@@ -118,12 +118,7 @@ class ShardedModel:
 
     def _schedule(self, schedule: str | None) -> str:
         """The training schedule: a training plan's own unless asked (and then the same)."""
-        if self.plan.virtual > 1:
-            raise ConfigError(
-                f"this model runs {self.plan.virtual} stages per device (the circular "
-                "schedule, chosen by the layout search for forward passes); training "
-                "pipelines one stage per device. Shard it with "
-                "layerwise_shard(..., schedule='gpipe') to train, or plan with mode='train'.")
+        training.check_one_stage_per_device(self.plan)
         planned = self.plan.schedule if self.plan.mode == "train" else None
         if schedule is None:
             return planned or "gpipe"

@@ -135,11 +135,23 @@ def check_optimizer(optimizer) -> None:
                 "(sgd, adam, adamw, lion, rmsprop; clip_by_global_norm is fine).")
 
 
+def check_one_stage_per_device(plan) -> None:
+    """Training pipelines one stage per device: a circular plan (several per device) is
+    refused with what to do instead."""
+    if plan.virtual > 1:
+        raise ConfigError(
+            f"this model runs {plan.virtual} stages per device (the circular schedule, "
+            "chosen by the layout search for forward passes); training pipelines one stage "
+            "per device. Shard it with layerwise_shard(..., schedule='gpipe') to train, or "
+            "plan with mode='train'.")
+
+
 class Trainer:
     """What ``value_and_grad`` and ``train_step`` share: the gradient program for one loss
     and schedule, the call checks, and the conversions between slots and the model's tree."""
 
     def __init__(self, sm, loss_fn: Callable, schedule: str, targets: Sequence):
+        check_one_stage_per_device(sm.plan)
         if sm.plan.tp > 1:
             raise ConfigError(
                 f"training runs plans with one device per stage; this plan splits stages over "
@@ -311,6 +323,7 @@ def check_loss(loss_fn: Callable, graph, targets: Sequence, num_microbatches: in
 
 def value_and_grad(sm, loss_fn: Callable, *, schedule: str = "gpipe") -> Callable:
     """``ShardedModel.value_and_grad``: see its docstring."""
+    check_one_stage_per_device(sm.plan)
     cache: dict = {}
 
     def fn(*call_args, **kwargs):
@@ -336,6 +349,7 @@ class TrainStep:
     """
 
     def __init__(self, sm, loss_fn: Callable, optimizer, schedule: str):
+        check_one_stage_per_device(sm.plan)
         check_optimizer(optimizer)
         self.sm, self.loss_fn, self.optimizer, self.schedule = sm, loss_fn, optimizer, schedule
         self._trainer: Trainer | None = None

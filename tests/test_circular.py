@@ -7,6 +7,7 @@ import dataclasses
 
 import jax
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -172,8 +173,12 @@ def test_a_circular_plan_refuses_what_runs_one_stage_per_device(circular_sm):
     with pytest.raises(ConfigError, match="schedule='gpipe' runs one stage per device"):
         lwjax.layerwise_shard(model, tokens, devices=jax.devices()[:4], plan=sm.plan,
                               schedule="gpipe")
-    with pytest.raises(ConfigError, match="training pipelines one stage per device"):
-        sm.value_and_grad(lambda logits: logits.sum())
+    for train in (lambda: sm.value_and_grad(lambda logits: logits.sum()),
+                  lambda: lwjax.training.value_and_grad(sm, lambda logits: logits.sum()),
+                  lambda: lwjax.training.TrainStep(sm, lambda logits: logits.sum(),
+                                                   optax.sgd(0.1), "gpipe")):
+        with pytest.raises(ConfigError, match="training pipelines one stage per device"):
+            train()
     with pytest.raises(ConfigError, match="circular"):
         sm.replan(exclude_devices=[sm.plan.stages[0].devices[0]])
     edited = dataclasses.replace(sm.plan, stages=(
@@ -189,3 +194,15 @@ def test_schedule_circular_never_plans_gpipe_silently(dense):
     with pytest.raises(ConfigError, match="found no circular layout"):
         lwjax.layerwise_shard(model, tokens, devices=jax.devices()[:4], cache_bytes=2**30,
                               microbatches=4, allow=(), schedule="circular")
+
+
+@pytest.mark.parametrize("mode,schedule,says", [
+    ("prefill", "interleaved", "neither a forward pass's schedule"),
+    ("decode", "circular", "picks a forward pass's pipeline schedule"),
+    ("prefill", "1f1b", "plan training; pass mode='train'"),
+])
+def test_plan_names_what_a_schedule_is_for(dense, mode, schedule, says):
+    """lwjax.plan's schedule= names the known schedules and the mode each plans."""
+    model, tokens, _ = dense
+    with pytest.raises(ConfigError, match=says):
+        lwjax.plan(model, tokens, num_devices=4, mode=mode, schedule=schedule)
