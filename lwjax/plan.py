@@ -13,7 +13,7 @@ from typing import Literal
 
 from lwjax.passes.cost import TRAIN_TIME_FACTOR
 from lwjax.passes.footprint import Footprint
-from lwjax.passes.padding import StoredArray
+from lwjax.passes.padding import StoredArray, device_stages
 from lwjax.passes.padding import padding as slot_padding
 from lwjax.passes.schedules import CIRCULAR
 from lwjax.passes.train_footprint import BACKWARD_FACTOR, TrainingNumbers
@@ -162,13 +162,18 @@ class Plan:
         "gpipe"."""
         return "circular" if self.virtual > 1 else "gpipe"
 
+    def stages_with(self, stage: Stage) -> list[int]:
+        """The stages that run on ``stage``'s devices (``padding.device_stages``): itself,
+        and under the circular schedule every ``ring``-th stage."""
+        return device_stages(len(self.stages), self.virtual)[stage.index % self.ring]
+
     def device_footprint(self, stage: Stage) -> Footprint:
         """What the stage's devices hold: its footprint, plus (circular) their other
         stages' weights (``Footprint.__add__``: transient bytes the larger)."""
         total = stage.footprint
-        for other in self.stages[stage.index % self.ring::self.ring]:
-            if other.index != stage.index:
-                total = total + other.footprint
+        for k in self.stages_with(stage):
+            if k != stage.index:
+                total = total + self.stages[k].footprint
         return total
 
     @property
@@ -328,7 +333,7 @@ class Plan:
             return []
         if self.virtual > 1:  # one figure per device, beyond all of its stages' own
             parts = [f"device {self.stages[d].devices[0]} (stages "
-                     f"{','.join(map(str, range(d, len(pads), self.ring)))}) +{_amount(pads[d])}"
+                     f"{','.join(map(str, self.stages_with(self.stages[d])))}) +{_amount(pads[d])}"
                      for d in range(self.ring) if pads[d]]
             return ["weight slots: one SPMD program gives every device the same weight arrays, "
                     "so a device with fewer weights of a kind stores zero rows (counted in fill "

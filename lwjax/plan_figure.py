@@ -89,8 +89,8 @@ def plan_figure(plan: Plan, path: str | os.PathLike, *, title: str | None = None
 
     ax.set_xticks(x)
     step = max(1, len(x) // 32)
-    ax.set_xticklabels([f"s{','.join(str(k) for k in range(s.index, len(plan.stages), plan.ring))}"
-                        f"\nd{d}" if i % step == 0 else ""
+    ax.set_xticklabels([f"s{','.join(map(str, plan.stages_with(s)))}\nd{d}" if i % step == 0
+                        else ""
                         for i, (s, d) in enumerate(devices)], fontsize=7)
     ax.set_xlim(-0.6, len(x) - 0.4)
     ax.set_ylabel("MiB per device" + (" (log scale)" if log else ""))

@@ -151,7 +151,6 @@ class Trainer:
     and schedule, the call checks, and the conversions between slots and the model's tree."""
 
     def __init__(self, sm, loss_fn: Callable, schedule: str, targets: Sequence):
-        check_one_stage_per_device(sm.plan)
         if sm.plan.tp > 1:
             raise ConfigError(
                 f"training runs plans with one device per stage; this plan splits stages over "
