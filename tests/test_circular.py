@@ -206,3 +206,21 @@ def test_plan_names_what_a_schedule_is_for(dense, mode, schedule, says):
     model, tokens, _ = dense
     with pytest.raises(ConfigError, match=says):
         lwjax.plan(model, tokens, num_devices=4, mode=mode, schedule=schedule)
+
+
+def test_a_transformers_model_runs_circular():
+    """transformers' Flax GPT-2 (8 blocks) on 2 devices x laps: the logits equal the
+    model's, and each device's predicted padding equals its placed slots'."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(n_layer=8, n_embd=32, n_head=4, vocab_size=128,
+                                     n_positions=16)
+    model = transformers.FlaxGPT2LMHeadModel(config, seed=0)
+    tokens = np.arange(64, dtype=np.int32).reshape(8, 8) % 128
+    sm = lwjax.layerwise_shard(model, tokens, devices=jax.devices()[:2], cache_bytes=2**30,
+                               schedule="circular")
+    assert sm.plan.virtual >= 2 and sm.plan.ring == 2
+    np.testing.assert_allclose(sm(tokens).logits, model(tokens).logits, atol=ATOL, rtol=RTOL)
+    placed = sm.weight_bytes()
+    for s in sm.plan.stages:
+        d = placed[s.devices[0]]
+        assert sm.plan.padding_bytes[s.index] == d["allocated"] - d["own"]
