@@ -164,7 +164,12 @@ class Plan:
 
     def stages_with(self, stage: Stage) -> list[int]:
         """The stages that run on ``stage``'s devices (``padding.device_stages``): itself,
-        and under the circular schedule every ``ring``-th stage."""
+        and under the circular schedule every ``ring``-th stage.
+
+        Example:
+            >>> plan.stages_with(plan.stages[1])   # 8 stages on 4 devices x 2 laps
+            [1, 5]
+        """
         return device_stages(len(self.stages), self.virtual)[stage.index % self.ring]
 
     def device_footprint(self, stage: Stage) -> Footprint:

@@ -156,7 +156,11 @@ class Ranking:
         return next((s for s in self.scored if s.layout.family == "TP x PP mesh"), None)
 
     def best_of(self, schedule: str) -> Scored | None:
-        """The best candidate run under ``schedule`` ("gpipe": one stage per device)."""
+        """The best candidate run under ``schedule`` ("gpipe": one stage per device).
+
+        Example:
+            >>> ranking.best_of("gpipe").layout.describe()   # what circular won against
+        """
         return next((s for s in self.scored
                      if (s.layout.virtual > 1) == (schedule == "circular")), None)
 

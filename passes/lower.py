@@ -385,20 +385,28 @@ def lower(
     def per_device(params, *mb_args_all):
         stage = jax.lax.axis_index(AXIS)
 
-        def step(carry, mb, valid, k):
+        def step(state, mb, valid, k):
+            carry, finals = state
             index = jnp.where(valid, k, num_virtual)
             carry_out = jax.lax.switch(index, branches, carry, microbatch(mb_args_all, mb),
                                        params)
+            # The last stage's un-sent carry feeds the epilogue: it is written to its
+            # microbatch's slot of M, every other tick to a spare slot M, so a device holds
+            # M + 1 carries whatever the tick count (stacking each tick's output would hold
+            # M + S - 1, and virtual x M + S - 1 under the circular schedule).
+            slot = jnp.where(valid & (k == last), mb, m)
+            finals = {dt: jax.lax.dynamic_update_index_in_dim(f, carry_out[dt], slot, 0)
+                      for dt, f in finals.items()}
             sent = carry_out
             if num_stages > 1:
                 # one ppermute per tick: the carry's dtypes travel as one uint8 buffer
                 sent = send(carry_out, AXIS, perm)
-            return sent, carry_out  # the last stage's un-sent carry feeds the epilogue
+            return (sent, finals), None
 
-        _, finals = sched.run(step, zeros(carry_sizes), stage=stage, num_stages=num_stages,
-                              num_microbatches=m, virtual=virtual)
-        ticks = sched.output_ticks(num_stages, m, virtual)
-        finals = {dt: f[ticks] for dt, f in finals.items()}
+        finals = {dt: jnp.zeros((m + 1, *b.shape), b.dtype)
+                  for dt, b in zeros(carry_sizes).items()}
+        (_, finals), _ = sched.run(step, (zeros(carry_sizes), finals), stage=stage,
+                                   num_stages=num_stages, num_microbatches=m, virtual=virtual)
 
         # The epilogue (final norm, LM head) runs after the loop, on the last stage only, one
         # microbatch at a time: its outputs are written once, not carried through every tick,
@@ -417,7 +425,8 @@ def lower(
                     for o, h, sp in zip(outs, held, splits, strict=True)], None
 
         held = [held_zeros(a, sp, m, interleave) for a, sp in zip(out_avals, splits, strict=True)]
-        held, _ = jax.lax.scan(emit, held, (finals, jnp.arange(m)))
+        held, _ = jax.lax.scan(emit, held, ({dt: f[:m] for dt, f in finals.items()},
+                                            jnp.arange(m)))
         outs = [held_result(h) for h in held]
         if tp > 1:
             outs = [jax.lax.with_sharding_constraint(o, NamedSharding(mesh, P())) for o in outs]
