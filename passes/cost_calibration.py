@@ -2,14 +2,17 @@
 
 The roofline (``cost_core.layer_time``) assumes peak matmul rates, no per-tick cost and
 every device its own hardware. Measured on CPU hosts (``experiments/cost_check.py
---calibrate``), three corrections carry most of the error:
+--calibrate``, ``experiments/replicated_check.py``), four corrections carry most of the error:
 
 - small-matmul efficiency: a layer reaches a fraction of the peak that grows with its FLOPs;
 - a per-tick floor: dispatching the stage's branch and rendezvousing the devices' threads
   costs about the same every tick whatever the work, more with more stages, and every
   all-reduce of a split stage adds its own rendezvous;
 - shared cores: a CPU's simulated devices share the host's cores, so a step lasts at least
-  the work of all devices (``TickModel.concurrency``).
+  the work of all devices (``TickModel.concurrency``);
+- replicated work: every device of a split stage runs the equations that touch no split axis
+  whole (``passes.tp.replicated_eqns``), at a rate per byte (``TickModel.replicated_s``);
+  the roofline divides all of a layer by tp.
 
 ``tick_model(hw)`` returns them for a HardwareSpec from the registry ``TICK_MODELS`` (by
 ``hw.kind``). The GPU entry corrects nothing: no GPU measurement has been made to calibrate
@@ -54,6 +57,14 @@ CPU_TICK_FLOOR_S = 0.42e-3
 CPU_TICK_FLOOR_PER_STAGE_S = 0.015e-3
 CPU_ALLREDUCE_FLOOR_S = 0.26e-3
 CPU_ALLREDUCE_S_PER_BYTE = 1.5e-10
+# - replicated work (2026-12-04, this project's 2-core AMD EPYC host,
+#   ``python experiments/replicated_check.py``): every device of a split stage runs the
+#   equations that touch no split axis (``passes.tp.replicated_eqns``: norms, residual adds,
+#   the router's softmax, top-k and scatters) whole, so on shared cores tp copies of them run.
+#   The dense and MoE models of ``experiments/throughput.py`` at hidden 64 in one stage split
+#   over tp = 4 and 8 at M = 1 and 2: the 4 more copies at tp 8 cost 7.7-17.6 GB/s of those
+#   equations' unfused bytes (``roofline``) in two runs; the median, 11.5 GB/s.
+CPU_REPLICATED_BYTES_PER_S = 11.5e9
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +80,10 @@ class TickModel:
         allreduce_floor_s: and per all-reduce a split stage's layer runs in a tick.
         allreduce_s_per_byte: and per byte every device taking part in it holds (a host
             whose cores do the reduction; 0: its bytes are in the roofline's link time).
+        replicated_bytes_per_s: the rate at which a device of a split stage runs the
+            equations it runs whole (``passes.tp.replicated_eqns``), in bytes they read and
+            write unfused per second (0: not modelled -- the roofline divides all of a layer
+            by tp).
         source: where the figures come from.
     """
 
@@ -79,6 +94,7 @@ class TickModel:
     tick_floor_per_stage_s: float = 0.0
     allreduce_floor_s: float = 0.0
     allreduce_s_per_byte: float = 0.0
+    replicated_bytes_per_s: float = 0.0
     source: str = "roofline, uncorrected"
 
     def efficiency(self, flops: float) -> float:
@@ -110,12 +126,24 @@ class TickModel:
         return self.allreduce_floor_s + self.allreduce_s_per_byte * nbytes * tp
 
 
+    def replicated_s(self, nbytes: float) -> float:
+        """Seconds a device of a split stage spends on the equations it runs whole, from
+        their unfused bytes (0 where not modelled).
+
+        Example:
+            >>> TickModel(replicated_bytes_per_s=1e9).replicated_s(1e6)
+            0.001
+        """
+        return nbytes / self.replicated_bytes_per_s if self.replicated_bytes_per_s else 0.0
+
+
 def _cpu(hw: HardwareSpec) -> TickModel:
     return TickModel(
         concurrency=hw.num_cores, efficiency_at_1e8=CPU_EFFICIENCY_AT_1E8,
         efficiency_exponent=CPU_EFFICIENCY_EXPONENT, tick_floor_s=CPU_TICK_FLOOR_S,
         tick_floor_per_stage_s=CPU_TICK_FLOOR_PER_STAGE_S,
         allreduce_floor_s=CPU_ALLREDUCE_FLOOR_S, allreduce_s_per_byte=CPU_ALLREDUCE_S_PER_BYTE,
+        replicated_bytes_per_s=CPU_REPLICATED_BYTES_PER_S,
         source="measured on a 2-core CPU host (passes/cost_calibration.py)")
 
 

@@ -19,7 +19,10 @@ work at the matmul efficiency measured for its FLOPs (a matmul over stacked weig
 mixture of experts', at the efficiency of one expert's matrix: ``stacked_matmuls``; whole
 experts per device keep that size under tp, smaller microbatches shrink it), a per-tick
 floor (more per stage and per all-reduce of a split stage), the stage-to-stage transfer, and
-on a CPU the cores the simulated devices share. A mesh is a layer-wise plan too (its stages
+on a CPU the cores the simulated devices share: every device of a split stage also runs the
+equations that touch no split axis whole (``passes.tp.replicated_eqns``; tp copies of them
+share the cores), and an all-reduce's rendezvous costs the cores only in the ticks when one
+device group alone has work (``lone_ticks``). A mesh is a layer-wise plan too (its stages
 are contiguous), so the best "lwjax" candidate is never projected slower than the best
 mesh: by construction, since for each (S, tp, M) the least slowest stage minimises the step
 (the step only grows with the slowest stage and with S).
@@ -43,9 +46,9 @@ from lwjax.passes import padding
 from lwjax.passes.cost_calibration import TickModel, tick_model
 from lwjax.passes.cost_core import transfer_time
 from lwjax.passes.partition import partition_layers
-from lwjax.passes.planner import _residual_bytes, partition_inputs, segment_cost
+from lwjax.passes.planner import _residual_bytes, eqns_cost, partition_inputs, segment_cost
 from lwjax.passes.segment import LayerGraph, Segment
-from lwjax.passes.tp import residual_width, split_axis
+from lwjax.passes.tp import replicated_eqns, residual_width, split_axis
 from lwjax.plan import LayerNumbers, Residency, schedule_ticks
 
 Range = tuple[int, int]
@@ -200,10 +203,24 @@ def _shape(s: Scored) -> tuple[int, int, int, int]:
 
 # ---- scoring --------------------------------------------------------------------------------
 
+def lone_ticks(num_stages: int, microbatches: int, virtual: int = 1) -> int:
+    """Stage-ticks of a step in which one device group alone has work: all of them with one
+    group or one microbatch (M x S x ``virtual``), else the first tick's and the last's.
+
+    Example:
+        >>> lone_ticks(2, 1), lone_ticks(1, 4), lone_ticks(4, 2)
+        (2, 4, 2)
+    """
+    if num_stages == 1 or microbatches == 1:
+        return microbatches * num_stages * virtual
+    return 2
+
+
 def step_seconds(x: LayoutInputs, ranges: Sequence[Range], virtual: int = 1) -> float:
     """Projected seconds of one GPipe step of a partition: ``M + S - 1`` ticks of the
     slowest stage (its work and its all-reduces' floor) plus the per-tick floor and the
-    transfer; on shared cores no less than all devices' work; then M epilogues. With
+    transfer; on shared cores no less than all devices' work and the floors of the ticks
+    when one device group alone works (``lone_ticks``); then M epilogues. With
     ``virtual`` > 1 the ``ranges`` are S x virtual stages under the circular schedule, whose
     tick count is its table's (``virtual x M + S - 1`` when S divides M).
 
@@ -215,8 +232,11 @@ def step_seconds(x: LayoutInputs, ranges: Sequence[Range], virtual: int = 1) -> 
     stage = [sum(x.work_s[a:b]) + sum(x.floor_s[a:b]) for a, b in ranges]
     busy = ticks * max(stage)
     shared = x.model.concurrency is not None
-    if shared:  # whole-host rates: every device's work, one after another
-        busy = max(busy, m * (x.tp * sum(x.work_s) + sum(x.floor_s)))
+    if shared:  # whole-host rates: every device's work, one after another, and the floors
+        # (a split stage's all-reduce rendezvous) of the ticks when one device group alone
+        # has work: while several groups work, one's rendezvous overlaps another's work
+        busy = max(busy, m * x.tp * sum(x.work_s) + lone_ticks(s, m, virtual)
+                   * sum(x.floor_s) / (s * virtual))
     per_tick = x.model.floor_s(s) + (x.transfer_s if s > 1 else 0.0)
     return busy + ticks * per_tick + m * x.epilogue_s * (x.tp if shared else 1)
 
@@ -236,12 +256,13 @@ def _fits(x: LayoutInputs, ranges: Sequence[Range], virtual: int = 1) -> bool:
 # ---- candidate families ---------------------------------------------------------------------
 
 def _lwjax(x: LayoutInputs, space: Space) -> Iterable[tuple[tuple[Range, ...], int]]:
-    """The least slowest stage with at most k stages, for every k (partitions repeated at
-    a larger k are left out)."""
+    """The least slowest stage with at most k stages, for every k, and the same split into
+    exactly k stages (partitions repeated at a larger k are left out)."""
     if x.room <= 0:
         return
     most = min(space.num_devices // x.tp, space.num_layers)
     costs = [w + f for w, f in zip(x.work_s, x.floor_s, strict=True)]
+    lone_floors = x.model.concurrency is not None and any(x.floor_s)
     counts = range(1, most + 1)
     if space.num_layers * most > 200_000:  # keep planning fast for huge models
         counts = sorted({most, *(2**i for i in range(most.bit_length()) if 2**i <= most)})
@@ -256,9 +277,15 @@ def _lwjax(x: LayoutInputs, space: Space) -> Iterable[tuple[tuple[Range, ...], i
                     x.numbers, x.sizes, x.room)
         except InfeasiblePlanError:
             continue
-        if ranges not in seen:
-            seen.add(ranges)
-            yield ranges, 1
+        # the same slowest stage over exactly k stages: on shared cores the floors of the
+        # ticks one stage works alone shrink with more stages (``step_seconds``); with no
+        # floors more stages only add ticks
+        exact = _split_to(ranges, costs, k) if len(ranges) < k <= space.num_layers and \
+            lone_floors else ranges
+        for r in dict.fromkeys((ranges, exact if _fits(x, exact) else ranges)):
+            if r not in seen:
+                seen.add(r)
+                yield r, 1
 
 
 def _mesh(x: LayoutInputs, space: Space) -> Iterable[tuple[tuple[Range, ...], int]]:
@@ -430,13 +457,21 @@ def layout_inputs(graph: LayerGraph, numbers: LayerNumbers, hw: HardwareSpec, *,
                  for m in stacked)
         return max(roofline_s, t)
 
-    work_s = [work(seg, c) for seg, c in zip(graph.layers, numbers.costs_s, strict=True)]
+    def replicated(seg) -> float:
+        """What a device of a split stage runs whole, beyond its 1/tp (``replicated_eqns``)."""
+        eqns = replicated_eqns(graph, seg, tp) if model.replicated_bytes_per_s else []
+        return model.replicated_s(eqns_cost(graph, eqns).unfused_hbm_bytes) if eqns else 0.0
+
+    work_s = [work(seg, c) + replicated(seg)
+              for seg, c in zip(graph.layers, numbers.costs_s, strict=True)]
+    work_s[0] += replicated(graph.prologue)
     sizes, room, _ = partition_inputs(numbers, capacity_bytes, residency)
     residual = max(_residual_bytes(seg) for seg in graph.layers)
     floor = 2 * model.allreduce_s(residual, tp)  # Megatron: two per layer
     return LayoutInputs(
         microbatches=microbatches, tp=tp, work_s=tuple(work_s),
-        floor_s=(floor,) * len(work_s), epilogue_s=work(graph.epilogue, numbers.epilogue_s),
+        floor_s=(floor,) * len(work_s),
+        epilogue_s=work(graph.epilogue, numbers.epilogue_s) + replicated(graph.epilogue),
         sizes=tuple(sizes), room=room, transfer_s=transfer_time(residual, hw), model=model,
         numbers=numbers)
 

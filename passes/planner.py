@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from lwjax._compat import Jaxpr
+from lwjax._compat import Jaxpr, Var
 from lwjax.errors import ConfigError, DeviceError, InfeasiblePlanError
 from lwjax.hardware import HardwareSpec
 from lwjax.passes import padding
@@ -37,6 +37,7 @@ from lwjax.passes.codec import build_codecs
 from lwjax.passes.cost import (
     TRAIN_ALLREDUCE_FACTOR,
     TRAIN_TIME_FACTOR,
+    JaxprCost,
     LayerCost,
     allreduce_time,
     cost_from_jaxpr,
@@ -74,6 +75,23 @@ def segment_cost(graph: LayerGraph, seg: Segment) -> LayerCost:
     sub = Jaxpr(constvars=list(jaxpr.constvars), invars=[*params, *seg.inputs],
                 outvars=list(seg.outputs), eqns=list(seg.eqns), debug_info=jaxpr.debug_info)
     return cost_from_jaxpr(sub, weight_invars=range(len(params))).layer_cost()
+
+
+def eqns_cost(graph: LayerGraph, eqns: Sequence) -> JaxprCost:
+    """FLOPs and bytes of some of a graph's equations, by jax.experimental.roofline's rules
+    (what they read and do not define themselves counted as inputs).
+
+    Example:
+        >>> eqns_cost(graph, graph.layers[0].eqns[:3]).unfused_hbm_bytes > 0
+        True
+    """
+    jaxpr = graph.jaxpr.jaxpr
+    defined = {v for e in eqns for v in e.outvars}
+    reads = dict.fromkeys(v for e in eqns for v in e.invars
+                          if isinstance(v, Var) and v not in defined)
+    sub = Jaxpr(constvars=list(jaxpr.constvars), invars=list(reads), outvars=[],
+                eqns=list(eqns), debug_info=jaxpr.debug_info)
+    return cost_from_jaxpr(sub)
 
 
 def layer_times(graph: LayerGraph, hw: HardwareSpec, *, weights_on_chip: bool,

@@ -31,6 +31,7 @@ from collections.abc import Collection, Iterable
 
 import numpy as np
 
+from lwjax._compat import Var
 from lwjax.passes.axes import axis_groups
 from lwjax.passes.segment import LayerGraph, Segment
 
@@ -108,6 +109,30 @@ def split_weight_bytes(graph: LayerGraph, seg: Segment, tp: int) -> tuple[int, i
         else:
             split += graph.params[i].nbytes
     return split, replicated
+
+
+def replicated_eqns(graph: LayerGraph, seg: Segment, tp: int) -> list:
+    """The segment's equations every device of a split stage runs whole: those none of whose
+    operands or results has a dimension tied to a split weight's split axis
+    (``passes/axes.py``) -- norms, residual adds, an MoE router's softmax, top-k and the
+    scatters that route tokens. The others do 1/tp of the work (a matmul contracting a
+    split axis included: its partial sums are what the all-reduce adds). [] at tp = 1.
+
+    Example:
+        >>> {e.primitive.name for e in replicated_eqns(graph, graph.layers[0], 2)} >= {"rsqrt"}
+        True
+    """
+    if tp == 1:
+        return []
+    groups = _groups_of(graph.jaxpr.jaxpr)
+    roots = {groups.find(((), graph.param_vars[i], axis))
+             for i, axis in split_axes(graph, seg, tp).items() if axis is not None}
+
+    def split(v) -> bool:
+        return isinstance(v, Var) and any(groups.find(((), v, d)) in roots
+                                          for d in range(len(v.aval.shape)))
+
+    return [e for e in seg.eqns if not any(split(v) for v in (*e.invars, *e.outvars))]
 
 
 # ---- mixed axes -------------------------------------------------------------------------------

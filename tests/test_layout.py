@@ -174,10 +174,27 @@ def test_step_seconds_by_hand():
     assert layout.step_seconds(x, [(0, 2), (2, 3)]) == pytest.approx(
         5 * 4.0 + 5 * (0.2 + 0.25) + 4 * 1.0)
     shared = layout.LayoutInputs(**{**vars(x), "model": TickModel(concurrency=2)})
-    # shared cores: M x (tp x all work + the floors) = 4 x (2 x 6 + 1.5) beats 5 x 4;
-    # the epilogue runs on tp devices' shared cores too
+    # shared cores: M x tp x all work (4 x 2 x 6) and the floors of the ticks one stage
+    # works alone (the first and the last: 2 x the mean stage's 1.5 / 2) beat 5 x 4; the
+    # epilogue runs on tp devices' shared cores too
     assert layout.step_seconds(shared, [(0, 2), (2, 3)]) == pytest.approx(
-        4 * 13.5 + 5 * 0.25 + 4 * 2 * 1.0)
+        4 * 2 * 6 + 2 * 0.75 + 5 * 0.25 + 4 * 2 * 1.0)
+    # one microbatch: every tick has one stage working, so all the floors count
+    one = dataclasses.replace(shared, microbatches=1)
+    assert layout.step_seconds(one, [(0, 2), (2, 3)]) == pytest.approx(
+        max(2 * 4.0, 2 * 6 + 1.5) + 2 * 0.25 + 2 * 1.0)
+
+
+def test_lone_ticks_by_hand():
+    """The ticks of a GPipe table (``SCHEDULES["gpipe"].table``) in which one stage alone has
+    work, in stage-ticks of the mean stage's floor."""
+    from lwjax.passes.schedules import SCHEDULES
+
+    for s, m in [(2, 1), (1, 4), (4, 2), (3, 5)]:
+        table = SCHEDULES["gpipe"].table(s, m)
+        alone = sum(1 for tick in table if sum(w is not None for w in tick) == 1)
+        assert layout.lone_ticks(s, m) == (alone if s > 1 and m > 1 else m * s)
+    assert layout.lone_ticks(2, 1, virtual=2) == 4
 
 
 def test_circular_step_by_hand():
@@ -299,6 +316,56 @@ def test_a_split_layers_allreduces_cost_their_bytes_on_a_cpu(tiny, monkeypatch):
     assert all(x.floor_s[0] == 0 for x in seen if x.tp == 1)
     assert cal.TickModel(allreduce_floor_s=1e-4, allreduce_s_per_byte=1e-9).allreduce_s(
         1000, 4) == pytest.approx(1e-4 + 4e-6)
+
+
+def test_a_split_stage_runs_its_unsplit_equations_whole():
+    """``replicated_eqns``: a dense block split over tp = 2 runs its norms and residual adds
+    whole on every device, and every matmul split (q/k/v and up/gate on their split output
+    axis, out and down contracting theirs); an MoE block also runs its router's top-k and the
+    scatters that route tokens whole. The CPU layout search charges those per device
+    (``cost_calibration``: per unfused byte), tp copies of them on shared
+    cores; a GPU's scoring does not (uncalibrated) and tp = 1 has none."""
+    from lwjax.passes import cost_calibration as cal
+    from lwjax.passes.planner import eqns_cost
+    from lwjax.passes.tp import replicated_eqns
+
+    dense = _graph(CFG, 8)
+    block = dense.layers[1]
+    whole = replicated_eqns(dense, block, 2)
+    names = {e.primitive.name for e in whole}
+    assert {"rsqrt", "add"} <= names and "dot_general" not in names
+    assert replicated_eqns(dense, block, 1) == []
+    assert 0 < len(whole) < len(block.eqns)
+    moe = _graph(MOE, 8)
+    assert {"top_k", "scatter"} <= {e.primitive.name for e in replicated_eqns(
+        moe, moe.layers[1], 2)}
+
+    # the search's per-device work: the CPU adds the replicated time to each split layer
+    # (the difference the constants make), a GPU nothing
+    def inputs(hw) -> dict:
+        seen = {}
+        real = layout.layout_inputs
+
+        def spy(graph, numbers, hw, **kw):
+            seen[kw["microbatches"], kw["tp"]] = (graph, real(graph, numbers, hw, **kw))
+            return seen[kw["microbatches"], kw["tp"]][1]
+
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(layout, "layout_inputs", spy)
+            lwjax.plan(models.abstract(CFG), TOKENS, num_devices=4, hardware=hw,
+                       cache_bytes=10**9)
+        return seen
+
+    charged = inputs(CPU)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cal, "CPU_REPLICATED_BYTES_PER_S", 0.0)
+        free = inputs(CPU)
+    graph, x = charged[1, 2]
+    eqns = replicated_eqns(graph, graph.layers[1], 2)
+    want = eqns_cost(graph, eqns).unfused_hbm_bytes / cal.CPU_REPLICATED_BYTES_PER_S
+    assert x.work_s[1] - free[1, 2][1].work_s[1] == pytest.approx(want)
+    assert charged[1, 1][1].work_s == free[1, 1][1].work_s  # tp = 1: nothing whole
+    assert want > 0 and cal.tick_model(H100).replicated_s(10**6) == 0.0
 
 
 # ---- matmuls over stacked weights (experts) ------------------------------------------------
