@@ -10,8 +10,8 @@ From tp 4 to tp 8, 4 more copies of the replicated equations run at the same mic
 size, so 4 x their unfused bytes (at the full batch, over the 16 layers, the embedding and
 the head: ``passes.planner.eqns_cost``) over the difference in time is the rate at which the
 host runs them. The layout search charges a split layer's replicated bytes at one rate
-(``passes/cost_calibration.py``: the median of the four rates, over two runs, when it was
-set); the figures here are *measured* on this machine.
+(``passes/cost_calibration.py``, which says which runs it came from); the figures here are
+*measured* on this machine.
 
 Run from the repository root::
 

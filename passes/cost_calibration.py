@@ -62,8 +62,10 @@ CPU_ALLREDUCE_S_PER_BYTE = 1.5e-10
 #   equations that touch no split axis (``passes.tp.replicated_eqns``: norms, residual adds,
 #   the router's softmax, top-k and scatters) whole, so on shared cores tp copies of them run.
 #   The dense and MoE models of ``experiments/throughput.py`` at hidden 64 in one stage split
-#   over tp = 4 and 8 at M = 1 and 2: the 4 more copies at tp 8 cost 7.7-17.6 GB/s of those
-#   equations' unfused bytes (``roofline``) in two runs; the median, 11.5 GB/s.
+#   over tp = 4 and 8 at M = 1 and 2: the 4 more copies at tp 8 ran 7.7-20.7 GB/s of those
+#   equations' unfused bytes (``roofline``) over three runs, medians 13.5, 11.7 and 13.5 GB/s
+#   (the last is results/replicated_check.md). 11.5 GB/s, set after the first two runs with an
+#   earlier timing of the MoE model, is in force: it charges them slightly more.
 CPU_REPLICATED_BYTES_PER_S = 11.5e9
 
 
