@@ -25,7 +25,9 @@ share the cores), and an all-reduce's rendezvous costs the cores only in the tic
 device group alone has work (``lone_ticks``). A mesh is a layer-wise plan too (its stages
 are contiguous), so the best "lwjax" candidate is never projected slower than the best
 mesh: by construction, since for each (S, tp, M) the least slowest stage minimises the step
-(the step only grows with the slowest stage and with S).
+(for a given S the step grows with the slowest stage only; on shared cores more stages can
+lower it, so each stage count's least slowest partition is also tried split into exactly
+that many stages).
 
 Example:
     >>> ranking = search_layouts(inputs_at, Space(tps=(1, 2), microbatch_counts=(1, 2, 4),
@@ -205,7 +207,9 @@ def _shape(s: Scored) -> tuple[int, int, int, int]:
 
 def lone_ticks(num_stages: int, microbatches: int, virtual: int = 1) -> int:
     """Stage-ticks of a step in which one device group alone has work: all of them with one
-    group or one microbatch (M x S x ``virtual``), else the first tick's and the last's.
+    group or one microbatch (M x S x ``virtual``), else the first tick's and the last's
+    (GPipe's table; the circular schedule's has more when S does not divide M, but its
+    stages run at tp 1, with no all-reduce floors to count).
 
     Example:
         >>> lone_ticks(2, 1), lone_ticks(1, 4), lone_ticks(4, 2)
@@ -219,8 +223,8 @@ def lone_ticks(num_stages: int, microbatches: int, virtual: int = 1) -> int:
 def step_seconds(x: LayoutInputs, ranges: Sequence[Range], virtual: int = 1) -> float:
     """Projected seconds of one GPipe step of a partition: ``M + S - 1`` ticks of the
     slowest stage (its work and its all-reduces' floor) plus the per-tick floor and the
-    transfer; on shared cores no less than all devices' work and the floors of the ticks
-    when one device group alone works (``lone_ticks``); then M epilogues. With
+    transfer; on shared cores no less than all devices' work and, for each tick when one
+    device group alone works (``lone_ticks``), the mean stage's floor; then M epilogues. With
     ``virtual`` > 1 the ``ranges`` are S x virtual stages under the circular schedule, whose
     tick count is its table's (``virtual x M + S - 1`` when S divides M).
 
@@ -446,9 +450,13 @@ def layout_inputs(graph: LayerGraph, numbers: LayerNumbers, hw: HardwareSpec, *,
 
     def work(seg, roofline_s: float) -> float:
         """The layer's matmuls at the efficiency of their size: a matmul over stacked
-        weights (experts) at one matrix's, the rest at the layer's FLOPs per device."""
+        weights (experts) at one matrix's, the rest at the layer's FLOPs per device --
+        1/tp of them, but for the equations every device runs whole (``whole``)."""
         if seg.signature not in flops:
-            flops[seg.signature] = (segment_cost(graph, seg).flops / tp,
+            f = segment_cost(graph, seg).flops
+            eqns = whole(seg)
+            unsplit = eqns_cost(graph, eqns).flops if eqns else 0.0
+            flops[seg.signature] = ((f - unsplit) / tp + unsplit,
                                     stacked_matmuls(graph, seg, tp))
         f, stacked = flops[seg.signature]
         rest = max(f - sum(m.flops for m in stacked), 0.0)
@@ -457,9 +465,16 @@ def layout_inputs(graph: LayerGraph, numbers: LayerNumbers, hw: HardwareSpec, *,
                  for m in stacked)
         return max(roofline_s, t)
 
+    def whole(seg) -> list:
+        """The equations every device of a split stage runs whole (``replicated_eqns``),
+        where the hardware's tick model prices them (a CPU's; the GPU roofline divides a
+        layer by tp)."""
+        return replicated_eqns(graph, seg, tp) if model.replicated_bytes_per_s else []
+
     def replicated(seg) -> float:
-        """What a device of a split stage runs whole, beyond its 1/tp (``replicated_eqns``)."""
-        eqns = replicated_eqns(graph, seg, tp) if model.replicated_bytes_per_s else []
+        """The bytes of the equations every device runs whole, at the measured rate (their
+        FLOPs are in ``work``)."""
+        eqns = whole(seg)
         return model.replicated_s(eqns_cost(graph, eqns).unfused_hbm_bytes) if eqns else 0.0
 
     work_s = [work(seg, c) + replicated(seg)

@@ -115,8 +115,11 @@ def replicated_eqns(graph: LayerGraph, seg: Segment, tp: int) -> list:
     """The segment's equations every device of a split stage runs whole: those none of whose
     operands or results has a dimension tied to a split weight's split axis
     (``passes/axes.py``) -- norms, residual adds, an MoE router's softmax, top-k and the
-    scatters that route tokens. The others do 1/tp of the work (a matmul contracting a
-    split axis included: its partial sums are what the all-reduce adds). [] at tp = 1.
+    scatters that route tokens; and whole attention blocks where ``split_axis`` keeps their
+    weights whole (a fused qkv projection whose axes the model mixes, as GPT-2's, or q/k/v/o
+    kernels of [D, D]), matmuls included. The others do 1/tp of the work (a matmul
+    contracting a split axis included: its partial sums are what the all-reduce adds). []
+    at tp = 1.
 
     Example:
         >>> {e.primitive.name for e in replicated_eqns(graph, graph.layers[0], 2)} >= {"rsqrt"}

@@ -185,6 +185,23 @@ def test_step_seconds_by_hand():
         max(2 * 4.0, 2 * 6 + 1.5) + 2 * 0.25 + 2 * 1.0)
 
 
+def test_more_stages_can_be_faster_on_shared_cores():
+    """Three stages over (3, 0, 4) with a floor of 1 per layer, tp 2, M = 8 on shared cores:
+    the search tries the 2-stage least-slowest partition split into 3 stages and finds it
+    faster -- the floors of the 2 ticks one stage works alone are the mean stage's, 3 / 3
+    against 3 / 2 (the exhaustive property test rarely reaches such a case)."""
+    x = layout.LayoutInputs(microbatches=8, tp=2, work_s=(3.0, 0.0, 4.0), floor_s=(1.0,) * 3,
+                            epilogue_s=0.0, sizes=(1,) * 3, room=12, transfer_s=0.0,
+                            model=TickModel(concurrency=2, tick_floor_s=0.5))
+    thirds, halves = [(0, 1), (1, 2), (2, 3)], [(0, 2), (2, 3)]
+    assert layout.step_seconds(x, thirds) == pytest.approx(max(10 * 5, 8 * 2 * 7 + 2 * 1)
+                                                           + 10 * 0.5)   # 119.0
+    assert layout.step_seconds(x, halves) == pytest.approx(max(9 * 5, 8 * 2 * 7 + 2 * 1.5)
+                                                           + 9 * 0.5)    # 119.5
+    ranking = layout.search_layouts(lambda m, tp: x, layout.Space((2,), (8,), 8, 3))
+    assert list(ranking.best.ranges) == thirds
+
+
 def test_lone_ticks_by_hand():
     """The ticks of a GPipe table (``SCHEDULES["gpipe"].table``) in which one stage alone has
     work, in stage-ticks of the mean stage's floor."""
