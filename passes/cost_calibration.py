@@ -127,7 +127,6 @@ class TickModel:
             return 0.0
         return self.allreduce_floor_s + self.allreduce_s_per_byte * nbytes * tp
 
-
     def replicated_s(self, nbytes: float) -> float:
         """Seconds a device of a split stage spends on the equations it runs whole, from
         their unfused bytes (0 where not modelled).

@@ -49,6 +49,7 @@ from lwjax.passes.cost_calibration import TickModel, tick_model
 from lwjax.passes.cost_core import transfer_time
 from lwjax.passes.partition import partition_layers
 from lwjax.passes.planner import _residual_bytes, eqns_cost, partition_inputs, segment_cost
+from lwjax.passes.roofline import JaxprCost
 from lwjax.passes.segment import LayerGraph, Segment
 from lwjax.passes.tp import replicated_eqns, residual_width, split_axis
 from lwjax.plan import LayerNumbers, Residency, schedule_ticks
@@ -453,10 +454,8 @@ def layout_inputs(graph: LayerGraph, numbers: LayerNumbers, hw: HardwareSpec, *,
         weights (experts) at one matrix's, the rest at the layer's FLOPs per device --
         1/tp of them, but for the equations every device runs whole (``whole``)."""
         if seg.signature not in flops:
-            f = segment_cost(graph, seg).flops
-            eqns = whole(seg)
-            unsplit = eqns_cost(graph, eqns).flops if eqns else 0.0
-            flops[seg.signature] = ((f - unsplit) / tp + unsplit,
+            unsplit = whole(seg).flops
+            flops[seg.signature] = ((segment_cost(graph, seg).flops - unsplit) / tp + unsplit,
                                     stacked_matmuls(graph, seg, tp))
         f, stacked = flops[seg.signature]
         rest = max(f - sum(m.flops for m in stacked), 0.0)
@@ -465,17 +464,21 @@ def layout_inputs(graph: LayerGraph, numbers: LayerNumbers, hw: HardwareSpec, *,
                  for m in stacked)
         return max(roofline_s, t)
 
-    def whole(seg) -> list:
-        """The equations every device of a split stage runs whole (``replicated_eqns``),
-        where the hardware's tick model prices them (a CPU's; the GPU roofline divides a
-        layer by tp)."""
-        return replicated_eqns(graph, seg, tp) if model.replicated_bytes_per_s else []
+    costs_whole: dict[str, JaxprCost] = {}
+
+    def whole(seg) -> JaxprCost:
+        """The cost of the equations every device of a split stage runs whole
+        (``replicated_eqns``), where the hardware's tick model prices them (a CPU's; the
+        GPU roofline divides a layer by tp); once per distinct segment."""
+        if seg.signature not in costs_whole:
+            eqns = replicated_eqns(graph, seg, tp) if model.replicated_bytes_per_s else []
+            costs_whole[seg.signature] = eqns_cost(graph, eqns)
+        return costs_whole[seg.signature]
 
     def replicated(seg) -> float:
         """The bytes of the equations every device runs whole, at the measured rate (their
         FLOPs are in ``work``)."""
-        eqns = whole(seg)
-        return model.replicated_s(eqns_cost(graph, eqns).unfused_hbm_bytes) if eqns else 0.0
+        return model.replicated_s(whole(seg).unfused_hbm_bytes)
 
     work_s = [work(seg, c) + replicated(seg)
               for seg, c in zip(graph.layers, numbers.costs_s, strict=True)]
