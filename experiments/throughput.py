@@ -357,25 +357,55 @@ def skeletons(kind: str, d: Deployment) -> tuple:
     return base, lw
 
 
+def rendezvous(devices: Sequence, ticks: int, nbytes: int):
+    """A call of a program that only passes ``nbytes`` per device one step around
+    ``devices`` (a ppermute), ``ticks`` times in a scan as the pipeline's ticks do: what the
+    device threads meeting at a collective costs with no work at all."""
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    n = len(devices)
+    mesh = Mesh(np.array(devices), ("d",))
+    ring = [(i, (i + 1) % n) for i in range(n)]
+
+    def body(x):
+        return jax.lax.scan(lambda c, _: (jax.lax.ppermute(c, "d", ring), None), x, None,
+                            length=ticks)[0]
+
+    f = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=P("d"), out_specs=P("d")))
+    x = jax.device_put(jnp.zeros((n, max(nbytes // 4, 1)), jnp.float32),
+                       NamedSharding(mesh, P("d")))
+    return lambda: f(x)
+
+
 @dataclasses.dataclass(frozen=True)
 class Breakdown:
     kind: str
+    hidden: int
     timings: dict[str, _common.Timing]
     ticks: dict[str, int]
     num_stages: int
     microbatches: int
     batch: int
     baseline_variant: str  # the tp_pp variant timed as "baseline"
+    best_baseline: str  # the baselines' key timed as "best_baseline"
+    carry_bytes: int  # one microbatch's residual, what a layer-wise tick sends per device
 
 
-def breakdown(kind: str, d: Deployment, repeats: int) -> Breakdown:
+def breakdown(kind: str, d: Deployment, repeats: int, best: str | None = None) -> Breakdown:
     """Times the parts: the model on one device at full batch and at the microbatch size
     (x M), both deployments of a same-shaped model with negligible compute (per-tick
-    synchronisation floor)."""
+    synchronisation floor), and the layer-wise ticks' ppermutes alone among as many device
+    threads as stages and among two (``rendezvous``); ``best``, a key of ``d.baselines``
+    (the fastest variant of the run before), is timed too as "best_baseline"."""
     cfg, m = d.cfg, d.layerwise.plan.microbatches
     mb = cfg.batch_size // m
     single_mb = baselines.single_device(d.model, d.tokens[:mb], device=jax.devices()[0])
     skel_base, skel_lw = skeletons(kind, d)
+    stages = len(d.layerwise.plan.stages)
+    ticks = m + stages - 1
+    carry = mb * cfg.seq_len * cfg.hidden_size * cfg.dtype.itemsize
+    devices = jax.devices()[:NUM_DEVICES]
     fns = {
         "layerwise": lambda: d.layerwise(d.tokens),
         "baseline": lambda: d.baseline(d.tokens),
@@ -383,12 +413,16 @@ def breakdown(kind: str, d: Deployment, repeats: int) -> Breakdown:
         "single_mb": lambda: [single_mb(d.tokens[i * mb:(i + 1) * mb]) for i in range(m)],
         "skeleton_layerwise": skel_lw,
         "skeleton_baseline": skel_base,
+        "rendezvous": rendezvous(devices[:stages], ticks, carry),
+        "rendezvous_2": rendezvous(devices[:2], ticks, carry),
+        "best_baseline": functools.partial(d.baselines[best or baseline_key(
+            d.baseline.variant, d.baseline.num_microbatches)], d.tokens),
     }
     timings = _common.measure_interleaved(fns, repeats=repeats)
-    stages = len(d.layerwise.plan.stages)
-    return Breakdown(kind, timings,
-                     {"layerwise": m + stages - 1, "baseline": m + PP - 1}, stages, m,
-                     cfg.batch_size, d.baseline.variant)
+    return Breakdown(kind, cfg.hidden_size, timings, {"layerwise": ticks, "baseline": m + PP - 1},
+                     stages, m, cfg.batch_size, d.baseline.variant,
+                     best or baseline_key(d.baseline.variant, d.baseline.num_microbatches),
+                     carry)
 
 
 # ---- projected ---------------------------------------------------------------------------------
@@ -508,7 +542,7 @@ def measure_scale(scale: Scale, kinds: Sequence[str], repeats: int,
                      f"{max(m.max_diff.values()):.1e}")
         if kind in breakdown_kinds:
             _common.step(f"{kind}: timing the parts (breakdown)")
-            breakdowns.append(breakdown(kind, d, repeats))
+            breakdowns.append(breakdown(kind, d, repeats, m.best_baseline))
     return results, breakdowns
 
 
@@ -524,9 +558,10 @@ def main(argv: Sequence[str] | None = None) -> str:
         results, breakdowns = measure_scale(FULL, ("dense", "moe"), a.repeats or FULL.repeats,
                                             ("dense", "moe"), tune=TUNE)
         tables.append(("Table 1", results))
-        small, _ = measure_scale(QUICK, ("dense", "moe"), a.repeats or QUICK.repeats, (),
-                                 tune=TUNE)
+        small, small_parts = measure_scale(QUICK, ("dense", "moe"), a.repeats or QUICK.repeats,
+                                           ("dense", "moe"), tune=TUNE)
         tables.append(("Table 1b: a scale whose layers fit the host L2", small))
+        breakdowns += small_parts
         cfg = cpu_config("dense", dataclasses.replace(FULL, vocab=2048))
         _common.step("dense, vocab 2048: vocabulary sensitivity")
         vocab_check = [results[0], measure("dense", cfg, a.repeats or FULL.repeats,

@@ -215,3 +215,41 @@ def test_report_labels_every_figure(tiny_measured):
     assert rows
     for row in rows:
         assert "| measured |" in row or "| projected |" in row, row
+
+
+def test_breakdown_goal_budget_by_hand():
+    """At the hidden size whose layers fit the L2, the summary line says what the 1.3x goal
+    leaves over one device and what the rendezvous alone take, from the timings given."""
+    ms = {"single": 20.0, "baseline": 60.0, "best_baseline": 26.0, "layerwise": 44.0,
+          "skeleton_layerwise": 23.0 * 0.75, "rendezvous": 23.0 * 0.4, "rendezvous_2": 1.15,
+          "skeleton_baseline": 30.0, "single_mb": 30.0}
+    b = throughput.Breakdown(
+        "dense", throughput.MEASURED_SCALE_FITS_L2,
+        {k: common.Timing((v / 1e3,)) for k, v in ms.items()}, {"layerwise": 23, "baseline": 9},
+        16, 8, 16, "explicit_scan", "baseline:explicit_scan@M=2", 16 * 1024)
+    line = throughput_report.breakdown_summary(b)
+    assert "3.00x the time of one device" in line and "layer-wise 2.20x" in line
+    # 26 / 1.3 = 20.0 ms: 0.0 ms over one device; the floor 17.25 ms, rendezvous 9.2 ms
+    assert "finish in 20.0 ms, +0.0 ms over one device" in line
+    assert "per-tick floor takes 17.2 ms, of which 9.2 ms" in line
+    assert "(0.400 ms each, 0.050 ms among 2)" in line
+    rows = {r[0].strip(): r for r in throughput_report.breakdown_rows(b)}
+    assert rows["of which the rendezvous of 16 device threads"][1] == "9.2"
+    assert "16 KiB per device" in rows["of which the rendezvous of 16 device threads"][3]
+    # at another hidden size, no goal budget
+    other = dataclasses.replace(b, hidden=256)
+    assert "finish in" not in throughput_report.breakdown_summary(other)
+
+
+def test_tiny_breakdown_times_every_part():
+    scale = throughput.Scale(hidden=16, batch=16, seq=8, vocab=64, repeats=1)
+    cfg = throughput.cpu_config("dense", scale)
+    d = throughput.deploy(cfg, with_plan=False, variants="default")
+    b = throughput.breakdown("dense", d, repeats=1)
+    assert set(b.timings) == {"layerwise", "baseline", "best_baseline", "single", "single_mb",
+                              "skeleton_layerwise", "skeleton_baseline", "rendezvous",
+                              "rendezvous_2"}
+    assert b.hidden == 16 and b.ticks["layerwise"] == 8 + 16 - 1
+    assert b.carry_bytes == (16 // 8) * 8 * 16 * 4  # one microbatch's residual, float32
+    for row in throughput_report.breakdown_rows(b):
+        assert row[2] in ("measured", "estimate", "remainder"), row
