@@ -87,6 +87,12 @@ class Check:
         return next(layout for m, layout in zip(self.measured, self.layouts(), strict=True)
                     if m.kept)
 
+    def projected_over_measured(self) -> list[float]:
+        """Each candidate's projected step (``Plan.layout_step_s``) over its measured median:
+        how far the search's absolute figures are off here (its ranking needs only their
+        order)."""
+        return [m.projected_s / m.median_s for m in self.measured]
+
     def default_cost(self) -> float:
         """The search's first choice's median over the fastest candidate's (>= 1)."""
         return self.measured[0].median_s / min(m.median_s for m in self.measured)
@@ -143,28 +149,37 @@ def report(checks: Sequence[Check], scale: throughput.Scale, candidates: int,
              f"each configuration `lwjax.layerwise_shard(..., tune={candidates})` built the "
              "layout search's best layouts that lower and timed each "
              f"({tune.ROUNDS} interleaved calls after a compiling one; medians, *measured*). "
-             "The search's rank is its *projected* order. rho: Spearman's rank correlation "
+             "The search's rank is its *projected* order (projected ms: the step it ranked "
+             "by). rho: Spearman's rank correlation "
              "of the two orders. Default cost: the search's first choice's median over the "
              "fastest candidate's.", ""]
     for c in checks:
         lines += [f"## {c.model}, capacity {c.capacity_bytes / MIB:.2f} MiB/device", ""]
-        rows = [(m.rank, layout, f"{m.median_s * 1e3:.1f}", r, "kept" if m.kept else "")
-                for m, layout, r in zip(c.measured, c.layouts(), c.measured_ranks(),
-                                        strict=True)]
+        rows = [(m.rank, layout, f"{m.projected_s * 1e3:.1f}", f"{m.median_s * 1e3:.1f}",
+                 f"{ratio:.2f}x", r, "kept" if m.kept else "")
+                for m, layout, r, ratio in zip(c.measured, c.layouts(), c.measured_ranks(),
+                                               c.projected_over_measured(), strict=True)]
         lines += [_common.markdown_table(
-            ["search rank (projected)", "layout", "measured ms (median)", "measured rank",
-             "tune kept"], rows, "rlrrl"), ""]
+            ["search rank (projected)", "layout", "projected ms", "measured ms (median)",
+             "projected / measured", "measured rank", "tune kept"], rows, "rlrrrrl"), ""]
     lines += ["## Summary", "", _common.markdown_table(
-        ["model", "capacity MiB", "candidates", "rho", "default cost", "fastest measured",
-         "reference / kept", "tune= call s"],
+        ["model", "capacity MiB", "candidates", "rho", "projected / measured",
+         "default cost", "fastest measured", "reference / kept", "tune= call s"],
         [(c.model, f"{c.capacity_bytes / MIB:.2f}", len(c.measured),
-          "--" if c.rho() is None else f"{c.rho():+.2f}", f"{c.default_cost():.2f}x",
+          "--" if c.rho() is None else f"{c.rho():+.2f}",
+          f"{min(c.projected_over_measured()):.2f}-{max(c.projected_over_measured()):.2f}x",
+          f"{c.default_cost():.2f}x",
           c.layouts()[c.measured_ranks().index(1)],
           f"{c.reference}: {c.reference_over_kept:.2f}x" + (
               " (the kept layout: noise)" if c.reference == c.kept() else ""),
           f"{c.seconds:.0f}")
          for c in checks],
-        "lrrrrllr"), "",
+        "lrrrrrllr"), "",
+        "Projected / measured: the search's projected step of each candidate "
+        "(`Plan.layout_step_s`, *projected*) over its measured median, the range over the "
+        "candidates. The CPU corrections were measured on a calibration host "
+        "(`passes/cost_calibration.py`); on another host the absolute figures shift while the "
+        "ranking, which is what the search uses, can hold (rho).",
         "Reference / kept: the one-layer-per-device program's median over the kept layout's, "
         f"timed together ({tune.ROUNDS} interleaved calls each); below 1.00x, a layout outside "
         "the search's best beat every candidate. Where the reference is the kept layout, the "

@@ -125,6 +125,11 @@ class Plan:
             (``passes/schedules.py``): ``stages`` are S x virtual, stage k running on the
             devices of stage k mod S, which hold the weights of all their stages
             (``device_footprint``). Chosen by the layout search for forward passes.
+        layout_step_s: the layout search's projected step for this layout, the figure it
+            was ranked by (``passes.layout.step_seconds``: the roofline corrected by the
+            hardware's tick model -- on a CPU the matmul efficiency, per-tick floors,
+            shared cores and replicated work measured on a calibration host); None where
+            the layout search did not choose the plan. ``step_time_s`` is the roofline alone.
     """
 
     stages: tuple[Stage, ...]
@@ -146,6 +151,7 @@ class Plan:
     concurrency: int | None = None
     method: str = "optimal"
     virtual: int = 1
+    layout_step_s: float | None = None
 
     @property
     def num_devices(self) -> int:
@@ -306,8 +312,13 @@ class Plan:
             + (" [the stages share one host's cores: M x all stages' time instead]"
                if shared else "")
             + f" + epilogue {self.microbatches} x {self.numbers.epilogue_s * 1e3:.3f} ms "
-            f"= {self.step_time_s * 1e3:.3f} ms, transfers excluded",
+            f"= {self.step_time_s * 1e3:.3f} ms, transfers excluded (the roofline alone)",
         ]
+        if self.layout_step_s is not None:
+            lines.append(
+                f"layout search's projected step: {self.layout_step_s * 1e3:.3f} ms (the "
+                "roofline corrected by the hardware's tick model, transfers and per-tick "
+                "floors included: the figure this layout was ranked by; not measured)")
         if self.schedule == "1f1b":  # lockstep ticks: see passes/train_cost.py
             backward = (TRAIN_TIME_FACTOR - 1) / TRAIN_TIME_FACTOR * self.bottleneck.est_time_s
             lockstep = 2 * ticks * backward + epilogue

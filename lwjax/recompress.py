@@ -132,7 +132,8 @@ def recompress(sm, compression: str | Compression, stages: Sequence[int] | None 
     every = len(chosen) == len(devices)
     label = policy.name if every else \
         f"{sm.plan.compression}; {policy.name} on stages {list(chosen)}"
-    plan = dataclasses.replace(sm.plan, compression=label, stages=tuple(
+    # the layout search ranked the uncompressed layout: its projected step is not this one's
+    plan = dataclasses.replace(sm.plan, compression=label, layout_step_s=None, stages=tuple(
         dataclasses.replace(st, footprint=dataclasses.replace(
             st.footprint, weights_bytes=after[s])) for s, st in enumerate(sm.plan.stages)))
     return plan, program, params, Recompressed(chosen, policy.name, reencode_s,

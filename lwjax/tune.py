@@ -46,6 +46,8 @@ class Measured:
         virtual: stages per device group (the circular schedule's laps; 1: GPipe).
         median_s: the median of its interleaved timed calls, in seconds (*measured*).
         kept: the layout tuning kept.
+        projected_s: the layout search's projected step for it (``Plan.layout_step_s``;
+            None: not known).
     """
 
     rank: int
@@ -55,6 +57,7 @@ class Measured:
     median_s: float
     kept: bool
     virtual: int = 1
+    projected_s: float | None = None
 
 
 def check_tune(tune, given: bool = False) -> int:
@@ -153,7 +156,7 @@ def deploy(plans: Sequence, build: Callable, args: Sequence, kwargs: dict, tune:
         k = next(j for j, (_, sm) in enumerate(built) if sm is best)
         best.tuning = tuple(
             Measured(i + 1, sm.plan.ring, sm.plan.tp, sm.plan.microbatches, m, j == k,
-                     sm.plan.virtual)
+                     sm.plan.virtual, sm.plan.layout_step_s)
             for j, ((i, sm), m) in enumerate(zip(built, medians, strict=True)))
         measured = "; ".join(f"{i + 1}. {_layout(sm.plan)} {m * 1e3:.1f} ms"
                              for (i, sm), m in zip(built, medians, strict=True))

@@ -436,7 +436,8 @@ class _Search:
                 f"x the winner's)",)
             notes = (*_notes(self, first, found, best.tp, comp, mb), *found.notes,
                      *rank_note, *ranking.notes())
-            plans.append(dataclasses.replace(found, strategy=strategy, notes=notes))
+            plans.append(dataclasses.replace(found, strategy=strategy, notes=notes,
+                                             layout_step_s=scored.step_s))
         return plans
 
     def candidates(self):

@@ -267,6 +267,27 @@ def test_default_plan_names_winner_runner_up_and_mesh(tiny):
     assert f"{len(p.stages)} x tp {p.tp}, M={p.microbatches}" in won
 
 
+def test_a_plan_carries_the_step_it_was_ranked_by(tiny, monkeypatch):
+    """The plan keeps the layout search's projected step of its layout (the number the notes
+    quote for the winner), prints it beside the roofline step, and keeps it through JSON;
+    a replanned partition and a plan the search did not choose have none."""
+    rankings = []
+    search = layout.search_layouts
+    monkeypatch.setattr(layout, "search_layouts",
+                        lambda *a: rankings.append(search(*a)) or rankings[-1])
+    p = lwjax.plan(tiny, TOKENS, num_devices=16, hardware=H100, cache_bytes=120_000)
+    assert p.layout_step_s == rankings[-1].best.step_s > 0
+    assert f"wins at {p.layout_step_s * 1e3:.3f} ms" in "\n".join(p.notes)
+    assert f"layout search's projected step: {p.layout_step_s * 1e3:.3f} ms" in p.summary()
+    assert "(the roofline alone)" in p.summary()
+    assert lwjax.Plan.from_json(p.to_json()).layout_step_s == p.layout_step_s
+    assert p.replan().layout_step_s is None
+    fixed = lwjax.plan(tiny, TOKENS, num_devices=16, hardware=H100, cache_bytes=120_000,
+                       objective="bottleneck")
+    assert fixed.layout_step_s is None
+    assert "layout search's projected step" not in fixed.summary()
+
+
 def test_circular_wins_where_devices_are_fewer_than_layers():
     """16 seed-size layers on 4 H100s at the seeds' M = 8 (projected, planned abstractly):
     GPipe's fill and drain of 3 four-layer ticks cost more than the circular schedule's 3

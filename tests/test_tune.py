@@ -67,6 +67,8 @@ def test_tune_measures_the_ranking_and_keeps_a_candidate(tiny, ranked):
         note = next(n for n in p.notes if n.startswith(f"layout search: candidate {rank} "))
         projected.append(float(re.search(r"at ([\d.]+) ms projected", note).group(1)))
     assert projected == sorted(projected)
+    # each plan carries its projected step: the figure the notes quote, to the printed digit
+    assert [f"{p.layout_step_s * 1e3:.3f}" for p in plans] == [f"{x:.3f}" for x in projected]
     note = next(n for n in sm.plan.notes if n.startswith("tuned:"))
     named = [p for p in plans if f". {_label(p)}" in note]
     assert len(named) >= 3 and named == plans[:len(named)]  # the best ones, in order
@@ -76,6 +78,8 @@ def test_tune_measures_the_ranking_and_keeps_a_candidate(tiny, ranked):
     assert [(m.rank, (m.num_stages, m.tp, m.microbatches)) for m in sm.tuning] == [
         (plans.index(p) + 1, _shape(p)) for p in named]
     assert [f"{m.median_s * 1e3:.1f} ms" for m in sm.tuning] == re.findall(r"[\d.]+ ms", note)
+    assert [m.projected_s for m in sm.tuning] == [
+        plans[m.rank - 1].layout_step_s for m in sm.tuning]
     kept = [m for m in sm.tuning if m.kept]
     assert len(kept) == 1 and (kept[0].num_stages, kept[0].tp, kept[0].microbatches) == _shape(
         sm.plan)
