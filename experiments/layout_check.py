@@ -16,9 +16,11 @@ them in interleaved rounds (``lwjax/tune.py``) and records each median
   so a layout the search ranked below its N best still shows.
 
 Configurations: the dense and MoE models of ``experiments/throughput.py`` (16 layers, 8
-heads, float32, hidden 256, batch 32 x 64; ``--quick``: hidden 64, batch 16 x 32) at two
-capacities: the least that holds one layer per device (the capacity throughput.py plans
-its default at) and ``GENEROUS`` times it, where more layouts fit.
+heads, float32, hidden 256, batch 32 x 64; ``--quick``: hidden 64, batch 16 x 32) and a
+third-party model of the same width, transformers' Flax GPT-2 with 16 blocks and random
+weights (it needs the test extra's ``transformers``), at two capacities: the least that
+holds one layer per device (the capacity throughput.py plans its default at) and
+``GENEROUS`` times it, where more layouts fit.
 
 Run from the repository root::
 
@@ -70,7 +72,9 @@ class Check:
     reference_over_kept: float = 0.0  # its median over the kept layout's, timed together
 
     def layouts(self) -> list[str]:
-        return [f"{m.num_stages} x tp {m.tp}, M={m.microbatches}" for m in self.measured]
+        return [f"{m.num_stages} x tp {m.tp}" + (f" x {m.virtual} laps" if m.virtual > 1
+                                                 else "") + f", M={m.microbatches}"
+                for m in self.measured]
 
     def measured_ranks(self) -> list[int]:
         order = np.argsort([m.median_s for m in self.measured], kind="stable")
@@ -112,19 +116,36 @@ def spearman(a: Sequence[int], b: Sequence[int]) -> float | None:
     return 1 - 6 * d2 / (n * (n * n - 1))
 
 
+def gpt2(scale: throughput.Scale):
+    """transformers' Flax GPT-2 at ``scale``: 16 blocks of width ``scale.hidden``, 8 heads,
+    random weights (seed 0), and its (batch, seq) tokens; its name for the report."""
+    import transformers  # noqa: PLC0415 (the test extra; only this model needs it)
+
+    config = transformers.GPT2Config(n_layer=throughput.NUM_LAYERS, n_embd=scale.hidden,
+                                     n_head=8, vocab_size=scale.vocab, n_positions=scale.seq)
+    model = transformers.FlaxGPT2LMHeadModel(config, seed=0)
+    tokens = np.asarray(jax.random.randint(jax.random.key(0), (scale.batch, scale.seq), 0,
+                                           scale.vocab), np.int32)
+    return model, tokens, "transformers FlaxGPT2LMHeadModel (16 blocks)"
+
+
 def check(kind: str, scale: throughput.Scale, candidates: int) -> list[Check]:
-    """Both capacities of one model: the search's ``candidates`` best layouts, measured."""
-    cfg = throughput.cpu_config(kind, scale)
+    """Both capacities of one model ("dense", "moe": ``throughput.cpu_config``; "gpt2":
+    ``gpt2``): the search's ``candidates`` best layouts, measured."""
     devices = jax.devices()[:throughput.NUM_DEVICES]
-    model = models.build(cfg, rngs=nnx.Rngs(0))
-    tokens = jax.random.randint(jax.random.key(0), (cfg.batch_size, cfg.seq_len), 0,
-                                cfg.vocab_size)
+    if kind == "gpt2":
+        model, tokens, name = gpt2(scale)
+    else:
+        cfg = throughput.cpu_config(kind, scale)
+        model = models.build(cfg, rngs=nnx.Rngs(0))
+        tokens = jax.random.randint(jax.random.key(0), (cfg.batch_size, cfg.seq_len), 0,
+                                    cfg.vocab_size)
+        name = throughput.model_name(kind, cfg)
     one_layer, _ = _common.layerwise_deploy(model, tokens, devices, throughput.MICROBATCHES,
                                             objective="bottleneck")
     least = one_layer.plan.capacity_bytes
     p = one_layer.plan
     reference = f"{len(p.stages)} x tp {p.tp}, M={p.microbatches}"
-    name = throughput.model_name(kind, cfg)
     checks = []
     for capacity in (least, GENEROUS * least):
         _common.step(f"{name}: the layout search's {candidates} best layouts at "
@@ -144,7 +165,7 @@ def report(checks: Sequence[Check], scale: throughput.Scale, candidates: int,
     """The results file: one table per configuration, then a summary."""
     lines = [_common.header("Layout check: the layout search's ranking against measurement",
                             SCRIPT, command),
-             f"Models: 16 layers, 8 heads, float32, hidden {scale.hidden}, batch "
+             f"Models: 16 layers (GPT-2: blocks), 8 heads, float32, hidden {scale.hidden}, batch "
              f"{scale.batch} x {scale.seq}; 16 simulated devices on this host's cores. For "
              f"each configuration `lwjax.layerwise_shard(..., tune={candidates})` built the "
              "layout search's best layouts that lower and timed each "
@@ -195,7 +216,8 @@ def main(argv: Sequence[str] | None = None) -> str:
     ap.add_argument("--quick", action="store_true",
                     help="hidden 64, batch 16 x 32, 4 candidates")
     ap.add_argument("--candidates", type=int, default=None)
-    ap.add_argument("--models", default="dense,moe", help="comma-separated: dense, moe")
+    ap.add_argument("--models", default="dense,moe,gpt2",
+                    help="comma-separated: dense, moe, gpt2 (transformers' Flax GPT-2)")
     _common.add_output_flags(ap)
     args = ap.parse_args(argv)
     _common.step(f"machine: {_common.machine_line()}")

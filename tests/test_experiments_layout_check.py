@@ -41,3 +41,16 @@ def test_quick_run_reports_the_measured_candidates():
                               "--no-write"])
     assert text.count("| kept |") == 2  # one kept layout per capacity
     assert "## Summary" in text and "Dense (16-layer)" in text
+
+
+def test_labels_name_laps_and_gpt2_is_the_transformers_model():
+    c = layout_check.Check("m", 2**20, (
+        tune.Measured(1, 8, 1, 4, 0.01, True, virtual=2, projected_s=0.02),
+        tune.Measured(2, 16, 1, 8, 0.02, False, projected_s=0.03)), 1.0)
+    assert c.layouts() == ["8 x tp 1 x 2 laps, M=4", "16 x tp 1, M=8"]
+    pytest.importorskip("transformers")
+    scale = layout_check.throughput.Scale(hidden=16, batch=4, seq=8, vocab=64, repeats=1)
+    model, tokens, name = layout_check.gpt2(scale)
+    assert type(model).__name__ == "FlaxGPT2LMHeadModel" and "GPT2" in name
+    assert model.config.n_layer == 16 and model.config.n_embd == 16
+    assert model(tokens).logits.shape == (4, 8, 64)
