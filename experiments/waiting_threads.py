@@ -1,0 +1,146 @@
+"""Waiting threads: what the device threads that wait at a tick's collective cost the ones
+that work, measured on this host.
+
+A pipeline tick runs each active stage's work, then a ppermute that every device joins. In
+the fill and drain of a GPipe schedule, and in every tick of a layout with one microbatch
+(M = 1), few devices work while the others wait. On a CPU host the 16 simulated devices are
+threads sharing a few cores, and the layout search (``passes/layout.py``) charges the work of
+all devices as if run one after another on the host, whichever are active. This script
+measures whether that holds: a program on 16 devices runs 16 ticks of an MLP block
+(x + gelu(x W1) W2, hidden 256, ``tokens`` rows) on the first k devices, the others skipping
+it (``lax.cond``), each tick ending in a ppermute around all 16; against one device running
+the same 16 blocks alone, in one interleaved run. ``slowdown = time / (k x one device's
+time)``: 1.00 where k devices' work costs k times one device's, as the search assumes; above
+1, the waiting threads slow the working ones. The *measured* figures say how the layout
+search misjudges layouts with few active devices per tick (M = 1 on many stages): see
+``experiments/layout_check.py``.
+
+Run from the repository root::
+
+    python experiments/waiting_threads.py [--repeats 9] [--write-results]
+
+It writes ``waiting_threads.md`` to ``experiments/out/`` (git-ignored); ``--write-results``
+regenerates the committed copy in ``experiments/results/``.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+import _common  # noqa: E402
+
+_common.use_cpu_devices(16)  # before anything touches a device; under pytest conftest did
+
+import argparse  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+HIDDEN = 256
+TOKENS = (512, 2048)  # rows of a tick's work: a microbatch of 8 / 32 sequences of 64
+ACTIVE = (1, 2, 4, 8, 16)
+TICKS = 16
+
+
+def _block(x, w1, w2):
+    return x + jax.nn.gelu(x @ w1) @ w2
+
+
+def programs(tokens: int, hidden: int = HIDDEN, active: Sequence[int] = ACTIVE,
+             devices: Sequence | None = None) -> dict:
+    """Calls: ``k`` -> 16 ticks of the block on the first k of ``devices`` (the others wait
+    at each tick's ppermute); ``"one"`` -> the 16 blocks on one device alone."""
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    devices = list(jax.devices() if devices is None else devices)
+    n = len(devices)
+    mesh = Mesh(np.array(devices), ("d",))
+    ring = [(i, (i + 1) % n) for i in range(n)]
+
+    def place(shape, spec, scale):
+        return jax.device_put(jnp.full(shape, scale, jnp.float32), NamedSharding(mesh, spec))
+
+    w1 = place((hidden, 4 * hidden), P(), 1e-3)
+    w2 = place((4 * hidden, hidden), P(), 1e-3)
+    x = place((n * tokens, hidden), P("d"), 1e-2)
+    calls = {}
+    for k in active:
+        def body(x, w1, w2, k=k):
+            working = jax.lax.axis_index("d") < k
+
+            def tick(c, _):
+                c = jax.lax.cond(working, lambda c: _block(c, w1, w2), lambda c: c, c)
+                return jax.lax.ppermute(c, "d", ring), None
+            return jax.lax.scan(tick, x, None, length=TICKS)[0]
+
+        f = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P("d"), P(), P()),
+                                  out_specs=P("d")))
+        calls[k] = lambda f=f: f(x, w1, w2)
+    alone = jax.jit(lambda x, w1, w2: jax.lax.scan(
+        lambda c, _: (_block(c, w1, w2), None), x, None, length=TICKS)[0])
+    one = [jax.device_put(a, devices[0]) for a in
+           (jnp.full((tokens, hidden), 1e-2), np.asarray(w1), np.asarray(w2))]
+    calls["one"] = lambda: alone(*one)
+    return calls
+
+
+def slowdowns(medians: dict) -> dict[int, float]:
+    """k -> the k-device program's median over k x the one-device median."""
+    return {k: t / (k * medians["one"]) for k, t in medians.items() if k != "one"}
+
+
+def measure(tokens: int, repeats: int, **kw) -> dict:
+    timings = _common.measure_interleaved(programs(tokens, **kw), repeats=repeats)
+    return {k: t.median for k, t in timings.items()}
+
+
+def report(results: dict[int, dict], command: str) -> str:
+    """The results file: per work size, each k's median and slowdown."""
+    rows = []
+    for tokens, medians in results.items():
+        s = slowdowns(medians)
+        rows.append([f"{tokens:,}", f"{medians['one'] * 1e3:.1f}",
+                     *(f"{medians[k] * 1e3:.1f} ({s[k]:.2f})" for k in s), _common.MEASURED])
+    active = [k for k in next(iter(results.values())) if k != "one"]
+    return "\n\n".join([
+        _common.header("Waiting threads: what idle device threads cost the working ones",
+                       "experiments/waiting_threads.py", command),
+        f"16 simulated devices, {TICKS} ticks; each tick the first k devices run an MLP block "
+        f"(hidden {HIDDEN}, 4 x {HIDDEN} inner, float32) on their rows, the others skip it "
+        "(`lax.cond`), and all 16 join a ppermute. One device: the same 16 blocks alone. "
+        "Cells: median ms of interleaved runs (slowdown = time / (k x one device's time); "
+        "1.00 is what the layout search assumes on shared cores).",
+        _common.markdown_table(
+            ["rows per tick", "one device ms", *(f"k = {k} of 16" for k in active), "figure"],
+            rows, "rr" + "r" * len(active) + "l"),
+        "Above 1.00, the work of a tick in which few devices are active costs more than "
+        "their share of the host: the working devices run slower while the others wait at "
+        "the collective (XLA's CPU runtime on this host; why is not measured here). The "
+        "layout search charges it at 1.00 (`passes/layout.py`, "
+        "`step_seconds`), so it ranks layouts with few active devices per tick (M = 1 on "
+        "many stages; the fill and drain of GPipe) too well on this host.",
+    ]) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> str:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=9)
+    _common.add_output_flags(ap)
+    args = ap.parse_args(argv)
+    _common.step(f"machine: {_common.machine_line()}")
+    results = {}
+    for tokens in TOKENS:
+        _common.step(f"{tokens} rows per tick: timing k = {', '.join(map(str, ACTIVE))} "
+                     "working devices of 16 and one device alone")
+        results[tokens] = measure(tokens, args.repeats)
+    text = report(results, _common.command_line("experiments/waiting_threads.py", argv))
+    return _common.publish("waiting_threads.md", text, args)
+
+
+if __name__ == "__main__":
+    main()
