@@ -2,7 +2,8 @@
 
 The roofline (``cost_core.layer_time``) assumes peak matmul rates, no per-tick cost and
 every device its own hardware. Measured on CPU hosts (``experiments/cost_check.py
---calibrate``, ``experiments/replicated_check.py``), four corrections carry most of the error:
+--calibrate``, ``experiments/replicated_check.py``, ``experiments/waiting_threads.py``), five
+corrections carry most of the error:
 
 - small-matmul efficiency: a layer reaches a fraction of the peak that grows with its FLOPs;
 - a per-tick floor: dispatching the stage's branch and rendezvousing the devices' threads
@@ -12,7 +13,11 @@ every device its own hardware. Measured on CPU hosts (``experiments/cost_check.p
   the work of all devices (``TickModel.concurrency``);
 - replicated work: every device of a split stage runs the equations that touch no split axis
   whole (``passes.tp.replicated_eqns``), at a rate per byte (``TickModel.replicated_s``);
-  the roofline divides all of a layer by tp.
+  the roofline divides all of a layer by tp;
+- waiting threads: in a tick where few devices work and the others wait at its collective,
+  the working ones run slower (``TickModel.waiting_slowdown``): layouts with few active
+  devices per tick (one microbatch on many stages, the fill and drain) cost more than their
+  work.
 
 ``tick_model(hw)`` returns them for a HardwareSpec from the registry ``TICK_MODELS`` (by
 ``hw.kind``). The GPU entry corrects nothing: no GPU measurement has been made to calibrate
@@ -67,6 +72,17 @@ CPU_ALLREDUCE_S_PER_BYTE = 1.5e-10
 #   (the last is results/replicated_check.md). 11.5 GB/s, set after the first two runs with an
 #   earlier timing of the MoE model, is in force: it charges them slightly more.
 CPU_REPLICATED_BYTES_PER_S = 11.5e9
+# - waiting threads (2026-12-04, this project's 2-core AMD EPYC host,
+#   ``python experiments/waiting_threads.py``): 16 ticks of an MLP block (hidden 256) on k of
+#   16 devices, the others waiting at each tick's ppermute, against one device alone: the k
+#   devices' work took f x k times one device's, f = 2.17 / 1.31 / 1.15 / 1.06 / 1.02 for
+#   k = 1 / 2 / 4 / 8 / 16 at 2048 rows per tick and 1.49 / 1.24 / 1.03 / 0.96 / 0.89 at
+#   512 (scratch runs with 2 and 4 devices, one working: 1.03, 1.08). f - 1 against the
+#   waiting devices per working one, w / k, least squares in log-log over both sizes'
+#   points above 1 (7 points): 0.034 x (w / k)^1.08 -- it predicts 1.62 / 1.27 / 1.11 / 1.03
+#   for k = 1 / 2 / 4 / 8 of 16, and 1.03 / 1.11 for one of 2 / 4 working.
+CPU_WAITING_COEFF = 0.034
+CPU_WAITING_EXPONENT = 1.08
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,6 +102,8 @@ class TickModel:
             equations it runs whole (``passes.tp.replicated_eqns``), in bytes they read and
             write unfused per second (0: not modelled -- the roofline divides all of a layer
             by tp).
+        waiting_coeff, waiting_exponent: how much slower the devices working in a tick
+            run while w others wait at its collective: ``waiting_slowdown`` (0: not at all).
         source: where the figures come from.
     """
 
@@ -97,6 +115,8 @@ class TickModel:
     allreduce_floor_s: float = 0.0
     allreduce_s_per_byte: float = 0.0
     replicated_bytes_per_s: float = 0.0
+    waiting_coeff: float = 0.0
+    waiting_exponent: float = 1.0
     source: str = "roofline, uncorrected"
 
     def efficiency(self, flops: float) -> float:
@@ -137,6 +157,20 @@ class TickModel:
         """
         return nbytes / self.replicated_bytes_per_s if self.replicated_bytes_per_s else 0.0
 
+    def waiting_slowdown(self, active: int, devices: int) -> float:
+        """The factor on the work of ``active`` devices in a tick while the rest of the
+        program's ``devices`` wait at its collective: ``1 + coeff x (waiting / active) ^
+        exponent`` (1 with none waiting or where not modelled).
+
+        Example:
+            >>> TickModel(waiting_coeff=0.1, waiting_exponent=1.0).waiting_slowdown(1, 16)
+            2.5
+        """
+        waiting = devices - active
+        if not self.waiting_coeff or waiting <= 0 or active <= 0:
+            return 1.0
+        return 1.0 + self.waiting_coeff * (waiting / active) ** self.waiting_exponent
+
 
 def _cpu(hw: HardwareSpec) -> TickModel:
     return TickModel(
@@ -144,7 +178,8 @@ def _cpu(hw: HardwareSpec) -> TickModel:
         efficiency_exponent=CPU_EFFICIENCY_EXPONENT, tick_floor_s=CPU_TICK_FLOOR_S,
         tick_floor_per_stage_s=CPU_TICK_FLOOR_PER_STAGE_S,
         allreduce_floor_s=CPU_ALLREDUCE_FLOOR_S, allreduce_s_per_byte=CPU_ALLREDUCE_S_PER_BYTE,
-        replicated_bytes_per_s=CPU_REPLICATED_BYTES_PER_S,
+        replicated_bytes_per_s=CPU_REPLICATED_BYTES_PER_S, waiting_coeff=CPU_WAITING_COEFF,
+        waiting_exponent=CPU_WAITING_EXPONENT,
         source="measured on a 2-core CPU host (passes/cost_calibration.py)")
 
 

@@ -41,6 +41,8 @@ import dataclasses
 import math
 from collections.abc import Callable, Iterable, Sequence
 
+import numpy as np
+
 from lwjax._compat import jaxprs_in_params
 from lwjax.errors import InfeasiblePlanError
 from lwjax.hardware import HardwareSpec
@@ -221,11 +223,33 @@ def lone_ticks(num_stages: int, microbatches: int, virtual: int = 1) -> int:
     return 2
 
 
+def active_groups(num_stages: int, microbatches: int, virtual: int = 1) -> list[int]:
+    """Device groups with work in each tick of a forward step: GPipe's ramp (1, 2, .., then
+    down), or the circular schedule's table (``passes/schedules.py``). They add up to
+    M x S x ``virtual`` stage-ticks.
+
+    Example:
+        >>> active_groups(3, 2), active_groups(2, 2, virtual=2)
+        ([1, 2, 2, 1], [1, 2, 2, 2, 1])
+    """
+    s, v = num_stages, virtual
+    ticks = schedule_ticks(s, microbatches, v)
+    u = np.arange(ticks)[:, None] - np.arange(s)[None, :]  # ticks since each group's first
+    if v == 1:
+        valid = (u >= 0) & (u < microbatches)
+    else:  # as schedules._circular_position: groups of S microbatches, v laps each
+        group, within = np.divmod(np.maximum(u, 0), s * v)
+        valid = (u >= 0) & (group * s + within % s < microbatches)
+    return valid.sum(axis=1).tolist()
+
+
 def step_seconds(x: LayoutInputs, ranges: Sequence[Range], virtual: int = 1) -> float:
     """Projected seconds of one GPipe step of a partition: ``M + S - 1`` ticks of the
     slowest stage (its work and its all-reduces' floor) plus the per-tick floor and the
-    transfer; on shared cores no less than all devices' work and, for each tick when one
-    device group alone works (``lone_ticks``), the mean stage's floor; then M epilogues. With
+    transfer; on shared cores no less than all devices' work -- each tick's active devices'
+    (``active_groups`` x tp, the mean stage's work each) slowed by the devices waiting
+    meanwhile (``TickModel.waiting_slowdown``) -- and, for each tick when one device group
+    alone works (``lone_ticks``), the mean stage's floor; then M epilogues. With
     ``virtual`` > 1 the ``ranges`` are S x virtual stages under the circular schedule, whose
     tick count is its table's (``virtual x M + S - 1`` when S divides M).
 
@@ -240,8 +264,10 @@ def step_seconds(x: LayoutInputs, ranges: Sequence[Range], virtual: int = 1) -> 
     if shared:  # whole-host rates: every device's work, one after another, and the floors
         # (a split stage's all-reduce rendezvous) of the ticks when one device group alone
         # has work: while several groups work, one's rendezvous overlaps another's work
-        busy = max(busy, m * x.tp * sum(x.work_s) + lone_ticks(s, m, virtual)
-                   * sum(x.floor_s) / (s * virtual))
+        devices, mean = s * x.tp, sum(x.work_s) / (s * virtual)
+        work = x.tp * mean * sum(k * x.model.waiting_slowdown(k * x.tp, devices)
+                                 for k in active_groups(s, m, virtual))
+        busy = max(busy, work + lone_ticks(s, m, virtual) * sum(x.floor_s) / (s * virtual))
     per_tick = x.model.floor_s(s) + (x.transfer_s if s > 1 else 0.0)
     return busy + ticks * per_tick + m * x.epilogue_s * (x.tp if shared else 1)
 

@@ -47,7 +47,9 @@ def cases(draw):
     concurrency = draw(st.sampled_from((None, 2)))
     tick = TickModel(concurrency=concurrency,
                      tick_floor_s=draw(st.sampled_from((0.0, 0.5, 2.0))),
-                     tick_floor_per_stage_s=draw(st.sampled_from((0.0, 0.25))))
+                     tick_floor_per_stage_s=draw(st.sampled_from((0.0, 0.25))),
+                     waiting_coeff=draw(st.sampled_from((0.0, 0.05, 0.5))),
+                     waiting_exponent=draw(st.sampled_from((1.0, 1.5))))
     small = st.integers(0, 9).map(float)
     inputs = {}
     for m in counts:
@@ -212,6 +214,44 @@ def test_lone_ticks_by_hand():
         alone = sum(1 for tick in table if sum(w is not None for w in tick) == 1)
         assert layout.lone_ticks(s, m) == (alone if s > 1 and m > 1 else m * s)
     assert layout.lone_ticks(2, 1, virtual=2) == 4
+
+
+def test_active_groups_are_the_schedules_tables():
+    """Per tick, the device groups with work: the count of busy devices in the tick table
+    the traced schedules follow (``Schedule.table``), GPipe and circular."""
+    from lwjax.passes.schedules import SCHEDULES
+
+    for name, s, m, v in [("gpipe", 1, 3, 1), ("gpipe", 4, 2, 1), ("gpipe", 3, 5, 1),
+                          ("circular", 2, 4, 2), ("circular", 4, 6, 2), ("circular", 3, 2, 3)]:
+        table = SCHEDULES[name].table(s, m, v)
+        busy = [sum(w is not None for w in tick) for tick in table]
+        assert layout.active_groups(s, m, v) == busy, (name, s, m, v)
+        assert sum(busy) == m * s * v
+
+
+def test_waiting_devices_slow_the_working_ones_by_hand():
+    """Shared cores, 4 one-layer stages of work 1, tp 1: at M = 1 every tick has one device
+    working and 3 waiting, each tick's work x (1 + 0.1 x 3 / 1) = 1.3; at M = 4 the ticks
+    have 1, 2, 3, 4, 3, 2, 1 working, the waiting (3, 2, 1, 0, ...) per working one slowing
+    each tick's work by 1 + 0.1 x w / k. Without the term (coefficient 0), the work is the
+    devices' work: M x 4."""
+    model = TickModel(concurrency=2, waiting_coeff=0.1, waiting_exponent=1.0)
+    assert model.waiting_slowdown(1, 4) == pytest.approx(1.3)
+    assert model.waiting_slowdown(4, 4) == model.waiting_slowdown(2, 1) == 1.0
+    x = layout.LayoutInputs(microbatches=1, tp=1, work_s=(1.0,) * 4, floor_s=(0.0,) * 4,
+                            epilogue_s=0.0, sizes=(1,) * 4, room=4, transfer_s=0.0,
+                            model=model)
+    quarters = [(0, 1), (1, 2), (2, 3), (3, 4)]
+    assert layout.step_seconds(x, quarters) == pytest.approx(4 * 1.3)
+    four = dataclasses.replace(x, microbatches=4)
+    ticks = [1, 2, 3, 4, 3, 2, 1]
+    assert layout.step_seconds(four, quarters) == pytest.approx(
+        sum(k * (1 + 0.1 * (4 - k) / k) for k in ticks))  # 16 + 0.1 x 12 = 17.2
+    plain = dataclasses.replace(four, model=TickModel(concurrency=2))
+    assert layout.step_seconds(plain, quarters) == pytest.approx(16.0)
+    # one stage on one device: nobody waits, whatever M
+    assert layout.step_seconds(dataclasses.replace(x, microbatches=4), [(0, 4)]) == \
+        pytest.approx(16.0)
 
 
 def test_circular_step_by_hand():
