@@ -94,6 +94,19 @@ def slowdowns(medians: dict) -> dict[int, float]:
     return {k: t / (k * medians["one"]) for k, t in medians.items() if k != "one"}
 
 
+def fit(results: dict[int, dict], devices: int = 16) -> tuple[float, float] | None:
+    """(coeff, exponent) of ``slowdown - 1 = coeff x (waiting / working) ^ exponent``, least
+    squares in log-log over every size's points with someone waiting and a slowdown above 1
+    (None with fewer than 2 such points): the form of ``TickModel.waiting_slowdown``."""
+    points = [((devices - k) / k, f - 1) for medians in results.values()
+              for k, f in slowdowns(medians).items() if k < devices and f > 1]
+    if len(points) < 2:
+        return None
+    exponent, log_coeff = np.polyfit(np.log([p[0] for p in points]),
+                                     np.log([p[1] for p in points]), 1)
+    return float(np.exp(log_coeff)), float(exponent)
+
+
 def measure(tokens: int, repeats: int, **kw) -> dict:
     timings = _common.measure_interleaved(programs(tokens, **kw), repeats=repeats)
     return {k: t.median for k, t in timings.items()}
@@ -107,6 +120,14 @@ def report(results: dict[int, dict], command: str) -> str:
         rows.append([f"{tokens:,}", f"{medians['one'] * 1e3:.1f}",
                      *(f"{medians[k] * 1e3:.1f} ({s[k]:.2f})" for k in s), _common.MEASURED])
     active = [k for k in next(iter(results.values())) if k != "one"]
+    from lwjax import hardware  # noqa: PLC0415
+    from lwjax.passes.cost_calibration import tick_model  # noqa: PLC0415
+
+    model = tick_model(hardware.host_cpu())
+    rows.append(["the layout search's model", "--",
+                 *(f"({model.waiting_slowdown(k, 16):.2f})" for k in active),
+                 _common.PROJECTED])
+    fitted = fit(results)
     return "\n\n".join([
         _common.header("Waiting threads: what idle device threads cost the working ones",
                        "experiments/waiting_threads.py", command),
@@ -121,9 +142,14 @@ def report(results: dict[int, dict], command: str) -> str:
         "Above 1.00, the work of a tick in which few devices are active costs more than "
         "their share of the host: the working devices run slower while the others wait at "
         "the collective (XLA's CPU runtime on this host; why is not measured here). The "
-        "layout search charges it at 1.00 (`passes/layout.py`, "
-        "`step_seconds`), so it ranks layouts with few active devices per tick (M = 1 on "
-        "many stages; the fill and drain of GPipe) too well on this host.",
+        "layout search multiplies a tick's work by `TickModel.waiting_slowdown` "
+        "(`passes/cost_calibration.py`: the last row, *projected*); without it, it ranked "
+        "layouts with few active devices per tick (M = 1 on many stages) first where they "
+        "measured 1.8-2.3x the fastest candidate (GPT-2, `experiments/layout_check.py`).",
+        "Fit of this run (slowdown - 1 = coeff x (waiting / working)^exponent, least squares "
+        "in log-log over the points above 1.00): " + (
+            f"coeff {fitted[0]:.3f}, exponent {fitted[1]:.2f}." if fitted else
+            "too few points above 1.00."),
     ]) + "\n"
 
 

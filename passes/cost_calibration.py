@@ -80,7 +80,10 @@ CPU_REPLICATED_BYTES_PER_S = 11.5e9
 #   512 (scratch runs with 2 and 4 devices, one working: 1.03, 1.08). f - 1 against the
 #   waiting devices per working one, w / k, least squares in log-log over both sizes'
 #   points above 1 (7 points): 0.034 x (w / k)^1.08 -- it predicts 1.62 / 1.27 / 1.11 / 1.03
-#   for k = 1 / 2 / 4 / 8 of 16, and 1.03 / 1.11 for one of 2 / 4 working.
+#   for k = 1 / 2 / 4 / 8 of 16, and 1.03 / 1.11 for one of 2 / 4 working. The committed
+#   run (results/waiting_threads.md, measured after) gave 2.13 / 1.19 / 1.07 / 1.01 (2048
+#   rows) and 1.61 / 1.27 / 1.08 / 0.99 (512), its own fit 0.014 x (w / k)^1.48: within
+#   0.05 of this one's predictions at k >= 2, 1.77 against 1.62 at k = 1.
 CPU_WAITING_COEFF = 0.034
 CPU_WAITING_EXPONENT = 1.08
 

@@ -31,3 +31,10 @@ def test_slowdown_and_report():
     text = waiting.report({512: medians}, "python experiments/waiting_threads.py")
     assert f"JAX {jax.__version__}" in text
     assert "| 512 | 10.0 | 30.0 (3.00) | 40.0 (2.00) | 160.0 (1.00) | measured |" in text
+    assert "| the layout search's model | -- |" in text and "| projected |" in text
+    # slowdown - 1 = 2 at 15 waiting per working one, 1 at 7: exponent ln 2 / ln(15/7)
+    coeff, exponent = waiting.fit({512: medians})
+    assert exponent == pytest.approx(np.log(2) / np.log(15 / 7))
+    assert coeff == pytest.approx(2 / 15 ** exponent)
+    assert f"coeff {coeff:.3f}, exponent {exponent:.2f}." in text
+    assert waiting.fit({512: {1: 0.01, 16: 0.16, "one": 0.01}}) is None  # too few points
