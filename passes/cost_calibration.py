@@ -56,6 +56,14 @@ from lwjax.hardware import HardwareSpec
 #   squares -- the host's cores do the adding, so the time grows with the bytes of every
 #   device taking part. The floors above were not re-measured with it: at load 2-4 they
 #   came out 0.58-0.72 ms + 0.03-0.05 ms per stage, noise the load-1 figures are free of.
+# - the same --calibrate on this project's 2-core AMD EPYC host (2026-12-04, load 0.8):
+#   efficiency 0.281 x (FLOPs / 1e8)^0.279 (1.75x the Xeon's at 1e8 FLOPs: the search's
+#   projected steps there run 1.3-4.3x the measured ones, results/layout_check.md), floor
+#   0.360 ms + 0.028 ms per stage, 0.33 / 0.31 ms per all-reduce, 0.131 ms per MiB. Not
+#   adopted: with them the search puts the MoE model at hidden 64 on 8 x tp 2, M=4, which
+#   measured 7% slower than the 4 x tp 4, M=2 these constants pick (59.7 against 55.8 ms,
+#   tune=4 in the throughput run of 2026-12-04 at 57835b4); the ranking, not the absolute
+#   step, picks the plan.
 CPU_EFFICIENCY_AT_1E8 = 0.161
 CPU_EFFICIENCY_EXPONENT = 0.339
 CPU_TICK_FLOOR_S = 0.42e-3
