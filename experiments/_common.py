@@ -243,6 +243,19 @@ def parse_measured_args(doc: str, argv: Sequence[str] | None, quick_help: str,
     return args
 
 
+def parse_repeats_args(doc: str, argv: Sequence[str] | None, repeats: int = 9):
+    """The arguments of a measuring experiment without sizes to choose (``--repeats``, the
+    output flags); logs the machine line."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=repeats)
+    add_output_flags(ap)
+    args = ap.parse_args(argv)
+    step(f"machine: {machine_line()}")
+    return args
+
+
 def output_dir(write_results: bool) -> pathlib.Path:
     """``RESULTS`` (committed) with ``--write-results``, else ``OUT`` (git-ignored).
 

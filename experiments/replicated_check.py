@@ -31,7 +31,6 @@ import _common  # noqa: E402
 
 _common.use_cpu_devices(16)  # before anything touches a device; under pytest conftest did
 
-import argparse  # noqa: E402
 import statistics  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
 
@@ -113,11 +112,7 @@ def report(results: Sequence[dict], command: str) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> str:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeats", type=int, default=9)
-    _common.add_output_flags(ap)
-    args = ap.parse_args(argv)
-    _common.step(f"machine: {_common.machine_line()}")
+    args = _common.parse_repeats_args(__doc__, argv)
     results = [measure(kind, args.repeats) for kind in ("moe", "dense")]
     text = report(results, _common.command_line("experiments/replicated_check.py", argv))
     return _common.publish("replicated_check.md", text, args)

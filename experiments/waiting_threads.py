@@ -33,7 +33,6 @@ import _common  # noqa: E402
 
 _common.use_cpu_devices(16)  # before anything touches a device; under pytest conftest did
 
-import argparse  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
 
 import jax  # noqa: E402
@@ -154,11 +153,7 @@ def report(results: dict[int, dict], command: str) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> str:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeats", type=int, default=9)
-    _common.add_output_flags(ap)
-    args = ap.parse_args(argv)
-    _common.step(f"machine: {_common.machine_line()}")
+    args = _common.parse_repeats_args(__doc__, argv)
     results = {}
     for tokens in TOKENS:
         _common.step(f"{tokens} rows per tick: timing k = {', '.join(map(str, ACTIVE))} "
