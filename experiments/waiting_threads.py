@@ -1,6 +1,6 @@
-"""Waiting threads: what the device threads that wait at a tick's collective cost the ones
-that work, measured on this host.
+"""Waiting threads: what idle device threads cost the working ones, measured on this host.
 
+What the device threads that wait at a tick's collective cost the ones that work.
 A pipeline tick runs each active stage's work, then a ppermute that every device joins. In
 the fill and drain of a GPipe schedule, and in every tick of a layout with one microbatch
 (M = 1), few devices work while the others wait. On a CPU host the 16 simulated devices are
