@@ -43,6 +43,7 @@ _common.use_cpu_devices(16)  # before anything touches a device; under pytest co
 
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
+import math  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
 
@@ -95,11 +96,18 @@ class Check:
         """Each candidate's projected step (``Plan.layout_step_s``) over its measured median:
         how far the search's absolute figures are off here (its ranking needs only their
         order)."""
-        return [m.projected_s / m.median_s for m in self.measured]
+        return [m.projected_s / m.median_s if m.projected_s is not None else math.nan
+                for m in self.measured]
 
     def default_cost(self) -> float:
         """The search's first choice's median over the fastest candidate's (>= 1)."""
         return self.measured[0].median_s / min(m.median_s for m in self.measured)
+
+
+def _span(ratios: Sequence[float]) -> str:
+    """'min-maxx' of the known ratios, '--' with none."""
+    known = [r for r in ratios if not math.isnan(r)]
+    return f"{min(known):.2f}-{max(known):.2f}x" if known else "--"
 
 
 def spearman(a: Sequence[int], b: Sequence[int]) -> float | None:
@@ -176,8 +184,9 @@ def report(checks: Sequence[Check], scale: throughput.Scale, candidates: int,
              "fastest candidate's.", ""]
     for c in checks:
         lines += [f"## {c.model}, capacity {c.capacity_bytes / MIB:.2f} MiB/device", ""]
-        rows = [(m.rank, layout, f"{m.projected_s * 1e3:.1f}", f"{m.median_s * 1e3:.1f}",
-                 f"{ratio:.2f}x", r, "kept" if m.kept else "")
+        rows = [(m.rank, layout, "--" if m.projected_s is None else f"{m.projected_s * 1e3:.1f}",
+                 f"{m.median_s * 1e3:.1f}", "--" if math.isnan(ratio) else f"{ratio:.2f}x", r,
+                 "kept" if m.kept else "")
                 for m, layout, r, ratio in zip(c.measured, c.layouts(), c.measured_ranks(),
                                                c.projected_over_measured(), strict=True)]
         lines += [_common.markdown_table(
@@ -188,7 +197,7 @@ def report(checks: Sequence[Check], scale: throughput.Scale, candidates: int,
          "default cost", "fastest measured", "reference / kept", "tune= call s"],
         [(c.model, f"{c.capacity_bytes / MIB:.2f}", len(c.measured),
           "--" if c.rho() is None else f"{c.rho():+.2f}",
-          f"{min(c.projected_over_measured()):.2f}-{max(c.projected_over_measured()):.2f}x",
+          _span(c.projected_over_measured()),
           f"{c.default_cost():.2f}x",
           c.layouts()[c.measured_ranks().index(1)],
           f"{c.reference}: {c.reference_over_kept:.2f}x" + (
@@ -198,9 +207,10 @@ def report(checks: Sequence[Check], scale: throughput.Scale, candidates: int,
         "lrrrrrllr"), "",
         "Projected / measured: the search's projected step of each candidate "
         "(`Plan.layout_step_s`, *projected*) over its measured median, the range over the "
-        "candidates. The CPU corrections were measured on a calibration host "
-        "(`passes/cost_calibration.py`); on another host the absolute figures shift while the "
-        "ranking, which is what the search uses, can hold (rho).",
+        "candidates. The CPU corrections were measured on calibration hosts "
+        "(`passes/cost_calibration.py`) and the peak FLOP/s is measured in each process "
+        "(`hardware.host_cpu()`), so the absolute figures shift with the host and its load "
+        "while the ranking, which is what the search uses, can hold (rho).",
         "Reference / kept: the one-layer-per-device program's median over the kept layout's, "
         f"timed together ({tune.ROUNDS} interleaved calls each); below 1.00x, a layout outside "
         "the search's best beat every candidate. Where the reference is the kept layout, the "

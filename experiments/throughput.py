@@ -390,6 +390,7 @@ class Breakdown:
     baseline_variant: str  # the tp_pp variant timed as "baseline"
     best_baseline: str  # the baselines' key timed as "best_baseline"
     carry_bytes: int  # one microbatch's residual, what a layer-wise tick sends per device
+    baseline_microbatches: int = MICROBATCHES  # the M of the baseline timed as "baseline"
 
 
 def breakdown(kind: str, d: Deployment, repeats: int, best: str | None = None) -> Breakdown:
@@ -419,10 +420,11 @@ def breakdown(kind: str, d: Deployment, repeats: int, best: str | None = None) -
             d.baseline.variant, d.baseline.num_microbatches)], d.tokens),
     }
     timings = _common.measure_interleaved(fns, repeats=repeats)
-    return Breakdown(kind, cfg.hidden_size, timings, {"layerwise": ticks, "baseline": m + PP - 1},
-                     stages, m, cfg.batch_size, d.baseline.variant,
-                     best or baseline_key(d.baseline.variant, d.baseline.num_microbatches),
-                     carry)
+    base_m = d.baseline.num_microbatches
+    return Breakdown(kind, cfg.hidden_size, timings,
+                     {"layerwise": ticks, "baseline": base_m + PP - 1}, stages, m,
+                     cfg.batch_size, d.baseline.variant,
+                     best or baseline_key(d.baseline.variant, base_m), carry, base_m)
 
 
 # ---- projected ---------------------------------------------------------------------------------

@@ -113,7 +113,8 @@ def breakdown_rows(b: Breakdown) -> list[list[str]]:
          f"microbatches of {b.batch // b.microbatches} instead of {b.batch} (smaller "
          "matmuls), fill/drain ticks with fewer active devices than cores, the last stage's "
          "LM head after the ticks (M microbatches, one device)"],
-        [f"TP=8 x PP=2 baseline (`{b.baseline_variant}`)", f"{t['baseline']:,.1f}", "measured",
+        [f"TP=8 x PP=2 baseline (`{b.baseline_variant}`, M = {b.baseline_microbatches})",
+         f"{t['baseline']:,.1f}", "measured",
          f"{b.ticks['baseline']} ticks: {base_over:+,.1f} ms over one device"],
         ["  per-tick floor", f"{t['skeleton_baseline']:,.1f}", "measured",
          f"the same program on a model of negligible size: "
@@ -346,7 +347,8 @@ def breakdown_summary(b: Breakdown) -> str:
     rendezvous alone take (all measured, the breakdown's own run)."""
     t = {k: v.median * 1e3 for k, v in b.timings.items()}
     line = (f"- Where the time goes ({b.kind}, hidden {b.hidden}): the baseline "
-            f"(`{b.baseline_variant}`) takes {t['baseline'] / t['single']:.2f}x the time of "
+            f"(`{b.baseline_variant}` at M = {b.baseline_microbatches}) takes "
+            f"{t['baseline'] / t['single']:.2f}x the time of "
             "one device running the whole model, 1 layer/device layer-wise "
             f"{t['layerwise'] / t['single']:.2f}x (measured, the breakdown's own run).")
     if b.hidden == MEASURED_SCALE_FITS_L2:

@@ -41,7 +41,7 @@ import numpy as np  # noqa: E402
 
 HIDDEN = 256
 TOKENS = (512, 2048)  # rows of a tick's work: a microbatch of 8 / 32 sequences of 64
-ACTIVE = (1, 2, 4, 8, 16)
+ACTIVE = (1, 2, 4, 8, 16)  # k = 0 is timed too: the ticks' ppermutes alone
 TICKS = 16
 
 
@@ -52,7 +52,8 @@ def _block(x, w1, w2):
 def programs(tokens: int, hidden: int = HIDDEN, active: Sequence[int] = ACTIVE,
              devices: Sequence | None = None) -> dict:
     """Calls: ``k`` -> 16 ticks of the block on the first k of ``devices`` (the others wait
-    at each tick's ppermute); ``"one"`` -> the 16 blocks on one device alone."""
+    at each tick's ppermute), ``0`` -> the ticks' ppermutes alone (no device works);
+    ``"one"`` -> the 16 blocks on one device alone."""
     from jax.sharding import Mesh, NamedSharding
     from jax.sharding import PartitionSpec as P
 
@@ -68,7 +69,7 @@ def programs(tokens: int, hidden: int = HIDDEN, active: Sequence[int] = ACTIVE,
     w2 = place((4 * hidden, hidden), P(), 1e-3)
     x = place((n * tokens, hidden), P("d"), 1e-2)
     calls = {}
-    for k in active:
+    for k in (0, *active):
         def body(x, w1, w2, k=k):
             working = jax.lax.axis_index("d") < k
 
@@ -89,8 +90,10 @@ def programs(tokens: int, hidden: int = HIDDEN, active: Sequence[int] = ACTIVE,
 
 
 def slowdowns(medians: dict) -> dict[int, float]:
-    """k -> the k-device program's median over k x the one-device median."""
-    return {k: t / (k * medians["one"]) for k, t in medians.items() if k != "one"}
+    """k -> the k-device program's median less the ppermutes' alone (k = 0: the per-tick
+    floor and transfer the layout search charges apart) over k x the one-device median."""
+    return {k: (t - medians[0]) / (k * medians["one"]) for k, t in medians.items()
+            if k not in ("one", 0)}
 
 
 def fit(results: dict[int, dict], devices: int = 16) -> tuple[float, float] | None:
@@ -116,14 +119,14 @@ def report(results: dict[int, dict], command: str) -> str:
     rows = []
     for tokens, medians in results.items():
         s = slowdowns(medians)
-        rows.append([f"{tokens:,}", f"{medians['one'] * 1e3:.1f}",
+        rows.append([f"{tokens:,}", f"{medians['one'] * 1e3:.1f}", f"{medians[0] * 1e3:.1f}",
                      *(f"{medians[k] * 1e3:.1f} ({s[k]:.2f})" for k in s), _common.MEASURED])
-    active = [k for k in next(iter(results.values())) if k != "one"]
+    active = [k for k in next(iter(results.values())) if k not in ("one", 0)]
     from lwjax import hardware  # noqa: PLC0415
     from lwjax.passes.cost_calibration import tick_model  # noqa: PLC0415
 
     model = tick_model(hardware.host_cpu())
-    rows.append(["the layout search's model", "--",
+    rows.append(["the layout search's model", "--", "--",
                  *(f"({model.waiting_slowdown(k, 16):.2f})" for k in active),
                  _common.PROJECTED])
     fitted = fit(results)
@@ -132,19 +135,22 @@ def report(results: dict[int, dict], command: str) -> str:
                        "experiments/waiting_threads.py", command),
         f"16 simulated devices, {TICKS} ticks; each tick the first k devices run an MLP block "
         f"(hidden {HIDDEN}, 4 x {HIDDEN} inner, float32) on their rows, the others skip it "
-        "(`lax.cond`), and all 16 join a ppermute. One device: the same 16 blocks alone. "
-        "Cells: median ms of interleaved runs (slowdown = time / (k x one device's time); "
-        "1.00 is what the layout search assumes on shared cores).",
+        "(`lax.cond`), and all 16 join a ppermute. One device: the same 16 blocks alone; "
+        "k = 0: the 16 ppermutes alone (what the search's per-tick floor and transfer "
+        "price). Cells: median ms of interleaved runs (slowdown = (time - the k = 0 time) / "
+        "(k x one device's time); 1.00: the k devices' work costs k times one device's, "
+        "as on shared cores without the term).",
         _common.markdown_table(
-            ["rows per tick", "one device ms", *(f"k = {k} of 16" for k in active), "figure"],
-            rows, "rr" + "r" * len(active) + "l"),
+            ["rows per tick", "one device ms", "k = 0 (ppermutes alone)",
+             *(f"k = {k} of 16" for k in active), "figure"],
+            rows, "rrr" + "r" * len(active) + "l"),
         "Above 1.00, the work of a tick in which few devices are active costs more than "
         "their share of the host: the working devices run slower while the others wait at "
         "the collective (XLA's CPU runtime on this host; why is not measured here). The "
         "layout search multiplies a tick's work by `TickModel.waiting_slowdown` "
-        "(`passes/cost_calibration.py`: the last row, *projected*); without it, it ranked "
-        "layouts with few active devices per tick (M = 1 on many stages) first where they "
-        "measured 1.8-2.3x the fastest candidate (GPT-2, `experiments/layout_check.py`).",
+        "(`passes/cost_calibration.py`: the last row, *projected*), so layouts with few "
+        "active devices per tick (few microbatches on many stages) rank as they measure "
+        "(`experiments/layout_check.py`).",
         "Fit of this run (slowdown - 1 = coeff x (waiting / working)^exponent, least squares "
         "in log-log over the points above 1.00): " + (
             f"coeff {fitted[0]:.3f}, exponent {fitted[1]:.2f}." if fitted else

@@ -128,7 +128,9 @@ class Plan:
         layout_step_s: the layout search's projected step for this layout, the figure it
             was ranked by (``passes.layout.step_seconds``: the roofline corrected by the
             hardware's tick model -- on a CPU the matmul efficiency, per-tick floors,
-            shared cores and replicated work measured on a calibration host); None where
+            shared cores, replicated work and waiting threads measured on calibration
+            hosts; its absolute value also moves with ``host_cpu()``'s peak, measured in
+            each process: compare layouts with it, not measurements); None where
             the layout search did not choose the plan. ``step_time_s`` is the roofline alone.
     """
 

@@ -17,7 +17,8 @@ corrections carry most of the error:
 - waiting threads: in a tick where few devices work and the others wait at its collective,
   the working ones run slower (``TickModel.waiting_slowdown``): layouts with few active
   devices per tick (one microbatch on many stages, the fill and drain) cost more than their
-  work.
+  work. (Every device's carry also crosses the host's memory each tick:
+  ``layout.step_seconds`` charges all devices' transfers on shared cores.)
 
 ``tick_model(hw)`` returns them for a HardwareSpec from the registry ``TICK_MODELS`` (by
 ``hw.kind``). The GPU entry corrects nothing: no GPU measurement has been made to calibrate
@@ -80,20 +81,18 @@ CPU_ALLREDUCE_S_PER_BYTE = 1.5e-10
 #   (the last is results/replicated_check.md). 11.5 GB/s, set after the first two runs with an
 #   earlier timing of the MoE model, is in force: it charges them slightly more.
 CPU_REPLICATED_BYTES_PER_S = 11.5e9
-# - waiting threads (2026-12-04, this project's 2-core AMD EPYC host,
-#   ``python experiments/waiting_threads.py``): 16 ticks of an MLP block (hidden 256) on k of
-#   16 devices, the others waiting at each tick's ppermute, against one device alone: the k
-#   devices' work took f x k times one device's, f = 2.17 / 1.31 / 1.15 / 1.06 / 1.02 for
-#   k = 1 / 2 / 4 / 8 / 16 at 2048 rows per tick and 1.49 / 1.24 / 1.03 / 0.96 / 0.89 at
-#   512 (scratch runs with 2 and 4 devices, one working: 1.03, 1.08). f - 1 against the
-#   waiting devices per working one, w / k, least squares in log-log over both sizes'
-#   points above 1 (7 points): 0.034 x (w / k)^1.08 -- it predicts 1.62 / 1.27 / 1.11 / 1.03
-#   for k = 1 / 2 / 4 / 8 of 16, and 1.03 / 1.11 for one of 2 / 4 working. The committed
-#   run (results/waiting_threads.md, measured after) gave 2.13 / 1.19 / 1.07 / 1.01 (2048
-#   rows) and 1.61 / 1.27 / 1.08 / 0.99 (512), its own fit 0.014 x (w / k)^1.48: within
-#   0.05 of this one's predictions at k >= 2, 1.77 against 1.62 at k = 1.
-CPU_WAITING_COEFF = 0.034
-CPU_WAITING_EXPONENT = 1.08
+# - waiting threads (2026-12-04, this project's 2-core AMD EPYC host, load 0.4,
+#   ``python experiments/waiting_threads.py``, results/waiting_threads.md): 16 ticks of an
+#   MLP block (hidden 256) on k of 16 devices, the others waiting at each tick's ppermute,
+#   less the ppermutes alone (k = 0: 17.7 / 94.9 ms for the 512 / 2048-row carries, which the
+#   floor and every device's transfer price, ``layout.step_seconds``), against one device
+#   alone: the k devices' work took f x k times one device's, f = 1.10 / 1.07 / 0.97 / 0.98
+#   for k = 1 / 2 / 4 / 8 at 512 rows and 1.54 / 0.94 / 0.92 / 0.93 at 2048. f - 1 against
+#   the waiting devices per working one, w / k, least squares in log-log over the 3 points
+#   above 1: 0.0031 x (w / k)^1.59 (1.23 / 1.07 / 1.02 for k = 1 / 2 / 4 of 16). A first fit
+#   that left the ppermutes in the slowdown (0.034 x (w / k)^1.08) charged them twice.
+CPU_WAITING_COEFF = 0.0031
+CPU_WAITING_EXPONENT = 1.59
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,9 +21,11 @@ experts per device keep that size under tp, smaller microbatches shrink it), a p
 floor (more per stage and per all-reduce of a split stage), the stage-to-stage transfer, and
 on a CPU the cores the simulated devices share: every device of a split stage also runs the
 equations that touch no split axis whole (``passes.tp.replicated_eqns``; tp copies of them
-share the cores), and an all-reduce's rendezvous costs the cores only in the ticks when one
-device group alone has work (``lone_ticks``). A mesh is a layer-wise plan too (its stages
-are contiguous), so the best "lwjax" candidate is never projected slower than the best
+share the cores), an all-reduce's rendezvous costs the cores only in the ticks when one
+device group alone has work (``lone_ticks``), the devices working in a tick run slower while
+the others wait at its collective (``active_groups``, ``TickModel.waiting_slowdown``), and
+every device's carry crosses the host's memory each tick. A mesh is a layer-wise plan too
+(its stages are contiguous), so the best "lwjax" candidate is never projected slower than the best
 mesh: by construction, since for each (S, tp, M) the least slowest stage minimises the step
 (for a given S the step grows with the slowest stage only; on shared cores more stages can
 lower it, so each stage count's least slowest partition is also tried split into exactly
@@ -249,7 +251,8 @@ def step_seconds(x: LayoutInputs, ranges: Sequence[Range], virtual: int = 1) -> 
     transfer; on shared cores no less than all devices' work -- each tick's active devices'
     (``active_groups`` x tp, the mean stage's work each) slowed by the devices waiting
     meanwhile (``TickModel.waiting_slowdown``) -- and, for each tick when one device group
-    alone works (``lone_ticks``), the mean stage's floor; then M epilogues. With
+    alone works (``lone_ticks``), the mean stage's floor -- and every device's transfer per
+    tick, not one (all carries cross the host's memory at once); then M epilogues. With
     ``virtual`` > 1 the ``ranges`` are S x virtual stages under the circular schedule, whose
     tick count is its table's (``virtual x M + S - 1`` when S divides M).
 
@@ -268,7 +271,9 @@ def step_seconds(x: LayoutInputs, ranges: Sequence[Range], virtual: int = 1) -> 
         work = x.tp * mean * sum(k * x.model.waiting_slowdown(k * x.tp, devices)
                                  for k in active_groups(s, m, virtual))
         busy = max(busy, work + lone_ticks(s, m, virtual) * sum(x.floor_s) / (s * virtual))
-    per_tick = x.model.floor_s(s) + (x.transfer_s if s > 1 else 0.0)
+    # every device sends its carry every tick; on shared cores they share the host's memory
+    sends = s * x.tp if shared else 1
+    per_tick = x.model.floor_s(s) + (sends * x.transfer_s if s > 1 else 0.0)
     return busy + ticks * per_tick + m * x.epilogue_s * (x.tp if shared else 1)
 
 

@@ -228,7 +228,8 @@ def test_breakdown_goal_budget_by_hand():
         {k: common.Timing((v / 1e3,)) for k, v in ms.items()}, {"layerwise": 23, "baseline": 9},
         16, 8, 16, "explicit_scan", "baseline:explicit_scan@M=2", 16 * 1024)
     line = throughput_report.breakdown_summary(b)
-    assert "3.00x the time of one device" in line and "layer-wise 2.20x" in line
+    assert "(`explicit_scan` at M = 8) takes 3.00x the time of one device" in line
+    assert "layer-wise 2.20x" in line
     # 26 / 1.3 = 20.0 ms: 0.0 ms over one device; the floor 17.25 ms, rendezvous 9.2 ms
     assert "finish in 20.0 ms, +0.0 ms over one device" in line
     assert "per-tick floor takes 17.2 ms, of which 9.2 ms" in line

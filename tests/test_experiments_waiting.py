@@ -13,7 +13,8 @@ waiting = load_experiment("waiting_threads")
 
 def test_only_the_working_devices_run_the_block():
     calls = waiting.programs(tokens=2, hidden=4, active=(1, 16))
-    one, first, every = (np.asarray(calls[k]()) for k in ("one", 1, 16))
+    one, first, every, none = (np.asarray(calls[k]()) for k in ("one", 1, 16, 0))
+    np.testing.assert_array_equal(none, np.full_like(none, 1e-2))  # only passed around
     rows = one.shape[0]  # each device's rows, passed one step around the ring every tick
     assert every.shape == (16 * rows, 4)
     # all 16 working: every device's rows went through 16 blocks, as one device alone
@@ -26,15 +27,16 @@ def test_only_the_working_devices_run_the_block():
 
 
 def test_slowdown_and_report():
-    medians = {1: 0.03, 2: 0.04, 16: 0.16, "one": 0.01}
+    # the ppermutes alone (k = 0) take 0.01: less them, k devices' work over k x 0.01
+    medians = {0: 0.01, 1: 0.04, 2: 0.05, 16: 0.17, "one": 0.01}
     assert waiting.slowdowns(medians) == pytest.approx({1: 3.0, 2: 2.0, 16: 1.0})
     text = waiting.report({512: medians}, "python experiments/waiting_threads.py")
     assert f"JAX {jax.__version__}" in text
-    assert "| 512 | 10.0 | 30.0 (3.00) | 40.0 (2.00) | 160.0 (1.00) | measured |" in text
+    assert "| 512 | 10.0 | 10.0 | 40.0 (3.00) | 50.0 (2.00) | 170.0 (1.00) | measured |" in text
     assert "| the layout search's model | -- |" in text and "| projected |" in text
     # slowdown - 1 = 2 at 15 waiting per working one, 1 at 7: exponent ln 2 / ln(15/7)
     coeff, exponent = waiting.fit({512: medians})
     assert exponent == pytest.approx(np.log(2) / np.log(15 / 7))
     assert coeff == pytest.approx(2 / 15 ** exponent)
     assert f"coeff {coeff:.3f}, exponent {exponent:.2f}." in text
-    assert waiting.fit({512: {1: 0.01, 16: 0.16, "one": 0.01}}) is None  # too few points
+    assert waiting.fit({512: {0: 0.0, 1: 0.01, 16: 0.16, "one": 0.01}}) is None  # too few

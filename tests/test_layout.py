@@ -177,14 +177,15 @@ def test_step_seconds_by_hand():
         5 * 4.0 + 5 * (0.2 + 0.25) + 4 * 1.0)
     shared = layout.LayoutInputs(**{**vars(x), "model": TickModel(concurrency=2)})
     # shared cores: M x tp x all work (4 x 2 x 6) and the floors of the ticks one stage
-    # works alone (the first and the last: 2 x the mean stage's 1.5 / 2) beat 5 x 4; the
+    # works alone (the first and the last: 2 x the mean stage's 1.5 / 2) beat 5 x 4; every
+    # tick all 2 x 2 devices send their carry through the shared memory (4 x 0.25); the
     # epilogue runs on tp devices' shared cores too
     assert layout.step_seconds(shared, [(0, 2), (2, 3)]) == pytest.approx(
-        4 * 2 * 6 + 2 * 0.75 + 5 * 0.25 + 4 * 2 * 1.0)
+        4 * 2 * 6 + 2 * 0.75 + 5 * 4 * 0.25 + 4 * 2 * 1.0)
     # one microbatch: every tick has one stage working, so all the floors count
     one = dataclasses.replace(shared, microbatches=1)
     assert layout.step_seconds(one, [(0, 2), (2, 3)]) == pytest.approx(
-        max(2 * 4.0, 2 * 6 + 1.5) + 2 * 0.25 + 2 * 1.0)
+        max(2 * 4.0, 2 * 6 + 1.5) + 2 * 4 * 0.25 + 2 * 1.0)
 
 
 def test_more_stages_can_be_faster_on_shared_cores():
