@@ -4,16 +4,15 @@ What the device threads that wait at a tick's collective cost the ones that work
 A pipeline tick runs each active stage's work, then a ppermute that every device joins. In
 the fill and drain of a GPipe schedule, and in every tick of a layout with one microbatch
 (M = 1), few devices work while the others wait. On a CPU host the 16 simulated devices are
-threads sharing a few cores, and the layout search (``passes/layout.py``) charges the work of
-all devices as if run one after another on the host, whichever are active. This script
-measures whether that holds: a program on 16 devices runs 16 ticks of an MLP block
-(x + gelu(x W1) W2, hidden 256, ``tokens`` rows) on the first k devices, the others skipping
-it (``lax.cond``), each tick ending in a ppermute around all 16; against one device running
-the same 16 blocks alone, in one interleaved run. ``slowdown = time / (k x one device's
-time)``: 1.00 where k devices' work costs k times one device's, as the search assumes; above
-1, the waiting threads slow the working ones. The *measured* figures say how the layout
-search misjudges layouts with few active devices per tick (M = 1 on many stages): see
-``experiments/layout_check.py``.
+threads sharing a few cores. This script measures what that costs: a program on 16 devices
+runs 16 ticks of an MLP block (x + gelu(x W1) W2, hidden 256, ``tokens`` rows) on the first
+k devices, the others skipping it (``lax.cond``), each tick ending in a ppermute around all
+16; the same program with k = 0 (the ppermutes alone); and one device running the 16 blocks
+alone, in one interleaved run. ``slowdown = (time - the k = 0 time) / (k x one device's
+time)``: 1.00 where k devices' work costs k times one device's; above 1, the waiting
+threads slow the working ones. The layout search's ``TickModel.waiting_slowdown``
+(``passes/cost_calibration.py``) is fitted to these *measured* figures; the report sets its
+values beside them.
 
 Run from the repository root::
 
@@ -122,10 +121,10 @@ def report(results: dict[int, dict], command: str) -> str:
         rows.append([f"{tokens:,}", f"{medians['one'] * 1e3:.1f}", f"{medians[0] * 1e3:.1f}",
                      *(f"{medians[k] * 1e3:.1f} ({s[k]:.2f})" for k in s), _common.MEASURED])
     active = [k for k in next(iter(results.values())) if k not in ("one", 0)]
-    from lwjax import hardware  # noqa: PLC0415
-    from lwjax.passes.cost_calibration import tick_model  # noqa: PLC0415
+    from lwjax.passes import cost_calibration as cal  # noqa: PLC0415
 
-    model = tick_model(hardware.host_cpu())
+    model = cal.TickModel(waiting_coeff=cal.CPU_WAITING_COEFF,
+                          waiting_exponent=cal.CPU_WAITING_EXPONENT)
     rows.append(["the layout search's model", "--", "--",
                  *(f"({model.waiting_slowdown(k, 16):.2f})" for k in active),
                  _common.PROJECTED])
