@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from collections.abc import Sequence
@@ -22,6 +23,7 @@ from lwjax.passes.backend import DEFAULT_BACKEND, Backend, check_runnable
 from lwjax.passes.compression import Compression
 from lwjax.passes.discovery import LayersSpec
 from lwjax.passes.footprint import AttentionAssumption
+from lwjax.passes.independence import Mixing, batch_mixing
 from lwjax.passes.lower import lower
 from lwjax.passes.planner import device_id
 from lwjax.passes.segment import LayerGraph, segment
@@ -247,7 +249,10 @@ def _plan_graph(model, args, kwargs, *, devices, num_devices, hardware, cache_by
     if batch < 1:
         raise InputError(f"the first argument has shape {tuple(shape)}: an empty batch. Pass at "
                          "least one example (the leading axis is the batch).")
+    mixing = _mixing(graph_at, batch)
     if given is not None:
+        if mixing is not None and given.microbatches > 1:
+            raise _mixing_error(mixing, given.microbatches, "the given plan runs")
         if microbatches is not None and _whole(microbatches) != given.microbatches:
             raise ConfigError(
                 f"microbatches={microbatches!r} but the given plan runs "
@@ -259,6 +264,10 @@ def _plan_graph(model, args, kwargs, *, devices, num_devices, hardware, cache_by
             check_runnable(graph, objs[0].platform)
         return [given], graph_at, objs, batch
     m = _microbatches(batch, microbatches, len(ids))
+    if mixing is not None:
+        if microbatches is not None and m > 1:
+            raise _mixing_error(mixing, m, "microbatches=")
+        m, allow = 1, tuple(a for a in allow if a != "microbatch")
     if run and objs is not None:  # dtypes the devices cannot run are refused before planning
         check_runnable(graph_at(batch // m), objs[0].platform)
     if attention is None:
@@ -271,7 +280,30 @@ def _plan_graph(model, args, kwargs, *, devices, num_devices, hardware, cache_by
                     mode=mode, residency=residency, attention=attention, method=method,
                     allow=allow, model=type(model).__name__, objective=objective,
                     training=training, microbatch_counts=counts, schedules=schedules)
-    return search_plans(graph_at, target, top), graph_at, objs, batch
+    plans = search_plans(graph_at, target, top)
+    if mixing is not None:
+        plans = [dataclasses.replace(p, notes=(*p.notes, _mixing_note(mixing))) for p in plans]
+    return plans, graph_at, objs, batch
+
+
+def _mixing(graph_at, batch: int) -> Mixing | None:
+    """The equation that makes one example's answer depend on another's (None: none found or
+    a batch of one), from the trace at the whole batch (``passes/independence.py``)."""
+    return None if batch == 1 else batch_mixing(graph_at(batch).traced).mixing
+
+
+def _mixing_note(mixing: Mixing) -> str:
+    return (f"microbatches: 1, because the model mixes the examples of its batch "
+            f"({mixing.describe()}): microbatches run on their own would change its answers")
+
+
+def _mixing_error(mixing: Mixing, m: int, asked: str) -> InputError:
+    return InputError(
+        f"{asked} {m} microbatches, but the model mixes the examples of its batch: "
+        f"{mixing.describe()}. A pipeline runs each microbatch through the model on its own, "
+        f"so with M = {m} one example's answer would no longer see the other examples it "
+        "sees in the whole batch. Pass microbatches=1 (and leave \"microbatch\" out of "
+        "allow=), or compute the model so that every example is handled on its own.")
 
 
 def plan(
@@ -512,7 +544,9 @@ def layerwise_shard(
             size is the batch (a [T, T] mask when T equals the batch): positional indices or
             keyword names. Every other array argument whose leading size is the batch is
             split into microbatches, so the model must treat the examples of a batch
-            independently (no batch statistics) to give its own answers. When the model
+            independently (no batch statistics) to give its own answers: a model found
+            to mix them (``passes/independence.py``) is planned at M = 1, and
+            ``microbatches`` > 1 then raises ``InputError``. When the model
             also accepts such an argument whole, lwjax asks (``InputError``) instead of
             guessing.
         batched: array arguments confirmed to hold one row per example.

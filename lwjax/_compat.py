@@ -12,7 +12,9 @@ from jax._src import source_info_util  # jax 0.10: name stacks of traced equatio
 from jax.extend.core import ClosedJaxpr, Jaxpr, JaxprEqn, Literal, Var, jaxprs_in_params
 
 __all__ = [
+    "dead_code_removed",
     "roofline_rules",
+    "source_line",
     "ClosedJaxpr",
     "Jaxpr",
     "JaxprEqn",
@@ -29,6 +31,23 @@ __all__ = [
 def name_stack_of(eqn: JaxprEqn) -> str:
     """The equation's name stack as 'a/b/c' (empty string at top level)."""
     return str(eqn.source_info.name_stack)
+
+
+def dead_code_removed(jaxpr: Jaxpr) -> Jaxpr:
+    """``jaxpr`` without the equations no output depends on (inside calls and loops too), its
+    inputs kept: jax 0.10.2's ``partial_eval.dce_jaxpr`` (no public accessor)."""
+    from jax._src.interpreters import partial_eval
+
+    return partial_eval.dce_jaxpr(jaxpr, [True] * len(jaxpr.outvars),
+                                  instantiate=[True] * len(jaxpr.invars))[0]
+
+
+def source_line(eqn: JaxprEqn) -> str:
+    """The user's source line that traced ``eqn`` ("file.py:12 (fn)"), or ""."""
+    try:
+        return source_info_util.summarize(eqn.source_info)
+    except Exception:  # noqa: BLE001 -- a missing traceback is no reason to fail a check
+        return ""
 
 
 def innermost_scope() -> str:

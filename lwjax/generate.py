@@ -23,6 +23,8 @@ from lwjax._api import (
     _devices,
     _hardware,
     _microbatches,
+    _mixing_error,
+    _mixing_note,
     _whole,
     planned_compression,
 )
@@ -43,6 +45,7 @@ from lwjax.passes.compression import Compression
 from lwjax.passes.discovery import LayersSpec
 from lwjax.passes.footprint import Footprint, GraphFootprint, footprint
 from lwjax.passes.generate import GenerationProgram, lower_generate
+from lwjax.passes.independence import batch_mixing
 from lwjax.passes.kv_slots import stored_caches
 from lwjax.passes.planner import epilogue_time, layer_times, numbers_from, plan_from_numbers
 from lwjax.passes.segment import LayerGraph, segment
@@ -513,8 +516,14 @@ def layerwise_generate(
                 f"{dec.layers[0].name}..); name them with layers=.")
         return pre, dec
 
+    # one group's sequences run through the model apart from another's: the model must not
+    # mix the examples of its batch (passes/independence.py)
+    mixing = None if batch == 1 else batch_mixing(
+        trace_step(lm, batch, prompt_len, cache_len, "prefill", {})).mixing
     if plan is not None:
         mb = check_plan_batch(plan, batch)
+        if mixing is not None and plan.microbatches > 1:
+            raise _mixing_error(mixing, plan.microbatches, "the given plan runs")
         if plan.mode != "decode":
             raise ConfigError(f"the plan was made for mode={plan.mode!r}; generation needs a "
                               "plan made by layerwise_generate (mode='decode').")
@@ -539,6 +548,10 @@ def layerwise_generate(
     else:
         capacity = _capacity(cache_bytes, hw, False)
         m = _microbatches(batch, microbatches, len(ids))
+        if mixing is not None:
+            if microbatches is not None and m > 1:
+                raise _mixing_error(mixing, m, "microbatches=")
+            m = 1
         tried: dict[int, tuple] = {}
         while m not in tried:
             try:
@@ -549,13 +562,15 @@ def layerwise_generate(
                     raise
                 break  # fewer, larger groups do not fit: keep the plan before
             plan, pre, dec = tried[m]
-            if microbatches is not None:
+            if microbatches is not None or mixing is not None:
                 break
             # the ring decodes without a bubble when M >= S; more groups than stages only
             # add ticks: take the fewest groups that cover the stages
             s = len(plan.stages)
             m = min((d for d in range(s, batch + 1) if batch % d == 0), default=batch)
         check_runnable(dec, objs[0].platform)
+        if mixing is not None:
+            plan = dataclasses.replace(plan, notes=(*plan.notes, _mixing_note(mixing)))
     vocab = info.get("vocab")
     for name, token in (("eos_id", eos), ("pad_id", pad)):
         if token is not None and vocab is not None and token >= vocab:
