@@ -432,7 +432,9 @@ def refuse_outside(scopes: Scopes, family: LayerFamily, owner: Sequence[int],
             f"or nnx.jit of a lambda, jax.checkpoint). Run each block call under "
             f"`with jax.named_scope(f'layers_{{i}}'):`, or name the layers with layers=.")
     outside = total_weights - family.weights_bytes
-    elsewhere = [f for f in scopes.families if f.contiguous
+    # tables looked up, not blocks computed (a BERT's word and position embeddings of one
+    # shape, when the vocabulary is as long as the positions) are no layers: no matmul FLOPs
+    elsewhere = [f for f in scopes.families if f.contiguous and f.flops > 0
                  and (len(f.members) >= 2 or _same_kind(f, family))
                  and all(owner[scopes.first(f.parent, p[0])] < 0 for p in f.parts)]
     inner = {id(f) for f in elsewhere for g in elsewhere if g is not f and any(

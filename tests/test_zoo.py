@@ -123,3 +123,21 @@ def test_override_names_the_same_layers_or_others():
         model, ids, layers=lambda stack: "/".join(stack.split("/")[:4])
         if "/layers/" in stack else None).layers
     assert [layer.name for layer in by_callable] == found
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2"])
+def test_same_shaped_embedding_tables_are_no_layer_stack(family):
+    """With the vocabulary as long as the positions, the word and position embeddings are two
+    same-shaped siblings outside the blocks; tables looked up (no matmul FLOPs) are not taken
+    for a repeated structure the layers missed, so the blocks are still the layers."""
+    config_cls, model_cls, scope, kw = FAMILIES[family]
+    positions = {"bert": "max_position_embeddings", "gpt2": "n_positions"}[family]
+    config = getattr(transformers, config_cls)(vocab_size=256, **{**kw, positions: 256})
+    model = getattr(transformers, model_cls)(config, seed=0, dtype=jnp.float32)
+    ids = jax.random.randint(jax.random.key(3), (BATCH, SEQ), 2, 256)
+    report = lwjax.analyze(model, ids)
+    assert [layer.name.split(scope + "/")[-1] for layer in report.layers] == ["0", "1", "2"]
+    assert 0.2 < report.outside_weights_share < 0.5  # the tables: a large share, not most
+    sm = lwjax.layerwise_shard(model, ids, devices=jax.devices()[:3], microbatches=2,
+                               objective="bottleneck", cache_bytes=2**30, allow=())
+    _assert_same(sm(ids), model(ids))
