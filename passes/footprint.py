@@ -79,7 +79,7 @@ div eq erf erf_inv erfc exp exp2 expand_dims expm1 floor ge gt imag integer_pow 
 is_finite le log log1p logistic lt max min mul ne neg nextafter not or pow real
 reduce_precision rem round rsqrt select_n sign sin sinh sqrt square squeeze stop_gradient
 sub tan tanh transpose xor reshape shift_left shift_right_arithmetic shift_right_logical
-population_count concatenate split slice pad
+population_count concatenate split slice dynamic_slice pad
 """.split())
 REDUCTIONS = frozenset("""
 reduce_sum reduce_max reduce_min reduce_prod reduce_and reduce_or argmax argmin

@@ -338,3 +338,38 @@ def test_token_ids_and_plans_are_checked():
     with pytest.raises(lwjax.errors.DeviceError, match="not device ids"):
         lwjax.baselines.tp_pp_generate(model, prompt, max_new_tokens=3, devices=list(range(4)),
                                        tp=2, pp=2)
+
+
+def test_gpt2s_position_mask_is_sliced_not_stored():
+    """GPT-2 builds a [1, 1, P, P] causal mask for its P positions and dynamic-slices the rows
+    it needs; XLA fuses the mask into the slice (memory_analysis: no temp bytes for it), so a
+    layer's footprint does not grow with P, and the default 1024 positions plan in 1 MiB."""
+    from transformers import FlaxGPT2LMHeadModel, GPT2Config
+
+    from lwjax.causal_lm import causal_lm
+    from lwjax.generate import trace_step
+    from lwjax.passes.footprint import footprint
+    from lwjax.passes.segment import segment
+
+    peaks = {}
+    for positions in (64, 1024):
+        model = FlaxGPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=97,
+                                               n_positions=positions), seed=0)
+        graph = segment(trace_step(causal_lm(model), 1, 1, 16, "decode"))
+        layer = footprint(graph, backend="cpu").layers[0]
+        peaks[positions] = layer.activation_bytes + layer.buffer_bytes
+        # the same mask, sliced as GPT-2 slices it: XLA keeps no temporary for it
+        rows = jnp.arange(positions)
+        step = jax.jit(lambda i, x, r=rows: jnp.where(jax.lax.dynamic_slice(
+            (r[:, None] >= r[None, :])[None, None], (0, 0, i, 0), (1, 1, 1, 16)), x, 0.0))
+        assert step.lower(jnp.int32(3), jnp.ones((1, 1, 1, 16))).compile() \
+            .memory_analysis().temp_size_in_bytes < 2**10
+    assert peaks[1024] == peaks[64] < 2**17, peaks
+    model = FlaxGPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=97),
+                                seed=0)
+    prompt = jax.random.randint(jax.random.key(1), (2, 6), 3, 97, jnp.int32)
+    g = lwjax.layerwise_generate(model, prompt, max_new_tokens=4, devices=jax.devices()[:2],
+                                 objective="bottleneck", cache_bytes=2**20)
+    got = np.asarray(g(prompt))
+    np.testing.assert_array_equal(
+        got, greedy_under_full_forward(lambda s: model(s).logits, prompt, got))
