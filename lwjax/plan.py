@@ -245,7 +245,10 @@ class Plan:
     @property
     def outside_weights_share(self) -> float:
         """Share of the weight bytes in the prologue and epilogue (embedding, head): what the
-        partition cannot spread over stages.
+        partition cannot spread over stages. Counted per segment, as the stages hold them: a
+        weight two segments read (an embedding tied to the head, a block shared by the
+        layers) counts in each, so this can exceed ``analyze``'s ``outside_weights_share``,
+        which counts every parameter once.
 
         Example:
             >>> f"{plan.outside_weights_share:.1%} of the weights sit outside the layers"
@@ -280,8 +283,9 @@ class Plan:
             f"bytes on {self.stages[0].footprint.backend}",
             f"strategy: {self.strategy}",
             *[f"  - {n}" for n in self.notes],
-            f"  - {100 * self.outside_weights_share:.1f}% of the weights are outside the layers "
-            "(prologue on the first stage, epilogue on the last)",
+            f"  - {100 * self.outside_weights_share:.1f}% of the weight bytes the segments read "
+            "are the prologue's (on the first stage) and the epilogue's (on the last); a weight "
+            "read in several segments (a tied embedding) counts in each",
             *self._training_lines(),
             f"{'stage':>5} {'layers':<{w_layers}} {'devices':<{w_ids}} "
             + " ".join(f"{head:>{width}}" for head, width, _ in self._columns())

@@ -231,3 +231,31 @@ def test_cli_errors_speak_in_flags(capsys, argv, code, says):
     err = capsys.readouterr().err
     assert says in err
     assert not [w for w in PYTHON_WORDS if w in err], err
+
+
+def test_a_tied_embedding_counts_in_both_outside_segments():
+    """The plan's outside share counts weight bytes per segment, as the stages hold them; the
+    analysis counts every parameter once. With the embedding tied to the head the first
+    exceeds the second by the table's bytes, and the summary says so."""
+    import dataclasses
+
+    import jax.numpy as jnp
+    from flax import nnx
+
+    import lwjax
+    from lwjax import models
+
+    cfg = dataclasses.replace(models.configs.tiny_dense(), tie_embeddings=True)
+    model = nnx.eval_shape(lambda: models.build(cfg, rngs=nnx.Rngs(0)))
+    tokens = jnp.zeros((2, cfg.seq_len), jnp.int32)
+    plan = lwjax.plan(model, tokens, num_devices=2, cache_bytes=2**30, objective="bottleneck")
+    table = cfg.vocab_size * cfg.hidden_size * jnp.dtype(cfg.dtype).itemsize
+    n = plan.numbers
+    layers = sum(f.weights_bytes for f in n.footprints)
+    outside = n.prologue.weights_bytes + n.epilogue.weights_bytes
+    assert outside >= 2 * table  # the table in the prologue and again in the epilogue
+    analyzed = lwjax.analyze(model, tokens).outside_weights_share
+    assert analyzed == pytest.approx((outside - table) / (outside - table + layers), rel=1e-6)
+    assert plan.outside_weights_share == pytest.approx(outside / (outside + layers))
+    assert "a weight read in several segments (a tied embedding) counts in each" in \
+        plan.summary()
