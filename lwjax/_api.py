@@ -249,21 +249,23 @@ def _plan_graph(model, args, kwargs, *, devices, num_devices, hardware, cache_by
     if batch < 1:
         raise InputError(f"the first argument has shape {tuple(shape)}: an empty batch. Pass at "
                          "least one example (the leading axis is the batch).")
-    mixing = _mixing(graph_at, batch)
     if given is not None:
-        if mixing is not None and given.microbatches > 1:
-            raise _mixing_error(mixing, given.microbatches, "the given plan runs")
         if microbatches is not None and _whole(microbatches) != given.microbatches:
             raise ConfigError(
                 f"microbatches={microbatches!r} but the given plan runs "
                 f"{given.microbatches}; a plan runs as it is: drop microbatches=, or plan "
                 "again with it.")
         graph = graph_at(check_plan_batch(given, batch))
+        mixing = _mixing(graph_at, batch)
+        if mixing is not None and given.microbatches > 1:
+            raise _mixing_error(mixing, given.microbatches, "the given plan runs")
         check_plan(given, graph, ids)
         if run and objs is not None:
             check_runnable(graph, objs[0].platform)
         return [given], graph_at, objs, batch
     m = _microbatches(batch, microbatches, len(ids))
+    graph_at(batch // m)  # an argument that does not split into microbatches is said first
+    mixing = _mixing(graph_at, batch)
     if mixing is not None:
         if microbatches is not None and m > 1:
             raise _mixing_error(mixing, m, "microbatches=")
@@ -303,7 +305,9 @@ def _mixing_error(mixing: Mixing, m: int, asked: str) -> InputError:
         f"{mixing.describe()}. A pipeline runs each microbatch through the model on its own, "
         f"so with M = {m} one example's answer would no longer see the other examples it "
         "sees in the whole batch. Pass microbatches=1 (and leave \"microbatch\" out of "
-        "allow=), or compute the model so that every example is handled on its own.")
+        "allow=), or compute the model so that every example is handled on its own; if the "
+        "value comes from an argument that is not per-example although its leading size is "
+        "the batch (a [T, T] mask when T equals the batch), name it in unbatched=.")
 
 
 def plan(
