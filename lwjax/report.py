@@ -46,6 +46,9 @@ class ModelReport:
         layers_found: how the layers were found (the layer family, or the layers= override).
         outside_weights_share: share of the parameter bytes no layer reads (prologue and
             epilogue only): what a plan cannot spread over stages.
+        shared_weights_share: share of the parameter bytes the layers read from outside
+            their own scopes (a block or table every layer reuses): in no layer's share of
+            ``layers_found`` and not outside either; every stage holds them.
     """
 
     layers: tuple[LayerReport, ...]
@@ -58,6 +61,7 @@ class ModelReport:
     cache_len: int | None = None
     layers_found: str = ""
     outside_weights_share: float = 0.0
+    shared_weights_share: float = 0.0
 
     @property
     def backend(self) -> str:
@@ -82,7 +86,10 @@ class ModelReport:
             f"attention={self.attention} backend={self.backend}"
             + (f" cache_len={self.cache_len}" if self.cache_len else ""),
             f"layers: {self.layers_found}; {100 * self.outside_weights_share:.1f}% of the "
-            "weights are outside the layers (prologue, epilogue)",
+            "weights are outside the layers (prologue, epilogue)"
+            + (f"; {100 * self.shared_weights_share:.1f}% sit outside the layers' scopes but "
+               "every layer that reads them holds them (shared weights)"
+               if self.shared_weights_share >= 0.0005 else ""),
             head,
         ]
         for r in rows:
@@ -111,6 +118,7 @@ class ModelReport:
             "compression": self.compression, "attention": self.attention,
             "backend": self.backend, "cache_len": self.cache_len, "layers_found": self.layers_found,
             "outside_weights_share": self.outside_weights_share,
+            "shared_weights_share": self.shared_weights_share,
             "prologue": row(self.prologue),
             "layers": [row(r) for r in self.layers], "epilogue": row(self.epilogue),
         }, indent=1)

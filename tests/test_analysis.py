@@ -397,3 +397,34 @@ def test_bad_inputs():
         lwjax.analyze(lambda x: x, sds(4, 16))
     with pytest.raises(lwjax.errors.UnknownPresetError, match="int8"):
         lwjax.analyze(m, sds(4, 16), compression="int7")
+
+
+def test_a_block_shared_by_the_layers_is_neither_a_layers_nor_outside():
+    """Three numbered blocks, each followed by one block they share: the family holds 3/4 of
+    the weight bytes, nothing is outside (every layer reads the shared block), and the
+    summary says where the last quarter is instead of leaving the shares short of 100%."""
+
+    class Blk(nnx.Module):
+        def __init__(self, rngs):
+            self.linear = nnx.Linear(32, 32, rngs=rngs)
+
+        def __call__(self, x):
+            return jax.nn.gelu(self.linear(x))
+
+    class Shared(nnx.Module):
+        def __init__(self, rngs):
+            self.blocks = nnx.List([Blk(rngs) for _ in range(3)])
+            self.shared = Blk(rngs)
+
+        def __call__(self, x):
+            for block in self.blocks:
+                x = self.shared(block(x))
+            return x
+
+    report = lwjax.analyze(Shared(nnx.Rngs(0)), jnp.ones((4, 32)))
+    assert len(report.layers) == 3 and "75% of the weights" in report.layers_found
+    assert report.outside_weights_share == 0.0
+    assert report.shared_weights_share == pytest.approx(0.25)
+    assert "25.0% sit outside the layers' scopes but every layer that reads them holds " \
+        "them" in report.summary()
+    assert json.loads(report.to_json())["shared_weights_share"] == pytest.approx(0.25)
