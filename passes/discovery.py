@@ -132,7 +132,7 @@ class LayerFamily:
             the same thing one after another: ``alpha``, ``beta``), or "override"
             (``layers=``).
         weights_bytes: bytes of the parameters the members read.
-        flops: matmul FLOPs of the members' equations.
+        flops: matmul and convolution FLOPs of the members' equations.
         contiguous: each member's equations form one run (no interleaving).
         parts: per layer, the child scopes it is made of (one each, unless kinds alternate).
     """
@@ -164,13 +164,20 @@ class LayerFamily:
 
 
 def _matmul_flops(eqn: JaxprEqn) -> int:
-    """2 x output elements x contracted size of a dot_general (recursing into sub-jaxprs: a
-    scan body counts ``length`` times); a proxy for where a model's work is."""
+    """2 x output elements x contracted size of a dot_general or a convolution (recursing
+    into sub-jaxprs: a scan body counts ``length`` times); a proxy for where a model's work
+    is."""
+    out = int(np.prod(eqn.outvars[0].aval.shape, dtype=np.int64)) if eqn.outvars else 0
     if eqn.primitive.name == "dot_general":
         (contract, _), _ = eqn.params["dimension_numbers"]
         lhs = eqn.invars[0].aval.shape
         k = int(np.prod([lhs[d] for d in contract], dtype=np.int64))
-        return 2 * int(np.prod(eqn.outvars[0].aval.shape, dtype=np.int64)) * k
+        return 2 * out * k
+    if eqn.primitive.name == "conv_general_dilated":  # per output: the kernel's window x
+        rhs_spec = eqn.params["dimension_numbers"].rhs_spec  # its input features
+        kernel = eqn.invars[1].aval.shape
+        k = int(np.prod([kernel[d] for d in rhs_spec[1:]], dtype=np.int64))
+        return 2 * out * k
     times = eqn.params.get("length", 1) if eqn.primitive.name == "scan" else 1
     return times * sum(_matmul_flops(e) for sub in jax.extend.core.jaxprs_in_params(eqn.params)
                        for e in sub.eqns)
@@ -433,7 +440,8 @@ def refuse_outside(scopes: Scopes, family: LayerFamily, owner: Sequence[int],
             f"`with jax.named_scope(f'layers_{{i}}'):`, or name the layers with layers=.")
     outside = total_weights - family.weights_bytes
     # tables looked up, not blocks computed (a BERT's word and position embeddings of one
-    # shape, when the vocabulary is as long as the positions) are no layers: no matmul FLOPs
+    # shape, when the vocabulary is as long as the positions) are no layers: no matmul or
+    # convolution FLOPs
     elsewhere = [f for f in scopes.families if f.contiguous and f.flops > 0
                  and (len(f.members) >= 2 or _same_kind(f, family))
                  and all(owner[scopes.first(f.parent, p[0])] < 0 for p in f.parts)]

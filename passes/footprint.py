@@ -81,6 +81,12 @@ reduce_precision rem round rsqrt select_n sign sin sinh sqrt square squeeze stop
 sub tan tanh transpose xor reshape shift_left shift_right_arithmetic shift_right_logical
 population_count concatenate split slice dynamic_slice pad
 """.split())
+# Fusible producers a dynamic_slice reads without their being written first (``_cheap``).
+CHEAP_INTO_DYNAMIC_SLICE = frozenset("""
+add and broadcast_in_dim convert_element_type copy copy_p eq expand_dims ge gt iota le lt
+max min mul ne neg not or reshape select_n squeeze stop_gradient sub transpose xor
+dynamic_slice slice
+""".split())
 REDUCTIONS = frozenset("""
 reduce_sum reduce_max reduce_min reduce_prod reduce_and reduce_or argmax argmin
 """.split())
@@ -166,6 +172,15 @@ def _buffers_of(jaxpr: Jaxpr, unknown: set[str]) -> int:
 
 # ---- liveness ---------------------------------------------------------------------------------
 
+def _cheap(eqn: JaxprEqn) -> bool:
+    """Fusible work XLA:CPU recomputes per element of a dynamic slice rather than writing
+    whole (measured with ``memory_analysis``: an iota mask or ``x * 2 + 1`` sliced left no
+    temporary, an ``exp`` or ``sin`` sliced left the whole array)."""
+    if eqn.primitive.name in ("pjit", "jit", "closed_call"):
+        return all(_cheap(e) for sub in jaxprs_in_params(eqn.params) for e in sub.eqns)
+    return eqn.primitive.name in CHEAP_INTO_DYNAMIC_SLICE
+
+
 def _fusible(eqn: JaxprEqn) -> bool:
     """Elementwise/layout work XLA fuses, including small jitted helpers (``jnp.where``) that
     XLA inlines: a call whose body is all fusible."""
@@ -178,16 +193,21 @@ def _fusible(eqn: JaxprEqn) -> bool:
 
 
 def _materialized(eqns, keep: set) -> set:
-    """Values that XLA writes to memory: everything but fused elementwise intermediates."""
+    """Values that XLA writes to memory: everything but fused elementwise intermediates. A
+    dynamic_slice takes in only a cheap producer (``CHEAP_INTO_DYNAMIC_SLICE``: a mask built
+    from iotas, ``x * 2 + 1``); XLA:CPU writes an expensive one (``exp``) whole first."""
     readers: dict = defaultdict(list)
     for e in eqns:
         for v in e.invars:
             if isinstance(v, Var):
-                readers[v].append(_fusible(e) or e.primitive.name in REDUCTIONS)
+                readers[v].append("slice" if e.primitive.name == "dynamic_slice" else
+                                  _fusible(e) or e.primitive.name in REDUCTIONS)
     out = set()
     for e in eqns:
+        cheap = _cheap(e)
         for v in e.outvars:
-            fused = (_fusible(e) and v not in keep and readers.get(v) and all(readers[v]))
+            fused = (_fusible(e) and v not in keep and readers.get(v)
+                     and all(r is True or (r == "slice" and cheap) for r in readers[v]))
             if not fused:
                 out.add(v)
     return out

@@ -50,7 +50,8 @@ class Mixing:
         primitive: the equation's primitive ("reduce_sum", "dot_general", ...).
         shape: the shape of its operand that runs over the batch.
         dim: that operand's batch dimension.
-        why: what the equation does along it.
+        why: what the equation does along it ("pairs": its result, ``shape``, runs over the
+            batch in two dimensions, ``dim`` the second).
         where: the model's source line that traced it ("file.py:12 (fn)"), or "".
         scope: its name stack ("blocks/0/..."), or "".
     """
@@ -65,6 +66,10 @@ class Mixing:
     def describe(self) -> str:
         at = " at " + self.where if self.where else ""
         scope = f" (in {self.scope})" if self.scope else ""
+        if self.why == "pairs":
+            return (f"'{self.primitive}' makes a {list(self.shape)} value that runs over the "
+                    f"batch twice, pairing the examples (its dimension {self.dim} and an "
+                    f"earlier one){scope}{at}")
         return (f"'{self.primitive}' on a {list(self.shape)} value {self.why} along its "
                 f"dimension {self.dim}, which runs over the batch{scope}{at}")
 
@@ -123,6 +128,8 @@ def _walk(jaxpr: Jaxpr, env: dict[Var, Dims], unfollowed: set[str]) -> list[Dims
         name = eqn.primitive.name
         try:
             outs = _apply(eqn, ins, unfollowed)
+            if len(outs) != len(eqn.outvars):
+                raise ValueError(f"{len(outs)} results for {len(eqn.outvars)} outputs")
         except _Mixes as m:
             v = eqn.invars[m.operand]
             raise _Found(Mixing(name, tuple(v.aval.shape), m.dim, m.why, source_line(eqn),
@@ -132,7 +139,13 @@ def _walk(jaxpr: Jaxpr, env: dict[Var, Dims], unfollowed: set[str]) -> list[Dims
             scope = "/".join(s for s in (str(eqn.source_info.name_stack), inner.scope) if s)
             raise _Found(dataclasses.replace(inner, where=inner.where or source_line(eqn),
                                              scope=scope)) from None
+        except Exception:  # noqa: BLE001 -- a rule this jax's params break: stop following
+            unfollowed.add(name)
+            outs = [NONE] * len(eqn.outvars)
         for v, dims in zip(eqn.outvars, outs, strict=True):
+            if len(dims) > 1:  # a [B, B] score, a pairwise difference: examples paired up
+                raise _Found(Mixing(name, _shape(v), sorted(dims)[1], "pairs", source_line(eqn),
+                                    str(eqn.source_info.name_stack)))
             if dims:
                 env[v] = dims
     return [read(v) for v in jaxpr.outvars]
@@ -141,11 +154,7 @@ def _walk(jaxpr: Jaxpr, env: dict[Var, Dims], unfollowed: set[str]) -> list[Dims
 def _apply(eqn: JaxprEqn, ins: list[Dims], unfollowed: set[str]) -> list[Dims]:
     name = eqn.primitive.name
     if name in RULES:
-        try:
-            return RULES[name](eqn, ins)
-        except (KeyError, IndexError, TypeError, ValueError):  # params this jax lays out anew
-            unfollowed.add(name)
-            return [NONE] * len(eqn.outvars)
+        return RULES[name](eqn, ins)
     if name in LOOPS:
         return LOOPS[name](eqn, ins, unfollowed)
     bodies = list(jaxprs_in_params(eqn.params))
@@ -154,6 +163,8 @@ def _apply(eqn: JaxprEqn, ins: list[Dims], unfollowed: set[str]) -> list[Dims]:
         body = bodies[0]
         return _walk(body, {v: d for v, d in zip(body.invars, ins, strict=True) if d},
                      unfollowed)
+    if not eqn.outvars:  # jax.debug.print, a callback: nothing to follow
+        return []
     if not bodies and _is_elementwise(eqn):
         out = _shape(eqn.outvars[0])
         union = frozenset(d for v, dims in zip(eqn.invars, ins, strict=True) for d in dims
@@ -377,8 +388,10 @@ RULES: dict[str, Callable[[JaxprEqn, list[Dims]], list[Dims]]] = {
 def _scan(eqn, ins, unfollowed):
     body = eqn.params["jaxpr"].jaxpr
     consts, carries = eqn.params["num_consts"], eqn.params["num_carry"]
-    _mix_along(ins[consts + carries:], [0], "scans", consts + carries)  # a loop over the examples
-    xs = [frozenset(d - 1 for d in dims) for dims in ins[consts + carries:]]
+    over_batch = any(0 in dims for dims in ins[consts + carries:])
+    if carries:  # a loop over the examples that carries something from one to the next
+        _mix_along(ins[consts + carries:], [0], "scans", consts + carries)
+    xs = [frozenset(d - 1 for d in dims if d) for dims in ins[consts + carries:]]
     inner = [*ins[:consts + carries], *xs]
     outs = _walk(body, {v: d for v, d in zip(body.invars, inner, strict=True) if d},
                  unfollowed)
@@ -388,7 +401,9 @@ def _scan(eqn, ins, unfollowed):
         inner[consts:consts + carries] = carry_out
         outs = _walk(body, {v: d for v, d in zip(body.invars, inner, strict=True) if d},
                      unfollowed)
-    return [*outs[:carries], *(frozenset(d + 1 for d in dims) for dims in outs[carries:])]
+    # without carries, a scan over the examples (lax.map) stacks one result per example
+    stacked = frozenset({0}) if over_batch else NONE
+    return [*outs[:carries], *(stacked | {d + 1 for d in dims} for dims in outs[carries:])]
 
 
 def _while(eqn, ins, unfollowed):

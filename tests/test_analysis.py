@@ -428,3 +428,29 @@ def test_a_block_shared_by_the_layers_is_neither_a_layers_nor_outside():
     assert "25.0% sit outside the layers' scopes but every layer that reads them holds " \
         "them" in report.summary()
     assert json.loads(report.to_json())["shared_weights_share"] == pytest.approx(0.25)
+
+
+@pytest.mark.parametrize("case", ["exp", "affine", "mask"])
+def test_dynamic_slice_of_a_producer_against_memory_analysis(case):
+    """XLA:CPU computes a cheap producer (an iota mask, x * 2 + 1) per element of the
+    dynamic slice that reads it, but writes an expensive one (exp) whole first; the peak
+    (``peak_live_bytes``, the arguments live throughout) equals memory_analysis' arguments +
+    outputs + temporaries."""
+    from lwjax.passes.footprint import peak_live_bytes
+
+    p = 512
+    rows = jnp.arange(p)
+    producers = {"exp": jnp.exp, "affine": lambda x: x * 2 + 1,
+                 "mask": lambda x: jnp.where(rows[:, None] >= rows[None], x, 0.0)}
+
+    def f(i, x):
+        return jax.lax.dynamic_slice(producers[case](x), (i, 0), (8, p)) + 1
+
+    args = (jnp.int32(3), jnp.ones((p, p)))
+    jaxpr = jax.make_jaxpr(f)(*args).jaxpr
+    ma = jax.jit(f).lower(*args).compile().memory_analysis()
+    xla = ma.argument_size_in_bytes + ma.output_size_in_bytes + ma.temp_size_in_bytes
+    # XLA keeps the (undonated) arguments to the end: so does the count here
+    assert peak_live_bytes(jaxpr.eqns, jaxpr.invars, jaxpr.outvars,
+                           live_through=jaxpr.invars) == pytest.approx(xla, abs=64)
+    assert (ma.temp_size_in_bytes >= p * p * 4) == (case == "exp")

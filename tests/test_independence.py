@@ -144,3 +144,35 @@ def test_generation_of_a_mixing_model_runs_one_group_and_gives_its_tokens():
     with pytest.raises(InputError, match="microbatches= 2 microbatches, but the model mixes"):
         lwjax.layerwise_generate(model, prompt, max_new_tokens=6, devices=jax.devices()[:4],
                                  microbatches=2, cache_bytes=2**30)
+
+
+def test_more_patterns():
+    """A [B, B] score (in-batch negatives) pairs the examples; lax.map over the examples
+    does not; a model that prints while it runs (an equation without results) is followed
+    past the print."""
+    def gram(x):
+        return x @ x.T @ jnp.ones((B, D))
+
+    def pairwise(x):
+        return jnp.abs(x[:, None] - x[None]).sum(1)
+
+    def printed(x):
+        jax.debug.print("{}", x.sum(-1))
+        return x - x.mean(0)
+
+    for between, want in ((gram, "pairing the examples"), (pairwise, "pairing the examples"),
+                          (printed, "reduces along its dimension 0")):
+        found = batch_mixing(trace(Stack(between, nnx.Rngs(0)), _x())).mixing
+        assert found is not None and want in found.describe(), found
+    def printed_apart(x):
+        jax.debug.print("{}", x.sum(-1))
+        return x - x.mean(-1)[:, None]
+
+    assert batch_mixing(trace(Stack(printed_apart, nnx.Rngs(0)), _x())).mixing is None
+    mapped = Stack(lambda x: jax.lax.map(lambda row: row / jnp.linalg.norm(row), x),
+                   nnx.Rngs(0))
+    assert batch_mixing(trace(mapped, _x())).mixing is None
+    x = _x()
+    sm = lwjax.layerwise_shard(mapped, x, devices=jax.devices()[:2], microbatches=2,
+                               cache_bytes=2**30)
+    np.testing.assert_allclose(np.asarray(sm(x)), np.asarray(mapped(x)), atol=1e-5, rtol=1e-5)
