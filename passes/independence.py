@@ -102,12 +102,23 @@ def batch_mixing(traced) -> Independence:
     for v, batched in zip(jaxpr.invars[first_arg:], traced.batch_shaped, strict=True):
         if batched and getattr(v.aval, "shape", ()):
             env[v] = frozenset({0})
-    unfollowed: set[str] = set()
+    ctx = _Ctx(traced.batch_size)
     try:
-        _walk(jaxpr, env, unfollowed)
+        _walk(jaxpr, env, ctx)
     except _Found as found:
-        return Independence(found.mixing, tuple(sorted(unfollowed)))
-    return Independence(None, tuple(sorted(unfollowed)))
+        return Independence(found.mixing, tuple(sorted(ctx.unfollowed)))
+    return Independence(None, tuple(sorted(ctx.unfollowed)))
+
+
+@dataclasses.dataclass
+class _Ctx:
+    """The walk's state beyond the batch dimensions: the batch size, the primitives it
+    stopped at, and the values that count the examples (``jnp.arange(B)``, to index rows)."""
+
+    batch: int
+    unfollowed: set[str] = dataclasses.field(default_factory=set)
+    # value -> {index-vector component (None: the whole value): the dimension it counts along}
+    counters: dict = dataclasses.field(default_factory=dict)
 
 
 class _Found(Exception):
@@ -116,18 +127,19 @@ class _Found(Exception):
         self.mixing = mixing
 
 
-def _walk(jaxpr: Jaxpr, env: dict[Var, Dims], unfollowed: set[str]) -> list[Dims]:
+def _walk(jaxpr: Jaxpr, env: dict[Var, Dims], ctx: _Ctx) -> list[Dims]:
     """Runs the rules over ``jaxpr``'s equations; returns its outputs' batch dimensions."""
     def read(v) -> Dims:
         return env.get(v, NONE) if isinstance(v, Var) else NONE
 
     for eqn in jaxpr.eqns:
+        _count(eqn, ctx)
         ins = [read(v) for v in eqn.invars]
         if not any(ins):
             continue
         name = eqn.primitive.name
         try:
-            outs = _apply(eqn, ins, unfollowed)
+            outs = _apply(eqn, ins, ctx)
             if len(outs) != len(eqn.outvars):
                 raise ValueError(f"{len(outs)} results for {len(eqn.outvars)} outputs")
         except _Mixes as m:
@@ -140,7 +152,7 @@ def _walk(jaxpr: Jaxpr, env: dict[Var, Dims], unfollowed: set[str]) -> list[Dims
             raise _Found(dataclasses.replace(inner, where=inner.where or source_line(eqn),
                                              scope=scope)) from None
         except Exception:  # noqa: BLE001 -- a rule this jax's params break: stop following
-            unfollowed.add(name)
+            ctx.unfollowed.add(name)
             outs = [NONE] * len(eqn.outvars)
         for v, dims in zip(eqn.outvars, outs, strict=True):
             if len(dims) > 1:  # a [B, B] score, a pairwise difference: examples paired up
@@ -151,18 +163,20 @@ def _walk(jaxpr: Jaxpr, env: dict[Var, Dims], unfollowed: set[str]) -> list[Dims
     return [read(v) for v in jaxpr.outvars]
 
 
-def _apply(eqn: JaxprEqn, ins: list[Dims], unfollowed: set[str]) -> list[Dims]:
+def _apply(eqn: JaxprEqn, ins: list[Dims], ctx: _Ctx) -> list[Dims]:
     name = eqn.primitive.name
+    if name == "gather":
+        return _gather(eqn, ins, ctx.counters.get(eqn.invars[1], {}))
     if name in RULES:
         return RULES[name](eqn, ins)
     if name in LOOPS:
-        return LOOPS[name](eqn, ins, unfollowed)
+        return LOOPS[name](eqn, ins, ctx)
     bodies = list(jaxprs_in_params(eqn.params))
     if len(bodies) == 1 and len(bodies[0].invars) == len(eqn.invars) \
             and len(bodies[0].outvars) == len(eqn.outvars):  # a call: pjit, remat, custom_jvp
         body = bodies[0]
         return _walk(body, {v: d for v, d in zip(body.invars, ins, strict=True) if d},
-                     unfollowed)
+                     ctx)
     if not eqn.outvars:  # jax.debug.print, a callback: nothing to follow
         return []
     if not bodies and _is_elementwise(eqn):
@@ -170,8 +184,42 @@ def _apply(eqn: JaxprEqn, ins: list[Dims], unfollowed: set[str]) -> list[Dims]:
         union = frozenset(d for v, dims in zip(eqn.invars, ins, strict=True) for d in dims
                           if _shape(v) and _shape(v)[d] == out[d])
         return [union] * len(eqn.outvars)
-    unfollowed.add(name)
+    ctx.unfollowed.add(name)
     return [NONE] * len(eqn.outvars)
+
+
+def _count(eqn: JaxprEqn, ctx: _Ctx) -> None:
+    """Follows the values that count the examples, ``jnp.arange(B)`` and what jnp's indexing
+    makes of it (the wrap of negative indices, a broadcast, the index vector's
+    concatenation), so that ``x[jnp.arange(B), i]`` reads as one row per example."""
+    name, counters = eqn.primitive.name, ctx.counters
+
+    def whole(v) -> int | None:
+        return counters.get(v, {}).get(None) if isinstance(v, Var) else None
+
+    out = eqn.outvars[0] if eqn.outvars else None
+    if name == "iota":
+        dim = eqn.params["dimension"]
+        if eqn.params["shape"][dim] == ctx.batch:
+            counters[out] = {None: dim}
+    elif name in ("convert_element_type", "copy") and whole(eqn.invars[0]) is not None:
+        counters[out] = {None: whole(eqn.invars[0])}
+    elif name == "add" and any(whole(v) is not None for v in eqn.invars) and \
+            not all(isinstance(v, Var) for v in eqn.invars):
+        counters[out] = {"shifted": next(whole(v) for v in eqn.invars if whole(v) is not None)}
+    elif name == "select_n" and len(eqn.invars) == 3 and whole(eqn.invars[1]) is not None \
+            and counters.get(eqn.invars[2], {}).get("shifted") == whole(eqn.invars[1]):
+        counters[out] = {None: whole(eqn.invars[1])}  # jnp's wrap of a negative index: unused
+    elif name == "broadcast_in_dim" and whole(eqn.invars[0]) is not None:
+        counters[out] = {None: eqn.params["broadcast_dimensions"][whole(eqn.invars[0])]}
+    elif name == "concatenate":
+        axis, offset, parts = eqn.params["dimension"], 0, {}
+        for v in eqn.invars:
+            if whole(v) is not None and whole(v) != axis and _shape(v)[axis] == 1:
+                parts[offset] = whole(v)
+            offset += _shape(v)[axis]
+        if parts and axis == len(_shape(out)) - 1:  # the index vector of a gather
+            counters[out] = parts
 
 
 def _shape(v) -> tuple[int, ...]:
@@ -331,16 +379,21 @@ def _dot(eqn, ins):
     return [frozenset(out)]
 
 
-def _gather(eqn, ins):
+def _gather(eqn, ins, counting: dict | None = None):
     """Index dimensions (all of the indices' but the last) become the result's non-offset
-    dimensions, in order; an operand's batch dimension indexed into (not one of its
-    operand_batching_dims) mixes."""
+    dimensions, in order; an operand's batch dimension indexed into mixes, unless it is one
+    of its operand_batching_dims or its index counts the examples along an index dimension
+    (``counting``: index-vector component -> that dimension, ``x[jnp.arange(B), i]``)."""
     dn = eqn.params["dimension_numbers"]
     operand, indices = ins
     rank_out = len(_shape(eqn.outvars[0]))
     offset = list(dn.offset_dims)
     batch_pairs = dict(zip(dn.operand_batching_dims, dn.start_indices_batching_dims,
                            strict=True))
+    for position, d in enumerate(dn.start_index_map):
+        k = (counting or {}).get(position)
+        if d in operand and k is not None and d in dn.collapsed_slice_dims:
+            batch_pairs[d] = k  # row b of the operand for index row b: one example's own
     indexed = set(dn.collapsed_slice_dims) | set(dn.start_index_map)
     _mix_along([operand], [d for d in indexed if d not in batch_pairs], "gathers")
     slice_sizes = eqn.params["slice_sizes"]
@@ -352,7 +405,7 @@ def _gather(eqn, ins):
     out = {index_dims[d] for d in indices if d < len(_shape(eqn.invars[1])) - 1}
     out |= {index_dims[batch_pairs[d]] for d in operand if d in batch_pairs}
     kept = [d for d in range(len(full)) if d not in set(dn.collapsed_slice_dims)
-            and d not in batch_pairs]
+            and d not in dn.operand_batching_dims]
     out |= {offset[i] for i, d in enumerate(kept) if d in operand}
     return [frozenset(out)]
 
@@ -378,14 +431,14 @@ RULES: dict[str, Callable[[JaxprEqn, list[Dims]], list[Dims]]] = {
     "dynamic_slice": _dynamic_slice, "dynamic_update_slice": _dynamic_update_slice,
     "pad": _pad, "concatenate": _concatenate, "split": _split, "stack": _stack,
     "broadcast_in_dim": _broadcast, "transpose": _transpose, "squeeze": _squeeze,
-    "reshape": _reshape, "dot_general": _dot, "gather": _gather,
+    "reshape": _reshape, "dot_general": _dot,
     "conv_general_dilated": _conv,
 }
 
 
 # ---- loops: a body runs with its carries' batch dimensions -----------------------------------
 
-def _scan(eqn, ins, unfollowed):
+def _scan(eqn, ins, ctx):
     body = eqn.params["jaxpr"].jaxpr
     consts, carries = eqn.params["num_consts"], eqn.params["num_carry"]
     over_batch = any(0 in dims for dims in ins[consts + carries:])
@@ -394,28 +447,28 @@ def _scan(eqn, ins, unfollowed):
     xs = [frozenset(d - 1 for d in dims if d) for dims in ins[consts + carries:]]
     inner = [*ins[:consts + carries], *xs]
     outs = _walk(body, {v: d for v, d in zip(body.invars, inner, strict=True) if d},
-                 unfollowed)
+                 ctx)
     carry_out = [a | b for a, b in zip(ins[consts:consts + carries], outs[:carries],
                                        strict=True)]
     if carry_out != list(ins[consts:consts + carries]):  # a carry picks the batch up
         inner[consts:consts + carries] = carry_out
         outs = _walk(body, {v: d for v, d in zip(body.invars, inner, strict=True) if d},
-                     unfollowed)
+                     ctx)
     # without carries, a scan over the examples (lax.map) stacks one result per example
     stacked = frozenset({0}) if over_batch else NONE
     return [*outs[:carries], *(stacked | {d + 1 for d in dims} for dims in outs[carries:])]
 
 
-def _while(eqn, ins, unfollowed):
+def _while(eqn, ins, ctx):
     p = eqn.params
     cond, body = p["cond_jaxpr"].jaxpr, p["body_jaxpr"].jaxpr
     nc, nb = p["cond_nconsts"], p["body_nconsts"]
     carry = list(ins[nc + nb:])
     for _ in range(2):  # once more when a carry picks the batch up
         _walk(cond, {v: d for v, d in zip(cond.invars, [*ins[:nc], *carry], strict=True)
-                     if d}, unfollowed)
+                     if d}, ctx)
         outs = _walk(body, {v: d for v, d in zip(body.invars, [*ins[nc:nc + nb], *carry],
-                                                  strict=True) if d}, unfollowed)
+                                                  strict=True) if d}, ctx)
         grown = [a | b for a, b in zip(carry, outs, strict=True)]
         if grown == carry:
             break
@@ -423,11 +476,11 @@ def _while(eqn, ins, unfollowed):
     return carry
 
 
-def _cond(eqn, ins, unfollowed):
+def _cond(eqn, ins, ctx):
     outs = [NONE] * len(eqn.outvars)
     for branch in eqn.params["branches"]:
         got = _walk(branch.jaxpr, {v: d for v, d in zip(branch.jaxpr.invars, ins[1:],
-                                                        strict=True) if d}, unfollowed)
+                                                        strict=True) if d}, ctx)
         outs = [a | b for a, b in zip(outs, got, strict=True)]
     return outs
 

@@ -52,6 +52,8 @@ MIXING = {  # between -> the primitive found
     "cumsum over the batch": (lambda x: jnp.cumsum(x, axis=0), "cumsum"),
     "sorted over the batch": (lambda x: jnp.sort(x, axis=0), "sort"),
     "rolled over the batch": (lambda x: jnp.roll(x, 1, axis=0), "slice"),
+    "next example's row": (lambda x: x[(jnp.arange(B) + 1) % B, jnp.argmax(x, -1)][:, None]
+                           + x, "gather"),
     "scan over the examples": (_scan_rows, "scan"),
 }
 
@@ -63,6 +65,8 @@ INDEPENDENT = {
         x, jnp.argsort(x, axis=-1), axis=-1),
     "dropped batch statistic": lambda x: (x.mean(0), x)[1] + 1.0,
     "feature sort": lambda x: jnp.sort(x, axis=-1),
+    # CLIP's pooling: each example's row at its own argmax (an index that counts the batch)
+    "own row picked": lambda x: x[jnp.arange(B), jnp.argmax(x, -1)][:, None] + x,
 }
 
 

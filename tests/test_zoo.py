@@ -40,6 +40,10 @@ FAMILIES = {
     "bert": ("BertConfig", "FlaxBertModel", "encoder/layer",
              dict(num_hidden_layers=NUM_LAYERS, hidden_size=32, num_attention_heads=4,
                   intermediate_size=64, max_position_embeddings=64)),
+    # pools each sequence's row at its own argmax token: x[jnp.arange(B), ids.argmax(-1)]
+    "clip_text": ("CLIPTextConfig", "FlaxCLIPTextModel", "text_model/encoder/layers",
+                  dict(num_hidden_layers=NUM_LAYERS, hidden_size=32, num_attention_heads=4,
+                       intermediate_size=64, max_position_embeddings=64)),
     "roberta": ("RobertaConfig", "FlaxRobertaModel", "encoder/layer",
                 dict(num_hidden_layers=NUM_LAYERS, hidden_size=32, num_attention_heads=4,
                      intermediate_size=64, max_position_embeddings=64)),
