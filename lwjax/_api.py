@@ -28,7 +28,7 @@ from lwjax.passes.lower import lower
 from lwjax.passes.planner import device_id
 from lwjax.passes.segment import LayerGraph, segment
 from lwjax.passes.strategies import STRATEGIES, Target, search_plans
-from lwjax.passes.trace import Mode, trace
+from lwjax.passes.trace import Mode, TracedModel, trace
 from lwjax.plan import Objective, Plan, PlanMode, Residency
 from lwjax.plan_check import check_plan, check_plan_batch
 from lwjax.report import LayerReport, ModelReport
@@ -240,13 +240,18 @@ def _plan_graph(model, args, kwargs, *, devices, num_devices, hardware, cache_by
         allow = tuple(a for a in allow if a != "compress")
     traced_mode = "prefill" if mode == "train" else mode  # training traces the forward
     graphs: dict[int, LayerGraph] = {}
+    traces: dict[int, TracedModel] = {}
 
-    def graph_at(size: int) -> LayerGraph:  # a retrace per microbatch size, memoised
+    def traced_at(size: int) -> TracedModel:  # a retrace per microbatch size, memoised
+        if size not in traces:
+            traces[size] = trace(model, *args, mode=traced_mode, cache_len=cache_len,
+                                 microbatch_size=size, unbatched=unbatched, batched=batched,
+                                 **kwargs)
+        return traces[size]
+
+    def graph_at(size: int) -> LayerGraph:
         if size not in graphs:
-            graphs[size] = segment(trace(model, *args, mode=traced_mode, cache_len=cache_len,
-                                         microbatch_size=size, unbatched=unbatched,
-                                         batched=batched,
-                                         **kwargs), layers)
+            graphs[size] = segment(traced_at(size), layers)
         return graphs[size]
 
     # The batch is the first call argument's leading size (after a linen module's variables);
@@ -266,8 +271,8 @@ def _plan_graph(model, args, kwargs, *, devices, num_devices, hardware, cache_by
                 f"{given.microbatches}; a plan runs as it is: drop microbatches=, or plan "
                 "again with it.")
         graph = graph_at(check_plan_batch(given, batch))
-        mixing = _mixing(graph_at, batch)
-        if mixing is not None and given.microbatches > 1:
+        mixing = _mixing(traced_at, batch) if given.microbatches > 1 else None
+        if mixing is not None:
             raise _mixing_error(mixing, given.microbatches, "the given plan runs")
         check_plan(given, graph, ids)
         if run and objs is not None:
@@ -275,7 +280,8 @@ def _plan_graph(model, args, kwargs, *, devices, num_devices, hardware, cache_by
         return [given], graph_at, objs, batch
     m = _microbatches(batch, microbatches, len(ids))
     graph_at(batch // m)  # an argument that does not split into microbatches is said first
-    mixing = _mixing(graph_at, batch)
+    # the check traces the whole batch once more, where microbatches may be used
+    mixing = _mixing(traced_at, batch) if m > 1 or "microbatch" in allow else None
     if mixing is not None:
         if microbatches is not None and m > 1:
             raise _mixing_error(mixing, m, "microbatches=")
@@ -298,10 +304,11 @@ def _plan_graph(model, args, kwargs, *, devices, num_devices, hardware, cache_by
     return plans, graph_at, objs, batch
 
 
-def _mixing(graph_at, batch: int) -> Mixing | None:
+def _mixing(traced_at, batch: int) -> Mixing | None:
     """The equation that makes one example's answer depend on another's (None: none found or
-    a batch of one), from the trace at the whole batch (``passes/independence.py``)."""
-    return None if batch == 1 else batch_mixing(graph_at(batch).traced).mixing
+    a batch of one), from the trace at the whole batch (``passes/independence.py``): only
+    there is a slice of some examples (``x[:4]`` of 8) seen as partial."""
+    return None if batch == 1 else batch_mixing(traced_at(batch)).mixing
 
 
 def _mixing_note(mixing: Mixing) -> str:
