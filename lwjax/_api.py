@@ -52,17 +52,8 @@ def _report(graph: LayerGraph, fp: footprint_lib.GraphFootprint, attention: str,
         cache_len=cache_len,
         layers_found=graph.family.describe(graph.total_weights_bytes) if graph.family else "",
         outside_weights_share=graph.outside_weights_share,
-        shared_weights_share=_shared_share(graph),
+        shared_weights_share=graph.shared_weights_share,
     )
-
-
-def _shared_share(graph: LayerGraph) -> float:
-    """Share of the weight bytes the layers read but their family's scopes do not hold."""
-    total = graph.total_weights_bytes
-    if not total or graph.family is None:
-        return 0.0
-    inside = (1 - graph.outside_weights_share) * total
-    return max(inside - graph.family.weights_bytes, 0) / total
 
 
 def analyze(

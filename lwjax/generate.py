@@ -516,13 +516,18 @@ def layerwise_generate(
                 f"{dec.layers[0].name}..); name them with layers=.")
         return pre, dec
 
-    # one group's sequences run through the model apart from another's: the model must not
-    # mix the examples of its batch (passes/independence.py)
-    mixing = None if batch == 1 else batch_mixing(
-        trace_step(lm, batch, prompt_len, cache_len, "prefill", {})).mixing
+    def mixing_at(m: int | None):
+        """One group's sequences run through the model apart from another's: the equation
+        that mixes the examples of the batch (passes/independence.py), where ``m`` groups
+        (None: not pinned) may split it."""
+        if batch == 1 or m == 1:
+            return None
+        return batch_mixing(trace_step(lm, batch, prompt_len, cache_len, "prefill", {})).mixing
+
     if plan is not None:
         mb = check_plan_batch(plan, batch)
-        if mixing is not None and plan.microbatches > 1:
+        mixing = mixing_at(plan.microbatches)
+        if mixing is not None:
             raise _mixing_error(mixing, plan.microbatches, "the given plan runs")
         if plan.mode != "decode":
             raise ConfigError(f"the plan was made for mode={plan.mode!r}; generation needs a "
@@ -548,6 +553,7 @@ def layerwise_generate(
     else:
         capacity = _capacity(cache_bytes, hw, False)
         m = _microbatches(batch, microbatches, len(ids))
+        mixing = mixing_at(None if microbatches is None else m)
         if mixing is not None:
             if microbatches is not None and m > 1:
                 raise _mixing_error(mixing, m, "microbatches=")

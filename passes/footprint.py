@@ -181,6 +181,13 @@ def _cheap(eqn: JaxprEqn) -> bool:
     return eqn.primitive.name in CHEAP_INTO_DYNAMIC_SLICE
 
 
+def _fuses_into(reader: JaxprEqn, producer: JaxprEqn) -> bool:
+    """Whether XLA computes ``producer``'s value inside ``reader`` instead of writing it."""
+    if reader.primitive.name == "dynamic_slice":
+        return _cheap(producer)
+    return _fusible(reader) or reader.primitive.name in REDUCTIONS
+
+
 def _fusible(eqn: JaxprEqn) -> bool:
     """Elementwise/layout work XLA fuses, including small jitted helpers (``jnp.where``) that
     XLA inlines: a call whose body is all fusible."""
@@ -200,14 +207,12 @@ def _materialized(eqns, keep: set) -> set:
     for e in eqns:
         for v in e.invars:
             if isinstance(v, Var):
-                readers[v].append("slice" if e.primitive.name == "dynamic_slice" else
-                                  _fusible(e) or e.primitive.name in REDUCTIONS)
+                readers[v].append(e)
     out = set()
     for e in eqns:
-        cheap = _cheap(e)
         for v in e.outvars:
             fused = (_fusible(e) and v not in keep and readers.get(v)
-                     and all(r is True or (r == "slice" and cheap) for r in readers[v]))
+                     and all(_fuses_into(r, e) for r in readers[v]))
             if not fused:
                 out.add(v)
     return out

@@ -11,11 +11,10 @@ its dimensions that run over the batch (the leading axis of every batch-shaped a
 rule per primitive in ``RULES``, over the equations the outputs depend on (a batch-wide
 statistic the model computes and drops changes no answer). An equation whose outputs have
 the shape of its non-scalar operands (elementwise) keeps the union of their batch
-dimensions. The explicit
-default for anything else (scatter, custom calls, ...) is to stop following the batch there:
-the check can miss a mixing equation beyond such a primitive (it never invents one), and
-``Mixing``'s absence says only that none was found; ``Independence.unfollowed`` names the
-primitives where the walk stopped.
+dimensions. The explicit default for anything else (scatter, custom calls, ...) is to stop
+following the batch there: the check can miss a mixing equation beyond such a primitive (it
+never invents one), and ``Mixing``'s absence says only that none was found;
+``Independence.unfollowed`` names the primitives where the walk stopped.
 
 Example:
     >>> batch_mixing(graph.traced).mixing is None   # tiny_dense: every example on its own
@@ -163,6 +162,11 @@ def _walk(jaxpr: Jaxpr, env: dict[Var, Dims], ctx: _Ctx) -> list[Dims]:
     return [read(v) for v in jaxpr.outvars]
 
 
+def _walk_body(body: Jaxpr, ins: Sequence[Dims], ctx: _Ctx) -> list[Dims]:
+    """``_walk`` of a call's or loop's body, its inputs' batch dimensions ``ins``."""
+    return _walk(body, {v: d for v, d in zip(body.invars, ins, strict=True) if d}, ctx)
+
+
 def _apply(eqn: JaxprEqn, ins: list[Dims], ctx: _Ctx) -> list[Dims]:
     name = eqn.primitive.name
     if name == "gather":
@@ -174,9 +178,7 @@ def _apply(eqn: JaxprEqn, ins: list[Dims], ctx: _Ctx) -> list[Dims]:
     bodies = list(jaxprs_in_params(eqn.params))
     if len(bodies) == 1 and len(bodies[0].invars) == len(eqn.invars) \
             and len(bodies[0].outvars) == len(eqn.outvars):  # a call: pjit, remat, custom_jvp
-        body = bodies[0]
-        return _walk(body, {v: d for v, d in zip(body.invars, ins, strict=True) if d},
-                     ctx)
+        return _walk_body(bodies[0], ins, ctx)
     if not eqn.outvars:  # jax.debug.print, a callback: nothing to follow
         return []
     if not bodies and _is_elementwise(eqn):
@@ -446,14 +448,12 @@ def _scan(eqn, ins, ctx):
         _mix_along(ins[consts + carries:], [0], "scans", consts + carries)
     xs = [frozenset(d - 1 for d in dims if d) for dims in ins[consts + carries:]]
     inner = [*ins[:consts + carries], *xs]
-    outs = _walk(body, {v: d for v, d in zip(body.invars, inner, strict=True) if d},
-                 ctx)
+    outs = _walk_body(body, inner, ctx)
     carry_out = [a | b for a, b in zip(ins[consts:consts + carries], outs[:carries],
                                        strict=True)]
     if carry_out != list(ins[consts:consts + carries]):  # a carry picks the batch up
         inner[consts:consts + carries] = carry_out
-        outs = _walk(body, {v: d for v, d in zip(body.invars, inner, strict=True) if d},
-                     ctx)
+        outs = _walk_body(body, inner, ctx)
     # without carries, a scan over the examples (lax.map) stacks one result per example
     stacked = frozenset({0}) if over_batch else NONE
     return [*outs[:carries], *(stacked | {d + 1 for d in dims} for dims in outs[carries:])]
@@ -465,10 +465,8 @@ def _while(eqn, ins, ctx):
     nc, nb = p["cond_nconsts"], p["body_nconsts"]
     carry = list(ins[nc + nb:])
     for _ in range(2):  # once more when a carry picks the batch up
-        _walk(cond, {v: d for v, d in zip(cond.invars, [*ins[:nc], *carry], strict=True)
-                     if d}, ctx)
-        outs = _walk(body, {v: d for v, d in zip(body.invars, [*ins[nc:nc + nb], *carry],
-                                                  strict=True) if d}, ctx)
+        _walk_body(cond, [*ins[:nc], *carry], ctx)
+        outs = _walk_body(body, [*ins[nc:nc + nb], *carry], ctx)
         grown = [a | b for a, b in zip(carry, outs, strict=True)]
         if grown == carry:
             break
@@ -479,8 +477,7 @@ def _while(eqn, ins, ctx):
 def _cond(eqn, ins, ctx):
     outs = [NONE] * len(eqn.outvars)
     for branch in eqn.params["branches"]:
-        got = _walk(branch.jaxpr, {v: d for v, d in zip(branch.jaxpr.invars, ins[1:],
-                                                        strict=True) if d}, ctx)
+        got = _walk_body(branch.jaxpr, ins[1:], ctx)
         outs = [a | b for a, b in zip(outs, got, strict=True)]
     return outs
 

@@ -152,6 +152,16 @@ class LayerGraph:
         return outside / total if total else 0.0
 
     @property
+    def shared_weights_share(self) -> float:
+        """Share of the parameter bytes the layers read but their family's scopes do not hold
+        (a block or table every layer reuses); 0 without a family."""
+        total = self.total_weights_bytes
+        if not total or self.family is None:
+            return 0.0
+        inside = (1 - self.outside_weights_share) * total
+        return max(inside - self.family.weights_bytes, 0) / total
+
+    @property
     def segments(self) -> tuple[Segment, ...]:
         return (self.prologue, *self.layers, self.epilogue)
 
